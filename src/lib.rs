@@ -1,14 +1,44 @@
 //! zeotemp: a ZEO 5 server for temporary (in-memory) ZODB storages.
 //!
-//! Crate layout (see also `README.md`):
+//! The path of one request:
 //!
 //! ```text
 //! socket ──> frame ──> marshal ──> rpc ──> storage
+//!  (TCP or    4-byte     pickle      Session   MVCC object store,
+//!   unix)     BE size    envelope    dispatch  commit lock
+//!                  <── replies and server pushes go back through one
+//!                      per-connection FIFO (outbox) and writer task ──<
 //! ```
 //!
-//! * [`types`]: `Oid`, `Tid` and ZODB TimeStamps.
-//! * [`pickle`]: a restricted pickle codec for ZEO messages (plain data only).
-//! * [`marshal`]: ZEO's `(msgid, flags, name, args)` envelope.
+//! | module | job |
+//! | --- | --- |
+//! | [`types`] | `Oid`, `Tid` and ZODB TimeStamps |
+//! | [`frame`] | split a byte stream into sized messages; refuse an oversized one |
+//! | [`pickle`] | a restricted pickle codec: plain data only, no global is ever resolved |
+//! | [`marshal`] | ZEO's `(msgid, flags, name, args)` envelope, replies, errors, pushes |
+//! | [`rpc`] | the per-connection session: register, method whitelist, two-phase commit, error replies |
+//! | [`storage`] | objects and revisions, tids and oids, conflicts, retention, the commit lock |
+//! | [`outbox`] | the per-connection outbound FIFO, bounded in bytes |
+//! | [`server`] | listeners, connection tasks, shutdown |
+//! | [`config`] | settings and their defaults (every limit is a named constant there) |
+//!
+//! `frame`, `pickle` and `marshal` are pure functions over byte buffers;
+//! `storage` is synchronous Rust behind locks. The binary only parses the
+//! command line and calls [`server::run`], as the tests do on port 0.
+//!
+//! Invariants: commit order is delivery order (replies that expose storage
+//! state are enqueued under the storage lock that produced them; commits
+//! enqueue invalidations under the write lock); no invalidation is dropped
+//! (a client that cannot keep up is disconnected); the commit lock is always
+//! released (finish, abort, disconnect, timeout, and `Session`'s `Drop`);
+//! tids only grow and oids never repeat, also across restarts; object
+//! records are opaque bytes, never unpickled.
+pub mod config;
+pub mod frame;
 pub mod marshal;
+pub mod outbox;
 pub mod pickle;
+pub mod rpc;
+pub mod server;
+pub mod storage;
 pub mod types;

@@ -94,6 +94,28 @@ impl Tid {
     }
 }
 
+/// `time.ctime()` of a Unix time in UTC, e.g. `Thu Nov 26 12:00:00 2026`
+/// (ZEO's `server_status` reports its start time this way).
+pub fn ctime(unix_secs: i64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = unix_secs.div_euclid(86_400);
+    let secs = unix_secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{} {} {:2} {:02}:{:02}:{:02} {}",
+        DAYS[days.rem_euclid(7) as usize],
+        MONTHS[(m - 1) as usize],
+        d,
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60,
+        y
+    )
+}
+
 /// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.
 fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
@@ -153,7 +175,10 @@ mod tests {
         // (high word: ((126*12+10)*31+25)*24*60+12*60).
         let secs = 1_795_694_400.0; // 2026-11-26 12:00:00 UTC
         let tid = Tid::from_unix_time(secs);
-        assert_eq!(tid.0 >> 32, ((((126 * 12 + 10) * 31 + 25) * 24 + 12) * 60) as u64);
+        assert_eq!(
+            tid.0 >> 32,
+            ((((126 * 12 + 10) * 31 + 25) * 24 + 12) * 60) as u64
+        );
         assert_eq!(tid.0 & 0xffff_ffff, 0);
         assert!((tid.to_unix_time() - secs).abs() < 1e-6);
     }
@@ -181,6 +206,13 @@ mod tests {
         let now = Tid::next_after(Tid::ZERO);
         assert!(now > Tid::ZERO);
         assert!(Tid::next_after(now) > now);
+    }
+
+    #[test]
+    fn ctime_like_python() {
+        // time.ctime(1795694400) in UTC
+        assert_eq!(ctime(1_795_694_400), "Thu Nov 26 12:00:00 2026");
+        assert_eq!(ctime(0), "Thu Jan  1 00:00:00 1970");
     }
 
     #[test]

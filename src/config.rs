@@ -1,0 +1,243 @@
+//! Server settings: every limit is a named constant with a default here,
+//! overridable by the TOML config file and then by the command line.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use crate::frame::DEFAULT_MAX_FRAME_SIZE;
+pub use crate::outbox::DEFAULT_MAX_OUTBOX_BYTES;
+pub use crate::storage::{DEFAULT_INVALIDATION_QUEUE_SIZE, DEFAULT_RETENTION_SECS};
+
+/// Default listen address: loopback, next to the main ZEO server's usual
+/// 8100 and never on it.
+pub const DEFAULT_ADDRESS: &str = "127.0.0.1:8101";
+
+/// Default storage name: what `ClientStorage` registers with unless told
+/// otherwise (its `storage` option defaults to `'1'`).
+pub const DEFAULT_STORAGE: &str = "1";
+
+/// Default `transaction-timeout` in seconds: how long one transaction may
+/// hold a storage's commit lock (from its vote, through client-side conflict
+/// resolution, to `tpc_finish`). A client that exceeds it is disconnected and
+/// its transaction aborted, so a hung Zope worker cannot block the others.
+pub const DEFAULT_TRANSACTION_TIMEOUT_SECS: u64 = 30;
+
+/// Default bound on the bytes one transaction may buffer before its vote
+/// (`max-transaction-bytes`). Over it, the vote fails with an error naming
+/// the limit.
+pub const DEFAULT_MAX_TRANSACTION_BYTES: usize = 512 * 1024 * 1024;
+
+/// Default number of simultaneous client connections (`max-connections`);
+/// further ones are closed at once with a log line.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// How often expired non-current revisions are dropped, in seconds.
+pub const PRUNE_INTERVAL_SECS: u64 = 10;
+
+/// How long shutdown waits for connections to finish writing, in seconds.
+pub const SHUTDOWN_GRACE_SECS: u64 = 5;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `host:port` for TCP, or a filesystem path for a unix-domain socket.
+    pub addresses: Vec<String>,
+    /// Storage names served; each is a separate, isolated database.
+    pub storages: Vec<String>,
+    pub read_only: bool,
+    pub transaction_timeout: Duration,
+    pub invalidation_queue_size: usize,
+    pub max_frame_size: usize,
+    pub max_outbox_bytes: usize,
+    pub max_transaction_bytes: usize,
+    pub max_connections: usize,
+    pub history_retention: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            addresses: vec![DEFAULT_ADDRESS.to_string()],
+            storages: vec![DEFAULT_STORAGE.to_string()],
+            read_only: false,
+            transaction_timeout: Duration::from_secs(DEFAULT_TRANSACTION_TIMEOUT_SECS),
+            invalidation_queue_size: DEFAULT_INVALIDATION_QUEUE_SIZE,
+            max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+            max_outbox_bytes: DEFAULT_MAX_OUTBOX_BYTES,
+            max_transaction_bytes: DEFAULT_MAX_TRANSACTION_BYTES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            history_retention: Duration::from_secs(DEFAULT_RETENTION_SECS),
+        }
+    }
+}
+
+/// The TOML config file: the same settings as the command line, each
+/// optional (see `config/zeotemp.toml`).
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub address: Option<Vec<String>>,
+    pub storage: Option<Vec<String>>,
+    pub read_only: Option<bool>,
+    pub transaction_timeout: Option<u64>,
+    pub invalidation_queue_size: Option<usize>,
+    pub max_frame_size: Option<usize>,
+    pub max_outbox_bytes: Option<usize>,
+    pub max_transaction_bytes: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub history_retention: Option<u64>,
+    /// Accepted for familiarity with ZEO's `client-conflict-resolution`:
+    /// zeotemp always lets clients resolve conflicts; `false` is refused.
+    pub client_conflict_resolution: Option<bool>,
+    /// Log filter, e.g. `info` or `zeotemp=debug`.
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// Applies the file's settings on top of `cfg`.
+    pub fn apply(&self, cfg: &mut Config) -> Result<(), ConfigError> {
+        if let Some(v) = &self.address {
+            cfg.addresses = v.clone();
+        }
+        if let Some(v) = &self.storage {
+            cfg.storages = v.clone();
+        }
+        if let Some(v) = self.read_only {
+            cfg.read_only = v;
+        }
+        if let Some(v) = self.transaction_timeout {
+            cfg.transaction_timeout = Duration::from_secs(v);
+        }
+        if let Some(v) = self.invalidation_queue_size {
+            cfg.invalidation_queue_size = v;
+        }
+        if let Some(v) = self.max_frame_size {
+            cfg.max_frame_size = v;
+        }
+        if let Some(v) = self.max_outbox_bytes {
+            cfg.max_outbox_bytes = v;
+        }
+        if let Some(v) = self.max_transaction_bytes {
+            cfg.max_transaction_bytes = v;
+        }
+        if let Some(v) = self.max_connections {
+            cfg.max_connections = v;
+        }
+        if let Some(v) = self.history_retention {
+            cfg.history_retention = Duration::from_secs(v);
+        }
+        if self.client_conflict_resolution == Some(false) {
+            return Err(ConfigError::Invalid(
+                "client-conflict-resolution = false is not possible: zeotemp never unpickles \
+                 application data, so clients always resolve conflicts"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Checks settings that would make the server useless or unsafe.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.addresses.is_empty() {
+            return Err(ConfigError::Invalid("no address to listen on".into()));
+        }
+        if self.storages.is_empty() {
+            return Err(ConfigError::Invalid("no storage to serve".into()));
+        }
+        let mut names = self.storages.clone();
+        names.sort();
+        names.dedup();
+        if names.len() != self.storages.len() {
+            return Err(ConfigError::Invalid("a storage name is given twice".into()));
+        }
+        if self.max_frame_size < 1024 {
+            return Err(ConfigError::Invalid(
+                "max-frame-size must be at least 1024 bytes".into(),
+            ));
+        }
+        if self.max_outbox_bytes < self.max_frame_size {
+            return Err(ConfigError::Invalid(
+                "max-outbox-bytes must be at least max-frame-size (a reply must fit)".into(),
+            ));
+        }
+        if self.transaction_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "transaction-timeout must be at least 1 second".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/zeotemp.toml");
+        let file = FileConfig::load(&path).unwrap();
+        let mut cfg = Config::default();
+        file.apply(&mut cfg).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.addresses, vec!["127.0.0.1:8101".to_string()]);
+        assert_eq!(cfg.storages, vec!["1".to_string()]);
+    }
+
+    #[test]
+    fn unknown_key_refused() {
+        let err = toml::from_str::<FileConfig>("adress = ['x']").unwrap_err();
+        assert!(err.to_string().contains("adress"), "{err}");
+    }
+
+    #[test]
+    fn ccr_false_refused() {
+        let file: FileConfig = toml::from_str("client-conflict-resolution = false").unwrap();
+        assert!(file.apply(&mut Config::default()).is_err());
+    }
+
+    #[test]
+    fn validate_catches_nonsense() {
+        let cfg = Config {
+            storages: vec!["1".into(), "1".into()],
+            ..Config::default()
+        };
+        assert!(cfg.validate().is_err());
+        let cfg = Config {
+            max_frame_size: 10,
+            ..Config::default()
+        };
+        assert!(cfg.validate().is_err());
+        Config::default().validate().unwrap();
+    }
+}

@@ -1,0 +1,205 @@
+//! The `zeotemp` binary: parses the command line and config file, sets up
+//! logging, binds, and runs the library's server until SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tracing::{error, info};
+use zeotemp::config::{self, Config, FileConfig};
+
+/// A ZEO 5 server for temporary ZODB storages: everything in RAM, nothing
+/// on disk, a restart clears it. Stock ZEO 5.2+ clients (ClientStorage,
+/// Zope's <zeoclient>/<clientstorage>) use it unchanged.
+///
+/// Settings come from the defaults, then the --config file, then the
+/// command line.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Where to listen: HOST:PORT for TCP (port 0 picks a free port), or a
+    /// path for a unix-domain socket. Repeat for several listeners.
+    /// [default: 127.0.0.1:8101]
+    #[arg(short, long = "address", value_name = "ADDR")]
+    address: Vec<String>,
+
+    /// A storage name to serve (what clients give as `storage`). Repeat for
+    /// several fully isolated storages. [default: 1]
+    #[arg(short, long = "storage", value_name = "NAME")]
+    storage: Vec<String>,
+
+    /// Serve every storage read-only: writable registrations are refused
+    /// with ReadOnlyError (clients with read-only-fallback connect
+    /// read-only).
+    #[arg(long)]
+    read_only: bool,
+
+    /// Seconds one transaction may hold a storage's commit lock (from vote,
+    /// through client-side conflict resolution, to tpc_finish) before it is
+    /// aborted and its connection closed. [default: 30]
+    #[arg(long, value_name = "SECS")]
+    transaction_timeout: Option<u64>,
+
+    /// Recent transactions remembered for reconnecting clients' quick cache
+    /// verification (getInvalidations). [default: 100]
+    #[arg(long, value_name = "N")]
+    invalidation_queue_size: Option<usize>,
+
+    /// Seconds a non-current object revision is kept after it was replaced,
+    /// for open snapshots (MVCC) and client-side conflict resolution. A
+    /// load of a revision older than that is answered with a retryable
+    /// conflict. [default: 600]
+    #[arg(long, value_name = "SECS")]
+    history_retention: Option<u64>,
+
+    /// Largest frame (message) a client may send, in bytes; a larger one
+    /// closes that connection with a log line. [default: 67108864 = 64 MiB]
+    #[arg(long, value_name = "BYTES")]
+    max_frame_size: Option<usize>,
+
+    /// Bytes of replies and invalidations queued for one client; a client
+    /// that does not read them is disconnected (it reconnects and verifies
+    /// its cache), never sent a partial stream. [default: 268435456 = 256 MiB]
+    #[arg(long, value_name = "BYTES")]
+    max_outbox_bytes: Option<usize>,
+
+    /// Bytes of object data one transaction may send before its vote; over
+    /// it the vote fails with an error naming this limit.
+    /// [default: 536870912 = 512 MiB]
+    #[arg(long, value_name = "BYTES")]
+    max_transaction_bytes: Option<usize>,
+
+    /// Simultaneous client connections; further ones are closed at once
+    /// with a log line. [default: 10000]
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+
+    /// Accepted for familiarity with ZEO's option of the same name, and
+    /// always on: zeotemp never unpickles application data, so conflicts
+    /// are handed to the clients to resolve (BTrees, Length, Transience
+    /// resolve theirs as with a stock server in this mode).
+    #[arg(long)]
+    client_conflict_resolution: bool,
+
+    /// TOML file with the same settings (see config/zeotemp.toml).
+    #[arg(short = 'C', long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Log filter: error, warn, info, debug (commits are logged at debug),
+    /// or a tracing filter like `zeotemp=debug`. Overrides RUST_LOG.
+    /// [default: info]
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+}
+
+fn settings(cli: &Cli) -> Result<(Config, Option<String>), config::ConfigError> {
+    let mut cfg = Config::default();
+    let mut log_level = None;
+    if let Some(path) = &cli.config {
+        let file = FileConfig::load(path)?;
+        file.apply(&mut cfg)?;
+        log_level = file.log_level.clone();
+    }
+    if !cli.address.is_empty() {
+        cfg.addresses = cli.address.clone();
+    }
+    if !cli.storage.is_empty() {
+        cfg.storages = cli.storage.clone();
+    }
+    cfg.read_only |= cli.read_only;
+    if let Some(v) = cli.transaction_timeout {
+        cfg.transaction_timeout = Duration::from_secs(v);
+    }
+    if let Some(v) = cli.invalidation_queue_size {
+        cfg.invalidation_queue_size = v;
+    }
+    if let Some(v) = cli.history_retention {
+        cfg.history_retention = Duration::from_secs(v);
+    }
+    if let Some(v) = cli.max_frame_size {
+        cfg.max_frame_size = v;
+    }
+    if let Some(v) = cli.max_outbox_bytes {
+        cfg.max_outbox_bytes = v;
+    }
+    if let Some(v) = cli.max_transaction_bytes {
+        cfg.max_transaction_bytes = v;
+    }
+    if let Some(v) = cli.max_connections {
+        cfg.max_connections = v;
+    }
+    cfg.validate()?;
+    Ok((cfg, cli.log_level.clone().or(log_level)))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (cfg, log_level) = match settings(&cli) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("zeotemp: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = match log_level {
+        Some(l) => tracing_subscriber::EnvFilter::new(l),
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    std::panic::set_hook(Box::new(zeotemp::server::log_panic));
+
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("zeotemp: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let listeners = match zeotemp::server::bind(&cfg.addresses).await {
+            Ok(l) => l,
+            Err(e) => {
+                error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        info!(
+            version = env!("CARGO_PKG_VERSION"),
+            storages = ?cfg.storages,
+            read_only = cfg.read_only,
+            transaction_timeout = ?cfg.transaction_timeout,
+            history_retention = ?cfg.history_retention,
+            max_frame_size = cfg.max_frame_size,
+            "zeotemp starting"
+        );
+        match zeotemp::server::run(listeners, cfg, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!("{e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot watch SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+        _ = term.recv() => info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,191 @@
+//! The per-connection outbound FIFO.
+//!
+//! Replies and server pushes (`invalidateTransaction`, `info`) for one client
+//! all go through one `Outbox`, written by one writer task, so the client sees
+//! them in the order they were enqueued. Enqueueing never blocks: the storage
+//! enqueues invalidations while it holds its lock (that is what keeps commit
+//! order equal to delivery order), so it must not wait for a slow socket.
+//!
+//! Instead the outbox is bounded in bytes. Past the bound the connection is
+//! marked for closing (never dropping a frame in the middle: a client that
+//! cannot keep up is disconnected and verifies its cache on reconnect, which
+//! is how ZEO recovers from a lost connection). A connection's own requests
+//! are not read while its outbox is over half the bound, so a client that
+//! pipelines requests and never reads replies only stalls itself.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+/// Default bound on the bytes queued for one client (`max-outbox-bytes`).
+/// A 20 MB object reply fits with room for the invalidations that follow it.
+pub const DEFAULT_MAX_OUTBOX_BYTES: usize = 256 * 1024 * 1024;
+
+#[derive(Debug, Default)]
+struct State {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    closed: Option<&'static str>,
+}
+
+#[derive(Debug)]
+pub struct Outbox {
+    state: Mutex<State>,
+    /// Wakes the writer task: frames queued, or closed.
+    wake_writer: Notify,
+    /// Wakes the reader side: frames were written (queue shrank).
+    drained: Notify,
+    max_bytes: usize,
+}
+
+impl Outbox {
+    pub fn new(max_bytes: usize) -> Outbox {
+        Outbox {
+            state: Mutex::new(State::default()),
+            wake_writer: Notify::new(),
+            drained: Notify::new(),
+            max_bytes,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the queue half
+        // updated (every critical section is a push or a drain), so a
+        // poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues one whole frame. Returns false if the connection is closing
+    /// (the frame is not queued), which includes the case where this frame
+    /// would take the queue over its bound.
+    pub fn push(&self, frame: Bytes) -> bool {
+        let mut st = self.lock();
+        if st.closed.is_some() {
+            return false;
+        }
+        // One frame alone may exceed the bound (a big object); a queue that
+        // already holds data and would go over it means the client is not
+        // reading.
+        if st.bytes > 0 && st.bytes + frame.len() > self.max_bytes {
+            st.closed = Some("client is not reading: outbound queue over max-outbox-bytes");
+            drop(st);
+            self.wake_writer.notify_one();
+            return false;
+        }
+        st.bytes += frame.len();
+        st.frames.push_back(frame);
+        drop(st);
+        self.wake_writer.notify_one();
+        true
+    }
+
+    /// Marks the connection for closing after what is already queued has
+    /// been written... or at once, for an overflow.
+    pub fn close(&self, reason: &'static str) {
+        let mut st = self.lock();
+        if st.closed.is_none() {
+            st.closed = Some(reason);
+        }
+        drop(st);
+        self.wake_writer.notify_one();
+    }
+
+    pub fn closed_reason(&self) -> Option<&'static str> {
+        self.lock().closed
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// True while the reader side should stop taking new requests.
+    pub fn is_backlogged(&self) -> bool {
+        self.lock().bytes > self.max_bytes / 2
+    }
+
+    /// Waits until the queue is no longer backlogged (or closed).
+    pub async fn wait_drained(&self) {
+        loop {
+            let notified = self.drained.notified();
+            {
+                let st = self.lock();
+                if st.bytes <= self.max_bytes / 2 || st.closed.is_some() {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// For the writer task: waits for frames and takes all queued ones.
+    /// Returns `Err(reason)` once the outbox is closed and empty.
+    pub async fn next_batch(&self, batch: &mut Vec<Bytes>) -> Result<(), &'static str> {
+        loop {
+            let notified = self.wake_writer.notified();
+            {
+                let mut st = self.lock();
+                if !st.frames.is_empty() {
+                    batch.extend(st.frames.drain(..));
+                    return Ok(());
+                }
+                if let Some(reason) = st.closed {
+                    return Err(reason);
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// For the writer task: `n` bytes were written to the socket.
+    pub fn written(&self, n: usize) {
+        let mut st = self.lock();
+        st.bytes = st.bytes.saturating_sub(n);
+        drop(st);
+        self.drained.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn fifo_and_batches() {
+        let ob = Outbox::new(1000);
+        assert!(ob.push(Bytes::from_static(b"a")));
+        assert!(ob.push(Bytes::from_static(b"bc")));
+        let mut batch = Vec::new();
+        ob.next_batch(&mut batch).await.unwrap();
+        assert_eq!(
+            batch,
+            vec![Bytes::from_static(b"a"), Bytes::from_static(b"bc")]
+        );
+        assert_eq!(ob.queued_bytes(), 3);
+        ob.written(3);
+        assert_eq!(ob.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn overflow_closes_instead_of_dropping() {
+        let ob = Outbox::new(10);
+        assert!(ob.push(Bytes::from(vec![0u8; 6])));
+        assert!(!ob.push(Bytes::from(vec![0u8; 6])));
+        assert!(ob.closed_reason().is_some());
+        // The frame queued before the overflow is still delivered in order,
+        // then the writer is told to close.
+        let mut batch = Vec::new();
+        ob.next_batch(&mut batch).await.unwrap();
+        assert_eq!(batch.len(), 1);
+        batch.clear();
+        assert!(ob.next_batch(&mut batch).await.is_err());
+    }
+
+    #[test]
+    fn one_big_frame_is_allowed() {
+        let ob = Outbox::new(10);
+        assert!(ob.push(Bytes::from(vec![0u8; 100])));
+        assert!(ob.is_backlogged());
+    }
+}

@@ -1,0 +1,388 @@
+//! Listeners, connection tasks and shutdown.
+//!
+//! Each connection runs one reader task (frames in, [`Session`] handling,
+//! commit-lock waits, the transaction timeout) and one writer task (the
+//! connection's [`Outbox`] out, in order). The server knows nothing about
+//! pickles beyond the handshake.
+
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Config, PRUNE_INTERVAL_SECS, SHUTDOWN_GRACE_SECS};
+use crate::frame;
+use crate::marshal;
+use crate::outbox::Outbox;
+use crate::pickle::DecodeLimits;
+use crate::rpc::{Flow, Session, Shared};
+
+/// The protocol we announce: ZEO 5, pickle encoding.
+pub const PROTOCOL: &[u8] = b"Z5";
+
+/// A bound listening socket.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// What to print for this listener (`tcp 127.0.0.1:8101`, `unix /path`).
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => match l.local_addr() {
+                Ok(a) => format!("tcp {a}"),
+                Err(_) => "tcp ?".into(),
+            },
+            Listener::Unix(_, p) => format!("unix {}", p.display()),
+        }
+    }
+}
+
+/// Binds every address: `host:port` is TCP (port 0 picks a free one), a
+/// path (anything with a `/`) is a unix-domain socket, replacing a stale
+/// socket file left by an earlier run.
+pub async fn bind(addresses: &[String]) -> io::Result<Vec<Listener>> {
+    let mut out = Vec::new();
+    for addr in addresses {
+        if addr.contains('/') {
+            let path = PathBuf::from(addr);
+            if let Ok(meta) = std::fs::symlink_metadata(&path) {
+                use std::os::unix::fs::FileTypeExt;
+                if meta.file_type().is_socket() {
+                    std::fs::remove_file(&path)?;
+                }
+            }
+            let l = UnixListener::bind(&path).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on unix socket {addr}: {e}"),
+                )
+            })?;
+            out.push(Listener::Unix(l, path));
+        } else {
+            // tokio sets SO_REUSEADDR, so a restart can rebind at once.
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+            out.push(Listener::Tcp(l));
+        }
+    }
+    Ok(out)
+}
+
+/// Serves until `shutdown` completes, then closes every connection
+/// (aborting open transactions) and returns.
+pub async fn run(
+    listeners: Vec<Listener>,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let shared = Arc::new(Shared::new(config));
+    run_shared(listeners, shared, shutdown).await
+}
+
+pub async fn run_shared(
+    listeners: Vec<Listener>,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let next_id = Arc::new(AtomicU64::new(1));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut unix_paths = Vec::new();
+    for l in listeners {
+        info!("listening on {}", l.describe());
+        if let Listener::Unix(_, p) = &l {
+            unix_paths.push(p.clone());
+        }
+        tasks.spawn(accept_loop(
+            l,
+            shared.clone(),
+            stop_rx.clone(),
+            next_id.clone(),
+        ));
+    }
+    tasks.spawn(prune_loop(shared.clone(), stop_rx.clone()));
+    shutdown.await;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    let grace = Duration::from_secs(SHUTDOWN_GRACE_SECS + 1);
+    if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        warn!("some connections did not close in time");
+    }
+    for p in unix_paths {
+        let _ = std::fs::remove_file(p);
+    }
+    let commits: u64 = shared
+        .storages
+        .values()
+        .map(|s| s.stats.commits.load(Ordering::Relaxed))
+        .sum();
+    info!(commits, "stopped; all data held in memory is gone");
+    Ok(())
+}
+
+async fn prune_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(PRUNE_INTERVAL_SECS));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                for s in shared.storages.values() {
+                    let n = s.prune_expired();
+                    if n > 0 {
+                        debug!(storage = s.name(), dropped = n, "dropped expired non-current revisions");
+                    }
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn accept_loop(
+    l: Listener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    next_id: Arc<AtomicU64>,
+) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => break,
+            // Reap finished connection tasks as we go.
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            a = accept(&l) => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: log, breathe, go on.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let max = shared.config.max_connections;
+        if shared.connections.load(Ordering::Relaxed) >= max {
+            warn!(%peer, max, "connection refused: max-connections reached");
+            drop(stream);
+            continue;
+        }
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        conns.spawn(serve(stream, peer, id, shared.clone(), stop.clone()));
+    }
+    let grace = Duration::from_secs(SHUTDOWN_GRACE_SECS);
+    let _ = tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
+}
+
+type BoxStream = Box<dyn Stream>;
+trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
+
+async fn accept(l: &Listener) -> io::Result<(BoxStream, String)> {
+    match l {
+        Listener::Tcp(l) => {
+            let (s, a) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            Ok((Box::new(s), a.to_string()))
+        }
+        Listener::Unix(l, p) => {
+            let (s, _) = l.accept().await?;
+            Ok((Box::new(s), format!("unix:{}", p.display())))
+        }
+    }
+}
+
+/// Runs one connection to its end.
+async fn serve(
+    stream: BoxStream,
+    peer: String,
+    id: u64,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) {
+    shared.connections.fetch_add(1, Ordering::Relaxed);
+    let (rd, wr) = tokio::io::split(stream);
+    let outbox = Arc::new(Outbox::new(shared.config.max_outbox_bytes));
+    outbox.push(frame::encode(PROTOCOL));
+    let writer = tokio::spawn(write_loop(wr, outbox.clone()));
+    let reason = read_loop(rd, &peer, id, &shared, &outbox, stop).await;
+    match &reason {
+        Ok(r) => debug!(%peer, "connection closed: {r}"),
+        Err(r) => warn!(%peer, "closing connection: {r}"),
+    }
+    outbox.close("connection finished");
+    // Let queued replies (e.g. a ruok answer, an error) reach the client.
+    let grace = Duration::from_secs(SHUTDOWN_GRACE_SECS);
+    if tokio::time::timeout(grace, writer).await.is_err() {
+        debug!(%peer, "writer did not finish in time");
+    }
+    shared.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Reads frames and drives the session. `Ok` is a normal end (the client
+/// went away, shutdown), `Err` one worth a warning.
+async fn read_loop(
+    mut rd: tokio::io::ReadHalf<BoxStream>,
+    peer: &str,
+    id: u64,
+    shared: &Arc<Shared>,
+    outbox: &Arc<Outbox>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<String, String> {
+    let max = shared.config.max_frame_size;
+    let limits = DecodeLimits::default();
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+
+    // The handshake: the client's first frame.
+    let first = loop {
+        match frame::parse(&mut buf, max) {
+            Ok(Some(f)) => break f,
+            Ok(None) => {}
+            Err(e) => return Err(format!("bad handshake: {e}")),
+        }
+        tokio::select! {
+            n = rd.read_buf(&mut buf) => match n {
+                Ok(0) => return Ok("closed before the handshake".into()),
+                Ok(_) => {}
+                Err(e) => return Ok(format!("read error before the handshake: {e}")),
+            },
+            _ = stop.changed() => return Ok("server shutting down".into()),
+        }
+    };
+    match &first[..] {
+        b"ruok" => {
+            outbox.push(frame::encode(shared.ruok().as_bytes()));
+            return Ok("answered ruok".into());
+        }
+        b"Z5" => {}
+        b"M5" => return Err("client asked for msgpack (M5); this server speaks Z5 only".into()),
+        other => {
+            let shown = String::from_utf8_lossy(&other[..other.len().min(16)]).into_owned();
+            return Err(format!(
+                "bad handshake {shown:?}: this server speaks ZEO protocol Z5"
+            ));
+        }
+    }
+    info!(%peer, "connected");
+
+    let mut session = Session::new(id, peer.to_string(), shared.clone(), outbox.clone());
+    let mut lock_wait: Option<tokio::sync::oneshot::Receiver<()>> = None;
+    let timeout = shared.config.transaction_timeout;
+    loop {
+        // Handle every whole frame already buffered.
+        loop {
+            if outbox.closed_reason().is_some() || outbox.is_backlogged() {
+                break;
+            }
+            let payload = match frame::parse(&mut buf, max) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => return Err(e.to_string()),
+            };
+            let msg = match marshal::decode_message(&payload, &limits) {
+                Ok(m) => m,
+                Err(e) => return Err(format!("cannot decode message: {e}")),
+            };
+            match session.handle(msg) {
+                Flow::Continue => {}
+                Flow::WaitLock(rx) => lock_wait = Some(rx),
+                Flow::Close(reason) => return Err(reason),
+            }
+        }
+        if let Some(reason) = outbox.closed_reason() {
+            return Err(reason.to_string());
+        }
+        let deadline = session
+            .lock_held_since()
+            .map(|t| tokio::time::Instant::from_std(t + timeout));
+        let backlogged = outbox.is_backlogged();
+        tokio::select! {
+            n = rd.read_buf(&mut buf), if !backlogged => match n {
+                Ok(0) => return Ok("client closed the connection".into()),
+                Ok(_) => {}
+                Err(e) => return Ok(format!("read error: {e}")),
+            },
+            _ = outbox.wait_drained(), if backlogged => {}
+            granted = async { lock_wait.as_mut().expect("guarded").await }, if lock_wait.is_some() => {
+                lock_wait = None;
+                if granted.is_ok() {
+                    session.lock_granted();
+                }
+            }
+            _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
+                session.lock_timed_out();
+                return Err("transaction-timeout exceeded".into());
+            }
+            _ = stop.changed() => return Ok("server shutting down".into()),
+        }
+    }
+}
+
+/// Writes the outbox to the socket, in order, batching small frames.
+async fn write_loop(mut wr: tokio::io::WriteHalf<BoxStream>, outbox: Arc<Outbox>) {
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut buf = BytesMut::new();
+    loop {
+        batch.clear();
+        if outbox.next_batch(&mut batch).await.is_err() {
+            let _ = wr.shutdown().await;
+            return;
+        }
+        for f in batch.drain(..) {
+            let n = f.len();
+            if f.len() >= 64 * 1024 {
+                if !buf.is_empty() && flush(&mut wr, &mut buf, &outbox).await.is_err() {
+                    return;
+                }
+                if let Err(e) = wr.write_all(&f).await {
+                    debug!("write failed: {e}");
+                    outbox.close("write failed");
+                    return;
+                }
+                outbox.written(n);
+            } else {
+                buf.extend_from_slice(&f);
+                if buf.len() >= 256 * 1024 && flush(&mut wr, &mut buf, &outbox).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if !buf.is_empty() && flush(&mut wr, &mut buf, &outbox).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn flush(
+    wr: &mut tokio::io::WriteHalf<BoxStream>,
+    buf: &mut BytesMut,
+    outbox: &Outbox,
+) -> Result<(), ()> {
+    let n = buf.len();
+    if let Err(e) = wr.write_all(buf).await {
+        debug!("write failed: {e}");
+        outbox.close("write failed");
+        return Err(());
+    }
+    buf.clear();
+    outbox.written(n);
+    Ok(())
+}
+
+/// Logs a panic payload from a connection task (kept for the binary).
+pub fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
+    error!("panic: {info}");
+}

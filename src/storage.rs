@@ -1,0 +1,1065 @@
+//! One in-memory, multi-version object store (a ZODB "storage").
+//!
+//! Every object keeps its current revision and the non-current revisions
+//! that open snapshots and client-side conflict resolution may still read:
+//! a non-current revision is kept for the retention window, counted from the
+//! moment it stopped being current (the tid of the revision that replaced
+//! it, tids being timestamps).
+//!
+//! Invariants (each tested below):
+//! * tids only grow: the storage starts at the wall clock and each commit's
+//!   tid is later than the last, also across restarts;
+//! * oids never repeat, and a new run starts above any range an earlier run
+//!   could have handed out (see [`Storage::new_oids`]);
+//! * the root object (oid 0) exists from the start;
+//! * the current revision of an object is never dropped by retention;
+//! * a revision that retention dropped is reported as a conflict (ZODB
+//!   retries), never as POSKeyError;
+//! * commit order is delivery order: a commit becomes visible and its
+//!   invalidations are handed to every subscriber inside one write-locked
+//!   section, and loads compute and enqueue their reply inside a read-locked
+//!   one (see `rpc`).
+//!
+//! Two-phase commit: the connection layer buffers a transaction's
+//! operations; [`Storage::vote`] checks them against the current state while
+//! the caller holds the storage's commit lock ([`CommitLock`]), and
+//! [`Storage::finish`] applies them. Conflicts on stores are returned to the
+//! client for resolution (ZEO 5's client-conflict-resolution); the commit
+//! lock stays with the transaction through its resolution round.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::pickle::Value;
+use crate::types::{Oid, Tid};
+
+/// Default for how long a non-current revision is kept after it was
+/// replaced (`history-retention`, seconds). Long enough for any Zope request
+/// that opened a snapshot, and for client-side conflict resolution, which
+/// reads the revision the client started from.
+pub const DEFAULT_RETENTION_SECS: u64 = 600;
+
+/// Default number of recent transactions remembered for `getInvalidations`
+/// (`invalidation-queue-size`, ZEO's default).
+pub const DEFAULT_INVALIDATION_QUEUE_SIZE: usize = 100;
+
+/// Most oids one `new_oids` call hands out (ZEO's own cap).
+pub const MAX_NEW_OIDS: i64 = 100;
+
+/// The record ZODB writes for an empty root: an empty `PersistentMapping`
+/// (`persistent.mapping PersistentMapping`, state `{'data': {}}`), as
+/// captured from ZODB 6 on Python 3 (protocol notes §8.2).
+pub const EMPTY_ROOT_RECORD: &[u8] = b"\x80\x03cpersistent.mapping\nPersistentMapping\nq\x00.\x80\x03}q\x01X\x04\x00\x00\x00dataq\x02}q\x03s.";
+
+/// Connection id, used as the commit lock's owner and subscriber key.
+pub type ConnId = u64;
+
+/// What a transaction's metadata says (`tpc_begin` arguments).
+#[derive(Debug, Clone)]
+pub struct TxnMeta {
+    pub user: Bytes,
+    pub description: Bytes,
+    /// The extension dict as the client sent it, returned by `history`.
+    pub extension: Value,
+}
+
+/// One revision of an object.
+#[derive(Debug, Clone)]
+pub struct Revision {
+    pub tid: Tid,
+    /// `None` is a deletion (`deleteObject`).
+    pub data: Option<Bytes>,
+    pub meta: Arc<TxnMeta>,
+}
+
+#[derive(Debug, Default)]
+struct Object {
+    /// Oldest first; the last one is current. Never empty.
+    revisions: Vec<Revision>,
+    /// True once retention dropped an older revision of this object: a
+    /// load before the oldest kept one is then a conflict, not "did not
+    /// exist yet".
+    pruned: bool,
+}
+
+/// An operation buffered in a transaction, checked at vote.
+#[derive(Debug, Clone)]
+pub enum TxnOp {
+    Store { oid: Oid, serial: Tid, data: Bytes },
+    CheckCurrent { oid: Oid, serial: Tid },
+    Delete { oid: Oid, serial: Tid },
+}
+
+/// A write conflict handed back to the client from `vote`, for it to
+/// resolve (`{'oid', 'serials': (committed, read), 'data'}`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conflict {
+    pub oid: Oid,
+    pub committed: Tid,
+    pub read: Tid,
+    pub data: Bytes,
+}
+
+/// The errors ZODB clients rebuild (ZODB.POSException and friends).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StorageError {
+    #[error("POSKeyError {oid}")]
+    PosKey { oid: Oid, serial: Option<Tid> },
+    #[error("conflict on {oid}: committed {committed}, read {read}")]
+    Conflict {
+        oid: Oid,
+        committed: Tid,
+        read: Tid,
+        class_name: Option<String>,
+    },
+    #[error("read conflict on {oid}: committed {committed}, read {read}")]
+    ReadConflict { oid: Oid, committed: Tid, read: Tid },
+    #[error("{0}")]
+    Storage(String),
+}
+
+/// Answer of `loadBefore`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    pub data: Bytes,
+    pub start: Tid,
+    pub end: Option<Tid>,
+}
+
+/// An entry of `history`.
+#[derive(Debug, Clone)]
+pub struct HistoryEntry {
+    pub tid: Tid,
+    pub size: usize,
+    pub meta: Arc<TxnMeta>,
+}
+
+/// Receives what a commit changed. Called inside the storage's write lock,
+/// so implementations must only enqueue (never block).
+pub trait Subscriber: Send + Sync {
+    fn invalidate(&self, tid: Tid, oids: &[Oid]);
+    fn info(&self, length: usize, size: usize);
+}
+
+/// Counters reported by `server_status` and `ruok`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub loads: AtomicU64,
+    pub stores: AtomicU64,
+    pub commits: AtomicU64,
+    pub aborts: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub conflicts_resolved: AtomicU64,
+    pub active_txns: AtomicU64,
+}
+
+/// The state behind the storage's read/write lock.
+pub struct StorageState {
+    objects: HashMap<Oid, Object>,
+    last_tid: Tid,
+    /// Newest first: `(tid, oids)`; `None` oids is the start-up sentinel.
+    invalidations: VecDeque<(Tid, Option<Vec<Oid>>)>,
+    invalidation_queue_size: usize,
+    subscribers: Vec<(ConnId, Arc<dyn Subscriber>)>,
+    /// Bytes of all retained records (current and non-current).
+    bytes: usize,
+    /// Bytes of current records only (what `getSize` reports).
+    current_bytes: usize,
+    revisions: usize,
+    retention: Duration,
+}
+
+/// The commit lock of one storage: at most one transaction between its
+/// `vote` and its `tpc_finish`/`tpc_abort`; other voters wait in line.
+#[derive(Debug, Default)]
+pub struct CommitLock {
+    holder: Option<ConnId>,
+    since: Option<Instant>,
+    waiters: VecDeque<(ConnId, oneshot::Sender<()>)>,
+}
+
+pub struct Storage {
+    name: String,
+    state: RwLock<StorageState>,
+    lock: Mutex<CommitLock>,
+    next_oid: AtomicU64,
+    pub stats: Stats,
+    pub started: SystemTime,
+}
+
+/// What [`Storage::try_lock`] gives back.
+pub enum LockAttempt {
+    Acquired,
+    /// Wait for this to fire; the lock is then already ours.
+    Wait(oneshot::Receiver<()>),
+}
+
+/// The write set a successful vote produced, applied by `finish`.
+#[derive(Debug, Default)]
+pub struct VotedTxn {
+    writes: Vec<(Oid, Option<Bytes>)>,
+}
+
+impl VotedTxn {
+    pub fn oids(&self) -> impl Iterator<Item = Oid> + '_ {
+        self.writes.iter().map(|(oid, _)| *oid)
+    }
+}
+
+impl Storage {
+    /// A new storage whose clock starts at `start` (normally `Tid::now()`),
+    /// holding only the empty root object.
+    pub fn new(
+        name: &str,
+        start: Tid,
+        retention: Duration,
+        invalidation_queue_size: usize,
+    ) -> Storage {
+        let meta = Arc::new(TxnMeta {
+            user: Bytes::new(),
+            description: Bytes::from_static(b"initial database creation (zeotemp start-up)"),
+            extension: Value::Dict(Vec::new()),
+        });
+        let root = Object {
+            revisions: vec![Revision {
+                tid: start,
+                data: Some(Bytes::from_static(EMPTY_ROOT_RECORD)),
+                meta,
+            }],
+            pruned: false,
+        };
+        let mut objects = HashMap::new();
+        objects.insert(Oid::ROOT, root);
+        let mut invalidations = VecDeque::new();
+        invalidations.push_front((start, None));
+        Storage {
+            name: name.to_string(),
+            state: RwLock::new(StorageState {
+                objects,
+                last_tid: start,
+                invalidations,
+                invalidation_queue_size: invalidation_queue_size.max(1),
+                subscribers: Vec::new(),
+                bytes: EMPTY_ROOT_RECORD.len(),
+                current_bytes: EMPTY_ROOT_RECORD.len(),
+                revisions: 1,
+                retention,
+            }),
+            lock: Mutex::new(CommitLock::default()),
+            // Oids are drawn from the TimeStamp line (see `new_oids`).
+            next_oid: AtomicU64::new(start.0.max(1)),
+            stats: Stats::default(),
+            started: SystemTime::now(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Shared access for loads. Keep the guard while enqueueing the reply.
+    pub fn read(&self) -> RwLockReadGuard<'_, StorageState> {
+        // The state is only mutated in short sections that do not panic
+        // half-way on any input (the rpc layer validates first), so a
+        // poisoned lock still guards consistent data.
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn write(&self) -> RwLockWriteGuard<'_, StorageState> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands out `n` (1..=100) new oids.
+    ///
+    /// Oids come from a counter that starts at the storage's start-up tid
+    /// and never runs ahead of the wall clock's TimeStamp (about 71 million
+    /// oids per second of uptime, far beyond what a connection can ask for).
+    /// A later run starts at a later TimeStamp, hence above every oid an
+    /// earlier run handed out.
+    pub fn new_oids(&self, n: i64) -> Result<Vec<Oid>, StorageError> {
+        let n = n.clamp(1, MAX_NEW_OIDS) as u64;
+        let first = self.next_oid.fetch_add(n, Ordering::Relaxed);
+        // Never hand out an oid above the clock's TimeStamp. The clock gains
+        // about 71 per microsecond, so this waits at most a few microseconds
+        // under the heaviest `new_oids` load.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while first + n > Tid::now().0 {
+            if Instant::now() > deadline {
+                return Err(StorageError::Storage(
+                    "oid allocation is ahead of the clock: the system clock went backwards".into(),
+                ));
+            }
+            std::thread::yield_now();
+        }
+        Ok((first..first + n).map(Oid).collect())
+    }
+
+    /// Adds a subscriber and returns the last tid, atomically with respect
+    /// to commits: every commit after the returned tid reaches `sub`.
+    /// `then` runs inside the same locked section (to enqueue the reply).
+    pub fn subscribe<R>(
+        &self,
+        id: ConnId,
+        sub: Arc<dyn Subscriber>,
+        then: impl FnOnce(Tid) -> R,
+    ) -> R {
+        let mut st = self.write();
+        st.subscribers.push((id, sub));
+        let last = st.last_tid;
+        then(last)
+    }
+
+    pub fn unsubscribe(&self, id: ConnId) {
+        self.write().subscribers.retain(|(sid, _)| *sid != id);
+    }
+
+    // ---- commit lock -------------------------------------------------
+
+    fn commit_lock(&self) -> std::sync::MutexGuard<'_, CommitLock> {
+        self.lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks for the commit lock for connection `id`.
+    pub fn try_lock(&self, id: ConnId) -> LockAttempt {
+        let mut lk = self.commit_lock();
+        if lk.holder.is_none() || lk.holder == Some(id) {
+            lk.holder = Some(id);
+            lk.since = Some(Instant::now());
+            return LockAttempt::Acquired;
+        }
+        let (tx, rx) = oneshot::channel();
+        lk.waiters.push_back((id, tx));
+        LockAttempt::Wait(rx)
+    }
+
+    /// Releases the lock if `id` holds it, and drops `id` from the waiters;
+    /// the next live waiter gets the lock. Safe to call more than once.
+    pub fn unlock(&self, id: ConnId) {
+        let mut lk = self.commit_lock();
+        lk.waiters.retain(|(wid, _)| *wid != id);
+        if lk.holder != Some(id) {
+            return;
+        }
+        lk.holder = None;
+        lk.since = None;
+        while let Some((wid, tx)) = lk.waiters.pop_front() {
+            // A waiter whose connection is gone has dropped its receiver.
+            if tx.send(()).is_ok() {
+                lk.holder = Some(wid);
+                lk.since = Some(Instant::now());
+                break;
+            }
+        }
+    }
+
+    /// (holder's lock age in seconds, number of waiters), for server_status.
+    pub fn lock_status(&self) -> (Option<f64>, usize) {
+        let lk = self.commit_lock();
+        (
+            lk.since.map(|s| s.elapsed().as_secs_f64()),
+            lk.waiters.len(),
+        )
+    }
+
+    // ---- two-phase commit --------------------------------------------
+
+    /// Checks a transaction's operations against the current state. Call
+    /// with the commit lock held, so nothing changes until `finish`.
+    ///
+    /// Returns the write set, or the conflicts for the client to resolve
+    /// (a store whose serial is not the current tid; a later store of the
+    /// same oid in the same transaction supersedes an earlier conflicting
+    /// one, which is how resolved data comes back). A failed
+    /// `checkCurrentSerialInTransaction` is a ReadConflictError, a
+    /// conflicting delete a ConflictError: neither can be resolved.
+    pub fn vote(&self, ops: &[TxnOp]) -> Result<Result<VotedTxn, Vec<Conflict>>, StorageError> {
+        let st = self.read();
+        let mut conflicts: Vec<Conflict> = Vec::new();
+        let mut writes: Vec<(Oid, Option<Bytes>)> = Vec::new();
+        let mut index: HashMap<Oid, usize> = HashMap::new();
+        for op in ops {
+            match op {
+                TxnOp::Store { oid, serial, data } => {
+                    let current = st.current_tid(*oid);
+                    if current.unwrap_or(Tid::ZERO) != *serial {
+                        if current.is_none() {
+                            // Storing on top of a revision this storage never
+                            // had (an object from before a restart, or one
+                            // that was deleted): nothing to resolve against.
+                            return Err(StorageError::Conflict {
+                                oid: *oid,
+                                committed: Tid::ZERO,
+                                read: *serial,
+                                class_name: class_name_of(data),
+                            });
+                        }
+                        conflicts.retain(|c| c.oid != *oid);
+                        conflicts.push(Conflict {
+                            oid: *oid,
+                            committed: current.unwrap_or(Tid::ZERO),
+                            read: *serial,
+                            data: data.clone(),
+                        });
+                        continue;
+                    }
+                    conflicts.retain(|c| c.oid != *oid);
+                    set_write(&mut writes, &mut index, *oid, Some(data.clone()));
+                }
+                TxnOp::CheckCurrent { oid, serial } => {
+                    let current = st.current_tid(*oid).unwrap_or(Tid::ZERO);
+                    if current != *serial {
+                        return Err(StorageError::ReadConflict {
+                            oid: *oid,
+                            committed: current,
+                            read: *serial,
+                        });
+                    }
+                }
+                TxnOp::Delete { oid, serial } => {
+                    let current = st.current_tid(*oid).unwrap_or(Tid::ZERO);
+                    if current != *serial {
+                        return Err(StorageError::Conflict {
+                            oid: *oid,
+                            committed: current,
+                            read: *serial,
+                            class_name: None,
+                        });
+                    }
+                    set_write(&mut writes, &mut index, *oid, None);
+                }
+            }
+        }
+        // A conflicting store that was never superseded must not also commit
+        // an older store of the same oid from earlier in the transaction.
+        if !conflicts.is_empty() {
+            return Ok(Err(conflicts));
+        }
+        Ok(Ok(VotedTxn { writes }))
+    }
+
+    /// Makes a voted transaction visible under a new tid. Inside the same
+    /// write-locked section it hands the invalidation to every subscriber
+    /// but `committer`, then calls `then(tid, length, size)` (which enqueues
+    /// the committer's `info` and reply). Call with the commit lock held.
+    pub fn finish<R>(
+        &self,
+        committer: ConnId,
+        txn: VotedTxn,
+        meta: TxnMeta,
+        then: impl FnOnce(Tid, usize, usize) -> R,
+    ) -> R {
+        let mut st = self.write();
+        let tid = Tid::next_after(st.last_tid);
+        let meta = Arc::new(meta);
+        let now = SystemTime::now();
+        let mut oids = Vec::with_capacity(txn.writes.len());
+        for (oid, data) in txn.writes {
+            st.put_revision(
+                oid,
+                Revision {
+                    tid,
+                    data,
+                    meta: meta.clone(),
+                },
+                now,
+            );
+            oids.push(oid);
+        }
+        st.last_tid = tid;
+        st.invalidations.push_front((tid, Some(oids.clone())));
+        while st.invalidations.len() > st.invalidation_queue_size {
+            st.invalidations.pop_back();
+        }
+        for (sid, sub) in &st.subscribers {
+            if *sid != committer {
+                sub.invalidate(tid, &oids);
+            }
+        }
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        let (length, size) = (st.objects.len(), st.current_bytes);
+        then(tid, length, size)
+    }
+
+    /// Drops every non-current revision older than `t` (keeping, for each
+    /// object, the newest revision at or before `t`), as `pack(t)` asks.
+    /// Then tells every subscriber the new size, like ZEO does after a pack.
+    pub fn pack(&self, t: Tid) {
+        let mut st = self.write();
+        st.prune(|_, next_tid| next_tid <= t);
+        let (length, size) = (st.objects.len(), st.current_bytes);
+        for (_, sub) in &st.subscribers {
+            sub.info(length, size);
+        }
+    }
+
+    /// Drops non-current revisions replaced more than the retention window
+    /// ago. Run periodically by the server.
+    pub fn prune_expired(&self) -> usize {
+        let mut st = self.write();
+        let cutoff = SystemTime::now()
+            .checked_sub(st.retention)
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| Tid::from_unix_time(d.as_secs_f64()))
+            .unwrap_or(Tid::ZERO);
+        st.prune(|_, next_tid| next_tid < cutoff)
+    }
+}
+
+fn set_write(
+    writes: &mut Vec<(Oid, Option<Bytes>)>,
+    index: &mut HashMap<Oid, usize>,
+    oid: Oid,
+    data: Option<Bytes>,
+) {
+    match index.get(&oid) {
+        Some(&i) => writes[i].1 = data,
+        None => {
+            index.insert(oid, writes.len());
+            writes.push((oid, data));
+        }
+    }
+}
+
+impl StorageState {
+    pub fn last_tid(&self) -> Tid {
+        self.last_tid
+    }
+
+    /// Number of objects (`len(storage)`), including deleted ones that still
+    /// have retained history.
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+
+    /// Bytes of the current records (`getSize`).
+    pub fn size(&self) -> usize {
+        self.current_bytes
+    }
+
+    /// Connections registered on this storage.
+    pub fn subscriber_count(&self) -> usize {
+        self.subscribers.len()
+    }
+
+    /// (revisions, bytes) of everything retained.
+    pub fn retained(&self) -> (usize, usize) {
+        (self.revisions, self.bytes)
+    }
+
+    fn current_tid(&self, oid: Oid) -> Option<Tid> {
+        let rev = self.objects.get(&oid)?.revisions.last()?;
+        rev.data.as_ref().map(|_| rev.tid)
+    }
+
+    /// `loadBefore(oid, tid)`: the revision current just before `tid`.
+    ///
+    /// * `Ok(Some(..))`: data, its tid, and the tid that replaced it (or None
+    ///   if it is current);
+    /// * `Ok(None)`: the object has no revision before `tid` (created later,
+    ///   or that revision is past retention); ZODB raises ReadConflictError;
+    /// * `Err(PosKey)`: no such object, or it was deleted as of `tid`.
+    pub fn load_before(&self, oid: Oid, tid: Tid) -> Result<Option<Loaded>, StorageError> {
+        let obj = self
+            .objects
+            .get(&oid)
+            .ok_or(StorageError::PosKey { oid, serial: None })?;
+        let revs = &obj.revisions;
+        // Index of the first revision with rev.tid >= tid.
+        let i = revs.partition_point(|r| r.tid < tid);
+        if i == 0 {
+            return Ok(None);
+        }
+        let rev = &revs[i - 1];
+        match &rev.data {
+            Some(data) => Ok(Some(Loaded {
+                data: data.clone(),
+                start: rev.tid,
+                end: revs.get(i).map(|r| r.tid),
+            })),
+            None => Err(StorageError::PosKey { oid, serial: None }),
+        }
+    }
+
+    /// `loadSerial(oid, serial)`: exactly that revision. A revision that
+    /// retention already dropped is a ConflictError (ZODB retries the
+    /// transaction), one that never existed a POSKeyError.
+    pub fn load_serial(&self, oid: Oid, serial: Tid) -> Result<Bytes, StorageError> {
+        let missing = StorageError::PosKey {
+            oid,
+            serial: Some(serial),
+        };
+        let obj = self.objects.get(&oid).ok_or(missing.clone())?;
+        let revs = &obj.revisions;
+        match revs.binary_search_by(|r| r.tid.cmp(&serial)) {
+            Ok(i) => revs[i].data.clone().ok_or(missing),
+            Err(0) if obj.pruned => Err(StorageError::Conflict {
+                oid,
+                committed: revs.last().map(|r| r.tid).unwrap_or(Tid::ZERO),
+                read: serial,
+                class_name: None,
+            }),
+            Err(_) => Err(missing),
+        }
+    }
+
+    /// The current tid of an object (`getTid`).
+    pub fn get_tid(&self, oid: Oid) -> Result<Tid, StorageError> {
+        self.current_tid(oid)
+            .ok_or(StorageError::PosKey { oid, serial: None })
+    }
+
+    /// `history(oid, size)`: up to `size` revisions, newest first.
+    pub fn history(&self, oid: Oid, size: usize) -> Result<Vec<HistoryEntry>, StorageError> {
+        let obj = self
+            .objects
+            .get(&oid)
+            .ok_or(StorageError::PosKey { oid, serial: None })?;
+        if obj.revisions.last().is_some_and(|r| r.data.is_none()) {
+            return Err(StorageError::PosKey { oid, serial: None });
+        }
+        Ok(obj
+            .revisions
+            .iter()
+            .rev()
+            .filter_map(|r| {
+                r.data.as_ref().map(|d| HistoryEntry {
+                    tid: r.tid,
+                    size: d.len(),
+                    meta: r.meta.clone(),
+                })
+            })
+            .take(size.max(1))
+            .collect())
+    }
+
+    /// `getInvalidations(tid)`: `(newest tid, oids changed after tid)` if
+    /// the queue reaches back to `tid`, else None (the client then drops its
+    /// whole cache, as it must after a restart of this server).
+    pub fn invalidations_since(&self, tid: Tid) -> Option<(Tid, Vec<Oid>)> {
+        let oldest = self.invalidations.back()?;
+        if oldest.0 > tid {
+            return None;
+        }
+        let mut oids: Vec<Oid> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (t, list) in &self.invalidations {
+            if *t <= tid {
+                break;
+            }
+            for oid in list.iter().flatten() {
+                if seen.insert(*oid) {
+                    oids.push(*oid);
+                }
+            }
+        }
+        Some((self.invalidations.front()?.0, oids))
+    }
+
+    fn put_revision(&mut self, oid: Oid, rev: Revision, _now: SystemTime) {
+        let new_len = rev.data.as_ref().map_or(0, |d| d.len());
+        let obj = self.objects.entry(oid).or_default();
+        let old_current = obj
+            .revisions
+            .last()
+            .and_then(|r| r.data.as_ref())
+            .map_or(0, |d| d.len());
+        obj.revisions.push(rev);
+        self.revisions += 1;
+        self.bytes += new_len;
+        self.current_bytes = self.current_bytes + new_len - old_current;
+    }
+
+    /// Drops non-current revisions for which `drop(rev_tid, next_tid)`
+    /// holds, where `next_tid` is the tid of the revision that replaced it.
+    /// Never drops a current revision. An object whose only remaining
+    /// revision is a deletion is removed. Returns the revisions dropped.
+    fn prune(&mut self, drop: impl Fn(Tid, Tid) -> bool) -> usize {
+        let mut dropped = 0;
+        let mut freed_bytes = 0;
+        let mut gone = Vec::new();
+        for (oid, obj) in self.objects.iter_mut() {
+            let revs = &mut obj.revisions;
+            // Revisions are oldest first; find how many leading ones go.
+            let mut k = 0;
+            while k + 1 < revs.len() && drop(revs[k].tid, revs[k + 1].tid) {
+                k += 1;
+            }
+            if k > 0 {
+                for r in revs.drain(..k) {
+                    freed_bytes += r.data.map_or(0, |d| d.len());
+                }
+                obj.pruned = true;
+                dropped += k;
+            }
+            if revs.len() == 1 && revs[0].data.is_none() && *oid != Oid::ROOT {
+                gone.push(*oid);
+            }
+        }
+        for oid in gone {
+            self.objects.remove(&oid);
+            dropped += 1;
+        }
+        self.revisions -= dropped;
+        self.bytes -= freed_bytes;
+        dropped
+    }
+}
+
+/// The dotted class name of a ZODB record, read from the GLOBAL opcode that
+/// starts its class pickle (`\x80\x03cmodule\nName\n`), for ConflictError's
+/// `class_name`. Nothing is evaluated; anything unexpected gives None.
+pub fn class_name_of(record: &[u8]) -> Option<String> {
+    let mut p = record;
+    if p.first() == Some(&0x80) {
+        p = p.get(2..)?;
+    }
+    // The class pickle may be `(klass, args)`: MARK or EMPTY_TUPLE-less forms.
+    if p.first() == Some(&b'(') {
+        p = &p[1..];
+    }
+    if p.first() != Some(&b'c') {
+        return None;
+    }
+    let rest = &p[1..];
+    let nl1 = rest.iter().position(|&b| b == b'\n')?;
+    let module = std::str::from_utf8(&rest[..nl1]).ok()?;
+    let rest = &rest[nl1 + 1..];
+    let nl2 = rest.iter().position(|&b| b == b'\n')?;
+    let name = std::str::from_utf8(&rest[..nl2]).ok()?;
+    Some(format!("{module}.{name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn storage() -> Storage {
+        Storage::new("1", Tid::now(), Duration::from_secs(600), 100)
+    }
+
+    fn commit(s: &Storage, ops: Vec<TxnOp>) -> Tid {
+        assert!(matches!(s.try_lock(1), LockAttempt::Acquired));
+        let voted = s.vote(&ops).unwrap().unwrap();
+        let meta = TxnMeta {
+            user: Bytes::new(),
+            description: Bytes::new(),
+            extension: Value::None,
+        };
+        let tid = s.finish(1, voted, meta, |tid, _, _| tid);
+        s.unlock(1);
+        tid
+    }
+
+    fn store(oid: u64, serial: Tid, data: &'static [u8]) -> TxnOp {
+        TxnOp::Store {
+            oid: Oid(oid),
+            serial,
+            data: Bytes::from_static(data),
+        }
+    }
+
+    #[test]
+    fn root_exists_at_start() {
+        let s = storage();
+        let st = s.read();
+        let root = st.load_before(Oid::ROOT, Tid::MAX).unwrap().unwrap();
+        assert_eq!(&root.data[..], EMPTY_ROOT_RECORD);
+        assert_eq!(root.start, st.last_tid());
+        assert_eq!(root.end, None);
+        assert_eq!(
+            class_name_of(&root.data).as_deref(),
+            Some("persistent.mapping.PersistentMapping")
+        );
+    }
+
+    #[test]
+    fn tids_grow_and_start_from_clock() {
+        let before = Tid::now();
+        let s = storage();
+        let start = s.read().last_tid();
+        assert!(start >= before);
+        let t1 = commit(&s, vec![store(10, Tid::ZERO, b"a")]);
+        let t2 = commit(&s, vec![store(10, t1, b"b")]);
+        assert!(start < t1 && t1 < t2);
+        // A restart in the same instant still starts later than any tid
+        // an earlier run could have reached from the clock.
+        let s2 = Storage::new("1", Tid::next_after(t2), Duration::from_secs(1), 1);
+        assert!(s2.read().last_tid() > t2);
+    }
+
+    #[test]
+    fn oids_unique_and_above_earlier_runs() {
+        let s = storage();
+        let a = s.new_oids(100).unwrap();
+        let b = s.new_oids(0).unwrap();
+        assert_eq!(a.len(), 100);
+        assert_eq!(b.len(), 1);
+        let mut all: Vec<_> = a.iter().chain(b.iter()).collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 101);
+        assert!(!all.contains(&&Oid::ROOT));
+        assert_eq!(s.new_oids(1_000_000).unwrap().len(), 100);
+        // A later run starts above everything this one handed out.
+        let last = *s.new_oids(1).unwrap().last().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        let s2 = Storage::new("1", Tid::now(), Duration::from_secs(1), 1);
+        assert!(s2.new_oids(1).unwrap()[0] > last);
+    }
+
+    #[test]
+    fn mvcc_load_before() {
+        let s = storage();
+        let t1 = commit(&s, vec![store(5, Tid::ZERO, b"one")]);
+        let t2 = commit(&s, vec![store(5, t1, b"two")]);
+        let st = s.read();
+        let cur = st.load_before(Oid(5), Tid::MAX).unwrap().unwrap();
+        assert_eq!((&cur.data[..], cur.start, cur.end), (&b"two"[..], t2, None));
+        let old = st.load_before(Oid(5), t2).unwrap().unwrap();
+        assert_eq!(
+            (&old.data[..], old.start, old.end),
+            (&b"one"[..], t1, Some(t2))
+        );
+        // Before the object existed: None (ZODB: ReadConflictError).
+        assert_eq!(st.load_before(Oid(5), t1).unwrap(), None);
+        assert_eq!(
+            st.load_before(Oid(6), Tid::MAX).unwrap_err(),
+            StorageError::PosKey {
+                oid: Oid(6),
+                serial: None
+            }
+        );
+        assert_eq!(&st.load_serial(Oid(5), t1).unwrap()[..], b"one");
+        assert!(matches!(
+            st.load_serial(Oid(5), Tid(t1.0 + 1)),
+            Err(StorageError::PosKey { .. })
+        ));
+    }
+
+    #[test]
+    fn write_conflict_returned_for_resolution() {
+        let s = storage();
+        let t1 = commit(&s, vec![store(5, Tid::ZERO, b"one")]);
+        let t2 = commit(&s, vec![store(5, t1, b"two")]);
+        // A client that read t1 stores again: conflict, handed back.
+        let ops = vec![store(5, t1, b"mine")];
+        let conflicts = s.vote(&ops).unwrap().unwrap_err();
+        assert_eq!(
+            conflicts,
+            vec![Conflict {
+                oid: Oid(5),
+                committed: t2,
+                read: t1,
+                data: Bytes::from_static(b"mine")
+            }]
+        );
+        // The client resolves and stores on top of t2: the re-vote succeeds.
+        let mut ops = ops;
+        ops.push(store(5, t2, b"resolved"));
+        let voted = s.vote(&ops).unwrap().unwrap();
+        assert_eq!(voted.oids().collect::<Vec<_>>(), vec![Oid(5)]);
+    }
+
+    #[test]
+    fn new_object_on_existing_oid_conflicts() {
+        let s = storage();
+        commit(&s, vec![store(5, Tid::ZERO, b"one")]);
+        let r = s.vote(&[store(5, Tid::ZERO, b"again")]).unwrap();
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn store_on_unknown_revision_is_conflict_error() {
+        let s = storage();
+        let err = s.vote(&[store(77, Tid(12345), b"x")]).unwrap_err();
+        assert!(matches!(err, StorageError::Conflict { oid: Oid(77), .. }));
+    }
+
+    #[test]
+    fn check_current_serial() {
+        let s = storage();
+        let t1 = commit(&s, vec![store(5, Tid::ZERO, b"one")]);
+        let ok = s.vote(&[
+            TxnOp::CheckCurrent {
+                oid: Oid(5),
+                serial: t1,
+            },
+            store(6, Tid::ZERO, b"n"),
+        ]);
+        assert!(ok.unwrap().is_ok());
+        let t2 = commit(&s, vec![store(5, t1, b"two")]);
+        let err = s
+            .vote(&[TxnOp::CheckCurrent {
+                oid: Oid(5),
+                serial: t1,
+            }])
+            .unwrap_err();
+        assert_eq!(
+            err,
+            StorageError::ReadConflict {
+                oid: Oid(5),
+                committed: t2,
+                read: t1
+            }
+        );
+    }
+
+    #[test]
+    fn delete_object() {
+        let s = storage();
+        let t1 = commit(&s, vec![store(5, Tid::ZERO, b"one")]);
+        let t2 = commit(
+            &s,
+            vec![TxnOp::Delete {
+                oid: Oid(5),
+                serial: t1,
+            }],
+        );
+        let st = s.read();
+        assert!(matches!(
+            st.load_before(Oid(5), Tid::MAX),
+            Err(StorageError::PosKey { .. })
+        ));
+        // An older snapshot still reads it.
+        assert_eq!(
+            &st.load_before(Oid(5), t2).unwrap().unwrap().data[..],
+            b"one"
+        );
+    }
+
+    #[test]
+    fn invalidations_reach_other_subscribers_in_order() {
+        #[derive(Default)]
+        struct Rec(Mutex<Vec<(Tid, Vec<Oid>)>>);
+        impl Subscriber for Rec {
+            fn invalidate(&self, tid: Tid, oids: &[Oid]) {
+                self.0.lock().unwrap().push((tid, oids.to_vec()));
+            }
+            fn info(&self, _: usize, _: usize) {}
+        }
+        let s = storage();
+        let me = Arc::new(Rec::default());
+        let other = Arc::new(Rec::default());
+        let start = s.subscribe(1, me.clone(), |t| t);
+        s.subscribe(2, other.clone(), |_| ());
+        let t1 = commit(
+            &s,
+            vec![store(5, Tid::ZERO, b"one"), store(6, Tid::ZERO, b"x")],
+        );
+        let t2 = commit(&s, vec![store(5, t1, b"two")]);
+        assert!(
+            me.0.lock().unwrap().is_empty(),
+            "the committer learns from its reply"
+        );
+        assert_eq!(
+            *other.0.lock().unwrap(),
+            vec![(t1, vec![Oid(5), Oid(6)]), (t2, vec![Oid(5)])]
+        );
+        let st = s.read();
+        assert_eq!(st.invalidations_since(t1), Some((t2, vec![Oid(5)])));
+        assert_eq!(st.invalidations_since(t2), Some((t2, vec![])));
+        assert_eq!(st.invalidations_since(start).unwrap().1.len(), 2);
+        // Older than the start-up sentinel (a cache from before a restart).
+        assert_eq!(st.invalidations_since(Tid(start.0 - 1)), None);
+        drop(st);
+        s.unsubscribe(2);
+        commit(&s, vec![store(5, t2, b"three")]);
+        assert_eq!(other.0.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn invalidation_queue_is_bounded() {
+        let s = Storage::new("1", Tid::now(), Duration::from_secs(600), 2);
+        let start = s.read().last_tid();
+        let t1 = commit(&s, vec![store(5, Tid::ZERO, b"a")]);
+        let t2 = commit(&s, vec![store(5, t1, b"b")]);
+        let st = s.read();
+        assert_eq!(st.invalidations_since(start), None, "sentinel fell off");
+        assert_eq!(st.invalidations_since(t1), Some((t2, vec![Oid(5)])));
+    }
+
+    #[test]
+    fn commit_lock_queue() {
+        let s = storage();
+        assert!(matches!(s.try_lock(1), LockAttempt::Acquired));
+        let LockAttempt::Wait(mut w2) = s.try_lock(2) else {
+            panic!("2 must wait")
+        };
+        let LockAttempt::Wait(w3) = s.try_lock(3) else {
+            panic!("3 must wait")
+        };
+        assert_eq!(s.lock_status().1, 2);
+        // 2 goes away while waiting: 3 is next.
+        drop(w3);
+        s.unlock(1);
+        assert!(w2.try_recv().is_ok());
+        s.unlock(2);
+        assert_eq!(s.lock_status(), (None, 0));
+        assert!(matches!(s.try_lock(4), LockAttempt::Acquired));
+        // unlock by a non-holder changes nothing.
+        s.unlock(9);
+        assert!(matches!(s.try_lock(5), LockAttempt::Wait(_)));
+    }
+
+    #[test]
+    fn retention_keeps_current_and_turns_lost_revisions_into_conflicts() {
+        let s = storage();
+        let t1 = commit(&s, vec![store(5, Tid::ZERO, b"one")]);
+        let t2 = commit(&s, vec![store(5, t1, b"two")]);
+        let t3 = commit(&s, vec![store(7, Tid::ZERO, b"other")]);
+        s.pack(Tid(t3.0 + 1));
+        let st = s.read();
+        // Current revisions are all there.
+        assert_eq!(
+            &st.load_before(Oid(5), Tid::MAX).unwrap().unwrap().data[..],
+            b"two"
+        );
+        assert_eq!(
+            &st.load_before(Oid(7), Tid::MAX).unwrap().unwrap().data[..],
+            b"other"
+        );
+        // The dropped one: loadBefore gives None (ReadConflictError),
+        // loadSerial a ConflictError, never POSKeyError.
+        assert_eq!(st.load_before(Oid(5), t2).unwrap(), None);
+        assert!(matches!(
+            st.load_serial(Oid(5), t1),
+            Err(StorageError::Conflict { .. })
+        ));
+        assert_eq!(st.retained().0, 3, "root + current of 5 + 7");
+    }
+
+    #[test]
+    fn expired_revisions_pruned_by_age() {
+        let s = Storage::new("1", Tid::now(), Duration::from_secs(0), 100);
+        let t1 = commit(&s, vec![store(5, Tid::ZERO, b"one")]);
+        commit(&s, vec![store(5, t1, b"two")]);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(s.prune_expired(), 1);
+        let s = storage();
+        let t1 = commit(&s, vec![store(5, Tid::ZERO, b"one")]);
+        commit(&s, vec![store(5, t1, b"two")]);
+        assert_eq!(s.prune_expired(), 0, "inside the window");
+    }
+
+    #[test]
+    fn sizes_tracked() {
+        let s = storage();
+        let base = s.read().size();
+        let t1 = commit(&s, vec![store(5, Tid::ZERO, b"12345")]);
+        assert_eq!(s.read().size(), base + 5);
+        commit(&s, vec![store(5, t1, b"12")]);
+        let st = s.read();
+        assert_eq!(st.size(), base + 2);
+        assert_eq!(st.retained().1, base + 7);
+        assert_eq!(st.len(), 2);
+    }
+}

@@ -1,0 +1,742 @@
+//! Wire tests: the real server on 127.0.0.1:0, spoken to with raw frames.
+//! Each hostile or out-of-order case also checks that another client,
+//! connected at the same time, keeps loading and committing.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use zeotemp::config::Config;
+use zeotemp::marshal::{self, Message};
+use zeotemp::pickle::{self, DecodeLimits, Dialect, Value};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Server {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    async fn start(cfg: Config) -> Server {
+        let listeners = zeotemp::server::bind(&["127.0.0.1:0".to_string()])
+            .await
+            .unwrap();
+        let addr = match &listeners[0] {
+            zeotemp::server::Listener::Tcp(l) => l.local_addr().unwrap(),
+            _ => unreachable!(),
+        };
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(zeotemp::server::run(listeners, cfg, async {
+            let _ = rx.await;
+        }));
+        Server {
+            addr,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(TIMEOUT, self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+struct Client {
+    s: TcpStream,
+    buf: BytesMut,
+    next: i64,
+}
+
+fn request(msgid: Value, oneway: bool, method: &str, args: Vec<Value>) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&[0x80, 3]);
+    let env = Value::Tuple(vec![
+        msgid,
+        Value::Bool(oneway),
+        Value::Str(method.into()),
+        Value::Tuple(args),
+    ]);
+    pickle::encode_into(&mut out, &env, Dialect::Py3);
+    out.extend_from_slice(b".");
+    out.to_vec()
+}
+
+fn b(x: &[u8]) -> Value {
+    Value::Bytes(Bytes::copy_from_slice(x))
+}
+
+fn oid(n: u64) -> Value {
+    b(&n.to_be_bytes())
+}
+
+const Z64: [u8; 8] = [0; 8];
+const MAXTID: [u8; 8] = [0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+
+impl Client {
+    /// Connects and reads the server's protocol announcement.
+    async fn raw(addr: SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let mut c = Client {
+            s,
+            buf: BytesMut::new(),
+            next: 1,
+        };
+        assert_eq!(&c.frame().await.unwrap()[..], b"Z5", "server speaks first");
+        c
+    }
+
+    /// Connects, handshakes and registers on storage `name`.
+    async fn registered(addr: SocketAddr, name: &str) -> (Client, Value) {
+        let mut c = Client::raw(addr).await;
+        c.send_frame(b"Z5").await;
+        let last = c
+            .call("register", vec![Value::Str(name.into()), Value::Int(0)])
+            .await
+            .unwrap();
+        (c, last)
+    }
+
+    async fn send_frame(&mut self, payload: &[u8]) {
+        let mut f = (payload.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(payload);
+        self.s.write_all(&f).await.unwrap();
+    }
+
+    /// Next frame, or None when the server closed the connection.
+    async fn frame(&mut self) -> Option<Bytes> {
+        tokio::time::timeout(TIMEOUT, async {
+            loop {
+                if let Some(f) = zeotemp::frame::parse(&mut self.buf, usize::MAX).unwrap() {
+                    return Some(f);
+                }
+                match self.s.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("server answered in time")
+    }
+
+    async fn message(&mut self) -> Option<Message> {
+        let f = self.frame().await?;
+        Some(marshal::decode_message(&f, &DecodeLimits::default()).unwrap())
+    }
+
+    async fn send(&mut self, oneway: bool, method: &str, args: Vec<Value>) -> Value {
+        let id = Value::Int(self.next);
+        self.next += 1;
+        self.send_frame(&request(id.clone(), oneway, method, args))
+            .await;
+        id
+    }
+
+    /// A synchronous call: Ok(result) or Err((class name, state)).
+    async fn call(&mut self, method: &str, args: Vec<Value>) -> Result<Value, (String, Value)> {
+        let id = self.send(false, method, args).await;
+        self.reply_to(&id).await
+    }
+
+    /// Waits for the reply to `id`, skipping pushes (invalidations, info).
+    async fn reply_to(&mut self, id: &Value) -> Result<Value, (String, Value)> {
+        loop {
+            let m = self
+                .message()
+                .await
+                .expect("connection closed while waiting for a reply");
+            if m.method != ".reply" {
+                continue;
+            }
+            assert_eq!(&m.msgid, id, "replies match requests");
+            return match (m.oneway, m.args) {
+                (false, v) => Ok(v),
+                (true, Value::Tuple(mut t)) if t.len() == 2 => {
+                    let state = t.pop().unwrap();
+                    let class = t.pop().unwrap().as_text().unwrap().into_owned();
+                    Err((class, state))
+                }
+                (true, other) => panic!("odd error reply {other:?}"),
+            };
+        }
+    }
+
+    async fn expect_closed(&mut self) {
+        while let Some(f) = self.frame().await {
+            // Only pushes may still arrive before the close.
+            let m = marshal::decode_message(&f, &DecodeLimits::default()).unwrap();
+            assert_ne!(
+                m.method,
+                ".reply",
+                "expected a close, got a reply {m:?}",
+                m = m.args
+            );
+        }
+    }
+
+    /// One whole commit of `data` to a new object; returns the new tid.
+    async fn commit_new(&mut self, data: &[u8]) -> Value {
+        let oids = self.call("new_oids", vec![]).await.unwrap();
+        let Value::List(oids) = oids else {
+            panic!("new_oids gives a list")
+        };
+        let txn = Value::Int(4242);
+        self.send(
+            true,
+            "tpc_begin",
+            vec![txn.clone(), b(b""), b(b""), Value::Dict(vec![])],
+        )
+        .await;
+        self.send(
+            true,
+            "storea",
+            vec![oids[0].clone(), b(&Z64), b(data), txn.clone()],
+        )
+        .await;
+        assert_eq!(
+            self.call("vote", vec![txn.clone()]).await.unwrap(),
+            Value::List(vec![])
+        );
+        self.call("tpc_finish", vec![txn]).await.unwrap()
+    }
+}
+
+/// A well-behaved second client still loads and commits.
+async fn bystander_works(addr: SocketAddr) {
+    let (mut c, _) = Client::registered(addr, "1").await;
+    let root = c
+        .call("loadBefore", vec![oid(0), b(&MAXTID)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(root, Value::Tuple(ref t) if t.len() == 3),
+        "root loads: {root:?}"
+    );
+    let tid = c.commit_new(b"still fine").await;
+    assert_eq!(tid.as_bytes().map(|b| b.len()), Some(8));
+}
+
+fn cfg() -> Config {
+    Config {
+        addresses: vec![],
+        ..Config::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_register_and_root() {
+    let srv = Server::start(cfg()).await;
+    let (mut c, last) = Client::registered(srv.addr, "1").await;
+    let last = last.as_bytes().unwrap().to_vec();
+    assert_ne!(last, Z64, "tids start from the wall clock");
+    let Value::Tuple(root) = c
+        .call("loadBefore", vec![oid(0), b(&MAXTID)])
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        root[0].as_bytes().unwrap(),
+        zeotemp::storage::EMPTY_ROOT_RECORD
+    );
+    assert_eq!(root[1].as_bytes().unwrap(), &last[..]);
+    assert_eq!(root[2], Value::None);
+    assert_eq!(
+        c.call("lastTransaction", vec![])
+            .await
+            .unwrap()
+            .as_bytes()
+            .unwrap(),
+        &last[..]
+    );
+    assert_eq!(c.call("ping", vec![]).await.unwrap(), Value::None);
+    let Value::Dict(info) = c.call("get_info", vec![]).await.unwrap() else {
+        panic!()
+    };
+    let keys: Vec<_> = info
+        .iter()
+        .map(|(k, _)| k.as_text().unwrap().into_owned())
+        .collect();
+    for k in ["length", "size", "name", "supportsUndo", "interfaces"] {
+        assert!(keys.contains(&k.to_string()), "{k} in get_info");
+    }
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadbefore_msgid_tuple_echoed_and_poskeyerror() {
+    let srv = Server::start(cfg()).await;
+    let (mut c, _) = Client::registered(srv.addr, "1").await;
+    let msgid = Value::Tuple(vec![oid(0xfff), b(&MAXTID)]);
+    c.send_frame(&request(
+        msgid.clone(),
+        false,
+        "loadBefore",
+        vec![oid(0xfff), b(&MAXTID)],
+    ))
+    .await;
+    let err = c.reply_to(&msgid).await.unwrap_err();
+    assert_eq!(
+        err,
+        (
+            "ZODB.POSException.POSKeyError".to_string(),
+            Value::Tuple(vec![oid(0xfff)])
+        )
+    );
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ruok_answers_json_and_closes() {
+    let srv = Server::start(cfg()).await;
+    let mut c = Client::raw(srv.addr).await;
+    c.send_frame(b"ruok").await;
+    let json = c.frame().await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert!(
+        v["1"]["last-transaction"].as_str().unwrap().len() == 16,
+        "{v}"
+    );
+    assert!(v["1"].get("connections").is_some());
+    assert!(c.frame().await.is_none(), "closed after ruok");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_handshake_and_probe_close_harmlessly() {
+    let srv = Server::start(cfg()).await;
+    // A readiness probe: connect, close without a byte.
+    drop(TcpStream::connect(srv.addr).await.unwrap());
+    for hs in [&b"Z4"[..], b"M5", b"Z309", b"\x80\x03N."] {
+        let mut c = Client::raw(srv.addr).await;
+        c.send_frame(hs).await;
+        assert!(c.frame().await.is_none(), "closed after handshake {hs:?}");
+    }
+    bystander_works(srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frame_closes_only_that_connection() {
+    let srv = Server::start(Config {
+        max_frame_size: 4096,
+        ..cfg()
+    })
+    .await;
+    let (mut other, _) = Client::registered(srv.addr, "1").await;
+    let (mut c, _) = Client::registered(srv.addr, "1").await;
+    // A 4 GiB length prefix: refused before anything is buffered.
+    c.s.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3])
+        .await
+        .unwrap();
+    c.expect_closed().await;
+    let (mut c, _) = Client::registered(srv.addr, "1").await;
+    c.send_frame(&vec![0u8; 5000]).await;
+    c.expect_closed().await;
+    assert_eq!(other.call("ping", vec![]).await.unwrap(), Value::None);
+    bystander_works(srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_global_gets_error_reply_and_nothing_runs() {
+    let srv = Server::start(cfg()).await;
+    let (mut c, _) = Client::registered(srv.addr, "1").await;
+    // (7, False, 'ping', (builtins.eval('1'),)) — the stock server would
+    // resolve builtins.eval and call it.
+    let payload =
+        b"\x80\x03(K\x07\x89X\x04\x00\x00\x00pingcbuiltins\neval\nX\x01\x00\x00\x001\x85R\x85t.";
+    c.send_frame(payload).await;
+    let err = c.reply_to(&Value::Int(7)).await.unwrap_err();
+    assert_eq!(err.0, "builtins.ValueError");
+    assert!(format!("{:?}", err.1).contains("builtins.eval"), "{err:?}");
+    // The connection stays usable.
+    assert_eq!(c.call("ping", vec![]).await.unwrap(), Value::None);
+    bystander_works(srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_unsupported_methods_get_error_replies() {
+    let srv = Server::start(cfg()).await;
+    let (mut c, _) = Client::registered(srv.addr, "1").await;
+    let err = c.call("frobnicate", vec![]).await.unwrap_err();
+    assert_eq!(err.0, "builtins.AttributeError");
+    let err = c
+        .call("iterator_start", vec![Value::None, Value::None])
+        .await
+        .unwrap_err();
+    assert_eq!(err.0, "ZODB.POSException.Unsupported");
+    let err = c.call("loadBefore", vec![oid(0)]).await.unwrap_err();
+    assert_eq!(err.0, "builtins.TypeError", "wrong argument count");
+    let err = c
+        .call("loadBefore", vec![Value::Int(3), b(&MAXTID)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.0, "builtins.TypeError", "wrong argument type");
+    assert_eq!(
+        c.call("undoLog", vec![Value::Int(0), Value::Int(20)])
+            .await
+            .unwrap(),
+        Value::Tuple(vec![])
+    );
+    assert_eq!(c.call("ping", vec![]).await.unwrap(), Value::None);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_out_of_order() {
+    let srv = Server::start(cfg()).await;
+    // Before register: an error reply, the connection stays.
+    let mut c = Client::raw(srv.addr).await;
+    c.send_frame(b"Z5").await;
+    let err = c.call("get_info", vec![]).await.unwrap_err();
+    assert_eq!(err.0, "builtins.ValueError");
+    // Unknown storage: the error names what is served.
+    let err = c
+        .call(
+            "register",
+            vec![Value::Str("nope".into()), Value::Bool(false)],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{:?}", err.1).contains("unknown storage: nope"),
+        "{err:?}"
+    );
+    assert!(format!("{:?}", err.1).contains("\\\"1\\\""), "{err:?}");
+    c.call("register", vec![Value::Str("1".into()), Value::Bool(false)])
+        .await
+        .unwrap();
+    // A second register.
+    let err = c
+        .call("register", vec![Value::Str("1".into()), Value::Bool(false)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.0, "builtins.ValueError");
+    // vote / tpc_finish without a transaction.
+    let err = c.call("vote", vec![Value::Int(1)]).await.unwrap_err();
+    assert_eq!(err.0, "ZODB.POSException.StorageTransactionError");
+    let err = c.call("tpc_finish", vec![Value::Int(1)]).await.unwrap_err();
+    assert_eq!(err.0, "ZODB.POSException.StorageTransactionError");
+    // tpc_abort of nothing is quietly fine (the client sends it after a failed vote).
+    assert_eq!(
+        c.call("tpc_abort", vec![Value::Int(1)]).await.unwrap(),
+        Value::None
+    );
+    // tpc_finish before vote, vote twice, tpc_finish with a wrong txn id.
+    let txn = Value::Int(99);
+    c.send(
+        true,
+        "tpc_begin",
+        vec![txn.clone(), b(b""), b(b""), Value::Dict(vec![])],
+    )
+    .await;
+    let err = c.call("tpc_finish", vec![txn.clone()]).await.unwrap_err();
+    assert_eq!(err.0, "ZODB.POSException.StorageTransactionError");
+    assert_eq!(
+        c.call("vote", vec![txn.clone()]).await.unwrap(),
+        Value::List(vec![])
+    );
+    let err = c.call("vote", vec![txn.clone()]).await.unwrap_err();
+    assert_eq!(err.0, "ZODB.POSException.StorageTransactionError");
+    let err = c
+        .call("tpc_finish", vec![Value::Int(98)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.0, "ZODB.POSException.StorageTransactionError");
+    // The right one still finishes.
+    let tid = c.call("tpc_finish", vec![txn]).await.unwrap();
+    assert_eq!(tid.as_bytes().unwrap().len(), 8);
+    // A one-way storea without a transaction cannot be answered: closed.
+    c.send(
+        true,
+        "storea",
+        vec![oid(1), b(&Z64), b(b"x"), Value::Int(5)],
+    )
+    .await;
+    c.expect_closed().await;
+    bystander_works(srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_frame_closes_only_that_connection() {
+    let srv = Server::start(cfg()).await;
+    let (mut c, _) = Client::registered(srv.addr, "1").await;
+    c.send_frame(b"\x00\x01garbage that is no pickle").await;
+    c.expect_closed().await;
+    let (mut c, _) = Client::registered(srv.addr, "1").await;
+    c.send_frame(b"\x80\x03K\x01.").await; // a pickle, but not a 4-tuple
+    c.expect_closed().await;
+    bystander_works(srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_is_ignored() {
+    let srv = Server::start(cfg()).await;
+    let (mut c, _) = Client::registered(srv.addr, "1").await;
+    // The exact bytes of a stock client's heartbeat (protocol notes §3.1).
+    c.send_frame(&[
+        0x80, 0x03, 0x28, 0x4a, 0xff, 0xff, 0xff, 0xff, 0x4b, 0x00, 0x58, 0x06, 0, 0, 0, 0x2e,
+        0x72, 0x65, 0x70, 0x6c, 0x79, 0x4e, 0x74, 0x2e,
+    ])
+    .await;
+    assert_eq!(
+        c.call("ping", vec![]).await.unwrap(),
+        Value::None,
+        "no reply to the heartbeat came first"
+    );
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidations_in_commit_order_before_committer_reply() {
+    let srv = Server::start(cfg()).await;
+    let (mut a, _) = Client::registered(srv.addr, "1").await;
+    let (mut other, _) = Client::registered(srv.addr, "1").await;
+    let t1 = a.commit_new(b"one").await;
+    let t2 = a.commit_new(b"two").await;
+    // The other client receives both invalidations, in commit order.
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let m = other.message().await.unwrap();
+        assert_eq!(m.method, "invalidateTransaction");
+        assert!(m.oneway);
+        let Value::Tuple(args) = m.args else { panic!() };
+        seen.push(args[0].clone());
+    }
+    assert_eq!(seen, vec![t1, t2]);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_voter_waits_for_the_commit_lock_and_conflicts_go_to_the_client() {
+    let srv = Server::start(cfg()).await;
+    let (mut a, _) = Client::registered(srv.addr, "1").await;
+    let (mut bb, _) = Client::registered(srv.addr, "1").await;
+    let Value::List(oids) = a.call("new_oids", vec![Value::Int(1)]).await.unwrap() else {
+        panic!()
+    };
+    let o = oids[0].clone();
+    // Create the object.
+    let (ta, tb) = (Value::Int(1), Value::Int(2));
+    a.send(
+        true,
+        "tpc_begin",
+        vec![ta.clone(), b(b""), b(b""), Value::Dict(vec![])],
+    )
+    .await;
+    a.send(
+        true,
+        "storea",
+        vec![o.clone(), b(&Z64), b(b"v0"), ta.clone()],
+    )
+    .await;
+    a.call("vote", vec![ta.clone()]).await.unwrap();
+    let t0 = a.call("tpc_finish", vec![ta.clone()]).await.unwrap();
+    // Both change it from t0; a votes first and holds the lock.
+    a.send(
+        true,
+        "tpc_begin",
+        vec![ta.clone(), b(b""), b(b""), Value::Dict(vec![])],
+    )
+    .await;
+    a.send(
+        true,
+        "storea",
+        vec![o.clone(), t0.clone(), b(b"a"), ta.clone()],
+    )
+    .await;
+    bb.send(
+        true,
+        "tpc_begin",
+        vec![tb.clone(), b(b""), b(b""), Value::Dict(vec![])],
+    )
+    .await;
+    bb.send(
+        true,
+        "storea",
+        vec![o.clone(), t0.clone(), b(b"b"), tb.clone()],
+    )
+    .await;
+    assert_eq!(
+        a.call("vote", vec![ta.clone()]).await.unwrap(),
+        Value::List(vec![])
+    );
+    let vote_b = bb.send(false, "vote", vec![tb.clone()]).await;
+    // b's connection keeps serving while its vote waits.
+    assert!(
+        bb.call("loadBefore", vec![o.clone(), b(&MAXTID)])
+            .await
+            .is_ok()
+    );
+    let t1 = a.call("tpc_finish", vec![ta]).await.unwrap();
+    // Now b's vote runs: the conflict is handed back for resolution.
+    let Value::List(conflicts) = bb.reply_to(&vote_b).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(conflicts.len(), 1);
+    let Value::Dict(d) = &conflicts[0] else {
+        panic!()
+    };
+    let get = |k: &str| {
+        d.iter()
+            .find(|(kk, _)| kk.as_text().as_deref() == Some(k))
+            .unwrap()
+            .1
+            .clone()
+    };
+    assert_eq!(get("oid"), o);
+    assert_eq!(get("serials"), Value::Tuple(vec![t1.clone(), t0.clone()]));
+    assert_eq!(get("data"), b(b"b"));
+    // Both revisions are readable for resolution.
+    assert_eq!(
+        bb.call("loadSerial", vec![o.clone(), t0.clone()])
+            .await
+            .unwrap(),
+        b(b"v0")
+    );
+    assert_eq!(
+        bb.call("loadSerial", vec![o.clone(), t1.clone()])
+            .await
+            .unwrap(),
+        b(b"a")
+    );
+    // A third client cannot commit meanwhile: b keeps the lock while resolving.
+    let (mut c, _) = Client::registered(srv.addr, "1").await;
+    let tc = Value::Int(3);
+    c.send(
+        true,
+        "tpc_begin",
+        vec![tc.clone(), b(b""), b(b""), Value::Dict(vec![])],
+    )
+    .await;
+    c.send(
+        true,
+        "storea",
+        vec![o.clone(), t1.clone(), b(b"c"), tc.clone()],
+    )
+    .await;
+    let vote_c = c.send(false, "vote", vec![tc.clone()]).await;
+    // b re-stores the resolved data on top of t1 and votes again: success.
+    bb.send(
+        true,
+        "storea",
+        vec![o.clone(), t1.clone(), b(b"a+b"), tb.clone()],
+    )
+    .await;
+    assert_eq!(
+        bb.call("vote", vec![tb.clone()]).await.unwrap(),
+        Value::List(vec![])
+    );
+    let t2 = bb.call("tpc_finish", vec![tb]).await.unwrap();
+    // c's vote ran after b finished, and conflicts with b's commit.
+    let Value::List(conflicts) = c.reply_to(&vote_c).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(conflicts.len(), 1);
+    assert_eq!(c.call("tpc_abort", vec![tc]).await.unwrap(), Value::None);
+    let Value::Tuple(cur) = a
+        .call("loadBefore", vec![o.clone(), b(&MAXTID)])
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!((cur[0].clone(), cur[1].clone()), (b(b"a+b"), t2));
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_while_holding_lock_releases_it() {
+    let srv = Server::start(cfg()).await;
+    let (mut a, _) = Client::registered(srv.addr, "1").await;
+    let txn = Value::Int(1);
+    a.send(
+        true,
+        "tpc_begin",
+        vec![txn.clone(), b(b""), b(b""), Value::Dict(vec![])],
+    )
+    .await;
+    a.send(
+        true,
+        "storea",
+        vec![oid(0x10), b(&Z64), b(b"x"), txn.clone()],
+    )
+    .await;
+    assert_eq!(
+        a.call("vote", vec![txn]).await.unwrap(),
+        Value::List(vec![])
+    );
+    drop(a);
+    bystander_works(srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_timeout_releases_lock() {
+    let srv = Server::start(Config {
+        transaction_timeout: Duration::from_secs(1),
+        ..cfg()
+    })
+    .await;
+    let (mut a, _) = Client::registered(srv.addr, "1").await;
+    let txn = Value::Int(1);
+    a.send(
+        true,
+        "tpc_begin",
+        vec![txn.clone(), b(b""), b(b""), Value::Dict(vec![])],
+    )
+    .await;
+    assert_eq!(
+        a.call("vote", vec![txn]).await.unwrap(),
+        Value::List(vec![])
+    );
+    // a now holds the lock and does nothing; b's commit waits, then succeeds.
+    bystander_works(srv.addr).await;
+    a.expect_closed().await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_registration() {
+    let srv = Server::start(Config {
+        read_only: true,
+        ..cfg()
+    })
+    .await;
+    let mut c = Client::raw(srv.addr).await;
+    c.send_frame(b"Z5").await;
+    let err = c
+        .call("register", vec![Value::Str("1".into()), Value::Int(0)])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        (
+            "ZODB.POSException.ReadOnlyError".to_string(),
+            Value::Tuple(vec![])
+        )
+    );
+    // read_only_fallback: register again read-only on the same connection.
+    c.call("register", vec![Value::Str("1".into()), Value::Bool(true)])
+        .await
+        .unwrap();
+    let err = c.call("new_oids", vec![]).await.unwrap_err();
+    assert_eq!(err.0, "ZODB.POSException.ReadOnlyError");
+    assert!(c.call("loadBefore", vec![oid(0), b(&MAXTID)]).await.is_ok());
+    srv.stop().await;
+}
