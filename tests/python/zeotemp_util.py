@@ -1,0 +1,52 @@
+"""Small helpers shared by the tests (importable; no pytest fixtures here)."""
+
+import os
+import pickle
+import time
+
+BACKEND = os.environ.get("ZEOTEMP_TEST_SERVER", "zeotemp").strip().lower()
+if BACKEND not in ("zeotemp", "python"):
+    raise RuntimeError(
+        f"ZEOTEMP_TEST_SERVER must be 'zeotemp' or 'python', not {BACKEND!r}")
+IS_ZEOTEMP = BACKEND == "zeotemp"
+IS_PYTHON = BACKEND == "python"
+
+
+def wait_until(predicate, timeout, interval=0.1, message="condition"):
+    """Poll ``predicate`` until it returns a truthy value (returned), bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def make_record(cls, state):
+    """A ZODB object record (class pickle + state pickle) as ZODB writes it
+    for an object without persistent references."""
+    return pickle.dumps(cls, 3) + pickle.dumps(state, 3)
+
+
+def commit_with_retry(tm, work, attempts=20, transient=None, pause=0.05):
+    """Run ``work()`` in a new transaction of ``tm`` and commit, retrying on
+    transient errors (ConflictError, ReadConflictError, ClientDisconnected) a
+    bounded number of times.  Returns the number of retries."""
+    from ZODB.POSException import ConflictError
+    from ZEO.Exceptions import ClientDisconnected
+    if transient is None:
+        transient = (ConflictError, ClientDisconnected)
+    for attempt in range(attempts):
+        try:
+            tm.begin()
+            work()
+            tm.commit()
+            return attempt
+        except transient:
+            tm.abort()
+            if attempt == attempts - 1:
+                raise
+            time.sleep(pause * (attempt + 1))
