@@ -229,7 +229,6 @@ async fn serve(
     if tokio::time::timeout(grace, writer).await.is_err() {
         debug!(%peer, "writer did not finish in time");
     }
-    shared.connections.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Reads frames and drives the session. `Ok` is a normal end (the client

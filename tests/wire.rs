@@ -85,7 +85,21 @@ const MAXTID: [u8; 8] = [0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
 impl Client {
     /// Connects and reads the server's protocol announcement.
     async fn raw(addr: SocketAddr) -> Client {
-        let s = TcpStream::connect(addr).await.unwrap();
+        Client::raw_on(TcpStream::connect(addr).await.unwrap()).await
+    }
+
+    /// Like `raw`, with a small receive buffer: a client that stops reading
+    /// then fills the server's queue for it instead of the kernel's buffers.
+    async fn raw_small_buffer(addr: SocketAddr) -> Client {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        Client::raw_on(sock.connect(addr).await.unwrap()).await
+    }
+
+    async fn raw_on(s: TcpStream) -> Client {
+        // As stock clients (asyncio) do; else Nagle and delayed ACKs add
+        // 40 ms to each round trip that follows one-way calls.
+        s.set_nodelay(true).unwrap();
         let mut c = Client {
             s,
             buf: BytesMut::new(),
@@ -186,6 +200,11 @@ impl Client {
 
     /// One whole commit of `data` to a new object; returns the new tid.
     async fn commit_new(&mut self, data: &[u8]) -> Value {
+        self.store_new(data).await.1
+    }
+
+    /// Like `commit_new`, also returning the new object's oid.
+    async fn store_new(&mut self, data: &[u8]) -> (Value, Value) {
         let oids = self.call("new_oids", vec![]).await.unwrap();
         let Value::List(oids) = oids else {
             panic!("new_oids gives a list")
@@ -207,7 +226,10 @@ impl Client {
             self.call("vote", vec![txn.clone()]).await.unwrap(),
             Value::List(vec![])
         );
-        self.call("tpc_finish", vec![txn]).await.unwrap()
+        (
+            oids[0].clone(),
+            self.call("tpc_finish", vec![txn]).await.unwrap(),
+        )
     }
 }
 
@@ -738,5 +760,179 @@ async fn read_only_registration() {
     let err = c.call("new_oids", vec![]).await.unwrap_err();
     assert_eq!(err.0, "ZODB.POSException.ReadOnlyError");
     assert!(c.call("loadBefore", vec![oid(0), b(&MAXTID)]).await.is_ok());
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_invalidations_for_reconnecting_clients() {
+    let srv = Server::start(cfg()).await;
+    let (mut a, start) = Client::registered(srv.addr, "1").await;
+    let t1 = a.commit_new(b"one").await;
+    let t2 = a.commit_new(b"two").await;
+    // A cache at t1: quick verification, the oids changed after t1.
+    let Value::Tuple(inv) = a.call("getInvalidations", vec![t1.clone()]).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(inv[0], t2);
+    let Value::List(oids) = &inv[1] else { panic!() };
+    assert_eq!(oids.len(), 1);
+    // A cache at the last tid: nothing to do.
+    let Value::Tuple(inv) = a.call("getInvalidations", vec![t2.clone()]).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!((inv[0].clone(), inv[1].clone()), (t2, Value::List(vec![])));
+    // A cache from before this server started (a restart): None, so the
+    // client drops its whole cache.
+    let before = u64::from_be_bytes(start.as_bytes().unwrap().try_into().unwrap()) - 1;
+    assert_eq!(
+        a.call("getInvalidations", vec![b(&before.to_be_bytes())])
+            .await
+            .unwrap(),
+        Value::None
+    );
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_object_invalidates_and_hides_it() {
+    let srv = Server::start(cfg()).await;
+    let (mut a, _) = Client::registered(srv.addr, "1").await;
+    let (mut other, _) = Client::registered(srv.addr, "1").await;
+    let Value::List(oids) = a.call("new_oids", vec![Value::Int(1)]).await.unwrap() else {
+        panic!()
+    };
+    let o = oids[0].clone();
+    let txn = Value::Int(7);
+    a.send(
+        true,
+        "tpc_begin",
+        vec![txn.clone(), b(b""), b(b""), Value::Dict(vec![])],
+    )
+    .await;
+    a.send(
+        true,
+        "storea",
+        vec![o.clone(), b(&Z64), b(b"doomed"), txn.clone()],
+    )
+    .await;
+    a.call("vote", vec![txn.clone()]).await.unwrap();
+    let t1 = a.call("tpc_finish", vec![txn.clone()]).await.unwrap();
+    a.send(
+        true,
+        "tpc_begin",
+        vec![txn.clone(), b(b""), b(b""), Value::Dict(vec![])],
+    )
+    .await;
+    a.send(
+        true,
+        "deleteObject",
+        vec![o.clone(), t1.clone(), txn.clone()],
+    )
+    .await;
+    a.call("vote", vec![txn.clone()]).await.unwrap();
+    let t2 = a.call("tpc_finish", vec![txn]).await.unwrap();
+    let err = a
+        .call("loadBefore", vec![o.clone(), b(&MAXTID)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.0, "ZODB.POSException.POSKeyError");
+    // A snapshot from before the delete still reads it.
+    let Value::Tuple(old) = a
+        .call("loadBefore", vec![o.clone(), t2.clone()])
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(old[0], b(b"doomed"));
+    // The other client was told about both transactions, the delete included.
+    let mut invalidated = Vec::new();
+    while invalidated.len() < 2 {
+        let m = other.message().await.unwrap();
+        let Value::Tuple(args) = m.args else { panic!() };
+        invalidated.push((args[0].clone(), args[1].clone()));
+    }
+    assert_eq!(invalidated[1], (t2, Value::List(vec![o])));
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_never_reads_is_disconnected_and_others_are_not_slowed() {
+    let srv = Server::start(Config {
+        max_frame_size: 32 * 1024,
+        max_outbox_bytes: 64 * 1024,
+        ..cfg()
+    })
+    .await;
+    let (mut a, _) = Client::registered(srv.addr, "1").await;
+    let (big_oid, _) = a.store_new(&[7u8; 30 * 1024]).await;
+
+    // A registered client that asks for far more than it reads: 400 loads
+    // of 30 KiB fill the kernel's socket buffers, then half its outbox,
+    // and the server stops reading its requests.
+    let mut sleeper = Client::raw_small_buffer(srv.addr).await;
+    sleeper.send_frame(b"Z5").await;
+    sleeper
+        .call("register", vec![Value::Str("1".into()), Value::Int(0)])
+        .await
+        .unwrap();
+    for i in 0..400 {
+        let req = request(
+            Value::Int(1000 + i),
+            false,
+            "loadBefore",
+            vec![big_oid.clone(), b(&MAXTID)],
+        );
+        sleeper
+            .s
+            .write_all(&(req.len() as u32).to_be_bytes())
+            .await
+            .unwrap();
+        sleeper.s.write_all(&req).await.unwrap();
+    }
+    // Meanwhile another client commits as usual; the invalidations for the
+    // sleeper overflow its outbox, and it is disconnected.
+    let started = std::time::Instant::now();
+    for i in 0..600 {
+        a.commit_new(format!("commit {i}").as_bytes()).await;
+    }
+    eprintln!(
+        "600 commits took {:?} while the sleeper stalled",
+        started.elapsed()
+    );
+    // The sleeper got replies and invalidations in order up to the cut,
+    // then EOF: nothing was skipped in the middle.
+    let (mut loads, mut invalidations) = (0, 0);
+    let mut last_tid: Option<Vec<u8>> = None;
+    while let Some(f) = sleeper.frame().await {
+        let m = marshal::decode_message(&f, &DecodeLimits::default()).unwrap();
+        if m.method == ".reply" {
+            assert_eq!(
+                invalidations, 0,
+                "its replies were queued before the invalidations"
+            );
+            assert_eq!(m.msgid, Value::Int(1000 + loads));
+            loads += 1;
+            continue;
+        }
+        assert_eq!(m.method, "invalidateTransaction");
+        let Value::Tuple(args) = m.args else { panic!() };
+        let tid = args[0].as_bytes().unwrap().to_vec();
+        assert!(
+            last_tid.as_ref().is_none_or(|l| *l < tid),
+            "in commit order"
+        );
+        last_tid = Some(tid);
+        invalidations += 1;
+    }
+    assert!(
+        loads < 400,
+        "the server stopped reading the sleeper's requests ({loads} answered)"
+    );
+    assert!(
+        invalidations < 600,
+        "disconnected before the end ({invalidations} invalidations)"
+    );
+    bystander_works(srv.addr).await;
     srv.stop().await;
 }
