@@ -198,6 +198,26 @@ impl Client {
         }
     }
 
+    /// One-way `tpc_begin(txn, user, description, extension)`.
+    async fn begin(&mut self, txn: &Value) {
+        self.send(
+            true,
+            "tpc_begin",
+            vec![txn.clone(), b(b""), b(b""), Value::Dict(vec![])],
+        )
+        .await;
+    }
+
+    /// One-way `storea(oid, serial, data, txn)`.
+    async fn store(&mut self, oid: &Value, serial: &Value, data: &[u8], txn: &Value) {
+        self.send(
+            true,
+            "storea",
+            vec![oid.clone(), serial.clone(), b(data), txn.clone()],
+        )
+        .await;
+    }
+
     /// One whole commit of `data` to a new object; returns the new tid.
     async fn commit_new(&mut self, data: &[u8]) -> Value {
         self.store_new(data).await.1
@@ -210,18 +230,8 @@ impl Client {
             panic!("new_oids gives a list")
         };
         let txn = Value::Int(4242);
-        self.send(
-            true,
-            "tpc_begin",
-            vec![txn.clone(), b(b""), b(b""), Value::Dict(vec![])],
-        )
-        .await;
-        self.send(
-            true,
-            "storea",
-            vec![oids[0].clone(), b(&Z64), b(data), txn.clone()],
-        )
-        .await;
+        self.begin(&txn).await;
+        self.store(&oids[0], &b(&Z64), data, &txn).await;
         assert_eq!(
             self.call("vote", vec![txn.clone()]).await.unwrap(),
             Value::List(vec![])
@@ -459,12 +469,7 @@ async fn calls_out_of_order() {
     );
     // tpc_finish before vote, vote twice, tpc_finish with a wrong txn id.
     let txn = Value::Int(99);
-    c.send(
-        true,
-        "tpc_begin",
-        vec![txn.clone(), b(b""), b(b""), Value::Dict(vec![])],
-    )
-    .await;
+    c.begin(&txn).await;
     let err = c.call("tpc_finish", vec![txn.clone()]).await.unwrap_err();
     assert_eq!(err.0, "ZODB.POSException.StorageTransactionError");
     assert_eq!(
@@ -555,45 +560,15 @@ async fn second_voter_waits_for_the_commit_lock_and_conflicts_go_to_the_client()
     let o = oids[0].clone();
     // Create the object.
     let (ta, tb) = (Value::Int(1), Value::Int(2));
-    a.send(
-        true,
-        "tpc_begin",
-        vec![ta.clone(), b(b""), b(b""), Value::Dict(vec![])],
-    )
-    .await;
-    a.send(
-        true,
-        "storea",
-        vec![o.clone(), b(&Z64), b(b"v0"), ta.clone()],
-    )
-    .await;
+    a.begin(&ta).await;
+    a.store(&o, &b(&Z64), b"v0", &ta).await;
     a.call("vote", vec![ta.clone()]).await.unwrap();
     let t0 = a.call("tpc_finish", vec![ta.clone()]).await.unwrap();
     // Both change it from t0; a votes first and holds the lock.
-    a.send(
-        true,
-        "tpc_begin",
-        vec![ta.clone(), b(b""), b(b""), Value::Dict(vec![])],
-    )
-    .await;
-    a.send(
-        true,
-        "storea",
-        vec![o.clone(), t0.clone(), b(b"a"), ta.clone()],
-    )
-    .await;
-    bb.send(
-        true,
-        "tpc_begin",
-        vec![tb.clone(), b(b""), b(b""), Value::Dict(vec![])],
-    )
-    .await;
-    bb.send(
-        true,
-        "storea",
-        vec![o.clone(), t0.clone(), b(b"b"), tb.clone()],
-    )
-    .await;
+    a.begin(&ta).await;
+    a.store(&o, &t0, b"a", &ta).await;
+    bb.begin(&tb).await;
+    bb.store(&o, &t0, b"b", &tb).await;
     assert_eq!(
         a.call("vote", vec![ta.clone()]).await.unwrap(),
         Value::List(vec![])
@@ -640,26 +615,11 @@ async fn second_voter_waits_for_the_commit_lock_and_conflicts_go_to_the_client()
     // A third client cannot commit meanwhile: b keeps the lock while resolving.
     let (mut c, _) = Client::registered(srv.addr, "1").await;
     let tc = Value::Int(3);
-    c.send(
-        true,
-        "tpc_begin",
-        vec![tc.clone(), b(b""), b(b""), Value::Dict(vec![])],
-    )
-    .await;
-    c.send(
-        true,
-        "storea",
-        vec![o.clone(), t1.clone(), b(b"c"), tc.clone()],
-    )
-    .await;
+    c.begin(&tc).await;
+    c.store(&o, &t1, b"c", &tc).await;
     let vote_c = c.send(false, "vote", vec![tc.clone()]).await;
     // b re-stores the resolved data on top of t1 and votes again: success.
-    bb.send(
-        true,
-        "storea",
-        vec![o.clone(), t1.clone(), b(b"a+b"), tb.clone()],
-    )
-    .await;
+    bb.store(&o, &t1, b"a+b", &tb).await;
     assert_eq!(
         bb.call("vote", vec![tb.clone()]).await.unwrap(),
         Value::List(vec![])
@@ -687,18 +647,8 @@ async fn disconnect_while_holding_lock_releases_it() {
     let srv = Server::start(cfg()).await;
     let (mut a, _) = Client::registered(srv.addr, "1").await;
     let txn = Value::Int(1);
-    a.send(
-        true,
-        "tpc_begin",
-        vec![txn.clone(), b(b""), b(b""), Value::Dict(vec![])],
-    )
-    .await;
-    a.send(
-        true,
-        "storea",
-        vec![oid(0x10), b(&Z64), b(b"x"), txn.clone()],
-    )
-    .await;
+    a.begin(&txn).await;
+    a.store(&oid(0x10), &b(&Z64), b"x", &txn).await;
     assert_eq!(
         a.call("vote", vec![txn]).await.unwrap(),
         Value::List(vec![])
@@ -717,12 +667,7 @@ async fn transaction_timeout_releases_lock() {
     .await;
     let (mut a, _) = Client::registered(srv.addr, "1").await;
     let txn = Value::Int(1);
-    a.send(
-        true,
-        "tpc_begin",
-        vec![txn.clone(), b(b""), b(b""), Value::Dict(vec![])],
-    )
-    .await;
+    a.begin(&txn).await;
     assert_eq!(
         a.call("vote", vec![txn]).await.unwrap(),
         Value::List(vec![])
@@ -803,26 +748,11 @@ async fn delete_object_invalidates_and_hides_it() {
     };
     let o = oids[0].clone();
     let txn = Value::Int(7);
-    a.send(
-        true,
-        "tpc_begin",
-        vec![txn.clone(), b(b""), b(b""), Value::Dict(vec![])],
-    )
-    .await;
-    a.send(
-        true,
-        "storea",
-        vec![o.clone(), b(&Z64), b(b"doomed"), txn.clone()],
-    )
-    .await;
+    a.begin(&txn).await;
+    a.store(&o, &b(&Z64), b"doomed", &txn).await;
     a.call("vote", vec![txn.clone()]).await.unwrap();
     let t1 = a.call("tpc_finish", vec![txn.clone()]).await.unwrap();
-    a.send(
-        true,
-        "tpc_begin",
-        vec![txn.clone(), b(b""), b(b""), Value::Dict(vec![])],
-    )
-    .await;
+    a.begin(&txn).await;
     a.send(
         true,
         "deleteObject",
