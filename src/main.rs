@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Parser;
 use tracing::{error, info};
@@ -93,44 +92,40 @@ struct Cli {
     log_level: Option<String>,
 }
 
+impl Cli {
+    /// The command line's settings, in the config file's shape, so both
+    /// are applied by one piece of code (`FileConfig::apply`).
+    fn overrides(&self) -> FileConfig {
+        let some_vec = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
+        FileConfig {
+            address: some_vec(&self.address),
+            storage: some_vec(&self.storage),
+            read_only: self.read_only.then_some(true),
+            transaction_timeout: self.transaction_timeout,
+            invalidation_queue_size: self.invalidation_queue_size,
+            max_frame_size: self.max_frame_size,
+            max_outbox_bytes: self.max_outbox_bytes,
+            max_transaction_bytes: self.max_transaction_bytes,
+            max_connections: self.max_connections,
+            history_retention: self.history_retention,
+            client_conflict_resolution: self.client_conflict_resolution.then_some(true),
+            log_level: self.log_level.clone(),
+        }
+    }
+}
+
+/// Defaults, then the config file, then the command line.
 fn settings(cli: &Cli) -> Result<(Config, Option<String>), config::ConfigError> {
     let mut cfg = Config::default();
-    let mut log_level = None;
-    if let Some(path) = &cli.config {
-        let file = FileConfig::load(path)?;
-        file.apply(&mut cfg)?;
-        log_level = file.log_level.clone();
-    }
-    if !cli.address.is_empty() {
-        cfg.addresses = cli.address.clone();
-    }
-    if !cli.storage.is_empty() {
-        cfg.storages = cli.storage.clone();
-    }
-    cfg.read_only |= cli.read_only;
-    if let Some(v) = cli.transaction_timeout {
-        cfg.transaction_timeout = Duration::from_secs(v);
-    }
-    if let Some(v) = cli.invalidation_queue_size {
-        cfg.invalidation_queue_size = v;
-    }
-    if let Some(v) = cli.history_retention {
-        cfg.history_retention = Duration::from_secs(v);
-    }
-    if let Some(v) = cli.max_frame_size {
-        cfg.max_frame_size = v;
-    }
-    if let Some(v) = cli.max_outbox_bytes {
-        cfg.max_outbox_bytes = v;
-    }
-    if let Some(v) = cli.max_transaction_bytes {
-        cfg.max_transaction_bytes = v;
-    }
-    if let Some(v) = cli.max_connections {
-        cfg.max_connections = v;
-    }
+    let file = match &cli.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    file.apply(&mut cfg)?;
+    let overrides = cli.overrides();
+    overrides.apply(&mut cfg)?;
     cfg.validate()?;
-    Ok((cfg, cli.log_level.clone().or(log_level)))
+    Ok((cfg, overrides.log_level.or(file.log_level)))
 }
 
 fn main() -> ExitCode {

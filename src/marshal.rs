@@ -150,17 +150,7 @@ fn encode_with(items: impl FnOnce(&mut BytesMut)) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn unhex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
-
-    fn hex(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    }
+    use crate::pickle::testhex::{hex, unhex};
 
     fn decode(h: &str) -> Result<Message, MarshalError> {
         decode_message(&unhex(h), &DecodeLimits::default())

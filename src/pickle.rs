@@ -1528,11 +1528,11 @@ fn put_binunicode(out: &mut BytesMut, s: &str) {
     out.put_slice(s.as_bytes());
 }
 
+/// Hex helpers shared by the codec's unit tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn unhex(s: &str) -> Vec<u8> {
+pub(crate) mod testhex {
+    /// Bytes from hex digits; white space is ignored.
+    pub fn unhex(s: &str) -> Vec<u8> {
         let s: String = s.split_whitespace().collect();
         (0..s.len())
             .step_by(2)
@@ -1540,9 +1540,15 @@ mod tests {
             .collect()
     }
 
-    fn hex(b: &[u8]) -> String {
+    pub fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testhex::{hex, unhex};
+    use super::*;
 
     fn dec(b: &[u8]) -> Result<Value, PickleError> {
         decode(b, &DecodeLimits::default())
