@@ -33,8 +33,19 @@ pub const DEFAULT_MAX_TRANSACTION_BYTES: usize = 512 * 1024 * 1024;
 /// further ones are closed at once with a log line.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
-/// How often expired non-current revisions are dropped, in seconds.
-pub const PRUNE_INTERVAL_SECS: u64 = 10;
+/// Default `gc-interval` in seconds: how often each storage drops expired
+/// non-current revisions and, if anything was committed since the last
+/// time, collects garbage. Sessions churn every few seconds; a cycle over
+/// 100k objects takes milliseconds.
+pub const DEFAULT_GC_INTERVAL_SECS: u64 = 10;
+
+/// Default `memory-limit`: this fraction of the machine's physical memory.
+/// The limit applies to what zeotemp accounts for (records, references and
+/// per-revision overheads), not to its RSS, which is somewhat higher.
+pub const DEFAULT_MEMORY_LIMIT_FRACTION: f64 = 0.5;
+
+/// How often a summary line per storage is logged, in seconds.
+pub const STATS_LOG_INTERVAL_SECS: u64 = 300;
 
 /// How long shutdown waits for connections to finish writing, in seconds.
 pub const SHUTDOWN_GRACE_SECS: u64 = 5;
@@ -53,6 +64,22 @@ pub struct Config {
     pub max_transaction_bytes: usize,
     pub max_connections: usize,
     pub history_retention: Duration,
+    pub gc_interval: Duration,
+    /// Accounted bytes per storage; `None` is no limit.
+    pub memory_limit: Option<usize>,
+}
+
+/// Physical memory in bytes, from /proc/meminfo (Linux).
+pub fn physical_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The default memory limit: half the machine's memory, if known.
+pub fn default_memory_limit() -> Option<usize> {
+    physical_memory().map(|m| (m as f64 * DEFAULT_MEMORY_LIMIT_FRACTION) as usize)
 }
 
 impl Default for Config {
@@ -68,6 +95,8 @@ impl Default for Config {
             max_transaction_bytes: DEFAULT_MAX_TRANSACTION_BYTES,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             history_retention: Duration::from_secs(DEFAULT_RETENTION_SECS),
+            gc_interval: Duration::from_secs(DEFAULT_GC_INTERVAL_SECS),
+            memory_limit: default_memory_limit(),
         }
     }
 }
@@ -87,6 +116,9 @@ pub struct FileConfig {
     pub max_transaction_bytes: Option<usize>,
     pub max_connections: Option<usize>,
     pub history_retention: Option<u64>,
+    pub gc_interval: Option<u64>,
+    /// Bytes; 0 means no limit.
+    pub memory_limit: Option<usize>,
     /// Accepted for familiarity with ZEO's `client-conflict-resolution`:
     /// zeotemp always lets clients resolve conflicts; `false` is refused.
     pub client_conflict_resolution: Option<bool>,
@@ -154,6 +186,12 @@ impl FileConfig {
         if let Some(v) = self.history_retention {
             cfg.history_retention = Duration::from_secs(v);
         }
+        if let Some(v) = self.gc_interval {
+            cfg.gc_interval = Duration::from_secs(v);
+        }
+        if let Some(v) = self.memory_limit {
+            cfg.memory_limit = (v > 0).then_some(v);
+        }
         if self.client_conflict_resolution == Some(false) {
             return Err(ConfigError::Invalid(
                 "client-conflict-resolution = false is not possible: zeotemp never unpickles \
@@ -188,6 +226,11 @@ impl Config {
         if self.max_outbox_bytes < self.max_frame_size {
             return Err(ConfigError::Invalid(
                 "max-outbox-bytes must be at least max-frame-size (a reply must fit)".into(),
+            ));
+        }
+        if self.gc_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "gc-interval must be at least 1 second".into(),
             ));
         }
         if self.transaction_timeout.is_zero() {

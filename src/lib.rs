@@ -15,6 +15,7 @@
 //! | [`types`] | `Oid`, `Tid` and ZODB TimeStamps |
 //! | [`frame`] | split a byte stream into sized messages; refuse an oversized one |
 //! | [`pickle`] | a restricted pickle codec: plain data only, no global is ever resolved |
+//! | [`refs`] | the persistent references of an object record (for GC), by an opcode walk that evaluates nothing |
 //! | [`marshal`] | ZEO's `(msgid, flags, name, args)` envelope, replies, errors, pushes |
 //! | [`rpc`] | the per-connection session: register, method whitelist, two-phase commit, error replies |
 //! | [`storage`] | objects and revisions, tids and oids, conflicts, retention, the commit lock |
@@ -38,6 +39,7 @@ pub mod frame;
 pub mod marshal;
 pub mod outbox;
 pub mod pickle;
+pub mod refs;
 pub mod rpc;
 pub mod server;
 pub mod storage;

@@ -52,6 +52,20 @@ struct Cli {
     #[arg(long, value_name = "SECS")]
     history_retention: Option<u64>,
 
+    /// Seconds between background passes that drop expired history and,
+    /// if anything was committed, collect objects unreachable from the
+    /// root. [default: 10]
+    #[arg(long, value_name = "SECS")]
+    gc_interval: Option<u64>,
+
+    /// Bytes each storage may hold (records, references and bookkeeping,
+    /// as accounted by zeotemp; RSS is somewhat higher). A commit that would
+    /// cross it first drops the oldest history and collects garbage; if
+    /// still over, its vote fails with an error naming this limit. 0 means
+    /// no limit. [default: half of the machine's memory]
+    #[arg(long, value_name = "BYTES")]
+    memory_limit: Option<usize>,
+
     /// Largest frame (message) a client may send, in bytes; a larger one
     /// closes that connection with a log line. [default: 67108864 = 64 MiB]
     #[arg(long, value_name = "BYTES")]
@@ -108,6 +122,8 @@ impl Cli {
             max_transaction_bytes: self.max_transaction_bytes,
             max_connections: self.max_connections,
             history_retention: self.history_retention,
+            gc_interval: self.gc_interval,
+            memory_limit: self.memory_limit,
             client_conflict_resolution: self.client_conflict_resolution.then_some(true),
             log_level: self.log_level.clone(),
         }
@@ -169,6 +185,8 @@ fn main() -> ExitCode {
             read_only = cfg.read_only,
             transaction_timeout = ?cfg.transaction_timeout,
             history_retention = ?cfg.history_retention,
+            gc_interval = ?cfg.gc_interval,
+            memory_limit = ?cfg.memory_limit,
             max_frame_size = cfg.max_frame_size,
             "zeotemp starting"
         );

@@ -33,7 +33,8 @@ use crate::marshal::{self, Message};
 use crate::outbox::Outbox;
 use crate::pickle::{Dialect, Value};
 use crate::storage::{
-    Conflict, ConnId, LockAttempt, Storage, StorageError, Subscriber, TxnMeta, TxnOp, VotedTxn,
+    Conflict, ConnId, LockAttempt, Storage, StorageError, StorageLimits, Subscriber, TxnMeta,
+    TxnOp, VotedTxn,
 };
 use crate::types::{Oid, Tid};
 
@@ -54,12 +55,12 @@ impl Shared {
             .storages
             .iter()
             .map(|name| {
-                let s = Storage::new(
-                    name,
-                    start,
-                    config.history_retention,
-                    config.invalidation_queue_size,
-                );
+                let limits = StorageLimits {
+                    retention: config.history_retention,
+                    invalidation_queue_size: config.invalidation_queue_size,
+                    memory_limit: config.memory_limit,
+                };
+                let s = Storage::new(name, start, limits);
                 (name.clone(), Arc::new(s))
             })
             .collect();
@@ -84,6 +85,7 @@ impl Shared {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
+        let g = &storage.gc_stats;
         serde_json::json!({
             "connections": st.subscriber_count(),
             "loads": s.loads.load(Ordering::Relaxed),
@@ -102,6 +104,13 @@ impl Shared {
             "size": st.size(),
             "revisions": revisions,
             "retained-bytes": retained_bytes,
+            "accounted-bytes": st.accounted(),
+            "memory-limit": self.config.memory_limit,
+            "unscannable-records": st.unscannable(),
+            "collections": g.collections.load(Ordering::Relaxed),
+            "freed-objects": g.freed_objects.load(Ordering::Relaxed),
+            "longest-pause-ms": g.longest_pause_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            "last-collection-ms": g.last_cycle_us.load(Ordering::Relaxed) as f64 / 1000.0,
         })
     }
 
@@ -677,7 +686,10 @@ impl Session {
                 let t = a.float(0, "t")?;
                 let storage = self.storage()?.storage.clone();
                 info!(peer = %self.label(), storage = storage.name(), t, "pack");
-                storage.pack(Tid::from_unix_time(t));
+                // Drop history before t, then collect garbage at once; the
+                // reply goes out when both are done, as with ZEO's pack.
+                let outcome = blocking(|| storage.pack(Tid::from_unix_time(t)));
+                info!(peer = %self.label(), storage = storage.name(), ?outcome, "packed");
                 reply(Value::None)
             }
             "server_status" => {
@@ -863,14 +875,8 @@ impl Session {
             "storea" => {
                 a.count(4, 4)?;
                 let data = a.bytes(2, "data")?;
-                (
-                    3,
-                    TxnOp::Store {
-                        oid: a.oid(0)?,
-                        serial: a.tid(1, "serial")?,
-                        data,
-                    },
-                )
+                // The record's references are scanned here, outside every lock.
+                (3, TxnOp::store(a.oid(0)?, a.tid(1, "serial")?, data))
             }
             "checkCurrentSerialInTransaction" => {
                 a.count(3, 3)?;
@@ -1105,6 +1111,17 @@ enum Outcome {
     /// The reply was already enqueued (under a storage lock).
     Sent,
     Wait(oneshot::Receiver<()>),
+}
+
+/// Runs a long synchronous job (a whole collection) from a connection task
+/// without stalling the other tasks of its runtime worker.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
 }
 
 fn conflict_value(c: Conflict) -> Value {

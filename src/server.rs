@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, PRUNE_INTERVAL_SECS, SHUTDOWN_GRACE_SECS};
+use crate::config::{Config, SHUTDOWN_GRACE_SECS, STATS_LOG_INTERVAL_SECS};
 use crate::frame;
 use crate::marshal;
 use crate::outbox::Outbox;
@@ -111,7 +111,7 @@ pub async fn run_shared(
             next_id.clone(),
         ));
     }
-    tasks.spawn(prune_loop(shared.clone(), stop_rx.clone()));
+    tasks.spawn(gc_loop(shared.clone(), stop_rx.clone()));
     shutdown.await;
     info!("shutting down");
     let _ = stop_tx.send(true);
@@ -125,30 +125,67 @@ pub async fn run_shared(
     for p in unix_paths {
         let _ = std::fs::remove_file(p);
     }
-    let commits: u64 = shared
-        .storages
-        .values()
-        .map(|s| s.stats.commits.load(Ordering::Relaxed))
-        .sum();
-    info!(commits, "stopped; all data held in memory is gone");
+    for name in &shared.storage_names {
+        if let Some(s) = shared.storages.get(name) {
+            log_summary(s);
+        }
+    }
+    info!("stopped; all data held in memory is gone");
     Ok(())
 }
 
-async fn prune_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(PRUNE_INTERVAL_SECS));
+/// The background collector: every `gc-interval`, for each storage, drops
+/// expired history and, if anything was committed since, collects garbage;
+/// every few minutes it logs a summary.
+async fn gc_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(shared.config.gc_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_summary = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                for s in shared.storages.values() {
-                    let n = s.prune_expired();
-                    if n > 0 {
-                        debug!(storage = s.name(), dropped = n, "dropped expired non-current revisions");
-                    }
-                }
-            }
+            _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
+        let storages: Vec<_> = shared.storages.values().cloned().collect();
+        let work = tokio::task::spawn_blocking(move || {
+            for s in storages {
+                let dropped = s.prune_expired();
+                if dropped > 0 || s.changed_since_collection() {
+                    s.collect_if_idle(s.retention_cutoff());
+                }
+            }
+        });
+        if let Err(e) = work.await {
+            error!("garbage collection failed: {e}");
+        }
+        if last_summary.elapsed() >= Duration::from_secs(STATS_LOG_INTERVAL_SECS) {
+            last_summary = tokio::time::Instant::now();
+            for name in &shared.storage_names {
+                if let Some(s) = shared.storages.get(name) {
+                    log_summary(s);
+                }
+            }
+        }
     }
+}
+
+/// One line with a storage's figures.
+pub fn log_summary(s: &crate::storage::Storage) {
+    let st = s.read();
+    let (revisions, retained_bytes) = st.retained();
+    let g = &s.gc_stats;
+    info!(
+        storage = s.name(),
+        objects = st.len(),
+        revisions,
+        retained_bytes,
+        accounted_bytes = st.accounted(),
+        commits = s.stats.commits.load(Ordering::Relaxed),
+        collections = g.collections.load(Ordering::Relaxed),
+        freed_objects = g.freed_objects.load(Ordering::Relaxed),
+        longest_pause_ms = g.longest_pause_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        "storage summary"
+    );
 }
 
 async fn accept_loop(

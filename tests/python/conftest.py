@@ -65,7 +65,8 @@ class Server:
     """
 
     def __init__(self, workdir, storages=("1",), read_only=False,
-                 transaction_timeout=None, unix_socket=None, backend=BACKEND):
+                 transaction_timeout=None, unix_socket=None, backend=BACKEND,
+                 zeotemp_args=()):
         self.backend = backend
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -73,6 +74,9 @@ class Server:
         self.read_only = read_only
         self.transaction_timeout = transaction_timeout
         self.unix_socket = str(unix_socket) if unix_socket else None
+        # Extra command-line arguments for zeotemp (e.g. --gc-interval 1);
+        # ignored by the python backend, which has no such options.
+        self.zeotemp_args = tuple(str(a) for a in zeotemp_args)
         self.host = "127.0.0.1"
         self.port = None  # known after the first start
         self.proc = None
@@ -186,6 +190,7 @@ class Server:
             cmd.append("--read-only")
         if self.transaction_timeout is not None:
             cmd += ["--transaction-timeout", str(self.transaction_timeout)]
+        cmd += list(self.zeotemp_args)
         return cmd
 
     def _python_cmd(self):
@@ -328,17 +333,19 @@ def server_factory(request, tmp_path):
     """Create and start servers; every server is stopped at teardown.
 
     ``server_factory(storages=("1", "temp"), read_only=False,
-    transaction_timeout=None, unix_socket=None, start=True)``
+    transaction_timeout=None, unix_socket=None, start=True,
+    zeotemp_args=())`` -- ``zeotemp_args`` are appended to zeotemp's command
+    line (ignored by the python backend).
     """
     servers = []
     request.node._zeotemp_servers = servers
 
     def factory(storages=("1",), read_only=False, transaction_timeout=None,
-                unix_socket=None, start=True):
+                unix_socket=None, start=True, zeotemp_args=()):
         srv = Server(tmp_path / f"server{len(servers) + 1}",
                      storages=storages, read_only=read_only,
                      transaction_timeout=transaction_timeout,
-                     unix_socket=unix_socket)
+                     unix_socket=unix_socket, zeotemp_args=zeotemp_args)
         servers.append(srv)
         if start:
             srv.start()

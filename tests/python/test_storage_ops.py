@@ -253,11 +253,6 @@ def test_pack_drops_old_revisions_and_keeps_current_data(server, make_db, make_s
     conn.close()
 
 
-# Garbage collection of unreachable objects (on pack and automatically) is
-# the next piece of work (issue 3); until then zeotemp's pack only drops old
-# revisions. strict=True: this fails loudly once GC exists, so the marker
-# goes away with it.
-@pytest.mark.xfail(IS_ZEOTEMP, strict=True, reason="zeotemp: garbage collection arrives with issue 3")
 def test_pack_removes_unreachable_objects(server, make_db, make_storage):
     db = make_db(server)
     tm = transaction.TransactionManager()

@@ -20,6 +20,9 @@
 //!   section, and loads compute and enqueue their reply inside a read-locked
 //!   one (see `rpc`).
 //!
+//! * garbage is collected without an operator ([`gc`]): an object is freed
+//!   only when no retained revision of any reachable object refers to it.
+//!
 //! Two-phase commit: the connection layer buffers a transaction's
 //! operations; [`Storage::vote`] checks them against the current state while
 //! the caller holds the storage's commit lock ([`CommitLock`]), and
@@ -28,7 +31,7 @@
 //! lock stays with the transaction through its resolution round.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -37,6 +40,9 @@ use tokio::sync::oneshot;
 
 use crate::pickle::Value;
 use crate::types::{Oid, Tid};
+
+pub mod gc;
+pub use gc::GcOutcome;
 
 /// Default for how long a non-current revision is kept after it was
 /// replaced (`history-retention`, seconds). Long enough for any Zope request
@@ -47,6 +53,14 @@ pub const DEFAULT_RETENTION_SECS: u64 = 600;
 /// Default number of recent transactions remembered for `getInvalidations`
 /// (`invalidation-queue-size`, ZEO's default).
 pub const DEFAULT_INVALIDATION_QUEUE_SIZE: usize = 100;
+
+/// Bytes accounted for each retained revision beyond its record: the
+/// revision entry itself, the record's allocation and its reference list.
+pub const REVISION_OVERHEAD: usize = 80;
+
+/// Bytes accounted for each object beyond its revisions (its hash-map slot
+/// and revision vector).
+pub const OBJECT_OVERHEAD: usize = 64;
 
 /// Most oids one `new_oids` call hands out (ZEO's own cap).
 pub const MAX_NEW_OIDS: i64 = 100;
@@ -68,13 +82,35 @@ pub struct TxnMeta {
     pub extension: Value,
 }
 
+/// The persistent references of a record, found by [`crate::refs`];
+/// `None` when the record looks like a pickle but could not be scanned
+/// (the collector then keeps everything).
+pub type Refs = Option<Box<[Oid]>>;
+
+/// The references of `record`, for a revision.
+pub fn scan_refs(record: &[u8]) -> Refs {
+    crate::refs::references(record)
+        .ok()
+        .map(Vec::into_boxed_slice)
+}
+
 /// One revision of an object.
 #[derive(Debug, Clone)]
 pub struct Revision {
     pub tid: Tid,
     /// `None` is a deletion (`deleteObject`).
     pub data: Option<Bytes>,
+    pub refs: Refs,
     pub meta: Arc<TxnMeta>,
+}
+
+impl Revision {
+    /// Bytes this revision is accounted for (see [`REVISION_OVERHEAD`]).
+    fn accounted(&self) -> usize {
+        self.data.as_ref().map_or(0, |d| d.len())
+            + self.refs.as_ref().map_or(0, |r| r.len() * 8)
+            + REVISION_OVERHEAD
+    }
 }
 
 #[derive(Debug, Default)]
@@ -85,14 +121,53 @@ struct Object {
     /// load before the oldest kept one is then a conflict, not "did not
     /// exist yet".
     pruned: bool,
+    /// The collector's mark: equal to the cycle's epoch once reached.
+    /// Atomic so that marking runs under the read lock, beside loads.
+    mark: AtomicU32,
 }
 
 /// An operation buffered in a transaction, checked at vote.
 #[derive(Debug, Clone)]
 pub enum TxnOp {
-    Store { oid: Oid, serial: Tid, data: Bytes },
-    CheckCurrent { oid: Oid, serial: Tid },
-    Delete { oid: Oid, serial: Tid },
+    Store {
+        oid: Oid,
+        serial: Tid,
+        data: Bytes,
+        refs: Refs,
+    },
+    CheckCurrent {
+        oid: Oid,
+        serial: Tid,
+    },
+    Delete {
+        oid: Oid,
+        serial: Tid,
+    },
+}
+
+impl TxnOp {
+    /// A store; its record is scanned for references here, on the
+    /// connection's own task, outside every lock.
+    pub fn store(oid: Oid, serial: Tid, data: Bytes) -> TxnOp {
+        let refs = scan_refs(&data);
+        TxnOp::Store {
+            oid,
+            serial,
+            data,
+            refs,
+        }
+    }
+
+    /// Bytes this operation will add to the storage if committed.
+    fn accounted(&self) -> usize {
+        match self {
+            TxnOp::Store { data, refs, .. } => {
+                data.len() + refs.as_ref().map_or(0, |r| r.len() * 8) + REVISION_OVERHEAD
+            }
+            TxnOp::Delete { .. } => REVISION_OVERHEAD,
+            TxnOp::CheckCurrent { .. } => 0,
+        }
+    }
 }
 
 /// A write conflict handed back to the client from `vote`, for it to
@@ -164,14 +239,42 @@ pub struct StorageState {
     last_tid: Tid,
     /// Newest first: `(tid, oids)`; `None` oids is the start-up sentinel.
     invalidations: VecDeque<(Tid, Option<Vec<Oid>>)>,
-    invalidation_queue_size: usize,
     subscribers: Vec<(ConnId, Arc<dyn Subscriber>)>,
     /// Bytes of all retained records (current and non-current).
     bytes: usize,
     /// Bytes of current records only (what `getSize` reports).
     current_bytes: usize,
     revisions: usize,
-    retention: Duration,
+    /// Everything the storage is accounted for: records, references and
+    /// the per-revision and per-object overheads. The memory limit applies
+    /// to this figure.
+    accounted: usize,
+    /// Retained revisions whose record could not be scanned; while there
+    /// are any, the collector frees nothing.
+    unscannable: usize,
+    limits: StorageLimits,
+    gc: gc::GcState,
+}
+
+/// The settings of one storage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StorageLimits {
+    /// How long a replaced revision stays readable.
+    pub retention: Duration,
+    /// Recent transactions remembered for `getInvalidations`.
+    pub invalidation_queue_size: usize,
+    /// Bytes the storage may be accounted for; `None` is no limit.
+    pub memory_limit: Option<usize>,
+}
+
+impl Default for StorageLimits {
+    fn default() -> StorageLimits {
+        StorageLimits {
+            retention: Duration::from_secs(DEFAULT_RETENTION_SECS),
+            invalidation_queue_size: DEFAULT_INVALIDATION_QUEUE_SIZE,
+            memory_limit: None,
+        }
+    }
 }
 
 /// The commit lock of one storage: at most one transaction between its
@@ -188,7 +291,13 @@ pub struct Storage {
     state: RwLock<StorageState>,
     lock: Mutex<CommitLock>,
     next_oid: AtomicU64,
+    /// One collection at a time (background cycle, pack, memory pressure).
+    collecting: Mutex<()>,
+    /// Commits since the last collection; the background collector skips
+    /// a storage that did not change.
+    dirty: AtomicU64,
     pub stats: Stats,
+    pub gc_stats: gc::GcStats,
     pub started: SystemTime,
 }
 
@@ -202,39 +311,39 @@ pub enum LockAttempt {
 /// The write set a successful vote produced, applied by `finish`.
 #[derive(Debug, Default)]
 pub struct VotedTxn {
-    writes: Vec<(Oid, Option<Bytes>)>,
+    writes: Vec<(Oid, Option<Bytes>, Refs)>,
 }
 
 impl VotedTxn {
     pub fn oids(&self) -> impl Iterator<Item = Oid> + '_ {
-        self.writes.iter().map(|(oid, _)| *oid)
+        self.writes.iter().map(|(oid, _, _)| *oid)
     }
 }
 
 impl Storage {
     /// A new storage whose clock starts at `start` (normally `Tid::now()`),
     /// holding only the empty root object.
-    pub fn new(
-        name: &str,
-        start: Tid,
-        retention: Duration,
-        invalidation_queue_size: usize,
-    ) -> Storage {
+    pub fn new(name: &str, start: Tid, limits: StorageLimits) -> Storage {
         let meta = Arc::new(TxnMeta {
             user: Bytes::new(),
             description: Bytes::from_static(b"initial database creation (zeotemp start-up)"),
             extension: Value::Dict(Vec::new()),
         });
-        let root = Object {
-            revisions: vec![Revision {
-                tid: start,
-                data: Some(Bytes::from_static(EMPTY_ROOT_RECORD)),
-                meta,
-            }],
-            pruned: false,
+        let root = Revision {
+            tid: start,
+            data: Some(Bytes::from_static(EMPTY_ROOT_RECORD)),
+            refs: Some(Box::new([])),
+            meta,
         };
+        let accounted = root.accounted() + OBJECT_OVERHEAD;
         let mut objects = HashMap::new();
-        objects.insert(Oid::ROOT, root);
+        objects.insert(
+            Oid::ROOT,
+            Object {
+                revisions: vec![root],
+                ..Object::default()
+            },
+        );
         let mut invalidations = VecDeque::new();
         invalidations.push_front((start, None));
         Storage {
@@ -243,17 +352,25 @@ impl Storage {
                 objects,
                 last_tid: start,
                 invalidations,
-                invalidation_queue_size: invalidation_queue_size.max(1),
                 subscribers: Vec::new(),
                 bytes: EMPTY_ROOT_RECORD.len(),
                 current_bytes: EMPTY_ROOT_RECORD.len(),
                 revisions: 1,
-                retention,
+                accounted,
+                unscannable: 0,
+                limits: StorageLimits {
+                    invalidation_queue_size: limits.invalidation_queue_size.max(1),
+                    ..limits
+                },
+                gc: gc::GcState::default(),
             }),
             lock: Mutex::new(CommitLock::default()),
             // Oids are drawn from the TimeStamp line (see `new_oids`).
             next_oid: AtomicU64::new(start.0.max(1)),
+            collecting: Mutex::new(()),
+            dirty: AtomicU64::new(0),
             stats: Stats::default(),
+            gc_stats: gc::GcStats::default(),
             started: SystemTime::now(),
         }
     }
@@ -340,6 +457,12 @@ impl Storage {
     /// Releases the lock if `id` holds it, and drops `id` from the waiters;
     /// the next live waiter gets the lock. Safe to call more than once.
     pub fn unlock(&self, id: ConnId) {
+        // The holder's transaction ends: release what its vote pinned. (Not
+        // under the commit-lock mutex: server_status takes the two locks in
+        // the other order.)
+        if self.commit_lock().holder == Some(id) {
+            self.read().unpin();
+        }
         let mut lk = self.commit_lock();
         lk.waiters.retain(|(wid, _)| *wid != id);
         if lk.holder != Some(id) {
@@ -377,14 +500,33 @@ impl Storage {
     /// one, which is how resolved data comes back). A failed
     /// `checkCurrentSerialInTransaction` is a ReadConflictError, a
     /// conflicting delete a ConflictError: neither can be resolved.
+    ///
+    /// A record that references an object this storage does not have (and
+    /// that the transaction does not create) is refused with a
+    /// ConflictError: it comes from a view older than the retention window,
+    /// and committing it would leave a dangling reference. The client
+    /// retries from a fresh snapshot.
+    ///
+    /// If the transaction would take the storage over its memory limit,
+    /// old history is dropped and garbage collected first; if that is not
+    /// enough the vote fails with an error naming the limit.
     pub fn vote(&self, ops: &[TxnOp]) -> Result<Result<VotedTxn, Vec<Conflict>>, StorageError> {
+        let incoming: usize = ops.iter().map(TxnOp::accounted).sum();
+        if let Some(limit) = self.read().limits.memory_limit {
+            self.ensure_room(incoming, limit)?;
+        }
         let st = self.read();
         let mut conflicts: Vec<Conflict> = Vec::new();
-        let mut writes: Vec<(Oid, Option<Bytes>)> = Vec::new();
+        let mut writes: Vec<(Oid, Option<Bytes>, Refs)> = Vec::new();
         let mut index: HashMap<Oid, usize> = HashMap::new();
         for op in ops {
             match op {
-                TxnOp::Store { oid, serial, data } => {
+                TxnOp::Store {
+                    oid,
+                    serial,
+                    data,
+                    refs,
+                } => {
                     let current = st.current_tid(*oid);
                     if current.unwrap_or(Tid::ZERO) != *serial {
                         if current.is_none() {
@@ -408,7 +550,13 @@ impl Storage {
                         continue;
                     }
                     conflicts.retain(|c| c.oid != *oid);
-                    set_write(&mut writes, &mut index, *oid, Some(data.clone()));
+                    set_write(
+                        &mut writes,
+                        &mut index,
+                        *oid,
+                        Some(data.clone()),
+                        refs.clone(),
+                    );
                 }
                 TxnOp::CheckCurrent { oid, serial } => {
                     let current = st.current_tid(*oid).unwrap_or(Tid::ZERO);
@@ -430,7 +578,7 @@ impl Storage {
                             class_name: None,
                         });
                     }
-                    set_write(&mut writes, &mut index, *oid, None);
+                    set_write(&mut writes, &mut index, *oid, None, Some(Box::new([])));
                 }
             }
         }
@@ -439,7 +587,51 @@ impl Storage {
         if !conflicts.is_empty() {
             return Ok(Err(conflicts));
         }
+        let mut pinned = Vec::new();
+        for (oid, data, refs) in &writes {
+            let Some(refs) = refs else { continue };
+            pinned.extend(refs.iter().copied().filter(|r| !index.contains_key(r)));
+            if let Some(missing) = refs
+                .iter()
+                .find(|r| !index.contains_key(r) && !st.objects.contains_key(r))
+            {
+                tracing::info!(%oid, %missing, "refused a record that references an object this storage does not hold");
+                return Err(StorageError::Conflict {
+                    oid: *oid,
+                    committed: st.current_tid(*oid).unwrap_or(Tid::ZERO),
+                    read: st.current_tid(*oid).unwrap_or(Tid::ZERO),
+                    class_name: data.as_deref().and_then(class_name_of),
+                });
+            }
+        }
+        // Until this transaction ends, no sweep frees what it links to.
+        st.pin(pinned);
         Ok(Ok(VotedTxn { writes }))
+    }
+
+    /// Makes room for `incoming` accounted bytes under `limit`: drops the
+    /// oldest non-current revisions first, then collects garbage.
+    fn ensure_room(&self, incoming: usize, limit: usize) -> Result<(), StorageError> {
+        let over = |st: &StorageState| (st.accounted + incoming).saturating_sub(limit);
+        let need = over(&self.read());
+        if need == 0 {
+            return Ok(());
+        }
+        let dropped = self.write().drop_oldest_history(need);
+        // Under memory pressure, even recently written unreachable objects go.
+        self.collect(Tid::MAX);
+        let st = self.read();
+        if over(&st) == 0 {
+            tracing::info!(storage = %self.name, dropped, "memory limit: made room by dropping old revisions and collecting");
+            return Ok(());
+        }
+        let msg = format!(
+            "zeotemp storage {:?} is full: this transaction needs {incoming} bytes, {} of the memory limit of {limit} bytes \
+             (memory-limit) are in use by reachable objects and their current revisions",
+            self.name, st.accounted
+        );
+        tracing::warn!("{msg}");
+        Err(StorageError::Storage(msg))
     }
 
     /// Makes a voted transaction visible under a new tid. Inside the same
@@ -458,21 +650,25 @@ impl Storage {
         let meta = Arc::new(meta);
         let now = SystemTime::now();
         let mut oids = Vec::with_capacity(txn.writes.len());
-        for (oid, data) in txn.writes {
+        for (oid, data, refs) in txn.writes {
             st.put_revision(
                 oid,
                 Revision {
                     tid,
                     data,
+                    refs,
                     meta: meta.clone(),
                 },
                 now,
             );
             oids.push(oid);
         }
+        st.gc_barrier(&oids);
+        st.unpin();
+        self.dirty.fetch_add(1, Ordering::Relaxed);
         st.last_tid = tid;
         st.invalidations.push_front((tid, Some(oids.clone())));
-        while st.invalidations.len() > st.invalidation_queue_size {
+        while st.invalidations.len() > st.limits.invalidation_queue_size {
             st.invalidations.pop_back();
         }
         for (sid, sub) in &st.subscribers {
@@ -485,47 +681,61 @@ impl Storage {
         then(tid, length, size)
     }
 
-    /// Drops every non-current revision older than `t` (keeping, for each
-    /// object, the newest revision at or before `t`), as `pack(t)` asks.
-    /// Then tells every subscriber the new size, like ZEO does after a pack.
-    pub fn pack(&self, t: Tid) {
-        let mut st = self.write();
-        st.prune(|_, next_tid| next_tid <= t);
+    /// `pack(t)`: drops every non-current revision older than `t`
+    /// (keeping, for each object, the newest revision at or before `t`),
+    /// then frees what is unreachable and was last written before `t`.
+    /// Tells every subscriber the new size, like ZEO does after a pack.
+    pub fn pack(&self, t: Tid) -> GcOutcome {
+        self.write().prune(|_, next_tid| next_tid <= t);
+        let outcome = self.collect(t);
+        let st = self.read();
         let (length, size) = (st.objects.len(), st.current_bytes);
         for (_, sub) in &st.subscribers {
             sub.info(length, size);
         }
+        outcome
+    }
+
+    /// The oldest tid still inside the retention window: revisions replaced
+    /// before it, and unreachable objects last written before it, may go.
+    pub fn retention_cutoff(&self) -> Tid {
+        self.read().retention_cutoff()
     }
 
     /// Drops non-current revisions replaced more than the retention window
     /// ago. Run periodically by the server.
     pub fn prune_expired(&self) -> usize {
-        let mut st = self.write();
-        let cutoff = SystemTime::now()
-            .checked_sub(st.retention)
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map(|d| Tid::from_unix_time(d.as_secs_f64()))
-            .unwrap_or(Tid::ZERO);
-        st.prune(|_, next_tid| next_tid < cutoff)
+        let cutoff = self.retention_cutoff();
+        self.write().prune(|_, next_tid| next_tid < cutoff)
     }
 }
 
 fn set_write(
-    writes: &mut Vec<(Oid, Option<Bytes>)>,
+    writes: &mut Vec<(Oid, Option<Bytes>, Refs)>,
     index: &mut HashMap<Oid, usize>,
     oid: Oid,
     data: Option<Bytes>,
+    refs: Refs,
 ) {
     match index.get(&oid) {
-        Some(&i) => writes[i].1 = data,
+        Some(&i) => writes[i] = (oid, data, refs),
         None => {
             index.insert(oid, writes.len());
-            writes.push((oid, data));
+            writes.push((oid, data, refs));
         }
     }
 }
 
 impl StorageState {
+    /// See [`Storage::retention_cutoff`].
+    pub fn retention_cutoff(&self) -> Tid {
+        SystemTime::now()
+            .checked_sub(self.limits.retention)
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| Tid::from_unix_time(d.as_secs_f64()))
+            .unwrap_or(Tid::ZERO)
+    }
+
     pub fn last_tid(&self) -> Tid {
         self.last_tid
     }
@@ -566,12 +776,22 @@ impl StorageState {
     ///   if it is current);
     /// * `Ok(None)`: the object has no revision before `tid` (created later,
     ///   or that revision is past retention); ZODB raises ReadConflictError;
-    /// * `Err(PosKey)`: no such object, or it was deleted as of `tid`.
+    /// * `Err(PosKey)`: no such object, or it was deleted as of `tid`
+    ///   (for a snapshot older than the retention window a missing object
+    ///   is `Ok(None)`: it may have been freed since).
     pub fn load_before(&self, oid: Oid, tid: Tid) -> Result<Option<Loaded>, StorageError> {
-        let obj = self
-            .objects
-            .get(&oid)
-            .ok_or(StorageError::PosKey { oid, serial: None })?;
+        let Some(obj) = self.objects.get(&oid) else {
+            // A snapshot older than the retention window may ask for an
+            // object the collector has freed since: answer as for any other
+            // revision past retention (ZODB raises ReadConflictError and the
+            // request is retried), never POSKeyError. A snapshot inside the
+            // window cannot reach a freed object, so there it is a real
+            // POSKeyError.
+            if tid <= self.retention_cutoff() {
+                return Ok(None);
+            }
+            return Err(StorageError::PosKey { oid, serial: None });
+        };
         let revs = &obj.revisions;
         // Index of the first revision with rev.tid >= tid.
         let i = revs.partition_point(|r| r.tid < tid);
@@ -597,7 +817,19 @@ impl StorageState {
             oid,
             serial: Some(serial),
         };
-        let obj = self.objects.get(&oid).ok_or(missing.clone())?;
+        let Some(obj) = self.objects.get(&oid) else {
+            // As in `load_before`: an old revision of a freed object is a
+            // retryable conflict.
+            if serial < self.retention_cutoff() {
+                return Err(StorageError::Conflict {
+                    oid,
+                    committed: Tid::ZERO,
+                    read: serial,
+                    class_name: None,
+                });
+            }
+            return Err(missing);
+        };
         let revs = &obj.revisions;
         match revs.binary_search_by(|r| r.tid.cmp(&serial)) {
             Ok(i) => revs[i].data.clone().ok_or(missing),
@@ -665,17 +897,58 @@ impl StorageState {
     }
 
     fn put_revision(&mut self, oid: Oid, rev: Revision, _now: SystemTime) {
+        self.count_in(&rev);
         let new_len = rev.data.as_ref().map_or(0, |d| d.len());
-        let obj = self.objects.entry(oid).or_default();
+        let obj = match self.objects.entry(oid) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                self.accounted += OBJECT_OVERHEAD;
+                e.insert(Object::default())
+            }
+        };
         let old_current = obj
             .revisions
             .last()
             .and_then(|r| r.data.as_ref())
             .map_or(0, |d| d.len());
         obj.revisions.push(rev);
-        self.revisions += 1;
-        self.bytes += new_len;
         self.current_bytes = self.current_bytes + new_len - old_current;
+    }
+
+    /// Accounts for a revision that is now retained.
+    fn count_in(&mut self, rev: &Revision) {
+        self.revisions += 1;
+        self.bytes += rev.data.as_ref().map_or(0, |d| d.len());
+        self.accounted += rev.accounted();
+        if rev.refs.is_none() {
+            self.unscannable += 1;
+        }
+    }
+
+    /// Accounts for a revision that is no longer retained.
+    fn count_out(&mut self, rev: &Revision) {
+        self.revisions -= 1;
+        self.bytes -= rev.data.as_ref().map_or(0, |d| d.len());
+        self.accounted -= rev.accounted();
+        if rev.refs.is_none() {
+            self.unscannable -= 1;
+        }
+    }
+
+    /// Removes a whole object (the collector found it unreachable, or its
+    /// only remaining revision is a deletion).
+    fn remove_object(&mut self, oid: Oid) -> bool {
+        let Some(obj) = self.objects.remove(&oid) else {
+            return false;
+        };
+        if let Some(cur) = obj.revisions.last() {
+            self.current_bytes -= cur.data.as_ref().map_or(0, |d| d.len());
+        }
+        for rev in &obj.revisions {
+            self.count_out(rev);
+        }
+        self.accounted -= OBJECT_OVERHEAD;
+        true
     }
 
     /// Drops non-current revisions for which `drop(rev_tid, next_tid)`
@@ -683,8 +956,7 @@ impl StorageState {
     /// Never drops a current revision. An object whose only remaining
     /// revision is a deletion is removed. Returns the revisions dropped.
     fn prune(&mut self, drop: impl Fn(Tid, Tid) -> bool) -> usize {
-        let mut dropped = 0;
-        let mut freed_bytes = 0;
+        let mut dropped_revs = Vec::new();
         let mut gone = Vec::new();
         for (oid, obj) in self.objects.iter_mut() {
             let revs = &mut obj.revisions;
@@ -694,23 +966,58 @@ impl StorageState {
                 k += 1;
             }
             if k > 0 {
-                for r in revs.drain(..k) {
-                    freed_bytes += r.data.map_or(0, |d| d.len());
-                }
+                dropped_revs.extend(revs.drain(..k));
                 obj.pruned = true;
-                dropped += k;
             }
             if revs.len() == 1 && revs[0].data.is_none() && *oid != Oid::ROOT {
                 gone.push(*oid);
             }
         }
-        for oid in gone {
-            self.objects.remove(&oid);
-            dropped += 1;
+        let mut dropped = dropped_revs.len();
+        for rev in &dropped_revs {
+            self.count_out(rev);
         }
-        self.revisions -= dropped;
-        self.bytes -= freed_bytes;
+        for oid in gone {
+            if self.remove_object(oid) {
+                dropped += 1;
+            }
+        }
         dropped
+    }
+
+    /// Under memory pressure: drops the oldest non-current revisions until
+    /// at least `need` accounted bytes are freed (or no history is left).
+    fn drop_oldest_history(&mut self, need: usize) -> usize {
+        // (tid of the replacing revision, bytes freed by dropping this one)
+        let mut history: Vec<(Tid, usize)> = self
+            .objects
+            .values()
+            .flat_map(|o| o.revisions.windows(2).map(|w| (w[1].tid, w[0].accounted())))
+            .collect();
+        if history.is_empty() {
+            return 0;
+        }
+        history.sort_unstable_by_key(|(t, _)| *t);
+        let mut freed = 0;
+        let mut cutoff = Tid::ZERO;
+        for (t, bytes) in history {
+            cutoff = t;
+            freed += bytes;
+            if freed >= need {
+                break;
+            }
+        }
+        self.prune(|_, next| next <= cutoff)
+    }
+
+    /// Accounted bytes (records, references and overheads).
+    pub fn accounted(&self) -> usize {
+        self.accounted
+    }
+
+    /// Retained revisions whose record could not be scanned.
+    pub fn unscannable(&self) -> usize {
+        self.unscannable
     }
 }
 
@@ -743,7 +1050,15 @@ mod tests {
     use super::*;
 
     fn storage() -> Storage {
-        Storage::new("1", Tid::now(), Duration::from_secs(600), 100)
+        Storage::new("1", Tid::now(), StorageLimits::default())
+    }
+
+    fn limits(retention_secs: u64, invalidation_queue_size: usize) -> StorageLimits {
+        StorageLimits {
+            retention: Duration::from_secs(retention_secs),
+            invalidation_queue_size,
+            memory_limit: None,
+        }
     }
 
     fn commit(s: &Storage, ops: Vec<TxnOp>) -> Tid {
@@ -760,11 +1075,7 @@ mod tests {
     }
 
     fn store(oid: u64, serial: Tid, data: &'static [u8]) -> TxnOp {
-        TxnOp::Store {
-            oid: Oid(oid),
-            serial,
-            data: Bytes::from_static(data),
-        }
+        TxnOp::store(Oid(oid), serial, Bytes::from_static(data))
     }
 
     #[test]
@@ -792,7 +1103,7 @@ mod tests {
         assert!(start < t1 && t1 < t2);
         // A restart in the same instant still starts later than any tid
         // an earlier run could have reached from the clock.
-        let s2 = Storage::new("1", Tid::next_after(t2), Duration::from_secs(1), 1);
+        let s2 = Storage::new("1", Tid::next_after(t2), limits(1, 1));
         assert!(s2.read().last_tid() > t2);
     }
 
@@ -812,7 +1123,7 @@ mod tests {
         // A later run starts above everything this one handed out.
         let last = *s.new_oids(1).unwrap().last().unwrap();
         std::thread::sleep(Duration::from_millis(2));
-        let s2 = Storage::new("1", Tid::now(), Duration::from_secs(1), 1);
+        let s2 = Storage::new("1", Tid::now(), limits(1, 1));
         assert!(s2.new_oids(1).unwrap()[0] > last);
     }
 
@@ -978,7 +1289,7 @@ mod tests {
 
     #[test]
     fn invalidation_queue_is_bounded() {
-        let s = Storage::new("1", Tid::now(), Duration::from_secs(600), 2);
+        let s = Storage::new("1", Tid::now(), limits(600, 2));
         let start = s.read().last_tid();
         let t1 = commit(&s, vec![store(5, Tid::ZERO, b"a")]);
         let t2 = commit(&s, vec![store(5, t1, b"b")]);
@@ -1016,7 +1327,9 @@ mod tests {
         let t1 = commit(&s, vec![store(5, Tid::ZERO, b"one")]);
         let t2 = commit(&s, vec![store(5, t1, b"two")]);
         let t3 = commit(&s, vec![store(7, Tid::ZERO, b"other")]);
-        s.pack(Tid(t3.0 + 1));
+        // pack's history step (pack itself would also free these unlinked
+        // objects; see gc.rs for that).
+        s.write().prune(|_, next| next <= Tid(t3.0 + 1));
         let st = s.read();
         // Current revisions are all there.
         assert_eq!(
@@ -1035,11 +1348,27 @@ mod tests {
             Err(StorageError::Conflict { .. })
         ));
         assert_eq!(st.retained().0, 3, "root + current of 5 + 7");
+        // A snapshot older than the retention window asking for an object
+        // that is gone (freed) gets None too; a recent one POSKeyError.
+        drop(st);
+        let s = Storage::new("1", Tid::now(), limits(0, 100));
+        std::thread::sleep(Duration::from_millis(2));
+        let old = Tid(s.read().last_tid().0 + 1);
+        let st = s.read();
+        assert_eq!(st.load_before(Oid(99), old).unwrap(), None);
+        assert!(matches!(
+            st.load_serial(Oid(99), Tid(old.0 - 1)),
+            Err(StorageError::Conflict { .. })
+        ));
+        assert!(matches!(
+            st.load_before(Oid(99), Tid::MAX),
+            Err(StorageError::PosKey { .. })
+        ));
     }
 
     #[test]
     fn expired_revisions_pruned_by_age() {
-        let s = Storage::new("1", Tid::now(), Duration::from_secs(0), 100);
+        let s = Storage::new("1", Tid::now(), limits(0, 100));
         let t1 = commit(&s, vec![store(5, Tid::ZERO, b"one")]);
         commit(&s, vec![store(5, t1, b"two")]);
         std::thread::sleep(Duration::from_millis(5));

@@ -1,0 +1,348 @@
+//! Golden tests for the reference scanner (`zeotemp::refs`) against records
+//! written by real ZODB (`fixtures/refs/`, made by
+//! `tests/python/gen_ref_fixtures.py`; format in `fixtures/refs/README.md`).
+//!
+//! Every record's references must equal what `ZODB.serialize.referencesf`
+//! found (deduplicated keeping first occurrences, as the generator writes
+//! them), and records marked `"error": true` must be refused.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use zeotemp::refs::{self, RefError};
+use zeotemp::types::Oid;
+
+/// The categories the Python 3 fixture must cover with ZODB's own writer.
+const PY3_CATEGORIES: &[&str] = &[
+    "root-mapping",
+    "persistent-list",
+    "oobtree",
+    "iobtree",
+    "oibtree",
+    "lobtree",
+    "length",
+    "weakref",
+    "cross-db",
+    "transience",
+    "memo-shared",
+    "getnewargs",
+    "many-refs",
+    "plain-objects",
+];
+
+/// One fixture line.
+struct Case {
+    file: &'static str,
+    variant: String,
+    category: String,
+    name: String,
+    record: Vec<u8>,
+    /// `None` when the scanner must refuse the record.
+    refs: Option<Vec<Oid>>,
+}
+
+fn hex_decode(s: &str) -> Vec<u8> {
+    assert!(s.len().is_multiple_of(2), "odd hex length");
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+fn str_field<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
+    v.get(key)
+        .and_then(|x| x.as_str())
+        .unwrap_or_else(|| panic!("missing {key} in {v}"))
+}
+
+/// The cases of one fixture file, checked against its header's count.
+fn load(file: &'static str) -> (serde_json::Value, Vec<Case>) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/refs")
+        .join(file);
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: serde_json::Value =
+        serde_json::from_str(lines.next().expect("header line")).expect("header json");
+    assert_eq!(header["header"], true, "first line of {file} is the header");
+    let mut cases = Vec::new();
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(line).expect("jsonl line");
+        let error = v.get("error").and_then(|e| e.as_bool()).unwrap_or(false);
+        let refs = if error {
+            assert!(v.get("refs").is_none(), "error case with refs: {v}");
+            None
+        } else {
+            let list = v["refs"].as_array().expect("refs array");
+            Some(
+                list.iter()
+                    .map(|h| {
+                        Oid::from_slice(&hex_decode(h.as_str().expect("hex oid")))
+                            .expect("8-byte oid")
+                    })
+                    .collect(),
+            )
+        };
+        cases.push(Case {
+            file,
+            variant: str_field(&v, "variant").to_owned(),
+            category: str_field(&v, "category").to_owned(),
+            name: str_field(&v, "name").to_owned(),
+            record: hex_decode(str_field(&v, "record")),
+            refs,
+        });
+    }
+    let expected = header["records"].as_u64().expect("header records") as usize;
+    assert_eq!(cases.len(), expected, "{file}: records in file vs header");
+    (header, cases)
+}
+
+fn all_cases() -> Vec<Case> {
+    let (_, mut cases) = load("py3.jsonl");
+    cases.extend(load("py2.jsonl").1);
+    cases
+}
+
+fn check(cases: &[Case]) -> usize {
+    let mut checked = 0;
+    for c in cases {
+        let got = refs::references(&c.record);
+        match (&c.refs, &got) {
+            (Some(want), Ok(got)) => assert_eq!(got, want, "{}: {}", c.file, c.name),
+            (None, Err(e)) => assert!(e.offset() <= c.record.len(), "{}: {e}", c.name),
+            _ => panic!("{}: {}: expected {:?}, got {got:?}", c.file, c.name, c.refs),
+        }
+        checked += 1;
+    }
+    checked
+}
+
+#[test]
+fn python3_records_match_referencesf() {
+    let (header, cases) = load("py3.jsonl");
+    assert_eq!(
+        check(&cases),
+        header["records"].as_u64().unwrap_or(0) as usize
+    );
+    assert!(cases.len() >= 300, "py3 fixture shrank: {}", cases.len());
+
+    let zodb: BTreeSet<&str> = cases
+        .iter()
+        .filter(|c| c.variant == "zodb")
+        .map(|c| c.category.as_str())
+        .collect();
+    for cat in PY3_CATEGORIES {
+        assert!(zodb.contains(cat), "category {cat} missing from py3.jsonl");
+    }
+    let variants: BTreeSet<&str> = cases.iter().map(|c| c.variant.as_str()).collect();
+    for v in ["zodb", "proto4", "proto2-codecs", "hand"] {
+        assert!(variants.contains(v), "variant {v} missing from py3.jsonl");
+    }
+    // The fixture really exercises references, weak ones and failures.
+    let with_refs = cases
+        .iter()
+        .filter(|c| c.refs.as_ref().is_some_and(|r| !r.is_empty()));
+    assert!(with_refs.count() >= 100);
+    assert!(
+        cases
+            .iter()
+            .any(|c| c.refs.as_ref().is_some_and(|r| r.len() >= 300))
+    );
+    assert!(cases.iter().filter(|c| c.refs.is_none()).count() >= 4);
+}
+
+#[test]
+fn python2_records_match_referencesf() {
+    let (header, cases) = load("py2.jsonl");
+    assert_eq!(
+        check(&cases),
+        header["records"].as_u64().unwrap_or(0) as usize
+    );
+    assert!(cases.len() >= 400, "py2 fixture shrank: {}", cases.len());
+    let variants: BTreeSet<&str> = cases.iter().map(|c| c.variant.as_str()).collect();
+    for v in ["zodb", "legacy-proto1", "legacy-proto2", "hand"] {
+        assert!(variants.contains(v), "variant {v} missing from py2.jsonl");
+    }
+    for cat in PY3_CATEGORIES {
+        assert!(
+            cases
+                .iter()
+                .any(|c| c.variant == "legacy-proto1" && c.category == *cat),
+            "category {cat} missing from py2 legacy-proto1"
+        );
+    }
+    // Legacy records carry oids as SHORT_BINSTRING (`U\x08`).
+    assert!(
+        cases
+            .iter()
+            .filter(|c| c.variant == "legacy-proto1")
+            .any(|c| c.record.windows(2).any(|w| w == b"U\x08"))
+    );
+}
+
+/// The hand-written edge cases fail where they should.
+#[test]
+fn edge_records() {
+    let cases = all_cases();
+    let get = |name: &str| -> Result<Vec<Oid>, RefError> {
+        let c = cases
+            .iter()
+            .find(|c| c.name == format!("hand/edge/{name}"))
+            .unwrap_or_else(|| panic!("edge case {name} missing"));
+        refs::references(&c.record)
+    };
+    assert_eq!(get("not-a-pickle"), Ok(vec![]));
+    assert_eq!(get("empty"), Ok(vec![]));
+    assert!(matches!(get("truncated"), Err(RefError::Truncated { .. })));
+    // `b"garbage"` reads as GET with an unterminated index line.
+    assert!(get("garbage-after-first-pickle").is_err());
+    assert!(get("garbage-after-both-pickles").is_err());
+    // One complete pickle is accepted (referencesf would want a second).
+    assert_eq!(get("class-pickle-only"), Ok(vec![]));
+}
+
+/// A tiny deterministic PRNG (xorshift64*), to avoid a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Mutated fixture records never panic, and what comes back is consistent:
+/// duplicate-free oids, or an error pointing inside the record.
+#[test]
+fn mutated_records_never_panic() {
+    let cases = all_cases();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut runs = 0usize;
+    let mut verify = |r: &[u8]| {
+        match refs::references(r) {
+            Ok(oids) => {
+                let set: BTreeSet<_> = oids.iter().collect();
+                assert_eq!(set.len(), oids.len(), "duplicates in {oids:?}");
+            }
+            Err(e) => assert!(e.offset() <= r.len(), "{e} beyond {}", r.len()),
+        }
+        runs += 1;
+    };
+    // Every single-byte value at every position of a few small records.
+    for c in cases
+        .iter()
+        .filter(|c| c.refs.is_some() && (60..200).contains(&c.record.len()))
+        .step_by(17)
+    {
+        let mut r = c.record.clone();
+        for i in 0..r.len() {
+            let orig = r[i];
+            for b in 0..=255u8 {
+                r[i] = b;
+                verify(&r);
+            }
+            r[i] = orig;
+        }
+    }
+    // Random mutations of every record.
+    for c in &cases {
+        for _ in 0..40 {
+            let mut r = c.record.clone();
+            for _ in 0..=rng.below(3) {
+                let len = r.len();
+                match rng.below(6) {
+                    0 if len > 0 => {
+                        let i = rng.below(len);
+                        r[i] = rng.next() as u8;
+                    }
+                    1 => r.truncate(rng.below(len + 1)),
+                    2 => {
+                        let i = rng.below(len + 1);
+                        r.insert(i, rng.next() as u8);
+                    }
+                    3 if len > 0 => {
+                        let i = rng.below(len);
+                        r.remove(i);
+                    }
+                    4 if len > 0 => {
+                        // Repeat a slice (memo indices, marks, lengths shift).
+                        let a = rng.below(len);
+                        let b = (a + rng.below(32)).min(len);
+                        let chunk = r[a..b].to_vec();
+                        let at = rng.below(len + 1);
+                        r.splice(at..at, chunk);
+                    }
+                    _ => {
+                        // Splice in part of another record.
+                        let other = &cases[rng.below(cases.len())].record;
+                        let a = rng.below(other.len() + 1);
+                        let at = rng.below(len + 1);
+                        r.truncate(at);
+                        r.extend_from_slice(&other[a..]);
+                    }
+                }
+            }
+            verify(&r);
+        }
+    }
+    assert!(runs > 100_000, "only {runs} runs");
+}
+
+/// `cargo test --release --test refs_golden -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bench_references() {
+    let cases: Vec<Case> = all_cases()
+        .into_iter()
+        .filter(|c| c.refs.is_some())
+        .collect();
+    let bytes: usize = cases.iter().map(|c| c.record.len()).sum();
+    let rounds = 2000;
+    let mut found = 0usize;
+    // Warm up, then time.
+    for c in &cases {
+        found += refs::references(&c.record).map(|r| r.len()).unwrap_or(0);
+    }
+    let start = Instant::now();
+    for _ in 0..rounds {
+        for c in &cases {
+            found += refs::references(std::hint::black_box(&c.record))
+                .map(|r| r.len())
+                .unwrap_or(0);
+        }
+    }
+    let ns = start.elapsed().as_nanos() as f64 / (rounds * cases.len()) as f64;
+    println!(
+        "refs::references: {ns:.0} ns/record over {} fixture records (mean {} bytes), \
+         {:.2} ns/byte ({found} refs)",
+        cases.len(),
+        bytes / cases.len(),
+        ns * cases.len() as f64 / bytes as f64,
+    );
+    // Records of ordinary size (the session data of a commit).
+    let small: Vec<&Case> = cases
+        .iter()
+        .filter(|c| (150..=300).contains(&c.record.len()))
+        .collect();
+    let start = Instant::now();
+    for _ in 0..rounds * 4 {
+        for c in &small {
+            found += refs::references(std::hint::black_box(&c.record))
+                .map(|r| r.len())
+                .unwrap_or(0);
+        }
+    }
+    let ns = start.elapsed().as_nanos() as f64 / (rounds * 4 * small.len()) as f64;
+    println!(
+        "refs::references: {ns:.0} ns/record over {} records of 150-300 bytes ({found})",
+        small.len()
+    );
+}
