@@ -40,7 +40,10 @@ use crate::types::{Oid, Tid};
 pub const MARK_CHUNK: usize = 20_000;
 
 /// Objects checked per read-lock hold when looking for unmarked ones.
-pub const SWEEP_CHUNK: usize = 100_000;
+pub const SWEEP_CHUNK: usize = 20_000;
+
+/// Objects freed per write-lock hold.
+pub const FREE_CHUNK: usize = 5_000;
 
 /// The collector's state inside the storage (under its lock).
 #[derive(Debug, Default)]
@@ -145,6 +148,27 @@ impl StorageState {
                         grey.push(*r);
                     }
                 }
+            }
+        }
+    }
+
+    /// Traverses everything commits shaded and what the voted transaction
+    /// pinned (under the write lock, before freeing anything).
+    fn finish_marking(&mut self) {
+        let epoch = self.gc.epoch;
+        let mut grey: Vec<Oid> = lock(&self.gc.pinned)
+            .iter()
+            .copied()
+            .filter(|oid| {
+                self.objects
+                    .get(oid)
+                    .is_some_and(|o| o.mark.swap(epoch, Ordering::Relaxed) != epoch)
+            })
+            .collect();
+        loop {
+            self.mark_some(&mut grey, usize::MAX);
+            if grey.is_empty() && lock(&self.gc.shaded).is_empty() {
+                break;
             }
         }
     }
@@ -286,52 +310,47 @@ impl Storage {
             });
         }
 
-        // 4. sweep
-        let outcome = pauses.hold(|| {
-            let mut st = self.write();
-            st.gc.active = false;
-            if st.unscannable > 0 {
-                // A record that cannot be scanned was committed during the
-                // cycle: its references are unknown.
-                return Err(st.unscannable_oids(10));
-            }
-            // Everything commits shaded since the last chunk, and what a
-            // voted transaction is about to link.
-            let epoch = st.gc.epoch;
-            let mut grey: Vec<Oid> = lock(&st.gc.pinned)
-                .iter()
-                .copied()
-                .filter(|oid| {
-                    st.objects
-                        .get(oid)
-                        .is_some_and(|o| o.mark.swap(epoch, Ordering::Relaxed) != epoch)
-                })
-                .collect();
-            loop {
-                st.mark_some(&mut grey, usize::MAX);
-                if grey.is_empty() && lock(&st.gc.shaded).is_empty() {
-                    break;
+        // 4. sweep, in chunks. The barrier stays on until the last one, so a
+        // candidate that a commit links between two chunks gets marked, and
+        // each chunk first traverses what commits shaded and what a voted
+        // transaction pinned. Freed objects are dropped outside the lock.
+        let free_chunk = if chunk == 0 { FREE_CHUNK } else { chunk };
+        let mut freed = 0;
+        let mut abandoned = None;
+        for part in candidates.chunks(free_chunk) {
+            let mut garbage = Vec::new();
+            let result = pauses.hold(|| {
+                let mut st = self.write();
+                if st.unscannable > 0 {
+                    // A record that cannot be scanned was committed during the
+                    // cycle: its references are unknown.
+                    return Err(st.unscannable_oids(10));
                 }
-            }
-            let mut freed = 0;
-            for oid in candidates {
-                let unmarked = st
-                    .objects
-                    .get(&oid)
-                    .is_some_and(|o| o.mark.load(Ordering::Relaxed) != epoch);
-                if unmarked && oid != Oid::ROOT && st.remove_object(oid) {
-                    freed += 1;
+                st.finish_marking();
+                let epoch = st.gc.epoch;
+                for &oid in part {
+                    let unmarked = st
+                        .objects
+                        .get(&oid)
+                        .is_some_and(|o| o.mark.load(Ordering::Relaxed) != epoch);
+                    if unmarked && oid != Oid::ROOT {
+                        garbage.extend(st.take_object(oid));
+                    }
                 }
+                Ok(())
+            });
+            freed += garbage.len();
+            drop(garbage);
+            if let Err(unscannable) = result {
+                abandoned = Some(unscannable);
+                break;
             }
-            Ok(freed)
-        });
-        let freed = match outcome {
-            Ok(freed) => freed,
-            Err(unscannable) => {
-                tracing::warn!(storage = %self.name, oids = ?unscannable, "garbage collection cycle abandoned: an unscannable record was committed during it");
-                return GcOutcome::KeptEverything { unscannable };
-            }
-        };
+        }
+        pauses.hold(|| self.write().gc.active = false);
+        if let Some(unscannable) = abandoned {
+            tracing::warn!(storage = %self.name, oids = ?unscannable, freed, "garbage collection cycle stopped early: an unscannable record was committed during it");
+            return GcOutcome::KeptEverything { unscannable };
+        }
 
         let s = &self.gc_stats;
         s.collections.fetch_add(1, Ordering::Relaxed);
@@ -520,7 +539,7 @@ mod tests {
         let t = commit(&s, vec![store(0, root, &[5]), store(5, Tid::ZERO, &[])]);
         let t2 = commit(&s, vec![store(0, t, &[])]);
         // Drop the history that still links it (a pack would also free it).
-        s.write().prune(|_, next| next <= Tid(t2.0 + 1));
+        s.write().prune_until(Tid(t2.0 + 1));
         // A client links it again; its vote sees that 5 exists...
         assert!(matches!(s.try_lock(1), LockAttempt::Acquired));
         let voted = s.vote(&[store(0, t2, &[5])]).unwrap().unwrap();
@@ -544,6 +563,79 @@ mod tests {
             s.pack(Tid(t4.0 + 1)),
             GcOutcome::Collected { freed: 1, .. }
         ));
+    }
+
+    /// A store of `size` bytes whose references are given.
+    fn big(oid: u64, serial: Tid, refs: &[u64], size: usize) -> TxnOp {
+        TxnOp::Store {
+            oid: Oid(oid),
+            serial,
+            data: Bytes::from(vec![b'd'; size]),
+            refs: Some(refs.iter().map(|r| Oid(*r)).collect()),
+        }
+    }
+
+    #[test]
+    fn memory_limit_trims_history_then_collects_then_refuses() {
+        let base = storage().read().accounted();
+        let limit = base + 20 * 1024;
+        let s = Storage::new(
+            "1",
+            Tid::now(),
+            StorageLimits {
+                memory_limit: Some(limit),
+                ..StorageLimits::default()
+            },
+        );
+        let mut root = s.read().get_tid(Oid::ROOT).unwrap();
+        // 1. One object rewritten again and again: only its history grows,
+        //    and the oldest history makes room.
+        root = commit(&s, vec![store(0, root, &[5]), big(5, Tid::ZERO, &[], 1000)]);
+        let mut serial = s.read().get_tid(Oid(5)).unwrap();
+        for _ in 0..100 {
+            serial = commit(&s, vec![big(5, serial, &[], 1000)]);
+        }
+        assert!(s.read().accounted() <= limit);
+        assert!(s.read().retained().0 < 100, "old revisions were dropped");
+        // 2. Unreachable objects, even recent ones, are collected under pressure.
+        for i in 0..30u64 {
+            commit(&s, vec![big(1000 + i, Tid::ZERO, &[], 1000)]);
+        }
+        assert!(s.gc_stats.freed_objects.load(Ordering::Relaxed) > 0);
+        // 3. Reachable data that does not fit: the vote fails, naming the limit.
+        let mut linked = vec![5];
+        let err = loop {
+            let next = 2000 + linked.len() as u64;
+            let mut refs = linked.clone();
+            refs.push(next);
+            assert!(matches!(s.try_lock(1), LockAttempt::Acquired));
+            let result = s.vote(&[store(0, root, &refs), big(next, Tid::ZERO, &[], 1000)]);
+            match result {
+                Ok(Ok(voted)) => {
+                    let meta = TxnMeta {
+                        user: Bytes::new(),
+                        description: Bytes::new(),
+                        extension: Value::None,
+                    };
+                    root = s.finish(1, voted, meta, |tid, _, _| tid);
+                    s.unlock(1);
+                    linked.push(next);
+                }
+                Ok(Err(c)) => panic!("unexpected conflicts {c:?}"),
+                Err(e) => {
+                    s.unlock(1);
+                    break e;
+                }
+            }
+            assert!(linked.len() < 100, "the limit was never reached");
+        };
+        assert!(err.to_string().contains("memory-limit"), "{err}");
+        // Nothing committed was lost, and loads still work.
+        let st = s.read();
+        for oid in &linked {
+            assert!(st.load_before(Oid(*oid), Tid::MAX).unwrap().is_some());
+        }
+        assert!(st.accounted() <= limit);
     }
 
     #[test]

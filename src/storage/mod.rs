@@ -252,6 +252,10 @@ pub struct StorageState {
     /// Retained revisions whose record could not be scanned; while there
     /// are any, the collector frees nothing.
     unscannable: usize,
+    /// Non-current revisions in the order they stopped being current:
+    /// `(tid of the revision that replaced it, oid)`. Commits append in tid
+    /// order, so pruning pops from the front and never scans all objects.
+    replaced: VecDeque<(Tid, Oid)>,
     limits: StorageLimits,
     gc: gc::GcState,
 }
@@ -358,6 +362,7 @@ impl Storage {
                 revisions: 1,
                 accounted,
                 unscannable: 0,
+                replaced: VecDeque::new(),
                 limits: StorageLimits {
                     invalidation_queue_size: limits.invalidation_queue_size.max(1),
                     ..limits
@@ -512,7 +517,9 @@ impl Storage {
     /// enough the vote fails with an error naming the limit.
     pub fn vote(&self, ops: &[TxnOp]) -> Result<Result<VotedTxn, Vec<Conflict>>, StorageError> {
         let incoming: usize = ops.iter().map(TxnOp::accounted).sum();
-        if let Some(limit) = self.read().limits.memory_limit {
+        // (Bound first: a guard in the `if let` would live through the block.)
+        let limit = self.read().limits.memory_limit;
+        if let Some(limit) = limit {
             self.ensure_room(incoming, limit)?;
         }
         let st = self.read();
@@ -686,7 +693,7 @@ impl Storage {
     /// then frees what is unreachable and was last written before `t`.
     /// Tells every subscriber the new size, like ZEO does after a pack.
     pub fn pack(&self, t: Tid) -> GcOutcome {
-        self.write().prune(|_, next_tid| next_tid <= t);
+        self.write().prune_until(t);
         let outcome = self.collect(t);
         let st = self.read();
         let (length, size) = (st.objects.len(), st.current_bytes);
@@ -706,7 +713,7 @@ impl Storage {
     /// ago. Run periodically by the server.
     pub fn prune_expired(&self) -> usize {
         let cutoff = self.retention_cutoff();
-        self.write().prune(|_, next_tid| next_tid < cutoff)
+        self.write().prune_until(Tid(cutoff.0.saturating_sub(1)))
     }
 }
 
@@ -911,6 +918,9 @@ impl StorageState {
             .last()
             .and_then(|r| r.data.as_ref())
             .map_or(0, |d| d.len());
+        if !obj.revisions.is_empty() {
+            self.replaced.push_back((rev.tid, oid));
+        }
         obj.revisions.push(rev);
         self.current_bytes = self.current_bytes + new_len - old_current;
     }
@@ -936,11 +946,10 @@ impl StorageState {
     }
 
     /// Removes a whole object (the collector found it unreachable, or its
-    /// only remaining revision is a deletion).
-    fn remove_object(&mut self, oid: Oid) -> bool {
-        let Some(obj) = self.objects.remove(&oid) else {
-            return false;
-        };
+    /// only remaining revision is a deletion) and returns it, so that the
+    /// caller can free its memory after releasing the lock.
+    fn take_object(&mut self, oid: Oid) -> Option<Object> {
+        let obj = self.objects.remove(&oid)?;
         if let Some(cur) = obj.revisions.last() {
             self.current_bytes -= cur.data.as_ref().map_or(0, |d| d.len());
         }
@@ -948,29 +957,33 @@ impl StorageState {
             self.count_out(rev);
         }
         self.accounted -= OBJECT_OVERHEAD;
-        true
+        Some(obj)
     }
 
-    /// Drops non-current revisions for which `drop(rev_tid, next_tid)`
-    /// holds, where `next_tid` is the tid of the revision that replaced it.
-    /// Never drops a current revision. An object whose only remaining
+    /// Drops every non-current revision that was replaced at or before
+    /// `t`. Never drops a current revision. An object whose only remaining
     /// revision is a deletion is removed. Returns the revisions dropped.
-    fn prune(&mut self, drop: impl Fn(Tid, Tid) -> bool) -> usize {
+    /// Costs O(revisions dropped), not O(objects).
+    fn prune_until(&mut self, t: Tid) -> usize {
         let mut dropped_revs = Vec::new();
         let mut gone = Vec::new();
-        for (oid, obj) in self.objects.iter_mut() {
-            let revs = &mut obj.revisions;
-            // Revisions are oldest first; find how many leading ones go.
-            let mut k = 0;
-            while k + 1 < revs.len() && drop(revs[k].tid, revs[k + 1].tid) {
-                k += 1;
+        while let Some(&(replaced_at, oid)) = self.replaced.front() {
+            if replaced_at > t {
+                break;
             }
+            self.replaced.pop_front();
+            // Gone already (collected), or pruned with an earlier entry.
+            let Some(obj) = self.objects.get_mut(&oid) else {
+                continue;
+            };
+            let revs = &mut obj.revisions;
+            let k = revs.partition_point(|r| r.tid <= t).saturating_sub(1);
             if k > 0 {
                 dropped_revs.extend(revs.drain(..k));
                 obj.pruned = true;
             }
-            if revs.len() == 1 && revs[0].data.is_none() && *oid != Oid::ROOT {
-                gone.push(*oid);
+            if revs.len() == 1 && revs[0].data.is_none() && oid != Oid::ROOT {
+                gone.push(oid);
             }
         }
         let mut dropped = dropped_revs.len();
@@ -978,7 +991,7 @@ impl StorageState {
             self.count_out(rev);
         }
         for oid in gone {
-            if self.remove_object(oid) {
+            if self.take_object(oid).is_some() {
                 dropped += 1;
             }
         }
@@ -988,26 +1001,23 @@ impl StorageState {
     /// Under memory pressure: drops the oldest non-current revisions until
     /// at least `need` accounted bytes are freed (or no history is left).
     fn drop_oldest_history(&mut self, need: usize) -> usize {
-        // (tid of the replacing revision, bytes freed by dropping this one)
-        let mut history: Vec<(Tid, usize)> = self
-            .objects
-            .values()
-            .flat_map(|o| o.revisions.windows(2).map(|w| (w[1].tid, w[0].accounted())))
-            .collect();
-        if history.is_empty() {
-            return 0;
-        }
-        history.sort_unstable_by_key(|(t, _)| *t);
         let mut freed = 0;
-        let mut cutoff = Tid::ZERO;
-        for (t, bytes) in history {
-            cutoff = t;
-            freed += bytes;
+        let mut cutoff = None;
+        for &(replaced_at, oid) in &self.replaced {
+            cutoff = Some(replaced_at);
+            let Some(obj) = self.objects.get(&oid) else {
+                continue;
+            };
+            // The revision that `replaced_at` replaced.
+            let i = obj.revisions.partition_point(|r| r.tid < replaced_at);
+            if i > 0 && obj.revisions.get(i).is_some_and(|r| r.tid == replaced_at) {
+                freed += obj.revisions[i - 1].accounted();
+            }
             if freed >= need {
                 break;
             }
         }
-        self.prune(|_, next| next <= cutoff)
+        cutoff.map_or(0, |t| self.prune_until(t))
     }
 
     /// Accounted bytes (records, references and overheads).
@@ -1329,7 +1339,7 @@ mod tests {
         let t3 = commit(&s, vec![store(7, Tid::ZERO, b"other")]);
         // pack's history step (pack itself would also free these unlinked
         // objects; see gc.rs for that).
-        s.write().prune(|_, next| next <= Tid(t3.0 + 1));
+        s.write().prune_until(Tid(t3.0 + 1));
         let st = s.read();
         // Current revisions are all there.
         assert_eq!(

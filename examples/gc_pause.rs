@@ -1,0 +1,145 @@
+//! How long does garbage collection hold up loads and commits?
+//!
+//! Builds a storage of N objects (default 1,000,000: the root links 1,000
+//! containers of 1,000 leaves, 200-byte records), unlinks half of the
+//! containers, then packs (history drop + a full collection) while two
+//! threads load random objects and one commits small transactions, all the
+//! time. Prints the collector's longest lock hold, the slowest load and the
+//! slowest commit seen during the collection, and the cycle's duration.
+//!
+//!     cargo run --release --example gc_pause [-- OBJECTS]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use zeotemp::pickle::Value;
+use zeotemp::storage::{GcOutcome, LockAttempt, Storage, StorageLimits, TxnMeta, TxnOp};
+use zeotemp::types::{Oid, Tid};
+
+fn store(oid: u64, serial: Tid, refs: Vec<u64>) -> TxnOp {
+    TxnOp::Store {
+        oid: Oid(oid),
+        serial,
+        data: Bytes::from(vec![b'x'; 200]),
+        refs: Some(refs.into_iter().map(Oid).collect()),
+    }
+}
+
+fn commit(s: &Storage, conn: u64, ops: Vec<TxnOp>) -> Tid {
+    if let LockAttempt::Wait(mut rx) = s.try_lock(conn) {
+        // The lock is handed over when the holder finishes.
+        while rx.try_recv().is_err() {
+            std::thread::yield_now();
+        }
+    }
+    let voted = s.vote(&ops).expect("vote").expect("no conflicts");
+    let meta = TxnMeta {
+        user: Bytes::new(),
+        description: Bytes::new(),
+        extension: Value::None,
+    };
+    let tid = s.finish(conn, voted, meta, |tid, _, _| tid);
+    s.unlock(conn);
+    tid
+}
+
+fn main() {
+    let n: u64 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
+    let fanout = (n as f64).sqrt().round() as u64;
+    let s = Arc::new(Storage::new("1", Tid::now(), StorageLimits::default()));
+    let mut serials = std::collections::HashMap::new();
+    let t_build = Instant::now();
+    // Containers 1..=fanout, leaves after them.
+    let mut next = fanout + 1;
+    for c in 1..=fanout {
+        let leaves: Vec<u64> = (next..next + fanout).collect();
+        next += fanout;
+        let mut ops: Vec<TxnOp> = leaves
+            .iter()
+            .map(|l| store(*l, Tid::ZERO, vec![]))
+            .collect();
+        ops.push(store(c, Tid::ZERO, leaves));
+        let tid = commit(&s, 1, ops);
+        serials.insert(c, tid);
+    }
+    let root = s.read().get_tid(Oid::ROOT).expect("root");
+    let root_tid = commit(&s, 1, vec![store(0, root, (1..=fanout).collect())]);
+    let total = s.read().len();
+    println!("built {total} objects in {:?}", t_build.elapsed());
+
+    // Unlink half of the containers: about n/2 objects become garbage.
+    let root_tid = commit(&s, 1, vec![store(0, root_tid, (1..=fanout / 2).collect())]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loaders = Vec::new();
+    for k in 0..2u64 {
+        let (s, stop) = (s.clone(), stop.clone());
+        loaders.push(std::thread::spawn(move || {
+            let (mut worst, mut count, mut x) = (Duration::ZERO, 0u64, 0x9e37_79b9u64 + k);
+            while !stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Live objects only: containers 1..=fanout/2 and their leaves.
+                let c = 1 + x % (fanout / 2);
+                let t = Instant::now();
+                let _ = s.read().load_before(Oid(c), Tid::MAX);
+                worst = worst.max(t.elapsed());
+                count += 1;
+            }
+            (worst, count)
+        }));
+    }
+    let committer = {
+        let (s, stop) = (s.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut worst, mut count, mut serial) = (Duration::ZERO, 0u64, Tid::ZERO);
+            let oid = 10 * n + 7; // linked from nothing, written each time
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                serial = commit(&s, 2, vec![store(oid, serial, vec![])]);
+                worst = worst.max(t.elapsed());
+                count += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (worst, count)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let t_gc = Instant::now();
+    let outcome = s.pack(Tid(root_tid.0 + 1));
+    let took = t_gc.elapsed();
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    let loads: Vec<(Duration, u64)> = loaders
+        .into_iter()
+        .map(|h| h.join().expect("loader"))
+        .collect();
+    let (commit_worst, commits) = committer.join().expect("committer");
+    let GcOutcome::Collected {
+        examined,
+        freed,
+        longest_pause,
+    } = outcome
+    else {
+        panic!("unexpected {outcome:?}")
+    };
+    println!("objects examined:        {examined}");
+    println!("objects freed:           {freed}");
+    println!("pack (prune + collect):  {took:?}");
+    println!(
+        "longest collector pause: {longest_pause:?} (longest single hold of the storage lock)"
+    );
+    println!(
+        "slowest load during it:  {:?} ({} loads)",
+        loads.iter().map(|l| l.0).max().unwrap_or_default(),
+        loads.iter().map(|l| l.1).sum::<u64>()
+    );
+    println!("slowest commit during it: {commit_worst:?} ({commits} commits)");
+    println!("objects left:            {}", s.read().len());
+}
