@@ -18,7 +18,7 @@
 //! | [`refs`] | the persistent references of an object record (for GC), by an opcode walk that evaluates nothing |
 //! | [`marshal`] | ZEO's `(msgid, flags, name, args)` envelope, replies, errors, pushes |
 //! | [`rpc`] | the per-connection session: register, method whitelist, two-phase commit, error replies |
-//! | [`storage`] | objects and revisions, tids and oids, conflicts, retention, the commit lock |
+//! | [`storage`] | objects and revisions, tids and oids, conflicts, retention, the commit lock, the memory limit; [`storage::gc`] frees unreachable objects |
 //! | [`outbox`] | the per-connection outbound FIFO, bounded in bytes |
 //! | [`server`] | listeners, connection tasks, shutdown |
 //! | [`config`] | settings and their defaults (every limit is a named constant there) |
@@ -33,10 +33,13 @@
 //! (a client that cannot keep up is disconnected); the commit lock is always
 //! released (finish, abort, disconnect, timeout, and `Session`'s `Drop`);
 //! tids only grow and oids never repeat, also across restarts; object
-//! records are opaque bytes, never unpickled.
+//! records are opaque bytes, never unpickled; garbage is collected without
+//! an operator, and never an object that a retained revision of a reachable
+//! object refers to.
 pub mod config;
 pub mod frame;
 pub mod marshal;
+pub mod opcodes;
 pub mod outbox;
 pub mod pickle;
 pub mod refs;

@@ -3,8 +3,12 @@
 //! (`fixtures/zeo5-py3`, `fixtures/zeo5-py2`; format in
 //! `fixtures/zeo5-py3/README.md`).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+
+use common::{fixtures_dir, hex_decode};
 
 use zeotemp::marshal::{self, Message};
 use zeotemp::pickle::{self, DecodeLimits, Dialect, Value};
@@ -15,20 +19,6 @@ struct Frame {
     seq: u64,
     dir: String,
     payload: Vec<u8>,
-}
-
-fn fixtures_dir(folder: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(folder)
-}
-
-fn hex_decode(s: &str) -> Vec<u8> {
-    assert!(s.len().is_multiple_of(2), "odd hex length");
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
-        .collect()
 }
 
 fn hex(b: &[u8]) -> String {

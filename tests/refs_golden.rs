@@ -6,8 +6,11 @@
 //! found (deduplicated keeping first occurrences, as the generator writes
 //! them), and records marked `"error": true` must be refused.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+
+use common::{fixtures_dir, hex_decode};
 use std::time::Instant;
 
 use zeotemp::refs::{self, RefError};
@@ -42,14 +45,6 @@ struct Case {
     refs: Option<Vec<Oid>>,
 }
 
-fn hex_decode(s: &str) -> Vec<u8> {
-    assert!(s.len().is_multiple_of(2), "odd hex length");
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
-        .collect()
-}
-
 fn str_field<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
     v.get(key)
         .and_then(|x| x.as_str())
@@ -58,9 +53,7 @@ fn str_field<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
 
 /// The cases of one fixture file, checked against its header's count.
 fn load(file: &'static str) -> (serde_json::Value, Vec<Case>) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/refs")
-        .join(file);
+    let path = fixtures_dir("refs").join(file);
     let text =
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
