@@ -837,10 +837,9 @@ async fn client_that_never_reads_is_disconnected_and_others_are_not_slowed() {
     while let Some(f) = sleeper.frame().await {
         let m = marshal::decode_message(&f, &DecodeLimits::default()).unwrap();
         if m.method == ".reply" {
-            assert_eq!(
-                invalidations, 0,
-                "its replies were queued before the invalidations"
-            );
+            // Replies come in request order, none skipped. (They may follow
+            // some invalidations: the server resumes reading the sleeper's
+            // requests whenever the kernel takes more of its queue.)
             assert_eq!(m.msgid, Value::Int(1000 + loads));
             loads += 1;
             continue;
