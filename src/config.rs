@@ -255,6 +255,44 @@ mod tests {
         cfg.validate().unwrap();
         assert_eq!(cfg.addresses, vec!["127.0.0.1:8101".to_string()]);
         assert_eq!(cfg.storages, vec!["1".to_string()]);
+        assert_eq!(
+            cfg.gc_interval,
+            Duration::from_secs(DEFAULT_GC_INTERVAL_SECS)
+        );
+        // Every setting is explained in the example (memory-limit commented out).
+        let text = std::fs::read_to_string(&path).unwrap();
+        for key in [
+            "address",
+            "storage",
+            "read-only",
+            "transaction-timeout",
+            "invalidation-queue-size",
+            "history-retention",
+            "gc-interval",
+            "memory-limit",
+            "max-frame-size",
+            "max-outbox-bytes",
+            "max-transaction-bytes",
+            "max-connections",
+            "client-conflict-resolution",
+            "log-level",
+        ] {
+            assert!(
+                text.contains(&format!("{key} =")),
+                "{key} is in config/zeotemp.toml"
+            );
+        }
+    }
+
+    #[test]
+    fn memory_limit_zero_means_none() {
+        let file: FileConfig = toml::from_str("memory-limit = 0").unwrap();
+        let mut cfg = Config::default();
+        file.apply(&mut cfg).unwrap();
+        assert_eq!(cfg.memory_limit, None);
+        let file: FileConfig = toml::from_str("memory-limit = 1000000").unwrap();
+        file.apply(&mut cfg).unwrap();
+        assert_eq!(cfg.memory_limit, Some(1_000_000));
     }
 
     #[test]
