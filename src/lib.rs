@@ -22,6 +22,7 @@
 //! | [`outbox`] | the per-connection outbound FIFO, bounded in bytes |
 //! | [`server`] | listeners, connection tasks, shutdown |
 //! | [`config`] | settings and their defaults (every limit is a named constant there) |
+//! | [`bench`] | a ZEO 5 load generator (the `zeotemp-bench` binary) for comparing servers |
 //!
 //! `frame`, `pickle` and `marshal` are pure functions over byte buffers;
 //! `storage` is synchronous Rust behind locks. The binary only parses the
@@ -36,6 +37,7 @@
 //! records are opaque bytes, never unpickled; garbage is collected without
 //! an operator, and never an object that a retained revision of a reachable
 //! object refers to.
+pub mod bench;
 pub mod config;
 pub mod frame;
 pub mod marshal;

@@ -2,54 +2,20 @@
 //! Each hostile or out-of-order case also checks that another client,
 //! connected at the same time, keeps loading and committing.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use common::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 use zeotemp::config::Config;
 use zeotemp::marshal::{self, Message};
 use zeotemp::pickle::{self, DecodeLimits, Dialect, Value};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
-
-struct Server {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl Server {
-    async fn start(cfg: Config) -> Server {
-        let listeners = zeotemp::server::bind(&["127.0.0.1:0".to_string()])
-            .await
-            .unwrap();
-        let addr = match &listeners[0] {
-            zeotemp::server::Listener::Tcp(l) => l.local_addr().unwrap(),
-            _ => unreachable!(),
-        };
-        let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(zeotemp::server::run(listeners, cfg, async {
-            let _ = rx.await;
-        }));
-        Server {
-            addr,
-            stop: Some(tx),
-            task,
-        }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(TIMEOUT, self.task)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-    }
-}
 
 struct Client {
     s: TcpStream,

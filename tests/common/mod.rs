@@ -1,4 +1,6 @@
-//! Helpers shared by the fixture-driven integration tests.
+//! Helpers shared by the integration tests. Each test crate uses a part
+//! of this module, hence the `dead_code` allowance.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 
@@ -16,4 +18,42 @@ pub fn hex_decode(s: &str) -> Vec<u8> {
         .step_by(2)
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
         .collect()
+}
+
+/// The real server, in process, on 127.0.0.1:0; stopped by [`Server::stop`].
+pub struct Server {
+    pub addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    pub async fn start(cfg: zeotemp::config::Config) -> Server {
+        let listeners = zeotemp::server::bind(&["127.0.0.1:0".to_string()])
+            .await
+            .unwrap();
+        let addr = match &listeners[0] {
+            zeotemp::server::Listener::Tcp(l) => l.local_addr().unwrap(),
+            _ => unreachable!(),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(zeotemp::server::run(listeners, cfg, async {
+            let _ = rx.await;
+        }));
+        Server {
+            addr,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    /// Shuts the server down and waits (10 s at most) for it to finish.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(std::time::Duration::from_secs(10), self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
 }

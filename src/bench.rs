@@ -1,0 +1,926 @@
+//! A load generator that speaks ZEO 5 itself, for comparing zeotemp with
+//! the stock Python server (the `zeotemp-bench` binary is a thin CLI over
+//! [`run`]).
+//!
+//! Each connection is one tokio task over the two halves of a
+//! `TCP_NODELAY` socket: it keeps up to `in_flight` requests outstanding,
+//! writes every request it can start in one batch, then reads whatever
+//! replies have arrived and matches them to requests by msgid. With the
+//! number of outstanding requests bounded, a write never waits on our own
+//! reader, so one task per connection does what a writer task and a reader
+//! task would, without a channel hop per request.
+//!
+//! Workloads (after a setup commit of `objects` records for `load` and
+//! `session`, and a root record referring to them, so that zeotemp's
+//! collector keeps them):
+//!
+//! * `load`: `loadBefore(oid, maxtid)` of random objects, pipelined;
+//! * `commit`: transactions of 5 new objects, one at a time per connection;
+//! * `session`: 90 % loads of a hot set (the first 1000 objects), 10 %
+//!   transactions rewriting 1–2 hot objects on the serial last seen,
+//!   resolving vote conflicts as ZEO 5's client does (re-store on the
+//!   committed serial, vote again);
+//! * `echo`: `ping` round trips.
+//!
+//! Every reply that arrives inside the measured window counts as an
+//! operation and its latency (request written → reply parsed) is kept;
+//! requests still outstanding at the deadline are dropped with the
+//! connection (both servers abort an unfinished transaction on disconnect).
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::time::Instant;
+
+use crate::marshal;
+use crate::pickle::{self, DecodeLimits, Dialect, Value};
+
+/// What each connection does in the measured window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    Load,
+    Commit,
+    Session,
+    Echo,
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Load => "load",
+            Workload::Commit => "commit",
+            Workload::Session => "session",
+            Workload::Echo => "echo",
+        }
+    }
+}
+
+/// One run's settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `HOST:PORT` of the server.
+    pub address: String,
+    /// The storage name given to `register`.
+    pub storage: String,
+    pub workload: Workload,
+    pub connections: usize,
+    /// Requests outstanding per connection (`commit`: always one
+    /// transaction).
+    pub in_flight: usize,
+    pub duration: Duration,
+    /// Objects committed in setup (`load`, `session`).
+    pub objects: usize,
+    /// Bytes per object record.
+    pub object_size: usize,
+    /// The server's process, for its CPU time and peak RSS (Linux `/proc`).
+    pub server_pid: Option<u32>,
+}
+
+/// The figures of one run; serialized as the `--json` line.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub workload: Workload,
+    pub connections: usize,
+    pub in_flight: usize,
+    pub duration_s: f64,
+    /// Replies received in the measured window.
+    pub ops: u64,
+    pub ops_per_s: f64,
+    /// Transactions finished (`commit`, `session`).
+    pub txns: u64,
+    pub txns_per_s: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub errors: u64,
+    /// Transactions aborted on a ConflictError / ReadConflictError reply
+    /// (or after 9 votes that still returned conflicts, as ZEO's client).
+    pub conflicts_retried: u64,
+    /// Conflicts a vote handed back and the bench "resolved" by storing
+    /// again on the committed serial.
+    pub conflicts_resolved: u64,
+    pub server_cpu_s: Option<f64>,
+    pub server_peak_rss_kib: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("server closed the connection")]
+    Closed,
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("{method} failed: {class} {state:?}")]
+    Call {
+        method: String,
+        class: String,
+        state: Value,
+    },
+}
+
+/// Objects rewritten by `session` transactions and read by its loads.
+const HOT_SET: usize = 1000;
+/// Stores per setup transaction.
+const SETUP_BATCH: usize = 500;
+/// New objects per `commit` transaction.
+const COMMIT_STORES: usize = 5;
+/// Votes before a transaction that keeps conflicting is given up (ZEO 5's
+/// `ClientStorage.tpc_vote` stops after 9 attempts).
+const MAX_VOTES: u32 = 9;
+/// Linux's `USER_HZ`: `/proc/PID/stat` counts CPU time in ticks of
+/// `sysconf(_SC_CLK_TCK)`, which is 100 on every mainstream Linux ABI; it
+/// is hard-coded to avoid a libc dependency.
+const CLK_TCK: f64 = 100.0;
+const MAXTID: [u8; 8] = [0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+const Z64: [u8; 8] = [0; 8];
+/// A record of `n` of these bytes cannot start a pickle, so zeotemp's
+/// reference scanner finds no references in it (and nothing unpickles it).
+const FILLER: u8 = b'x';
+
+/// Runs the setup, then the workload for `opts.duration`.
+pub async fn run(opts: &Options) -> Result<Report, BenchError> {
+    if opts.connections == 0 || opts.in_flight == 0 {
+        return Err(BenchError::Protocol(
+            "connections and in-flight must be at least 1".into(),
+        ));
+    }
+    if matches!(opts.workload, Workload::Load | Workload::Session) && opts.objects == 0 {
+        return Err(BenchError::Protocol(
+            "load and session need at least one object".into(),
+        ));
+    }
+    let data = Bytes::from(vec![FILLER; opts.object_size]);
+    let objects = match opts.workload {
+        Workload::Load | Workload::Session => setup(opts, &data).await?,
+        Workload::Commit | Workload::Echo => Objects::default(),
+    };
+    let shared = Arc::new(Shared {
+        workload: opts.workload,
+        in_flight: opts.in_flight,
+        data,
+        objects,
+    });
+    let mut conns = Vec::with_capacity(opts.connections);
+    for _ in 0..opts.connections {
+        conns.push(Conn::open(&opts.address, &opts.storage).await?.0);
+    }
+
+    let cpu_before = opts.server_pid.map(server_cpu_ticks).transpose()?;
+    let start = Instant::now();
+    let deadline = start + opts.duration;
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, conn)| {
+            let w = Worker::new(conn, shared.clone(), i as u64);
+            tokio::spawn(w.run(deadline))
+        })
+        .collect();
+    let mut stats = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        let s = t
+            .await
+            .map_err(|e| BenchError::Protocol(format!("worker panicked: {e}")))??;
+        stats.push(s);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let server_cpu_s = match (opts.server_pid, cpu_before) {
+        (Some(pid), Some(before)) => {
+            Some(server_cpu_ticks(pid)?.saturating_sub(before) as f64 / CLK_TCK)
+        }
+        _ => None,
+    };
+    let server_peak_rss_kib = opts.server_pid.and_then(server_peak_rss_kib);
+
+    let mut lat: Vec<u32> = Vec::with_capacity(stats.iter().map(|s| s.lat.len()).sum());
+    let (mut ops, mut txns, mut errors, mut retried, mut resolved) = (0, 0, 0, 0, 0);
+    for s in stats {
+        lat.extend_from_slice(&s.lat);
+        ops += s.ops;
+        txns += s.txns;
+        errors += s.errors;
+        retried += s.conflicts_retried;
+        resolved += s.conflicts_resolved;
+    }
+    lat.sort_unstable();
+    let pct = |q: f64| -> f64 {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let i = ((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1;
+        f64::from(lat[i]) / 10.0
+    };
+    Ok(Report {
+        workload: opts.workload,
+        connections: opts.connections,
+        in_flight: opts.in_flight,
+        duration_s: elapsed,
+        ops,
+        ops_per_s: ops as f64 / elapsed,
+        txns,
+        txns_per_s: txns as f64 / elapsed,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        p999_us: pct(0.999),
+        errors,
+        conflicts_retried: retried,
+        conflicts_resolved: resolved,
+        server_cpu_s,
+        server_peak_rss_kib,
+    })
+}
+
+impl Report {
+    /// The human-readable block.
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "workload {w}: {c} connections x {k} in flight, {d:.2} s\n\
+             ops        {ops} ({ops_s:.0}/s)\n",
+            w = self.workload.name(),
+            c = self.connections,
+            k = self.in_flight,
+            d = self.duration_s,
+            ops = self.ops,
+            ops_s = self.ops_per_s,
+        );
+        if self.txns > 0 {
+            s += &format!("txns       {} ({:.0}/s)\n", self.txns, self.txns_per_s);
+        }
+        s += &format!(
+            "latency    p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us\n\
+             errors     {}, conflicts retried {}, resolved {}\n",
+            self.p50_us,
+            self.p99_us,
+            self.p999_us,
+            self.errors,
+            self.conflicts_retried,
+            self.conflicts_resolved
+        );
+        if let Some(cpu) = self.server_cpu_s {
+            s += &format!(
+                "server     {cpu:.2} CPU s ({:.0} % of one core)\n",
+                100.0 * cpu / self.duration_s
+            );
+        }
+        if let Some(rss) = self.server_peak_rss_kib {
+            s += &format!("server     peak RSS {:.1} MiB\n", rss as f64 / 1024.0);
+        }
+        s
+    }
+}
+
+/// `utime + stime` of `pid`, in clock ticks (fields 14 and 15 of
+/// `/proc/PID/stat`; the command name before them may hold spaces, so
+/// fields are counted after its closing parenthesis).
+fn server_cpu_ticks(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "unreadable /proc/PID/stat");
+    let rest = stat.rsplit_once(')').ok_or_else(bad)?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state), so field n is at index n - 3.
+    let num = |i: usize| -> io::Result<u64> {
+        fields.get(i).and_then(|f| f.parse().ok()).ok_or_else(bad)
+    };
+    Ok(num(14 - 3)? + num(15 - 3)?)
+}
+
+/// The peak resident set (`VmHWM`) of `pid`, in KiB.
+fn server_peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The setup's objects: oids and the serial each was committed with.
+#[derive(Default)]
+struct Objects {
+    oids: Vec<Bytes>,
+    serials: Vec<[u8; 8]>,
+}
+
+struct Shared {
+    workload: Workload,
+    in_flight: usize,
+    data: Bytes,
+    objects: Objects,
+}
+
+/// Commits `opts.objects` records through one connection, `SETUP_BATCH`
+/// per transaction, then rewrites the root to refer to all of them (else
+/// zeotemp's collector would free them as garbage during the run).
+async fn setup(opts: &Options, data: &Bytes) -> Result<Objects, BenchError> {
+    let (mut c, _) = Conn::open(&opts.address, &opts.storage).await?;
+    let mut oids = Vec::with_capacity(opts.objects);
+    while oids.len() < opts.objects {
+        let Value::List(more) = c.call("new_oids", vec![]).await? else {
+            return Err(BenchError::Protocol("new_oids: not a list".into()));
+        };
+        for o in more {
+            oids.push(oid_bytes(&o)?);
+        }
+    }
+    oids.truncate(opts.objects);
+    let mut serials = Vec::with_capacity(oids.len());
+    for batch in oids.chunks(SETUP_BATCH) {
+        let stores: Vec<_> = batch
+            .iter()
+            .map(|o| (o.clone(), Z64, data.clone()))
+            .collect();
+        let tid = c.commit(&stores).await?;
+        serials.extend(std::iter::repeat_n(tid, batch.len()));
+    }
+    if !oids.is_empty() {
+        let root = Bytes::from_static(&Z64);
+        let loaded = c
+            .call(
+                "loadBefore",
+                vec![b(root.clone()), b(Bytes::from_static(&MAXTID))],
+            )
+            .await;
+        // A fresh stock storage has no root yet (`ZODB.DB` creates it on
+        // first open); zeotemp starts with an empty one.
+        let serial = match loaded {
+            Ok(Value::Tuple(t)) => t.get(1).map(tid_of).transpose()?.unwrap_or(Z64),
+            Err(BenchError::Call { class, .. }) if class.ends_with("POSKeyError") => Z64,
+            Ok(other) => {
+                return Err(BenchError::Protocol(format!(
+                    "loadBefore(root) gave {other:?}"
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        c.commit(&[(root, serial, root_record(&oids))]).await?;
+    }
+    Ok(Objects { oids, serials })
+}
+
+/// A `PersistentMapping`-classed record whose state is a list of
+/// persistent references `(oid, None)`, one per object: what zeotemp's
+/// reference scanner (and ZODB's `referencesf`) follow.
+fn root_record(oids: &[Bytes]) -> Bytes {
+    let mut r = BytesMut::with_capacity(64 + oids.len() * 13);
+    r.extend_from_slice(b"\x80\x03cpersistent.mapping\nPersistentMapping\nq\x00.");
+    r.extend_from_slice(b"\x80\x03](");
+    for o in oids {
+        r.put_u8(b'C'); // SHORT_BINBYTES
+        r.put_u8(8);
+        r.extend_from_slice(o);
+        r.extend_from_slice(b"N\x86Q"); // NONE, TUPLE2, BINPERSID
+    }
+    r.extend_from_slice(b"e."); // APPENDS, STOP
+    r.freeze()
+}
+
+fn b(x: Bytes) -> Value {
+    Value::Bytes(x)
+}
+
+fn oid_bytes(v: &Value) -> Result<Bytes, BenchError> {
+    match v {
+        Value::Bytes(x) | Value::PyStr(x) if x.len() == 8 => Ok(x.clone()),
+        other => Err(BenchError::Protocol(format!("not an oid: {other:?}"))),
+    }
+}
+
+fn tid_of(v: &Value) -> Result<[u8; 8], BenchError> {
+    v.as_bytes()
+        .and_then(|x| x.try_into().ok())
+        .ok_or_else(|| BenchError::Protocol(format!("not a tid: {v:?}")))
+}
+
+/// A reply: the result, or an error reply's `(class name, state)`.
+type Reply = Result<Value, (String, Value)>;
+
+/// One registered connection: buffers and the request encoder.
+struct Conn {
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    next_id: i64,
+}
+
+impl Conn {
+    /// Connects, answers the server's `Z5` handshake and registers
+    /// (writable); returns the connection and the last tid.
+    async fn open(address: &str, storage: &str) -> Result<(Conn, Value), BenchError> {
+        let s = TcpStream::connect(address).await?;
+        // As stock clients (asyncio) do; else Nagle and delayed ACKs add
+        // 40 ms to round trips that follow one-way calls.
+        s.set_nodelay(true)?;
+        let (rd, wr) = s.into_split();
+        let mut c = Conn {
+            rd,
+            wr,
+            rbuf: BytesMut::with_capacity(64 * 1024),
+            wbuf: BytesMut::with_capacity(64 * 1024),
+            next_id: 1,
+        };
+        let hello = c.frame().await?;
+        if &hello[..] != b"Z5" {
+            return Err(BenchError::Protocol(format!(
+                "server announced {:?}, not Z5",
+                String::from_utf8_lossy(&hello)
+            )));
+        }
+        c.wbuf.put_u32(2);
+        c.wbuf.extend_from_slice(b"Z5");
+        let last = c
+            .call(
+                "register",
+                vec![Value::Str(storage.into()), Value::Bool(false)],
+            )
+            .await?;
+        Ok((c, last))
+    }
+
+    /// Appends one framed request `(msgid, oneway, method, args)` to the
+    /// write buffer, byte for byte as `marshal` encodes a call: `PROTO 3`,
+    /// `MARK`, the four items, `TUPLE`, `STOP`.
+    fn push(&mut self, msgid: &Value, oneway: bool, method: &str, args: Vec<Value>) {
+        let at = self.wbuf.len();
+        self.wbuf.put_u32(0);
+        self.wbuf.extend_from_slice(&[0x80, 3, b'(']);
+        pickle::encode_into(&mut self.wbuf, msgid, Dialect::Py3);
+        self.wbuf.put_u8(if oneway { 0x88 } else { 0x89 }); // NEWTRUE / NEWFALSE
+        pickle::encode_str_into(&mut self.wbuf, method, Dialect::Py3);
+        pickle::encode_into(&mut self.wbuf, &Value::Tuple(args), Dialect::Py3);
+        self.wbuf.extend_from_slice(b"t.");
+        let len = (self.wbuf.len() - at - 4) as u32;
+        self.wbuf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Pushes a call with the next integer msgid and returns the msgid.
+    fn push_call(&mut self, method: &str, args: Vec<Value>) -> i64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.push(&Value::Int(id), false, method, args);
+        id
+    }
+
+    fn push_oneway(&mut self, method: &str, args: Vec<Value>) {
+        // One-way calls get no reply; their msgid is never matched.
+        self.push(&Value::Int(0), true, method, args);
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.wr.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// A frame already buffered, if any.
+    fn buffered_frame(&mut self) -> Result<Option<Bytes>, BenchError> {
+        crate::frame::parse(&mut self.rbuf, usize::MAX)
+            .map_err(|e| BenchError::Protocol(e.to_string()))
+    }
+
+    /// Reads more bytes; `Closed` at end of stream.
+    async fn fill(&mut self) -> Result<(), BenchError> {
+        if self.rd.read_buf(&mut self.rbuf).await? == 0 {
+            return Err(BenchError::Closed);
+        }
+        Ok(())
+    }
+
+    async fn frame(&mut self) -> Result<Bytes, BenchError> {
+        loop {
+            if let Some(f) = self.buffered_frame()? {
+                return Ok(f);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// A synchronous call (setup only): flushes, then waits for its reply,
+    /// skipping server pushes.
+    async fn call(&mut self, method: &str, args: Vec<Value>) -> Result<Value, BenchError> {
+        let id = self.push_call(method, args);
+        self.flush().await?;
+        loop {
+            let f = self.frame().await?;
+            let Some((msgid, reply)) = decode_reply(&f)? else {
+                continue;
+            };
+            if msgid != Value::Int(id) {
+                return Err(BenchError::Protocol(format!(
+                    "reply to {msgid:?}, expected {id}"
+                )));
+            }
+            return reply.map_err(|(class, state)| BenchError::Call {
+                method: method.into(),
+                class,
+                state,
+            });
+        }
+    }
+
+    /// One whole transaction of `(oid, serial, data)` stores without
+    /// conflicts; returns its tid.
+    async fn commit(&mut self, stores: &[(Bytes, [u8; 8], Bytes)]) -> Result<[u8; 8], BenchError> {
+        let txn = Value::Int(1);
+        self.push_oneway("tpc_begin", begin_args(&txn));
+        for (oid, serial, data) in stores {
+            self.push_oneway("storea", store_args(oid, serial, data, &txn));
+        }
+        let voted = self.call("vote", vec![txn.clone()]).await?;
+        if let Value::List(items) = &voted
+            && items.iter().any(|i| matches!(i, Value::Dict(_)))
+        {
+            return Err(BenchError::Protocol(format!(
+                "setup vote conflicted: {voted:?}"
+            )));
+        }
+        tid_of(&self.call("tpc_finish", vec![txn]).await?)
+    }
+}
+
+fn begin_args(txn: &Value) -> Vec<Value> {
+    vec![
+        txn.clone(),
+        b(Bytes::new()),
+        b(Bytes::new()),
+        Value::Dict(vec![]),
+    ]
+}
+
+fn store_args(oid: &Bytes, serial: &[u8; 8], data: &Bytes, txn: &Value) -> Vec<Value> {
+    vec![
+        b(oid.clone()),
+        b(Bytes::copy_from_slice(serial)),
+        b(data.clone()),
+        txn.clone(),
+    ]
+}
+
+/// `Some((msgid, reply))` for a reply, `None` for a server push
+/// (invalidations, `info`).
+fn decode_reply(frame: &Bytes) -> Result<Option<(Value, Reply)>, BenchError> {
+    let m = marshal::decode_message_bytes(frame, &DecodeLimits::default())
+        .map_err(|e| BenchError::Protocol(e.to_string()))?;
+    if m.method != ".reply" {
+        return Ok(None);
+    }
+    let reply = match (m.oneway, m.args) {
+        (false, v) => Ok(v),
+        (true, Value::Tuple(mut t)) if t.len() == 2 => {
+            let state = t.pop().unwrap_or(Value::None);
+            let class = t
+                .pop()
+                .and_then(|c| c.as_text().map(|c| c.into_owned()))
+                .unwrap_or_default();
+            Err((class, state))
+        }
+        (true, other) => Err(("?".to_string(), other)),
+    };
+    Ok(Some((m.msgid, reply)))
+}
+
+/// How a reply is matched to its request: integer msgids, and
+/// `loadBefore`'s `(oid, tid)` msgid (as the stock client sends it) by oid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Key {
+    Int(i64),
+    Load(u64),
+}
+
+fn key_of(msgid: &Value) -> Option<Key> {
+    match msgid {
+        Value::Int(i) => Some(Key::Int(*i)),
+        Value::Tuple(t) => {
+            let o: [u8; 8] = t.first()?.as_bytes()?.try_into().ok()?;
+            Some(Key::Load(u64::from_be_bytes(o)))
+        }
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum What {
+    /// A load of object number n.
+    Load(usize),
+    Ping,
+    NewOids,
+    Vote,
+    Finish,
+    Abort,
+}
+
+struct Pending {
+    key: Key,
+    sent: Instant,
+    what: What,
+}
+
+/// The connection's open transaction.
+struct Txn {
+    /// `(oid, object number for serial tracking)`.
+    stores: Vec<(Bytes, Option<usize>)>,
+    votes: u32,
+}
+
+/// Per-connection counters, merged at the end.
+#[derive(Default)]
+struct Stats {
+    /// Latencies in units of 100 ns (u32: up to 7 minutes).
+    lat: Vec<u32>,
+    ops: u64,
+    txns: u64,
+    errors: u64,
+    conflicts_retried: u64,
+    conflicts_resolved: u64,
+}
+
+struct Worker {
+    conn: Conn,
+    shared: Arc<Shared>,
+    rng: u64,
+    pending: VecDeque<Pending>,
+    txn: Option<Txn>,
+    /// A txn id per connection, as each ZEO client has its own.
+    txn_id: Value,
+    oid_pool: Vec<Bytes>,
+    /// Serials last seen of the hot objects (`session`).
+    serials: Vec<[u8; 8]>,
+    stats: Stats,
+}
+
+impl Worker {
+    fn new(conn: Conn, shared: Arc<Shared>, n: u64) -> Worker {
+        let hot = shared.objects.oids.len().min(HOT_SET);
+        let serials = shared.objects.serials[..hot].to_vec();
+        Worker {
+            conn,
+            shared,
+            rng: 0x9e37_79b9_7f4a_7c15 ^ (n + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9),
+            pending: VecDeque::new(),
+            txn: None,
+            txn_id: Value::Int(1000 + n as i64),
+            oid_pool: Vec::new(),
+            serials,
+            stats: Stats::default(),
+        }
+    }
+
+    /// xorshift64*: enough randomness for picking objects.
+    fn rand(&mut self) -> u64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.rand() % n as u64) as usize
+    }
+
+    async fn run(mut self, deadline: Instant) -> Result<Stats, BenchError> {
+        loop {
+            self.refill();
+            let io = async {
+                self.conn.flush().await?;
+                self.conn.fill().await
+            };
+            match tokio::time::timeout_at(deadline, io).await {
+                Err(_) => break,
+                Ok(r) => r?,
+            }
+            let now = Instant::now();
+            while let Some(f) = self.conn.buffered_frame()? {
+                if let Some((msgid, reply)) = decode_reply(&f)? {
+                    self.on_reply(&msgid, reply, now)?;
+                }
+            }
+            if now >= deadline {
+                break;
+            }
+        }
+        Ok(self.stats)
+    }
+
+    /// Requests outstanding in the sense of `in_flight`: loads and pings,
+    /// plus an open transaction as one.
+    fn busy(&self) -> usize {
+        let single = self
+            .pending
+            .iter()
+            .filter(|p| matches!(p.what, What::Load(_) | What::Ping))
+            .count();
+        single + usize::from(self.txn.is_some())
+    }
+
+    /// Starts requests until `in_flight` are outstanding.
+    fn refill(&mut self) {
+        let k = self.shared.in_flight;
+        match self.shared.workload {
+            Workload::Echo => {
+                for _ in self.pending.len()..k {
+                    let id = self.conn.push_call("ping", vec![]);
+                    self.expect(Key::Int(id), What::Ping);
+                }
+            }
+            Workload::Load => {
+                for _ in self.pending.len()..k {
+                    let n = self.below(self.shared.objects.oids.len());
+                    self.load(n);
+                }
+            }
+            Workload::Commit => {
+                if self.txn.is_none() && self.pending.is_empty() {
+                    self.start_commit();
+                }
+            }
+            Workload::Session => {
+                let hot = self.serials.len();
+                for _ in self.busy()..k {
+                    if self.txn.is_none() && self.below(10) == 0 {
+                        self.start_session_txn();
+                    } else {
+                        let n = self.below(hot);
+                        self.load(n);
+                    }
+                }
+            }
+        }
+    }
+
+    fn expect(&mut self, key: Key, what: What) {
+        self.pending.push_back(Pending {
+            key,
+            sent: Instant::now(),
+            what,
+        });
+    }
+
+    /// `loadBefore(oid, maxtid)` with the `(oid, maxtid)` msgid of the
+    /// stock client.
+    fn load(&mut self, n: usize) {
+        let oid = self.shared.objects.oids[n].clone();
+        let key = Key::Load(u64::from_be_bytes(oid[..].try_into().unwrap_or(Z64)));
+        let maxtid = b(Bytes::from_static(&MAXTID));
+        let msgid = Value::Tuple(vec![b(oid.clone()), maxtid.clone()]);
+        self.conn
+            .push(&msgid, false, "loadBefore", vec![b(oid), maxtid]);
+        self.expect(key, What::Load(n));
+    }
+
+    fn start_commit(&mut self) {
+        if self.oid_pool.len() < COMMIT_STORES {
+            let id = self.conn.push_call("new_oids", vec![]);
+            self.expect(Key::Int(id), What::NewOids);
+            return;
+        }
+        let stores = self
+            .oid_pool
+            .split_off(self.oid_pool.len() - COMMIT_STORES)
+            .into_iter()
+            .map(|o| (o, None))
+            .collect();
+        self.begin(stores);
+    }
+
+    fn start_session_txn(&mut self) {
+        let hot = self.serials.len();
+        let first = self.below(hot);
+        let mut stores = vec![(self.shared.objects.oids[first].clone(), Some(first))];
+        if hot > 1 && self.below(2) == 0 {
+            let second = (first + 1 + self.below(hot - 1)) % hot;
+            stores.push((self.shared.objects.oids[second].clone(), Some(second)));
+        }
+        self.begin(stores);
+    }
+
+    /// tpc_begin, a storea per object (on the serial last seen), vote.
+    fn begin(&mut self, stores: Vec<(Bytes, Option<usize>)>) {
+        let txn = self.txn_id.clone();
+        self.conn.push_oneway("tpc_begin", begin_args(&txn));
+        for (oid, n) in &stores {
+            let serial = n.map_or(Z64, |n| self.serials[n]);
+            let args = store_args(oid, &serial, &self.shared.data, &txn);
+            self.conn.push_oneway("storea", args);
+        }
+        self.txn = Some(Txn { stores, votes: 0 });
+        self.vote();
+    }
+
+    fn vote(&mut self) {
+        if let Some(t) = &mut self.txn {
+            t.votes += 1;
+        }
+        let id = self.conn.push_call("vote", vec![self.txn_id.clone()]);
+        self.expect(Key::Int(id), What::Vote);
+    }
+
+    fn txn_call(&mut self, method: &str, what: What) {
+        let id = self.conn.push_call(method, vec![self.txn_id.clone()]);
+        self.expect(Key::Int(id), what);
+    }
+
+    fn on_reply(&mut self, msgid: &Value, reply: Reply, now: Instant) -> Result<(), BenchError> {
+        let key = key_of(msgid)
+            .ok_or_else(|| BenchError::Protocol(format!("odd reply msgid {msgid:?}")))?;
+        // Replies come in request order (both servers answer a
+        // connection's calls in turn), so the match is nearly always the
+        // front; a search covers the rest.
+        let at = self
+            .pending
+            .iter()
+            .position(|p| p.key == key)
+            .ok_or_else(|| BenchError::Protocol(format!("reply to unknown msgid {msgid:?}")))?;
+        let Some(p) = self.pending.remove(at) else {
+            return Ok(());
+        };
+        let ticks = (now - p.sent).as_nanos() / 100;
+        self.stats
+            .lat
+            .push(u32::try_from(ticks).unwrap_or(u32::MAX));
+        self.stats.ops += 1;
+        match (p.what, reply) {
+            (What::Ping, Ok(_)) => {}
+            (What::Load(n), Ok(Value::Tuple(t))) => {
+                if n < self.serials.len()
+                    && let Some(Ok(serial)) = t.get(1).map(tid_of)
+                {
+                    self.serials[n] = serial;
+                }
+            }
+            (What::NewOids, Ok(Value::List(oids))) => {
+                for o in &oids {
+                    self.oid_pool.push(oid_bytes(o)?);
+                }
+            }
+            (What::Vote, Ok(Value::List(items))) => self.on_vote(items),
+            (What::Vote, Ok(_)) => self.txn_call("tpc_finish", What::Finish),
+            (What::Finish, Ok(tid)) => {
+                if let (Some(txn), Ok(tid)) = (self.txn.take(), tid_of(&tid)) {
+                    for n in txn.stores.iter().filter_map(|s| s.1) {
+                        self.serials[n] = tid;
+                    }
+                }
+                self.stats.txns += 1;
+            }
+            (What::Abort, _) => self.txn = None,
+            (What::Vote | What::Finish, Err((class, _))) => {
+                if class.ends_with("ConflictError") {
+                    self.stats.conflicts_retried += 1;
+                } else {
+                    self.stats.errors += 1;
+                }
+                self.txn_call("tpc_abort", What::Abort);
+            }
+            (What::Load(_) | What::Ping | What::NewOids, _) => self.stats.errors += 1,
+        }
+        Ok(())
+    }
+
+    /// A vote's result: `[]` (or server-resolved oids) means voted; conflict
+    /// dicts `{oid, serials: (committed, read), data}` are "resolved" as
+    /// ZEO 5's client does: store again on the committed serial, vote again.
+    fn on_vote(&mut self, items: Vec<Value>) {
+        let conflicts: Vec<(Bytes, [u8; 8])> = items
+            .iter()
+            .filter_map(|i| match i {
+                Value::Dict(d) => {
+                    let get = |k: &str| {
+                        d.iter()
+                            .find(|(key, _)| key.as_text().as_deref() == Some(k))
+                            .map(|(_, v)| v)
+                    };
+                    let oid = oid_bytes(get("oid")?).ok()?;
+                    let Value::Tuple(serials) = get("serials")? else {
+                        return None;
+                    };
+                    Some((oid, tid_of(serials.first()?).ok()?))
+                }
+                _ => None,
+            })
+            .collect();
+        if conflicts.is_empty() {
+            self.txn_call("tpc_finish", What::Finish);
+            return;
+        }
+        if self.txn.as_ref().is_none_or(|t| t.votes >= MAX_VOTES) {
+            self.stats.conflicts_retried += 1;
+            self.txn_call("tpc_abort", What::Abort);
+            return;
+        }
+        self.stats.conflicts_resolved += conflicts.len() as u64;
+        let txn = self.txn_id.clone();
+        for (oid, committed) in conflicts {
+            let args = store_args(&oid, &committed, &self.shared.data, &txn);
+            self.conn.push_oneway("storea", args);
+        }
+        self.vote();
+    }
+}

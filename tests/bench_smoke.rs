@@ -1,0 +1,113 @@
+//! Smoke test of the load generator: each workload for about a second
+//! against the real server on 127.0.0.1:0. No timing is asserted.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Server;
+use zeotemp::bench::{self, Options, Workload};
+use zeotemp::config::Config;
+
+const KEYS: [&str; 14] = [
+    "workload",
+    "connections",
+    "in_flight",
+    "duration_s",
+    "ops",
+    "ops_per_s",
+    "txns",
+    "p50_us",
+    "p99_us",
+    "p999_us",
+    "errors",
+    "conflicts_retried",
+    "server_cpu_s",
+    "server_peak_rss_kib",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_workload_runs_and_reports() {
+    let srv = Server::start(Config {
+        addresses: vec![],
+        ..Config::default()
+    })
+    .await;
+    let addr = srv.addr;
+    for workload in [
+        Workload::Echo,
+        Workload::Load,
+        Workload::Commit,
+        Workload::Session,
+    ] {
+        let opts = Options {
+            address: addr.to_string(),
+            storage: "1".into(),
+            workload,
+            connections: 2,
+            in_flight: 4,
+            duration: Duration::from_secs(1),
+            objects: 2000,
+            object_size: 200,
+            // The server runs in this process.
+            server_pid: Some(std::process::id()),
+        };
+        let r = tokio::time::timeout(Duration::from_secs(60), bench::run(&opts))
+            .await
+            .expect("bench finished")
+            .unwrap_or_else(|e| panic!("{workload:?}: {e}"));
+        assert!(r.ops > 0, "{workload:?} did operations: {r:?}");
+        assert_eq!(r.errors, 0, "{workload:?} without errors: {r:?}");
+        if workload != Workload::Session {
+            assert_eq!(r.conflicts_retried, 0, "{r:?}");
+        }
+        if matches!(workload, Workload::Commit | Workload::Session) {
+            assert!(r.txns > 0, "{workload:?} committed: {r:?}");
+        }
+        assert!(r.p50_us <= r.p99_us && r.p99_us <= r.p999_us, "{r:?}");
+        assert!(r.server_cpu_s.is_some() && r.server_peak_rss_kib.unwrap() > 0);
+
+        let json = serde_json::to_string(&r).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let obj = v.as_object().expect("one JSON object");
+        for k in KEYS {
+            assert!(obj.contains_key(k), "{k} in {json}");
+        }
+        assert_eq!(v["workload"], workload.name());
+        assert!(!r.render().is_empty());
+    }
+    srv.stop().await;
+}
+
+/// The binary's command line and `--json` output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_prints_json() {
+    let srv = Server::start(Config {
+        addresses: vec![],
+        ..Config::default()
+    })
+    .await;
+    let addr = srv.addr;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_zeotemp-bench"))
+        .args(["--address", &addr.to_string(), "--workload", "echo"])
+        .args([
+            "--connections",
+            "2",
+            "--in-flight",
+            "2",
+            "--duration",
+            "0.5",
+        ])
+        .args(["--server-pid", &std::process::id().to_string(), "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for k in KEYS {
+        assert!(v.get(k).is_some(), "{k} in {v}");
+    }
+    assert!(v["ops"].as_u64().unwrap() > 0);
+    assert_eq!(v["errors"], 0);
+    srv.stop().await;
+}
