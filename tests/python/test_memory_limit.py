@@ -8,6 +8,7 @@ import transaction
 from ZEO.Exceptions import ServerException
 
 from zeotemp_testobjects import Item
+from zeotemp_util import wait_until
 
 LIMIT = 3 * 1024 * 1024
 BLOB = 200 * 1024
@@ -53,7 +54,11 @@ def test_commit_over_the_memory_limit_fails_clearly(server_factory, make_db):
     tm.commit()
     root["after"] = Item(b"a" * BLOB)
     tm.commit()
-    other.transaction_manager.begin()
+    # (the other client sees it once the invalidation has arrived)
+    def sees_after():
+        other.transaction_manager.begin()
+        return "after" in other.root()
+    wait_until(sees_after, 10, message="the other client to see the new commit")
     assert other.root()["after"].value == b"a" * BLOB
     with pytest.raises(KeyError):
         other.root()[f"item{committed[0]}"]
