@@ -35,7 +35,8 @@ pub struct Outbox {
     state: Mutex<State>,
     /// Wakes the writer task: frames queued, or closed.
     wake_writer: Notify,
-    /// Wakes the reader side: frames were written (queue shrank).
+    /// Wakes the reader side: frames were written (queue shrank), or the
+    /// outbox closed.
     drained: Notify,
     max_bytes: usize,
 }
@@ -72,6 +73,7 @@ impl Outbox {
             st.closed = Some("client is not reading: outbound queue over max-outbox-bytes");
             drop(st);
             self.wake_writer.notify_one();
+            self.drained.notify_waiters();
             return false;
         }
         st.bytes += frame.len();
@@ -90,6 +92,20 @@ impl Outbox {
         }
         drop(st);
         self.wake_writer.notify_one();
+        self.drained.notify_waiters();
+    }
+
+    /// Waits until the outbox is closed (by an overflow, a failed write or
+    /// `close`), so the reader side ends the connection even while its
+    /// client sends nothing.
+    pub async fn wait_closed(&self) -> &'static str {
+        loop {
+            let notified = self.drained.notified();
+            if let Some(reason) = self.lock().closed {
+                return reason;
+            }
+            notified.await;
+        }
     }
 
     pub fn closed_reason(&self) -> Option<&'static str> {
@@ -180,6 +196,24 @@ mod tests {
         assert_eq!(batch.len(), 1);
         batch.clear();
         assert!(ob.next_batch(&mut batch).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn overflow_wakes_a_reader_waiting_for_the_close() {
+        let ob = std::sync::Arc::new(Outbox::new(10));
+        let waiter = {
+            let ob = ob.clone();
+            tokio::spawn(async move { ob.wait_closed().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(ob.push(Bytes::from(vec![0u8; 6])));
+        assert!(!waiter.is_finished());
+        assert!(!ob.push(Bytes::from(vec![0u8; 6])));
+        let reason = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(reason.contains("max-outbox-bytes"), "{reason}");
     }
 
     #[test]

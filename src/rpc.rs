@@ -429,6 +429,11 @@ impl Subscriber for ConnSubscriber {
             tid_value(tid),
             Value::List(oids.iter().map(|o| oid_value(*o)).collect()),
         ]);
+        if self.outbox.closed_reason().is_some() {
+            // Already going away (and already logged): it reconnects and
+            // verifies its cache.
+            return;
+        }
         if !self.outbox.push(marshal::encode_call(
             self.dialect,
             "invalidateTransaction",

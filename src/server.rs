@@ -362,6 +362,7 @@ async fn read_loop(
                 session.lock_timed_out();
                 return Err("transaction-timeout exceeded".into());
             }
+            reason = outbox.wait_closed() => return Err(reason.to_string()),
             _ = stop.changed() => return Ok("server shutting down".into()),
         }
     }

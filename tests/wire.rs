@@ -828,6 +828,26 @@ async fn client_that_never_reads_is_disconnected_and_others_are_not_slowed() {
         invalidations < 600,
         "disconnected before the end ({invalidations} invalidations)"
     );
+    // The server ended the sleeper's session too (not just its socket):
+    // only `a` is still registered.
+    let mut registered = -1;
+    for _ in 0..100 {
+        let Value::Dict(status) = a.call("server_status", vec![]).await.unwrap() else {
+            panic!()
+        };
+        let get = |k: &str| {
+            status
+                .iter()
+                .find(|(kk, _)| kk.as_text().as_deref() == Some(k))
+                .map(|(_, v)| v.clone())
+        };
+        registered = get("connections").and_then(|v| v.as_i64()).unwrap();
+        if registered == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(registered, 1, "the stalled client's session was dropped");
     bystander_works(srv.addr).await;
     srv.stop().await;
 }
