@@ -910,7 +910,12 @@ impl StorageState {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 self.accounted += OBJECT_OVERHEAD;
-                e.insert(Object::default())
+                // Most objects have one revision: room for exactly one, not
+                // the four a first push would reserve (4 × 64 bytes).
+                e.insert(Object {
+                    revisions: Vec::with_capacity(1),
+                    ..Object::default()
+                })
             }
         };
         let old_current = obj
