@@ -41,6 +41,7 @@ use tokio::time::Instant;
 
 use crate::marshal;
 use crate::pickle::{self, DecodeLimits, Dialect, Value};
+use crate::rng::XorShift64;
 
 /// What each connection does in the measured window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -645,7 +646,7 @@ struct Stats {
 struct Worker {
     conn: Conn,
     shared: Arc<Shared>,
-    rng: u64,
+    rng: XorShift64,
     pending: VecDeque<Pending>,
     txn: Option<Txn>,
     /// A txn id per connection, as each ZEO client has its own.
@@ -663,7 +664,9 @@ impl Worker {
         Worker {
             conn,
             shared,
-            rng: 0x9e37_79b9_7f4a_7c15 ^ (n + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9),
+            rng: XorShift64::new(
+                0x9e37_79b9_7f4a_7c15 ^ (n + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9),
+            ),
             pending: VecDeque::new(),
             txn: None,
             txn_id: Value::Int(1000 + n as i64),
@@ -673,16 +676,8 @@ impl Worker {
         }
     }
 
-    /// xorshift64*: enough randomness for picking objects.
-    fn rand(&mut self) -> u64 {
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
     fn below(&mut self, n: usize) -> usize {
-        (self.rand() % n as u64) as usize
+        self.rng.below(n)
     }
 
     async fn run(mut self, deadline: Instant) -> Result<Stats, BenchError> {

@@ -16,6 +16,7 @@
 //! | [`frame`] | split a byte stream into sized messages; refuse an oversized one |
 //! | [`pickle`] | a restricted pickle codec: plain data only, no global is ever resolved |
 //! | [`refs`] | the persistent references of an object record (for GC), by an opcode walk that evaluates nothing |
+//! | [`rng`] | a tiny deterministic pseudo-random generator (load generator, randomized tests) |
 //! | [`marshal`] | ZEO's `(msgid, flags, name, args)` envelope, replies, errors, pushes |
 //! | [`rpc`] | the per-connection session: register, method whitelist, two-phase commit, error replies |
 //! | [`storage`] | objects and revisions, tids and oids, conflicts, retention, the commit lock, the memory limit; [`storage::gc`] frees unreachable objects |
@@ -45,6 +46,7 @@ pub mod opcodes;
 pub mod outbox;
 pub mod pickle;
 pub mod refs;
+pub mod rng;
 pub mod rpc;
 pub mod server;
 pub mod storage;

@@ -14,6 +14,7 @@ use common::{fixtures_dir, hex_decode};
 use std::time::Instant;
 
 use zeotemp::refs::{self, RefError};
+use zeotemp::rng::XorShift64;
 use zeotemp::types::Oid;
 
 /// The categories the Python 3 fixture must cover with ZODB's own writer.
@@ -196,28 +197,12 @@ fn edge_records() {
     assert_eq!(get("class-pickle-only"), Ok(vec![]));
 }
 
-/// A tiny deterministic PRNG (xorshift64*), to avoid a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 /// Mutated fixture records never panic, and what comes back is consistent:
 /// duplicate-free oids, or an error pointing inside the record.
 #[test]
 fn mutated_records_never_panic() {
     let cases = all_cases();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = XorShift64::new(0x9e37_79b9_7f4a_7c15);
     let mut runs = 0usize;
     let mut verify = |r: &[u8]| {
         match refs::references(r) {
@@ -254,12 +239,12 @@ fn mutated_records_never_panic() {
                 match rng.below(6) {
                     0 if len > 0 => {
                         let i = rng.below(len);
-                        r[i] = rng.next() as u8;
+                        r[i] = rng.next_u64() as u8;
                     }
                     1 => r.truncate(rng.below(len + 1)),
                     2 => {
                         let i = rng.below(len + 1);
-                        r.insert(i, rng.next() as u8);
+                        r.insert(i, rng.next_u64() as u8);
                     }
                     3 if len > 0 => {
                         let i = rng.below(len);

@@ -643,20 +643,6 @@ mod tests {
         assert_eq!(crate::storage::scan_refs(b"x").as_deref(), Some(&[][..]));
     }
 
-    /// xorshift64*: deterministic randomness for the property test.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n.max(1)
-        }
-    }
-
     /// The objects reachable from the root in the snapshot at `at`
     /// (revisions with tid <= at), per the test's own model.
     fn reachable(model: &HashMap<u64, Vec<(Tid, Vec<u64>)>>, at: Tid) -> HashSet<u64> {
@@ -689,7 +675,7 @@ mod tests {
             let root_tid = s.read().get_tid(Oid::ROOT).unwrap();
             let mut model: HashMap<u64, Vec<(Tid, Vec<u64>)>> =
                 HashMap::from([(0, vec![(root_tid, vec![])])]);
-            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut rng = crate::rng::XorShift64::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let mut next_oid = 1u64;
             let mut tids = vec![root_tid];
             let mut packed_to = Tid::ZERO;
@@ -724,13 +710,13 @@ mod tests {
                     let target = if rng.below(3) == 0 {
                         0
                     } else {
-                        alive[rng.below(alive.len() as u64) as usize]
+                        alive[rng.below(alive.len())]
                     };
                     if !written.insert(target) {
                         continue;
                     }
                     let mut refs: Vec<u64> = (0..rng.below(4))
-                        .map(|_| alive[rng.below(alive.len() as u64) as usize])
+                        .map(|_| alive[rng.below(alive.len())])
                         .collect();
                     if rng.below(2) == 0 {
                         let new = next_oid;
@@ -762,7 +748,7 @@ mod tests {
                 tids.push(tid);
                 if round % 50 == 49 {
                     // Drop history older than a random past commit.
-                    let t = tids[rng.below(tids.len() as u64) as usize];
+                    let t = tids[rng.below(tids.len())];
                     if t > packed_to {
                         s.pack(t);
                         packed_to = t;
