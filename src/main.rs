@@ -158,9 +158,12 @@ fn main() -> ExitCode {
         None => tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
     };
+    // Colours only on a terminal: log files and journald get plain text.
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     std::panic::set_hook(Box::new(zeotemp::server::log_panic));
 

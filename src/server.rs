@@ -243,6 +243,23 @@ async fn accept(l: &Listener) -> io::Result<(BoxStream, String)> {
 }
 
 /// Runs one connection to its end.
+/// Counts a live connection; the count drops when the connection ends,
+/// even if its task panics.
+struct Counted(Arc<Shared>);
+
+impl Counted {
+    fn new(shared: &Arc<Shared>) -> Counted {
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+        Counted(shared.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn serve(
     stream: BoxStream,
     peer: String,
@@ -250,7 +267,7 @@ async fn serve(
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
 ) {
-    shared.connections.fetch_add(1, Ordering::Relaxed);
+    let _counted = Counted::new(&shared);
     let (rd, wr) = tokio::io::split(stream);
     let outbox = Arc::new(Outbox::new(shared.config.max_outbox_bytes));
     outbox.push(frame::encode(PROTOCOL));

@@ -675,6 +675,42 @@ async fn read_only_registration() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_counts_live_connections_only() {
+    let srv = Server::start(Config {
+        max_connections: 4,
+        ..cfg()
+    })
+    .await;
+    // Many more connections than the limit over time, one after another
+    // (health probes, reconnecting clients): each one ends, and frees its place.
+    for _ in 0..10 {
+        let (mut c, _) = Client::registered(srv.addr, "1").await;
+        assert_eq!(c.call("ping", vec![]).await.unwrap(), Value::None);
+        drop(c);
+        let mut probe = Client::raw(srv.addr).await;
+        probe.send_frame(b"ruok").await;
+        assert!(probe.frame().await.is_some());
+        assert!(probe.frame().await.is_none());
+    }
+    // The limit itself: 4 live connections; a 5th is closed at once. (First
+    // let the server finish closing the ones above.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(Client::registered(srv.addr, "1").await.0);
+    }
+    let mut extra = TcpStream::connect(srv.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(TIMEOUT, extra.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "refused: closed without a protocol announcement");
+    drop(held);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_invalidations_for_reconnecting_clients() {
     let srv = Server::start(cfg()).await;
     let (mut a, start) = Client::registered(srv.addr, "1").await;
