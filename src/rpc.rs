@@ -1025,6 +1025,7 @@ impl Session {
                 "tpc_finish() without a successful vote()".into(),
             ));
         }
+        // Checked just above; the transaction ends here.
         let Some(Txn {
             state: TxnState::Voted(voted),
             meta,

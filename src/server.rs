@@ -397,16 +397,14 @@ async fn write_loop(mut wr: tokio::io::WriteHalf<BoxStream>, outbox: Arc<Outbox>
         }
         for f in batch.drain(..) {
             let n = f.len();
-            if f.len() >= 64 * 1024 {
+            if n >= 64 * 1024 {
                 if !buf.is_empty() && flush(&mut wr, &mut buf, &outbox).await.is_err() {
                     return;
                 }
-                if let Err(e) = wr.write_all(&f).await {
-                    debug!("write failed: {e}");
-                    outbox.close("write failed");
+                // A large frame goes out as it is, without a copy.
+                if write_out(&mut wr, &f, &outbox).await.is_err() {
                     return;
                 }
-                outbox.written(n);
             } else {
                 buf.extend_from_slice(&f);
                 if buf.len() >= 256 * 1024 && flush(&mut wr, &mut buf, &outbox).await.is_err() {
@@ -420,19 +418,30 @@ async fn write_loop(mut wr: tokio::io::WriteHalf<BoxStream>, outbox: Arc<Outbox>
     }
 }
 
+/// Writes the batch of small frames collected in `buf`, then empties it.
 async fn flush(
     wr: &mut tokio::io::WriteHalf<BoxStream>,
     buf: &mut BytesMut,
     outbox: &Outbox,
 ) -> Result<(), ()> {
-    let n = buf.len();
-    if let Err(e) = wr.write_all(buf).await {
+    write_out(wr, buf, outbox).await?;
+    buf.clear();
+    Ok(())
+}
+
+/// Writes `bytes` and tells the outbox they left; on a failed write the
+/// outbox is closed (the connection ends).
+async fn write_out(
+    wr: &mut tokio::io::WriteHalf<BoxStream>,
+    bytes: &[u8],
+    outbox: &Outbox,
+) -> Result<(), ()> {
+    if let Err(e) = wr.write_all(bytes).await {
         debug!("write failed: {e}");
         outbox.close("write failed");
         return Err(());
     }
-    buf.clear();
-    outbox.written(n);
+    outbox.written(bytes.len());
     Ok(())
 }
 

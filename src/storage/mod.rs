@@ -94,6 +94,12 @@ pub fn scan_refs(record: &[u8]) -> Refs {
         .map(Vec::into_boxed_slice)
 }
 
+/// Bytes a revision is accounted for: its record, its references and
+/// [`REVISION_OVERHEAD`] (the same for a stored revision and a pending store).
+fn accounted_size(data: Option<&[u8]>, refs: &Refs) -> usize {
+    data.map_or(0, <[u8]>::len) + refs.as_ref().map_or(0, |r| r.len() * 8) + REVISION_OVERHEAD
+}
+
 /// One revision of an object.
 #[derive(Debug, Clone)]
 pub struct Revision {
@@ -107,9 +113,7 @@ pub struct Revision {
 impl Revision {
     /// Bytes this revision is accounted for (see [`REVISION_OVERHEAD`]).
     fn accounted(&self) -> usize {
-        self.data.as_ref().map_or(0, |d| d.len())
-            + self.refs.as_ref().map_or(0, |r| r.len() * 8)
-            + REVISION_OVERHEAD
+        accounted_size(self.data.as_deref(), &self.refs)
     }
 }
 
@@ -161,10 +165,8 @@ impl TxnOp {
     /// Bytes this operation will add to the storage if committed.
     fn accounted(&self) -> usize {
         match self {
-            TxnOp::Store { data, refs, .. } => {
-                data.len() + refs.as_ref().map_or(0, |r| r.len() * 8) + REVISION_OVERHEAD
-            }
-            TxnOp::Delete { .. } => REVISION_OVERHEAD,
+            TxnOp::Store { data, refs, .. } => accounted_size(Some(data), refs),
+            TxnOp::Delete { .. } => accounted_size(None, &Some(Box::new([]))),
             TxnOp::CheckCurrent { .. } => 0,
         }
     }
@@ -655,7 +657,6 @@ impl Storage {
         let mut st = self.write();
         let tid = Tid::next_after(st.last_tid);
         let meta = Arc::new(meta);
-        let now = SystemTime::now();
         let mut oids = Vec::with_capacity(txn.writes.len());
         for (oid, data, refs) in txn.writes {
             st.put_revision(
@@ -666,7 +667,6 @@ impl Storage {
                     refs,
                     meta: meta.clone(),
                 },
-                now,
             );
             oids.push(oid);
         }
@@ -903,7 +903,7 @@ impl StorageState {
         Some((self.invalidations.front()?.0, oids))
     }
 
-    fn put_revision(&mut self, oid: Oid, rev: Revision, _now: SystemTime) {
+    fn put_revision(&mut self, oid: Oid, rev: Revision) {
         self.count_in(&rev);
         let new_len = rev.data.as_ref().map_or(0, |d| d.len());
         let obj = match self.objects.entry(oid) {
