@@ -95,14 +95,17 @@ fn into_message(value: Value) -> Result<Message, MarshalError> {
 
 /// A normal reply: `(msgid, 0, ".reply", result)`.
 pub fn encode_reply(dialect: Dialect, msgid: &Value, result: &Value) -> Bytes {
-    encode_frame(dialect, msgid, &Value::Int(0), ".reply", result)
+    encode_reply_with(dialect, msgid, pickle::size_hint(result), |out| {
+        pickle::encode_into(out, result, dialect)
+    })
 }
 
 /// An exception reply: `(msgid, 2, ".reply", (class_name, state))`, where
 /// `state` is the exception's `__dict__` if non-empty, else its args tuple.
 pub fn encode_error(dialect: Dialect, msgid: &Value, class_name: &str, state: &Value) -> Bytes {
     // Built by hand rather than as a Value so `state` is not cloned.
-    encode_with(|out| {
+    let hint = pickle::size_hint(msgid) + class_name.len() + pickle::size_hint(state);
+    encode_with(hint, |out| {
         pickle::encode_into(out, msgid, dialect);
         pickle::encode_into(out, &Value::Int(2), dialect);
         pickle::encode_str_into(out, ".reply", dialect);
@@ -112,10 +115,30 @@ pub fn encode_error(dialect: Dialect, msgid: &Value, class_name: &str, state: &V
     })
 }
 
+/// A normal reply whose result is written by `result` straight into the
+/// frame (e.g. a loaded record, without copying it into a [`Value`] first);
+/// `hint` is about the bytes `result` writes.
+pub fn encode_reply_with(
+    dialect: Dialect,
+    msgid: &Value,
+    hint: usize,
+    result: impl FnOnce(&mut BytesMut),
+) -> Bytes {
+    encode_frame(dialect, msgid, &Value::Int(0), ".reply", hint, result)
+}
+
 /// A one-way call from the server (`invalidateTransaction`, `info`, ...):
 /// `(0, True, method, args)`.
 pub fn encode_call(dialect: Dialect, method: &str, args: &Value) -> Bytes {
-    encode_frame(dialect, &Value::Int(0), &Value::Bool(true), method, args)
+    let hint = pickle::size_hint(args);
+    encode_frame(
+        dialect,
+        &Value::Int(0),
+        &Value::Bool(true),
+        method,
+        hint,
+        |out| pickle::encode_into(out, args, dialect),
+    )
 }
 
 const MARK: u8 = b'(';
@@ -123,19 +146,30 @@ const TUPLE: u8 = b't';
 const TUPLE2: u8 = 0x86;
 const STOP: u8 = b'.';
 
-fn encode_frame(dialect: Dialect, msgid: &Value, flags: &Value, name: &str, last: &Value) -> Bytes {
-    encode_with(|out| {
+/// `(msgid, flags, name, last)`, with `last` written by `write_last`
+/// (about `hint` bytes).
+fn encode_frame(
+    dialect: Dialect,
+    msgid: &Value,
+    flags: &Value,
+    name: &str,
+    hint: usize,
+    write_last: impl FnOnce(&mut BytesMut),
+) -> Bytes {
+    let hint = pickle::size_hint(msgid) + name.len() + hint;
+    encode_with(hint, |out| {
         pickle::encode_into(out, msgid, dialect);
         pickle::encode_into(out, flags, dialect);
         pickle::encode_str_into(out, name, dialect);
-        pickle::encode_into(out, last, dialect);
+        write_last(out);
     })
 }
 
 /// Length prefix, `PROTO 3 MARK`, the items written by `items`, `TUPLE
-/// STOP`; the length is patched in place afterwards (no copy).
-fn encode_with(items: impl FnOnce(&mut BytesMut)) -> Bytes {
-    let mut out = BytesMut::with_capacity(128);
+/// STOP`; the length is patched in place afterwards (no copy). `hint` is
+/// about what the items take, so the buffer is allocated once.
+fn encode_with(hint: usize, items: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut out = BytesMut::with_capacity(32 + hint);
     out.put_u32(0);
     out.put_slice(&[0x80, 3, MARK]);
     items(&mut out);

@@ -203,6 +203,11 @@ impl Value {
     }
 
     /// Python truthiness.
+    /// Anything but a tuple, list or dict.
+    pub fn is_scalar(&self) -> bool {
+        !matches!(self, Value::Tuple(_) | Value::List(_) | Value::Dict(_))
+    }
+
     pub fn is_truthy(&self) -> bool {
         match self {
             Value::None => false,
@@ -1317,8 +1322,23 @@ enum Task<'a> {
 /// [`Value::Global`] and [`Value::Opaque`] are written as `None`: the
 /// server never sends them, and writing them would mean emitting `GLOBAL`.
 ///
-/// Iterative, so any nesting depth is fine.
+/// Iterative, so any nesting depth is fine. Scalars and small tuples of
+/// scalars (most replies) are written without the work list, so without
+/// an allocation.
 pub fn encode_into(out: &mut BytesMut, v: &Value, dialect: Dialect) {
+    if encode_scalar(out, v, dialect) {
+        return;
+    }
+    if let Value::Tuple(items) = v
+        && (1..=3).contains(&items.len())
+        && items.iter().all(Value::is_scalar)
+    {
+        for item in items {
+            encode_scalar(out, item, dialect);
+        }
+        out.put_u8(op::TUPLE1 + (items.len() as u8 - 1));
+        return;
+    }
     let mut tasks: Vec<Task<'_>> = vec![Task::Save(v)];
     while let Some(task) = tasks.pop() {
         let v = match task {
@@ -1328,22 +1348,10 @@ pub fn encode_into(out: &mut BytesMut, v: &Value, dialect: Dialect) {
             }
             Task::Save(v) => v,
         };
+        if encode_scalar(out, v, dialect) {
+            continue;
+        }
         match v {
-            Value::None | Value::Global { .. } | Value::Opaque(_) => out.put_u8(op::NONE),
-            Value::Bool(true) => out.put_u8(op::NEWTRUE),
-            Value::Bool(false) => out.put_u8(op::NEWFALSE),
-            Value::Int(i) => put_int(out, *i),
-            Value::BigInt(b) => put_long(out, b),
-            Value::Float(f) => {
-                out.put_u8(op::BINFLOAT);
-                out.put_f64(*f); // big-endian, as struct.pack('>d')
-            }
-            Value::Bytes(b) => match dialect {
-                Dialect::Py3 => put_binbytes(out, b),
-                Dialect::Py2 => put_binstring(out, b),
-            },
-            Value::PyStr(b) => put_binstring(out, b),
-            Value::Str(s) => encode_str_into(out, s, dialect),
             Value::Tuple(items) => match items.len() {
                 0 => out.put_u8(op::EMPTY_TUPLE),
                 n @ 1..=3 => {
@@ -1397,7 +1405,58 @@ pub fn encode_into(out: &mut BytesMut, v: &Value, dialect: Dialect) {
                     }
                 }
             }
+            _ => unreachable!("scalars are written by encode_scalar"),
         }
+    }
+}
+
+/// Writes `v` if it is a scalar (anything but a tuple, list or dict) and
+/// says whether it did.
+fn encode_scalar(out: &mut BytesMut, v: &Value, dialect: Dialect) -> bool {
+    match v {
+        Value::None | Value::Global { .. } | Value::Opaque(_) => out.put_u8(op::NONE),
+        Value::Bool(true) => out.put_u8(op::NEWTRUE),
+        Value::Bool(false) => out.put_u8(op::NEWFALSE),
+        Value::Int(i) => put_int(out, *i),
+        Value::BigInt(b) => put_long(out, b),
+        Value::Float(f) => {
+            out.put_u8(op::BINFLOAT);
+            out.put_f64(*f); // big-endian, as struct.pack('>d')
+        }
+        Value::Bytes(b) => encode_bytes_into(out, b, dialect),
+        Value::PyStr(b) => put_binstring(out, b),
+        Value::Str(s) => encode_str_into(out, s, dialect),
+        Value::Tuple(_) | Value::List(_) | Value::Dict(_) => return false,
+    }
+    true
+}
+
+/// Appends bytes as [`Value::Bytes`] is written (without building a
+/// `Value`, so without a copy or a reference count).
+pub fn encode_bytes_into(out: &mut BytesMut, b: &[u8], dialect: Dialect) {
+    match dialect {
+        Dialect::Py3 => put_binbytes(out, b),
+        Dialect::Py2 => put_binstring(out, b),
+    }
+}
+
+/// Roughly how many bytes `v` encodes to, to size an output buffer once:
+/// exact enough for flat values, a guess for nested ones (never walks
+/// deeper than one level, so it costs nothing on hostile input).
+pub fn size_hint(v: &Value) -> usize {
+    fn flat(v: &Value) -> usize {
+        match v {
+            Value::Bytes(b) | Value::PyStr(b) => 5 + b.len(),
+            Value::Str(s) => 5 + s.len(),
+            Value::BigInt(b) => 5 + b.len(),
+            Value::Tuple(_) | Value::List(_) | Value::Dict(_) => 32,
+            _ => 9,
+        }
+    }
+    match v {
+        Value::Tuple(items) | Value::List(items) => 2 + items.iter().map(flat).sum::<usize>(),
+        Value::Dict(pairs) => 3 + pairs.iter().map(|(k, v)| flat(k) + flat(v)).sum::<usize>(),
+        other => flat(other),
     }
 }
 

@@ -24,14 +24,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::marshal::{self, Message};
 use crate::outbox::Outbox;
-use crate::pickle::{Dialect, Value};
+use crate::pickle::{self, Dialect, Value};
 use crate::storage::{
     Conflict, ConnId, LockAttempt, Storage, StorageError, StorageLimits, Subscriber, TxnMeta,
     TxnOp, VotedTxn,
@@ -643,15 +643,24 @@ impl Session {
                 // Reply inside the read lock: a commit cannot slip its
                 // invalidation in ahead of this (older) data.
                 let st = storage.read();
-                let v = match st.load_before(oid, tid)? {
-                    Some(l) => Value::Tuple(vec![
-                        Value::Bytes(l.data),
-                        tid_value(l.start),
-                        l.end.map_or(Value::None, tid_value),
-                    ]),
-                    None => Value::None,
-                };
-                self.reply(&msg.msgid, &v);
+                let loaded = st.load_before(oid, tid)?;
+                let dialect = self.dialect;
+                let hint = loaded.as_ref().map_or(1, |l| l.data.len() + 32);
+                // (data, start, end) or None, written straight from the
+                // stored record.
+                let frame = marshal::encode_reply_with(dialect, &msg.msgid, hint, |out| {
+                    let Some(l) = loaded else {
+                        return pickle::encode_into(out, &Value::None, dialect);
+                    };
+                    pickle::encode_bytes_into(out, l.data, dialect);
+                    pickle::encode_bytes_into(out, &l.start.to_bytes(), dialect);
+                    match l.end {
+                        Some(end) => pickle::encode_bytes_into(out, &end.to_bytes(), dialect),
+                        None => pickle::encode_into(out, &Value::None, dialect),
+                    }
+                    out.put_u8(crate::opcodes::TUPLE3);
+                });
+                self.outbox.push(frame);
                 Ok(Outcome::Sent)
             }
             "loadSerial" => {

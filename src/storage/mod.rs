@@ -202,8 +202,10 @@ pub enum StorageError {
 
 /// Answer of `loadBefore`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Loaded {
-    pub data: Bytes,
+pub struct Loaded<'a> {
+    /// Borrowed from the storage: the caller encodes it while it holds the
+    /// read lock, without copying it or touching a shared reference count.
+    pub data: &'a [u8],
     pub start: Tid,
     pub end: Option<Tid>,
 }
@@ -786,7 +788,7 @@ impl StorageState {
     /// * `Err(PosKey)`: no such object, or it was deleted as of `tid`
     ///   (for a snapshot older than the retention window a missing object
     ///   is `Ok(None)`: it may have been freed since).
-    pub fn load_before(&self, oid: Oid, tid: Tid) -> Result<Option<Loaded>, StorageError> {
+    pub fn load_before(&self, oid: Oid, tid: Tid) -> Result<Option<Loaded<'_>>, StorageError> {
         let Some(obj) = self.objects.get(&oid) else {
             // A snapshot older than the retention window may ask for an
             // object the collector has freed since: answer as for any other
@@ -808,7 +810,8 @@ impl StorageState {
         let rev = &revs[i - 1];
         match &rev.data {
             Some(data) => Ok(Some(Loaded {
-                data: data.clone(),
+                data,
+
                 start: rev.tid,
                 end: revs.get(i).map(|r| r.tid),
             })),
