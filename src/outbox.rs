@@ -135,23 +135,39 @@ impl Outbox {
         }
     }
 
-    /// For the writer task: waits for frames and takes all queued ones.
-    /// Returns `Err(reason)` once the outbox is closed and empty.
-    pub async fn next_batch(&self, batch: &mut Vec<Bytes>) -> Result<(), &'static str> {
+    /// For the connection's writer: moves every queued frame to `into` (they
+    /// stay counted until [`Outbox::written`]). Returns how many it moved.
+    pub fn take_frames(&self, into: &mut VecDeque<Bytes>) -> usize {
+        let mut st = self.lock();
+        let n = st.frames.len();
+        into.extend(st.frames.drain(..));
+        n
+    }
+
+    /// For the connection's writer: waits until frames are queued or the
+    /// outbox is closed.
+    pub async fn wait_frames(&self) {
         loop {
             let notified = self.wake_writer.notified();
             {
-                let mut st = self.lock();
-                if !st.frames.is_empty() {
-                    batch.extend(st.frames.drain(..));
-                    return Ok(());
-                }
-                if let Some(reason) = st.closed {
-                    return Err(reason);
+                let st = self.lock();
+                if !st.frames.is_empty() || st.closed.is_some() {
+                    return;
                 }
             }
             notified.await;
         }
+    }
+
+    /// For the writer task: waits for frames and takes all queued ones.
+    /// Returns `Err(reason)` once the outbox is closed and empty.
+    #[cfg(test)]
+    async fn next_batch(&self, batch: &mut VecDeque<Bytes>) -> Result<(), &'static str> {
+        self.wait_frames().await;
+        if self.take_frames(batch) > 0 {
+            return Ok(());
+        }
+        Err(self.closed_reason().unwrap_or("closed"))
     }
 
     /// For the writer task: `n` bytes were written to the socket.
@@ -172,7 +188,7 @@ mod tests {
         let ob = Outbox::new(1000);
         assert!(ob.push(Bytes::from_static(b"a")));
         assert!(ob.push(Bytes::from_static(b"bc")));
-        let mut batch = Vec::new();
+        let mut batch = VecDeque::new();
         ob.next_batch(&mut batch).await.unwrap();
         assert_eq!(
             batch,
@@ -191,7 +207,7 @@ mod tests {
         assert!(ob.closed_reason().is_some());
         // The frame queued before the overflow is still delivered in order,
         // then the writer is told to close.
-        let mut batch = Vec::new();
+        let mut batch = VecDeque::new();
         ob.next_batch(&mut batch).await.unwrap();
         assert_eq!(batch.len(), 1);
         batch.clear();

@@ -357,9 +357,11 @@ impl<'a> Decoder<'a> {
             source,
             pos: 0,
             op_offset: 0,
-            stack: Vec::new(),
-            marks: Vec::new(),
+            // Room for a whole ZEO request envelope without regrowing.
+            stack: Vec::with_capacity(8),
+            marks: Vec::with_capacity(2),
             memo: HashMap::new(),
+
             next_id: 0,
             copy_budget: MAX_COPY_WEIGHT,
             max_depth: limits.max_depth,

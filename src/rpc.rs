@@ -301,8 +301,14 @@ impl<'a> Args<'a> {
     }
 
     fn bytes(&self, i: usize, what: &str) -> Res<Bytes> {
+        self.slice(i, what).cloned()
+    }
+
+    /// Like [`Args::bytes`], borrowed: no reference count is touched (a
+    /// clone of a freshly decoded `Bytes` allocates its shared header).
+    fn slice(&self, i: usize, what: &str) -> Res<&'a Bytes> {
         match self.get(i) {
-            Some(Value::Bytes(b)) | Some(Value::PyStr(b)) => Ok(b.clone()),
+            Some(Value::Bytes(b)) | Some(Value::PyStr(b)) => Ok(b),
             Some(v) => Err(ZeoError::Type(format!(
                 "{}(): {what} must be bytes, not {}",
                 self.method,
@@ -313,7 +319,8 @@ impl<'a> Args<'a> {
     }
 
     fn eight(&self, i: usize, what: &str) -> Res<u64> {
-        let b = self.bytes(i, what)?;
+        let b = self.slice(i, what)?;
+
         let arr: [u8; 8] = b[..].try_into().map_err(|_| {
             ZeoError::Type(format!(
                 "{}(): {what} must be 8 bytes, not {}",

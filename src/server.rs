@@ -1,10 +1,11 @@
 //! Listeners, connection tasks and shutdown.
 //!
-//! Each connection runs one reader task (frames in, [`Session`] handling,
-//! commit-lock waits, the transaction timeout) and one writer task (the
-//! connection's [`Outbox`] out, in order). The server knows nothing about
+//! Each connection runs one task ([`Conn`]): frames in, [`Session`]
+//! handling, commit-lock waits, the transaction timeout, and the
+//! connection's [`Outbox`] out, in order. The server knows nothing about
 //! pickles beyond the handshake.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
@@ -271,8 +272,20 @@ async fn serve(
     let (rd, wr) = tokio::io::split(stream);
     let outbox = Arc::new(Outbox::new(shared.config.max_outbox_bytes));
     outbox.push(frame::encode(PROTOCOL));
-    let writer = tokio::spawn(write_loop(wr, outbox.clone()));
-    let reason = read_loop(rd, &peer, id, &shared, &outbox, stop).await;
+    let mut conn = Conn {
+        rd,
+        wr: Writer {
+            wr,
+            pending: VecDeque::new(),
+            offset: 0,
+            outbox: outbox.clone(),
+        },
+        buf: BytesMut::with_capacity(64 * 1024),
+        peer: &peer,
+        shared: &shared,
+        stop,
+    };
+    let reason = conn.run(id).await;
     match &reason {
         Ok(r) => debug!(%peer, "connection closed: {r}"),
         Err(r) => warn!(%peer, "closing connection: {r}"),
@@ -280,169 +293,201 @@ async fn serve(
     outbox.close("connection finished");
     // Let queued replies (e.g. a ruok answer, an error) reach the client.
     let grace = Duration::from_secs(SHUTDOWN_GRACE_SECS);
-    if tokio::time::timeout(grace, writer).await.is_err() {
-        debug!(%peer, "writer did not finish in time");
+    if tokio::time::timeout(grace, conn.wr.finish()).await.is_err() {
+        debug!(%peer, "queued frames not written in time");
     }
 }
 
-/// Reads frames and drives the session. `Ok` is a normal end (the client
-/// went away, shutdown), `Err` one worth a warning.
-async fn read_loop(
-    mut rd: tokio::io::ReadHalf<BoxStream>,
-    peer: &str,
-    id: u64,
-    shared: &Arc<Shared>,
-    outbox: &Arc<Outbox>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<String, String> {
-    let max = shared.config.max_frame_size;
-    let limits = DecodeLimits::default();
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+/// One connection, served by one task: frames in, [`Session`] handling,
+/// replies and pushes out. Reading and writing are branches of one
+/// `select!`, so the replies to a batch of pipelined requests leave in one
+/// `writev` without waking a second task, and a client that is slow to read
+/// still gets its requests read (until its outbox is backlogged).
+struct Conn<'a> {
+    rd: tokio::io::ReadHalf<BoxStream>,
+    wr: Writer,
+    buf: BytesMut,
+    peer: &'a str,
+    shared: &'a Arc<Shared>,
+    stop: watch::Receiver<bool>,
+}
 
-    // The handshake: the client's first frame.
-    let first = loop {
-        match frame::parse(&mut buf, max) {
-            Ok(Some(f)) => break f,
-            Ok(None) => {}
-            Err(e) => return Err(format!("bad handshake: {e}")),
+/// The writing side: frames taken from the outbox, in order, and how much
+/// of the first one is already written.
+struct Writer {
+    wr: tokio::io::WriteHalf<BoxStream>,
+    pending: VecDeque<Bytes>,
+    offset: usize,
+    outbox: Arc<Outbox>,
+}
+
+/// Frames gathered into one `writev`.
+const MAX_IOVECS: usize = 64;
+
+impl Writer {
+    fn has_pending(&mut self) -> bool {
+        if self.pending.is_empty() {
+            self.outbox.take_frames(&mut self.pending);
         }
-        tokio::select! {
-            n = rd.read_buf(&mut buf) => match n {
-                Ok(0) => return Ok("closed before the handshake".into()),
-                Ok(_) => {}
-                Err(e) => return Ok(format!("read error before the handshake: {e}")),
-            },
-            _ = stop.changed() => return Ok("server shutting down".into()),
-        }
-    };
-    match &first[..] {
-        b"ruok" => {
-            outbox.push(frame::encode(shared.ruok().as_bytes()));
-            return Ok("answered ruok".into());
-        }
-        b"Z5" => {}
-        b"M5" => return Err("client asked for msgpack (M5); this server speaks Z5 only".into()),
-        other => {
-            let shown = String::from_utf8_lossy(&other[..other.len().min(16)]).into_owned();
-            return Err(format!(
-                "bad handshake {shown:?}: this server speaks ZEO protocol Z5"
-            ));
-        }
+        !self.pending.is_empty()
     }
-    info!(%peer, "connected");
 
-    let mut session = Session::new(id, peer.to_string(), shared.clone(), outbox.clone());
-    let mut lock_wait: Option<tokio::sync::oneshot::Receiver<()>> = None;
-    let timeout = shared.config.transaction_timeout;
-    loop {
-        // Handle every whole frame already buffered.
-        loop {
-            if outbox.closed_reason().is_some() || outbox.is_backlogged() {
+    /// Writes some of the pending frames (one `writev`).
+    async fn write_some(&mut self) -> io::Result<()> {
+        let mut slices = [io::IoSlice::new(&[]); MAX_IOVECS];
+        let mut n = 0;
+        for (i, f) in self.pending.iter().take(MAX_IOVECS).enumerate() {
+            slices[i] = io::IoSlice::new(if i == 0 { &f[self.offset..] } else { f });
+            n += 1;
+        }
+        let written = self.wr.write_vectored(&slices[..n]).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        self.outbox.written(written);
+        let mut left = written;
+        while let Some(f) = self.pending.front() {
+            let rest = f.len() - self.offset;
+            if left < rest {
+                self.offset += left;
                 break;
             }
-            let payload = match frame::parse(&mut buf, max) {
-                Ok(Some(p)) => p,
-                Ok(None) => break,
-                Err(e) => return Err(e.to_string()),
-            };
-            let msg = match marshal::decode_message(&payload, &limits) {
-                Ok(m) => m,
-                Err(e) => return Err(format!("cannot decode message: {e}")),
-            };
-            match session.handle(msg) {
-                Flow::Continue => {}
-                Flow::WaitLock(rx) => lock_wait = Some(rx),
-                Flow::Close(reason) => return Err(reason),
+            left -= rest;
+            self.offset = 0;
+            self.pending.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Writes everything still queued, then shuts the socket down.
+    async fn finish(&mut self) {
+        while self.has_pending() {
+            if let Err(e) = self.write_some().await {
+                debug!("write failed: {e}");
+                return;
             }
         }
-        if let Some(reason) = outbox.closed_reason() {
-            return Err(reason.to_string());
-        }
-        let deadline = session
-            .lock_held_since()
-            .map(|t| tokio::time::Instant::from_std(t + timeout));
-        let backlogged = outbox.is_backlogged();
-        tokio::select! {
-            n = rd.read_buf(&mut buf), if !backlogged => match n {
-                Ok(0) => return Ok("client closed the connection".into()),
-                Ok(_) => {}
-                Err(e) => return Ok(format!("read error: {e}")),
-            },
-            _ = outbox.wait_drained(), if backlogged => {}
-            granted = async { lock_wait.as_mut().expect("guarded").await }, if lock_wait.is_some() => {
-                lock_wait = None;
-                if granted.is_ok() {
-                    session.lock_granted();
-                }
-            }
-            _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
-                session.lock_timed_out();
-                return Err("transaction-timeout exceeded".into());
-            }
-            reason = outbox.wait_closed() => return Err(reason.to_string()),
-            _ = stop.changed() => return Ok("server shutting down".into()),
-        }
+        let _ = self.wr.shutdown().await;
     }
 }
 
-/// Writes the outbox to the socket, in order, batching small frames.
-async fn write_loop(mut wr: tokio::io::WriteHalf<BoxStream>, outbox: Arc<Outbox>) {
-    let mut batch: Vec<Bytes> = Vec::new();
-    let mut buf = BytesMut::new();
-    loop {
-        batch.clear();
-        if outbox.next_batch(&mut batch).await.is_err() {
-            let _ = wr.shutdown().await;
-            return;
-        }
-        for f in batch.drain(..) {
-            let n = f.len();
-            if n >= 64 * 1024 {
-                if !buf.is_empty() && flush(&mut wr, &mut buf, &outbox).await.is_err() {
-                    return;
+impl Conn<'_> {
+    /// Reads and writes until the connection ends. `Ok` is a normal end
+    /// (the client went away, shutdown), `Err` one worth a warning.
+    async fn run(&mut self, id: u64) -> Result<String, String> {
+        let max = self.shared.config.max_frame_size;
+        let limits = DecodeLimits::default();
+        let outbox = self.wr.outbox.clone();
+
+        // The handshake: the client's first frame.
+        let first = loop {
+            match frame::parse(&mut self.buf, max) {
+                Ok(Some(f)) => break f,
+                Ok(None) => {}
+                Err(e) => return Err(format!("bad handshake: {e}")),
+            }
+            tokio::select! {
+                n = self.rd.read_buf(&mut self.buf) => match n {
+                    Ok(0) => return Ok("closed before the handshake".into()),
+                    Ok(_) => {}
+                    Err(e) => return Ok(format!("read error before the handshake: {e}")),
+                },
+                r = self.wr.write_some(), if self.wr.has_pending() => {
+                    if let Err(e) = r {
+                        return Ok(format!("write error before the handshake: {e}"));
+                    }
                 }
-                // A large frame goes out as it is, without a copy.
-                if write_out(&mut wr, &f, &outbox).await.is_err() {
-                    return;
-                }
-            } else {
-                buf.extend_from_slice(&f);
-                if buf.len() >= 256 * 1024 && flush(&mut wr, &mut buf, &outbox).await.is_err() {
-                    return;
-                }
+                _ = self.stop.changed() => return Ok("server shutting down".into()),
+            }
+        };
+        match &first[..] {
+            b"ruok" => {
+                outbox.push(frame::encode(self.shared.ruok().as_bytes()));
+                return Ok("answered ruok".into());
+            }
+            b"Z5" => {}
+            b"M5" => {
+                return Err("client asked for msgpack (M5); this server speaks Z5 only".into());
+            }
+            other => {
+                let shown = String::from_utf8_lossy(&other[..other.len().min(16)]).into_owned();
+                return Err(format!(
+                    "bad handshake {shown:?}: this server speaks ZEO protocol Z5"
+                ));
             }
         }
-        if !buf.is_empty() && flush(&mut wr, &mut buf, &outbox).await.is_err() {
-            return;
+        info!(peer = %self.peer, "connected");
+
+        let mut session = Session::new(
+            id,
+            self.peer.to_string(),
+            self.shared.clone(),
+            outbox.clone(),
+        );
+        let mut lock_wait: Option<tokio::sync::oneshot::Receiver<()>> = None;
+        let timeout = self.shared.config.transaction_timeout;
+        loop {
+            // Handle every whole frame already buffered.
+            loop {
+                if outbox.closed_reason().is_some() || outbox.is_backlogged() {
+                    break;
+                }
+                let payload = match frame::parse(&mut self.buf, max) {
+                    Ok(Some(p)) => p,
+                    Ok(None) => break,
+                    Err(e) => return Err(e.to_string()),
+                };
+                let msg = match marshal::decode_message(&payload, &limits) {
+                    Ok(m) => m,
+                    Err(e) => return Err(format!("cannot decode message: {e}")),
+                };
+                match session.handle(msg) {
+                    Flow::Continue => {}
+                    Flow::WaitLock(rx) => lock_wait = Some(rx),
+                    Flow::Close(reason) => return Err(reason),
+                }
+            }
+            if let Some(reason) = outbox.closed_reason() {
+                return Err(reason.to_string());
+            }
+            let deadline = session
+                .lock_held_since()
+                .map(|t| tokio::time::Instant::from_std(t + timeout));
+            let backlogged = outbox.is_backlogged();
+            let writing = self.wr.has_pending();
+            tokio::select! {
+                // Replies first: they free the client to send more.
+                biased;
+                r = self.wr.write_some(), if writing => {
+                    if let Err(e) = r {
+                        outbox.close("write failed");
+                        return Ok(format!("write error: {e}"));
+                    }
+                }
+                n = self.rd.read_buf(&mut self.buf), if !backlogged => match n {
+                    Ok(0) => return Ok("client closed the connection".into()),
+                    Ok(_) => {}
+                    Err(e) => return Ok(format!("read error: {e}")),
+                },
+                // Pushes from other connections (invalidations) while idle.
+                _ = outbox.wait_frames(), if !writing => {}
+                granted = async { lock_wait.as_mut().expect("guarded").await }, if lock_wait.is_some() => {
+                    lock_wait = None;
+                    if granted.is_ok() {
+                        session.lock_granted();
+                    }
+                }
+                _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
+                    session.lock_timed_out();
+                    return Err("transaction-timeout exceeded".into());
+                }
+                // An overflow (another connection's commit pushed past the
+                // bound) while the socket takes nothing.
+                reason = outbox.wait_closed(), if writing => return Err(reason.to_string()),
+                _ = self.stop.changed() => return Ok("server shutting down".into()),
+            }
         }
     }
-}
-
-/// Writes the batch of small frames collected in `buf`, then empties it.
-async fn flush(
-    wr: &mut tokio::io::WriteHalf<BoxStream>,
-    buf: &mut BytesMut,
-    outbox: &Outbox,
-) -> Result<(), ()> {
-    write_out(wr, buf, outbox).await?;
-    buf.clear();
-    Ok(())
-}
-
-/// Writes `bytes` and tells the outbox they left; on a failed write the
-/// outbox is closed (the connection ends).
-async fn write_out(
-    wr: &mut tokio::io::WriteHalf<BoxStream>,
-    bytes: &[u8],
-    outbox: &Outbox,
-) -> Result<(), ()> {
-    if let Err(e) = wr.write_all(bytes).await {
-        debug!("write failed: {e}");
-        outbox.close("write failed");
-        return Err(());
-    }
-    outbox.written(bytes.len());
-    Ok(())
 }
 
 /// Logs a panic payload from a connection task (kept for the binary).
