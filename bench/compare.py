@@ -8,11 +8,17 @@
         [--bench-bin target/release/zeotemp-bench]
     python bench/compare.py --memory [--memory-objects 100000,1000000]
         [--memory-sizes 200,2048] [--out FILE.md]
+    python bench/compare.py --real-client [--clients 4] [--duration 20]
+        [--client-arg=--write-fraction=0.5 ...] [--out FILE.md]
 
 For every workload x connection count it starts a fresh server of each kind
 (the stock server first, then zeotemp), drives it with ``zeotemp-bench
 --json --server-pid PID`` and stops it again.  ``--memory`` instead stores N
 objects of S bytes in a fresh server of each kind and reads its VmRSS.
+``--real-client`` instead runs N processes of the real Python client (ZODB +
+ClientStorage, ``bench/session_client.py``: a Zope-session-like request
+mix) against a fresh server of each kind and reports requests/s, commits/s
+and the server's CPU seconds per 1000 requests and per 1000 commits.
 
 Stdlib only; the stock server runs under --python (default
 target/pyvenv/bin/python, which has ZEO 6.2).  See bench/README.md.
@@ -34,6 +40,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SESSION_CLIENT = REPO / "bench" / "session_client.py"
 TXN_WORKLOADS = ("commit", "session")
 ALL_WORKLOADS = ("load", "commit", "session", "echo")
 SERVERS = ("python", "zeotemp")
@@ -145,6 +152,14 @@ def port_open(address):
         return False
 
 
+def proc_cpu_s(pid):
+    """User + system CPU seconds of ``pid`` (all its threads) so far, from
+    /proc/PID/stat (fields 14 and 15, in clock ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()   # fields[0] = field 3
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_bench(args, server, workload, connections, in_flight, duration,
               extra=(), timeout=None):
     cmd = [args.bench_bin, "--address", server.address, "--workload", workload,
@@ -177,6 +192,161 @@ def with_server(args, kind, workdir, fn, servers_alive):
     finally:
         server.stop()
         servers_alive.remove(server)
+
+
+class ClientGroup:
+    """The ``session_client.py`` worker processes of one real-client run.
+    Each runs in its own session (a Ctrl-C in the terminal reaches only us);
+    ``stop()`` ends the ones still running (SIGTERM, SIGKILL after 5 s)."""
+
+    def __init__(self, args, server, n, rundir):
+        self.args, self.server, self.n = args, server, n
+        self.rundir = Path(rundir)
+        self.procs = []
+
+    def start(self):
+        for i in range(self.n):
+            out = open(self.rundir / f"out-{i}", "wb")
+            err = open(self.rundir / f"err-{i}", "wb")
+            try:
+                self.procs.append(subprocess.Popen(
+                    [self.args.python, str(SESSION_CLIENT),
+                     "--address", self.server.address, "--worker", str(i),
+                     "--clients", str(self.n),
+                     "--duration", f"{self.args.duration:g}",
+                     "--sync-dir", str(self.rundir), *self.args.client_arg],
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                    start_new_session=True))
+            finally:
+                out.close()
+                err.close()
+
+    def ready(self):
+        return all((self.rundir / f"ready-{i}").exists() for i in range(self.n))
+
+    def result(self, i):
+        """Worker i's JSON line (complete lines only), or None."""
+        try:
+            text = (self.rundir / f"out-{i}").read_text(errors="replace")
+        except OSError:
+            return None
+        for line in text.split("\n")[:-1]:
+            if line.startswith("{"):
+                return json.loads(line)
+        return None
+
+    def stderr_tail(self, i, lines=5):
+        try:
+            text = (self.rundir / f"err-{i}").read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(l for l in text.splitlines()[-lines:] if l.strip())
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    p.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+
+
+def real_client_run(args, server, n, workdir, alive):
+    """Set up the session data, run ``n`` session_client.py workers for
+    --duration seconds from a common start, and return their totals plus the
+    server's CPU seconds from the start until every worker has reported."""
+    rundir = Path(tempfile.mkdtemp(prefix=f"{server.kind}-{n}clients-",
+                                   dir=workdir))
+    setup_args = []      # the data-shaping --client-arg options, for --setup
+    for a in args.client_arg:
+        if a.split("=", 1)[0] in ("--sessions", "--hot", "--storage"):
+            setup_args.append(a)
+    r = subprocess.run([args.python, str(SESSION_CLIENT), "--setup",
+                        "--address", server.address, *setup_args],
+                       stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"session setup failed ({r.returncode}): "
+                           f"{r.stderr.strip()[-500:]}")
+    group = ClientGroup(args, server, n, rundir)
+    alive.append(group)
+    try:
+        group.start()
+        deadline = time.monotonic() + 120
+        while not group.ready():
+            for i, p in enumerate(group.procs):
+                if p.poll() is not None:
+                    raise RuntimeError(f"client {i} exited with {p.returncode} "
+                                       f"before the start: {group.stderr_tail(i)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"clients not connected after 120 s "
+                                   f"(files in {rundir})")
+            time.sleep(0.02)
+        start_at = time.time() + 0.2
+        (rundir / "start.tmp").write_text(f"{start_at!r}\n")
+        (rundir / "start.tmp").rename(rundir / "start")
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu0, t0 = proc_cpu_s(server.pid), time.monotonic()
+        deadline = t0 + args.duration + 120
+        results = [None] * n
+        while True:
+            for i, p in enumerate(group.procs):
+                if results[i] is None:
+                    exited = p.poll() is not None
+                    results[i] = group.result(i)
+                    if results[i] is None and exited:
+                        raise RuntimeError(
+                            f"client {i} exited with {p.returncode} without a "
+                            f"result: {group.stderr_tail(i)}")
+            if all(results):
+                break
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"{server.kind} server died "
+                                   f"({server.proc.returncode}); log "
+                                   f"{server.log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"clients not finished {args.duration + 120:g} s "
+                                   f"after the start (files in {rundir})")
+            time.sleep(0.02)
+        cpu1, window = proc_cpu_s(server.pid), time.monotonic() - t0
+        for i, p in enumerate(group.procs):
+            if "fatal" in results[i]:
+                raise RuntimeError(f"client {i}: {results[i]['fatal']}")
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"client {i} did not exit after its run")
+            if p.returncode != 0:
+                raise RuntimeError(f"client {i} exited with {p.returncode}: "
+                                   f"{group.stderr_tail(i)}")
+    finally:
+        group.stop()
+        alive.remove(group)
+    tot = {k: sum(r[k] for r in results)
+           for k in ("requests", "commits", "read_only", "conflicts", "errors")}
+    tot["elapsed_s"] = max(r["elapsed_s"] for r in results)
+    tot["late_s"] = max(r["late_s"] for r in results)
+    tot["client_cpu_s"] = sum(r["client_cpu_s"] for r in results)
+    tot["server_cpu_s"] = cpu1 - cpu0
+    tot["window_s"] = window
+    samples = {}          # error text -> workers that reported it
+    for r in results:
+        for e in r["error_samples"]:
+            samples.setdefault(e, []).append(r["worker"])
+    tot["error_samples"] = [
+        f"{e} ({len(ws)} x, client{'s' if len(set(ws)) > 1 else ''} "
+        f"{', '.join(map(str, sorted(set(ws))))})"
+        for e, ws in samples.items()][:10]
+    el = tot["elapsed_s"] or None
+    tot["requests_per_s"] = tot["requests"] / el if el else None
+    tot["commits_per_s"] = tot["commits"] / el if el else None
+    return tot
 
 
 # ------------------------------------------------------------- formatting
@@ -266,6 +436,50 @@ def throughput_rows(workload, conns, results):
         row.append("/".join(errs))
         rows.append(row)
     return header, rows
+
+
+def real_client_rows(clients, results):
+    """Two tables (throughput, server CPU), rows = client process counts."""
+    def g(kind, n, k):
+        r = results.get((kind, n))
+        return None if r is None or "error" in r else r.get(k)
+
+    def per_k(kind, n, unit):
+        units, cpu = g(kind, n, unit), g(kind, n, "server_cpu_s")
+        if not units or cpu is None:
+            return None
+        return cpu / units * 1000
+
+    def both(n, k):
+        out = []
+        for kind in SERVERS:
+            r = results.get((kind, n))
+            out.append("–" if r is None else "FAILED" if "error" in r
+                       else fmt(r.get(k)) if isinstance(r.get(k), float)
+                       else str(r.get(k)))
+        return "/".join(out)
+
+    th = ["clients", "py req/s", "zt req/s", "zt/py", "py commits/s",
+          "zt commits/s", "zt/py", "conflicts py/zt", "errors py/zt"]
+    tr, cr = [], []
+    for n in clients:
+        row = [n]
+        for k in ("requests_per_s", "commits_per_s"):
+            py, zt = g("python", n, k), g("zeotemp", n, k)
+            row += [fmt(py), fmt(zt), fmt_ratio(ratio(zt, py))]
+        row += [both(n, "conflicts"), both(n, "errors")]
+        tr.append(row)
+        row = [n, fmt(g("python", n, "server_cpu_s")),
+               fmt(g("zeotemp", n, "server_cpu_s"))]
+        for unit in ("requests", "commits"):
+            py, zt = per_k("python", n, unit), per_k("zeotemp", n, unit)
+            row += [fmt_sig(py), fmt_sig(zt), fmt_ratio(ratio(zt, py))]
+        row.append(both(n, "client_cpu_s"))
+        cr.append(row)
+    ch = ["clients", "py CPU s", "zt CPU s", "py CPU s/1k req",
+          "zt CPU s/1k req", "zt/py", "py CPU s/1k commits",
+          "zt CPU s/1k commits", "zt/py", "client CPU s py/zt"]
+    return (th, tr), (ch, cr)
 
 
 def xpos(n, conns, width):
@@ -574,6 +788,58 @@ def run_memory(args, workdir, alive, report):
     return failed
 
 
+def run_real_client(args, workdir, alive, report):
+    results = {}
+    total = len(args.clients) * len(SERVERS)
+    i = 0
+    for n in args.clients:
+        for kind in SERVERS:
+            i += 1
+            print(f"[{i}/{total}] {kind:7} {n:3} client processes, "
+                  f"{args.duration:g} s ...", end=" ", flush=True)
+            try:
+                r = with_server(args, kind, workdir, lambda s: real_client_run(
+                    args, s, n, workdir, alive), alive)
+                print(f"{r['requests_per_s']:,.0f} req/s, "
+                      f"{r['commits_per_s']:,.0f} commits/s, server CPU "
+                      f"{r['server_cpu_s']:.2f} s, conflicts {r['conflicts']}, "
+                      f"errors {r['errors']}", flush=True)
+                if r["late_s"] > 0.5:
+                    print(f"    note: a client started {r['late_s']:.1f} s late",
+                          flush=True)
+            except (RuntimeError, subprocess.TimeoutExpired, ValueError,
+                    OSError) as e:
+                r = {"error": str(e)}
+                print(f"FAILED: {e}", flush=True)
+            results[(kind, n)] = r
+    (th, tr), (ch, cr) = real_client_rows(args.clients, results)
+    report.section("real client: throughput", text=text_table(th, tr),
+                   md=md_table(th, tr))
+    report.section("real client: server CPU", text=text_table(ch, cr),
+                   md=md_table(ch, cr))
+    report.para(
+        "req/s = requests (transactions, read-only ones included) completed "
+        "per second over all client processes; commits/s = those that wrote. "
+        "Server CPU = user + system seconds of the server process from the "
+        "common start until every client reported (/proc/PID/stat). "
+        "Conflicts = ConflictErrors retried by the clients (write conflicts "
+        "on the shared Length counter are resolved on the client and not "
+        "counted). Client CPU = the client processes' own CPU seconds "
+        "(they share the machine with the server).")
+    errs = [f"{k} {n} clients: {s}" for (k, n), r in results.items()
+            if "error" not in r for s in r["error_samples"]]
+    if errs:
+        report.para("Client errors (first few per client, alike ones "
+                    "merged):\n"
+                    + "\n".join(f"* {e}" for e in errs))
+    fails = [f"{k} {n} clients: {r['error']}" for (k, n), r in results.items()
+             if "error" in r]
+    if fails:
+        report.para("Failed runs:\n" + "\n".join(f"* {f}" for f in fails))
+    failed = bool(fails) or any(r.get("errors") for r in results.values())
+    return results, failed
+
+
 # ----------------------------------------------------------------- report
 
 class Report:
@@ -608,8 +874,9 @@ def parse_args(argv):
     p.add_argument("--connections", type=parse_list(int), default=[1, 4, 16, 64])
     p.add_argument("--workloads", type=parse_list(str),
                    default=list(ALL_WORKLOADS))
-    p.add_argument("--duration", type=float, default=5.0,
-                   help="seconds measured per run (default 5)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds measured per run (default 5; "
+                        "--real-client: 20)")
     p.add_argument("--in-flight", type=int, default=8,
                    help="requests outstanding per connection (default 8)")
     p.add_argument("--out", help="also write the report as Markdown")
@@ -619,6 +886,15 @@ def parse_args(argv):
     p.add_argument("--memory-objects", type=parse_list(int),
                    default=[100_000, 1_000_000])
     p.add_argument("--memory-sizes", type=parse_list(int), default=[200, 2048])
+    p.add_argument("--real-client", action="store_true",
+                   help="real-client mode: N processes of ZODB + ClientStorage "
+                        "running a session mix (bench/session_client.py)")
+    p.add_argument("--clients", type=parse_list(int), default=[4],
+                   help="client process counts (real-client mode; default 4)")
+    p.add_argument("--client-arg", action="append", default=[],
+                   metavar="ARG", help="more session_client.py arguments in "
+                   "the --opt=VALUE form, e.g. --client-arg=--write-fraction=0.2 "
+                   "(repeatable)")
     p.add_argument("--zeotemp-bin", default=str(REPO / "target/release/zeotemp"))
     p.add_argument("--bench-bin",
                    default=str(REPO / "target/release/zeotemp-bench"))
@@ -630,7 +906,14 @@ def parse_args(argv):
         p.error(f"unknown workload(s) {bad}; choose from {ALL_WORKLOADS}")
     if not a.connections or min(a.connections) < 1:
         p.error("--connections: positive integers")
-    for path in (a.zeotemp_bin, a.bench_bin, a.python):
+    if not a.clients or min(a.clients) < 1:
+        p.error("--clients: positive integers")
+    if a.memory and a.real_client:
+        p.error("--memory and --real-client exclude each other")
+    if a.duration is None:
+        a.duration = 20.0 if a.real_client else 5.0
+    for path in (a.zeotemp_bin, a.python) + (() if a.real_client
+                                            else (a.bench_bin,)):
         if not Path(path).exists():
             p.error(f"{path} not found (cargo build --release; tests/run-all.sh "
                     "builds target/pyvenv)")
@@ -659,18 +942,21 @@ def main(argv=None):
     try:
         if args.memory:
             failed = run_memory(args, workdir, alive, report)
+        elif args.real_client:
+            _, failed = run_real_client(args, workdir, alive, report)
         else:
             _, failed = run_throughput(args, workdir, alive, report)
         status = 1 if failed else 0
     except (KeyboardInterrupt, Interrupted) as e:
-        print(f"\ninterrupted ({e or 'Ctrl-C'}); stopping servers", file=sys.stderr)
+        print(f"\ninterrupted ({str(e) or 'Ctrl-C'}); stopping servers", file=sys.stderr)
         status = 130
     finally:
-        for s in list(alive):
+        for s in list(reversed(alive)):   # clients before their server
             s.stop()
     elapsed = time.monotonic() - t0
     if args.out and status != 130:
-        mode = "memory" if args.memory else "throughput"
+        mode = ("memory" if args.memory else
+                "real client" if args.real_client else "throughput")
         head = [f"## zeotemp vs stock ZEO: {mode}", "",
                 "```sh", cmdline, "```", "",
                 f"* machine: {info['nproc']} CPUs (`nproc`), {info['cpu']}, "
@@ -678,7 +964,15 @@ def main(argv=None):
                 f"* {info['zeotemp']}; {info['ZEO']} (runzeo, MappingStorage, "
                 "client-conflict-resolution)",
                 f"* run took {elapsed:.0f} s; every run on a fresh server"]
-        if not args.memory:
+        if args.real_client:
+            head.append(f"* {', '.join(map(str, args.clients))} client "
+                        f"processes (stock ZODB + ClientStorage, "
+                        f"bench/session_client.py"
+                        + (f" {shlex.join(args.client_arg)}"
+                           if args.client_arg else "")
+                        + f"), {args.duration:g} s per run; the clients "
+                        "share the machine's CPUs with the server")
+        elif not args.memory:
             head.append(f"* zeotemp-bench: {args.in_flight} requests in flight "
                         f"per connection (commit: one transaction at a time), "
                         f"{args.duration:g} s per run; CPU = server CPU seconds "
