@@ -16,18 +16,35 @@
 //!    revisions reference. Marks are atomics, so loads run beside this;
 //! 3. *find candidates* (read lock, in chunks): objects not marked, among
 //!    those that existed when the cycle started;
-//! 4. *sweep* (write lock, brief): finish marking what commits shaded since,
-//!    then free the candidates still unmarked.
+//! 4. *condemn* (write lock, brief): finish marking what commits shaded
+//!    since and what the voted transaction pinned; every object still
+//!    unmarked is now condemned;
+//! 5. *free* (write lock, in chunks of [`FREE_CHUNK`] objects, released in
+//!    between so commits go on): free the condemned candidates.
 //!
 //! The commit barrier (`finish` during a cycle) marks every written object
 //! and shades every object its new revisions reference, so an edge added
 //! while marking is never missed; objects created during the cycle are
 //! never candidates. Removing an edge only ever keeps more than needed.
 //!
+//! Condemnation is final. A condemned object that is not freed yet may
+//! reference one that an earlier chunk freed (a garbage cycle is freed a
+//! chunk at a time): linking it again would bring back a dangling
+//! reference, and every later snapshot would get POSKeyError for what it
+//! references. So until the cycle ends a vote treats a condemned object as
+//! gone (a ConflictError, as if the chunk that frees it had run already),
+//! and what a transaction voted before condemnation writes or references
+//! is pinned, hence marked at condemnation. After it a commit can only link
+//! marked or new objects: marking is complete, and no commit needs to be
+//! traversed any more.
+//!
 //! A record that looks like a pickle but cannot be scanned has unknown
-//! references: while any retained revision is like that, a cycle frees
-//! nothing (and logs the oids). Freeing too little is safe; freeing too much
-//! is not.
+//! references: while any retained revision is like that, or the voted
+//! transaction writes one, a cycle frees nothing (and logs the oids); while
+//! condemned objects are being freed, a vote with such a record is refused
+//! (a ConflictError the client retries), since it might link one of them.
+//! Freeing too little is safe; freeing too much is not, and neither is
+//! stopping half-way through a sweep.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,23 +62,59 @@ pub const SWEEP_CHUNK: usize = 20_000;
 /// Objects freed per write-lock hold.
 pub const FREE_CHUNK: usize = 5_000;
 
+/// Where a cycle is when it calls the test hook (between lock holds).
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GcStep {
+    /// The candidates are known; nothing is condemned or freed yet.
+    Candidates,
+    /// The unmarked candidates are condemned; nothing is freed yet.
+    Condemned,
+    /// One chunk of candidates was freed.
+    Freed,
+}
+
+/// See `Storage::gc_hook`.
+#[cfg(test)]
+pub(crate) type GcHook = Box<dyn FnMut(&Storage, GcStep) + Send>;
+
 /// The collector's state inside the storage (under its lock).
 #[derive(Debug, Default)]
 pub struct GcState {
     /// The current (or last) cycle's epoch; marks equal to it are "reached".
     epoch: u32,
-    /// A cycle is between start and sweep: commits must shade.
+    /// A cycle is between start and its end: commits must mark what they
+    /// write (and, before condemnation, shade what it references).
     active: bool,
+    /// The cycle has condemned what it did not mark and is freeing it: a
+    /// vote must not link, write or delete a condemned object (see
+    /// [`StorageState::condemned`]).
+    sweeping: bool,
     /// Objects shaded by commits during the cycle, still to be traversed.
     /// A mutex so the collector can drain it under the read lock.
     shaded: Mutex<Vec<Oid>>,
-    /// Existing objects that the voted transaction (holding the commit
-    /// lock) references: its vote checked they exist, so no sweep may free
-    /// them before its `tpc_finish`. Cleared when the transaction ends.
-    pinned: Mutex<Vec<Oid>>,
+    /// What the voted transaction (holding the commit lock) depends on,
+    /// until its `tpc_finish` or abort.
+    pinned: Mutex<Pinned>,
     /// Objects per lock hold; 0 means the defaults. Tests set 1 to make
     /// commits interleave with marking as much as possible.
     chunk: usize,
+}
+
+/// What the voted transaction depends on: its vote checked the current
+/// state, so no cycle may condemn what it relies on before it ends.
+#[derive(Debug, Default)]
+struct Pinned {
+    /// The objects it writes and references. Its vote checked that they
+    /// exist (and the serials of those it writes), so they must neither be
+    /// freed nor condemned: a condemned object that it links again might
+    /// reference objects already freed, and one it writes would be freed
+    /// and then recreated from the new revision alone.
+    oids: Vec<Oid>,
+    /// Objects it writes with records that cannot be scanned: their
+    /// references are unknown, so no cycle may condemn anything before
+    /// it ends.
+    unscannable: Vec<Oid>,
 }
 
 /// Collector figures, reported by `server_status` and the log.
@@ -85,21 +138,44 @@ pub enum GcOutcome {
         /// Longest lock hold in this cycle.
         longest_pause: Duration,
     },
-    /// Some retained record could not be scanned: nothing was freed.
+    /// Some retained record, or one the voted transaction writes, could
+    /// not be scanned: nothing was freed.
     KeptEverything { unscannable: Vec<Oid> },
     /// Another collection was running.
     Busy,
 }
 
 impl StorageState {
-    /// Called by a successful vote: keep what it references until it ends.
-    pub(super) fn pin(&self, oids: Vec<Oid>) {
-        *lock(&self.gc.pinned) = oids;
+    /// Called by a successful vote: keep what it writes and references
+    /// (`oids`) until it ends, and condemn nothing meanwhile if it writes
+    /// records that cannot be scanned (`unscannable`).
+    pub(super) fn pin(&self, oids: Vec<Oid>, unscannable: Vec<Oid>) {
+        *lock(&self.gc.pinned) = Pinned { oids, unscannable };
     }
 
     /// The voted transaction finished or aborted.
     pub(super) fn unpin(&self) {
-        lock(&self.gc.pinned).clear();
+        *lock(&self.gc.pinned) = Pinned::default();
+    }
+
+    /// True while a cycle frees what it condemned: a vote then refuses a
+    /// record whose references are unknown (it might link a condemned
+    /// object).
+    pub(super) fn gc_sweeping(&self) -> bool {
+        self.gc.sweeping
+    }
+
+    /// True if the running cycle condemned `oid`: it still exists, but it
+    /// is about to be freed and what it references may be freed already,
+    /// so a vote treats it as gone. (During the sweep every object that is
+    /// not marked is condemned: objects written since the cycle started are
+    /// marked by the barrier.)
+    pub(super) fn condemned(&self, oid: Oid) -> bool {
+        self.gc.sweeping
+            && self
+                .objects
+                .get(&oid)
+                .is_some_and(|o| o.mark.load(Ordering::Relaxed) != self.gc.epoch)
     }
 
     /// The commit barrier, called by `finish` with the oids it wrote.
@@ -108,6 +184,18 @@ impl StorageState {
             return;
         }
         let epoch = self.gc.epoch;
+        if self.gc.sweeping {
+            // Marking is complete: the vote refused condemned objects, so
+            // what the new revisions reference is marked already, or new.
+            // New objects are marked only so they are not taken for
+            // condemned ones.
+            for oid in written {
+                if let Some(obj) = self.objects.get(oid) {
+                    obj.mark.store(epoch, Ordering::Relaxed);
+                }
+            }
+            return;
+        }
         let mut shaded = Vec::new();
         for oid in written {
             let Some(obj) = self.objects.get(oid) else {
@@ -157,6 +245,7 @@ impl StorageState {
     fn finish_marking(&mut self) {
         let epoch = self.gc.epoch;
         let mut grey: Vec<Oid> = lock(&self.gc.pinned)
+            .oids
             .iter()
             .copied()
             .filter(|oid| {
@@ -310,45 +399,65 @@ impl Storage {
             });
         }
 
-        // 4. sweep, in chunks. The barrier stays on until the last one, so a
-        // candidate that a commit links between two chunks gets marked, and
-        // each chunk first traverses what commits shaded and what a voted
-        // transaction pinned. Freed objects are dropped outside the lock.
+        #[cfg(test)]
+        self.between_holds(GcStep::Candidates);
+
+        // 4. condemn: finish marking (what commits shaded since, what the
+        // voted transaction pinned); every candidate still unmarked is then
+        // garbage, and no vote may bring it back (see the module docs).
+        let condemned = pauses.hold(|| {
+            let mut st = self.write();
+            let pinned_unscannable = lock(&st.gc.pinned).unscannable.clone();
+            if st.unscannable > 0 || !pinned_unscannable.is_empty() {
+                // A record that cannot be scanned was committed, or voted,
+                // during the cycle: its references are unknown.
+                let mut oids = st.unscannable_oids(10);
+                oids.extend(pinned_unscannable);
+                return Err(oids);
+            }
+            st.finish_marking();
+            st.gc.sweeping = true;
+            Ok(())
+        });
+
+        // 5. free, in chunks. Commits go on in between; they cannot link a
+        // condemned object nor commit a record that cannot be scanned, so
+        // marking stays complete and nothing condemned is kept (nor is the
+        // sweep stopped half-way). Freed objects are dropped outside the
+        // lock.
         let free_chunk = if chunk == 0 { FREE_CHUNK } else { chunk };
         let mut freed = 0;
-        let mut abandoned = None;
-        for part in candidates.chunks(free_chunk) {
-            let mut garbage = Vec::new();
-            let result = pauses.hold(|| {
-                let mut st = self.write();
-                if st.unscannable > 0 {
-                    // A record that cannot be scanned was committed during the
-                    // cycle: its references are unknown.
-                    return Err(st.unscannable_oids(10));
-                }
-                st.finish_marking();
-                let epoch = st.gc.epoch;
-                for &oid in part {
-                    let unmarked = st
-                        .objects
-                        .get(&oid)
-                        .is_some_and(|o| o.mark.load(Ordering::Relaxed) != epoch);
-                    if unmarked && oid != Oid::ROOT {
-                        garbage.extend(st.take_object(oid));
+        if condemned.is_ok() {
+            #[cfg(test)]
+            self.between_holds(GcStep::Condemned);
+            for part in candidates.chunks(free_chunk) {
+                let mut garbage = Vec::new();
+                pauses.hold(|| {
+                    let mut st = self.write();
+                    let epoch = st.gc.epoch;
+                    for &oid in part {
+                        let unmarked = st
+                            .objects
+                            .get(&oid)
+                            .is_some_and(|o| o.mark.load(Ordering::Relaxed) != epoch);
+                        if unmarked && oid != Oid::ROOT {
+                            garbage.extend(st.take_object(oid));
+                        }
                     }
-                }
-                Ok(())
-            });
-            freed += garbage.len();
-            drop(garbage);
-            if let Err(unscannable) = result {
-                abandoned = Some(unscannable);
-                break;
+                });
+                freed += garbage.len();
+                drop(garbage);
+                #[cfg(test)]
+                self.between_holds(GcStep::Freed);
             }
         }
-        pauses.hold(|| self.write().gc.active = false);
-        if let Some(unscannable) = abandoned {
-            tracing::warn!(storage = %self.name, oids = ?unscannable, freed, "garbage collection cycle stopped early: an unscannable record was committed during it");
+        pauses.hold(|| {
+            let mut st = self.write();
+            st.gc.active = false;
+            st.gc.sweeping = false;
+        });
+        if let Err(unscannable) = condemned {
+            tracing::warn!(storage = %self.name, oids = ?unscannable, "garbage collection cycle freed nothing: a record that cannot be scanned was committed or voted during it");
             return GcOutcome::KeptEverything { unscannable };
         }
 
@@ -374,6 +483,14 @@ impl Storage {
     /// defaults). For tests that make commits race the collector.
     pub fn set_gc_chunk(&self, n: usize) {
         self.write().gc.chunk = n;
+    }
+
+    /// Runs the test hook, if any (no lock is held).
+    #[cfg(test)]
+    fn between_holds(&self, step: GcStep) {
+        if let Some(hook) = lock(&self.gc_hook).as_mut() {
+            hook(self, step);
+        }
     }
 
     /// True if something was committed since the last collection.
@@ -563,6 +680,150 @@ mod tests {
             s.pack(Tid(t4.0 + 1)),
             GcOutcome::Collected { freed: 1, .. }
         ));
+    }
+
+    /// A storage whose root once linked the cycle 1 <-> 2, with that
+    /// history dropped: 1 and 2 are garbage that still exists. The collector
+    /// handles one object per lock hold.
+    fn garbage_pair() -> Storage {
+        let s = storage();
+        s.set_gc_chunk(1);
+        let root = s.read().get_tid(Oid::ROOT).unwrap();
+        let t = commit(
+            &s,
+            vec![
+                store(0, root, &[1]),
+                store(1, Tid::ZERO, &[2]),
+                store(2, Tid::ZERO, &[1]),
+            ],
+        );
+        let t2 = commit(&s, vec![store(0, t, &[])]);
+        s.write().prune_until(Tid(t2.0 + 1));
+        s
+    }
+
+    /// Runs `hook` between the lock holds of every later collection cycle.
+    fn on_gc_step(s: &Storage, hook: impl FnMut(&Storage, GcStep) + Send + 'static) {
+        *lock(&s.gc_hook) = Some(Box::new(hook));
+    }
+
+    /// The sweep frees garbage a chunk at a time, and commits run between
+    /// chunks. Once one object of a garbage cycle is freed, the other one
+    /// must not be linked again: its record references the freed one, so
+    /// every later snapshot would reach a missing object (POSKeyError).
+    #[test]
+    fn half_freed_garbage_is_not_linked_again() {
+        let s = garbage_pair();
+        let linked = Arc::new(Mutex::new(None));
+        let result = linked.clone();
+        on_gc_step(&s, move |s, step| {
+            let mut result = lock(&result);
+            if step != GcStep::Freed || result.is_some() {
+                return;
+            }
+            // One of the pair is gone; a client links the other one.
+            let survivor = [1, 2].into_iter().find(|o| exists(s, *o)).unwrap();
+            let root = s.read().get_tid(Oid::ROOT).unwrap();
+            *result = Some((survivor, try_commit(s, vec![store(0, root, &[survivor])])));
+        });
+        s.collect(Tid::MAX);
+        let (survivor, linked) = lock(&linked).take().expect("the sweep freed something");
+        match linked {
+            Ok(_) => assert!(
+                exists(&s, 1) && exists(&s, 2),
+                "{survivor} was linked again, but what it references was freed"
+            ),
+            Err(e) => {
+                assert!(
+                    matches!(e, crate::storage::StorageError::Conflict { .. }),
+                    "{e:?}"
+                );
+                assert!(!exists(&s, 1) && !exists(&s, 2), "the garbage went");
+            }
+        }
+    }
+
+    /// A transaction voted before the sweep stores on a garbage object (its
+    /// serial was checked against that object's current revision) and
+    /// finishes during the sweep: the object is kept, with its history, not
+    /// freed and then recreated from the new revision alone.
+    #[test]
+    fn garbage_a_voted_transaction_writes_is_kept() {
+        let s = storage();
+        s.set_gc_chunk(1);
+        let root = s.read().get_tid(Oid::ROOT).unwrap();
+        let t = commit(&s, vec![store(0, root, &[1]), store(1, Tid::ZERO, &[])]);
+        let t2 = commit(&s, vec![store(0, t, &[])]);
+        s.write().prune_until(Tid(t2.0 + 1));
+        let mut voted = None;
+        on_gc_step(&s, move |s, step| {
+            if step == GcStep::Candidates {
+                assert!(matches!(s.try_lock(1), LockAttempt::Acquired));
+                voted = Some(s.vote(&[store(1, t, &[])]).unwrap().unwrap());
+            } else if let Some(voted) = voted.take() {
+                let meta = TxnMeta {
+                    user: Bytes::new(),
+                    description: Bytes::new(),
+                    extension: Value::None,
+                };
+                s.finish(1, voted, meta, |_, _, _| ());
+                s.unlock(1);
+            }
+        });
+        s.collect(Tid::MAX);
+        let st = s.read();
+        assert!(st.load_serial(Oid(1), t).is_ok(), "1 kept its history");
+        assert_eq!(st.history(Oid(1), 10).unwrap().len(), 2);
+    }
+
+    /// A record that cannot be scanned may reference anything: one voted
+    /// before the sweep keeps the whole cycle from freeing anything, and
+    /// one voted during the sweep is refused (a ConflictError the client
+    /// retries), so a sweep never stops half-way through a garbage cycle.
+    #[test]
+    fn unscannable_record_never_stops_a_sweep_half_way() {
+        fn unscannable(oid: u64) -> TxnOp {
+            let mut op = store(oid, Tid::ZERO, &[]);
+            if let TxnOp::Store { refs, .. } = &mut op {
+                *refs = None;
+            }
+            op
+        }
+        // Voted before the sweep, finished during it.
+        let s = garbage_pair();
+        let mut voted = None;
+        on_gc_step(&s, move |s, step| {
+            if step == GcStep::Candidates {
+                assert!(matches!(s.try_lock(1), LockAttempt::Acquired));
+                voted = Some(s.vote(&[unscannable(9)]).unwrap().unwrap());
+            } else if let Some(voted) = voted.take() {
+                let meta = TxnMeta {
+                    user: Bytes::new(),
+                    description: Bytes::new(),
+                    extension: Value::None,
+                };
+                s.finish(1, voted, meta, |_, _, _| ());
+                s.unlock(1);
+            }
+        });
+        let outcome = s.collect(Tid::MAX);
+        assert!(exists(&s, 1) && exists(&s, 2), "nothing freed: {outcome:?}");
+        // Voted during the sweep.
+        let s = garbage_pair();
+        let mut tried = false;
+        on_gc_step(&s, move |s, step| {
+            if step == GcStep::Freed && !tried {
+                tried = true;
+                let refused = try_commit(s, vec![unscannable(9)]);
+                assert!(
+                    matches!(refused, Err(crate::storage::StorageError::Conflict { .. })),
+                    "{refused:?}"
+                );
+            }
+        });
+        s.collect(Tid::MAX);
+        assert!(!exists(&s, 1) && !exists(&s, 2), "the garbage went");
+        assert!(s.read().unscannable_oids(10).is_empty());
     }
 
     /// A store of `size` bytes whose references are given.

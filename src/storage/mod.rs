@@ -307,6 +307,10 @@ pub struct Storage {
     pub stats: Stats,
     pub gc_stats: gc::GcStats,
     pub started: SystemTime,
+    /// Called by a collection cycle between two of its lock holds: tests
+    /// commit there to interleave with the collector deterministically.
+    #[cfg(test)]
+    gc_hook: Mutex<Option<gc::GcHook>>,
 }
 
 /// What [`Storage::try_lock`] gives back.
@@ -381,6 +385,8 @@ impl Storage {
             stats: Stats::default(),
             gc_stats: gc::GcStats::default(),
             started: SystemTime::now(),
+            #[cfg(test)]
+            gc_hook: Mutex::new(None),
         }
     }
 
@@ -514,7 +520,11 @@ impl Storage {
     /// that the transaction does not create) is refused with a
     /// ConflictError: it comes from a view older than the retention window,
     /// and committing it would leave a dangling reference. The client
-    /// retries from a fresh snapshot.
+    /// retries from a fresh snapshot. An object the collector has condemned
+    /// counts as gone already (referencing, storing on or deleting it is a
+    /// ConflictError): what it references may be freed, see [`gc`]. While
+    /// the collector frees, a record that cannot be scanned is refused the
+    /// same way, as it might reference a condemned object.
     ///
     /// If the transaction would take the storage over its memory limit,
     /// old history is dropped and garbage collected first; if that is not
@@ -538,6 +548,16 @@ impl Storage {
                     data,
                     refs,
                 } => {
+                    if st.condemned(*oid) {
+                        // Garbage the collector is freeing: the client's
+                        // view is older than anything retained.
+                        return Err(StorageError::Conflict {
+                            oid: *oid,
+                            committed: Tid::ZERO,
+                            read: *serial,
+                            class_name: class_name_of(data),
+                        });
+                    }
                     let current = st.current_tid(*oid);
                     if current.unwrap_or(Tid::ZERO) != *serial {
                         if current.is_none() {
@@ -581,7 +601,7 @@ impl Storage {
                 }
                 TxnOp::Delete { oid, serial } => {
                     let current = st.current_tid(*oid).unwrap_or(Tid::ZERO);
-                    if current != *serial {
+                    if current != *serial || st.condemned(*oid) {
                         return Err(StorageError::Conflict {
                             oid: *oid,
                             committed: current,
@@ -599,14 +619,27 @@ impl Storage {
             return Ok(Err(conflicts));
         }
         let mut pinned = Vec::new();
+        let mut unscannable = Vec::new();
         for (oid, data, refs) in &writes {
-            let Some(refs) = refs else { continue };
+            pinned.push(*oid);
+            let Some(refs) = refs else {
+                if st.gc_sweeping() {
+                    tracing::info!(%oid, "refused a record that cannot be scanned while garbage is being freed");
+                    return Err(StorageError::Conflict {
+                        oid: *oid,
+                        committed: st.current_tid(*oid).unwrap_or(Tid::ZERO),
+                        read: st.current_tid(*oid).unwrap_or(Tid::ZERO),
+                        class_name: data.as_deref().and_then(class_name_of),
+                    });
+                }
+                unscannable.push(*oid);
+                continue;
+            };
             pinned.extend(refs.iter().copied().filter(|r| !index.contains_key(r)));
-            if let Some(missing) = refs
-                .iter()
-                .find(|r| !index.contains_key(r) && !st.objects.contains_key(r))
-            {
-                tracing::info!(%oid, %missing, "refused a record that references an object this storage does not hold");
+            if let Some(missing) = refs.iter().find(|r| {
+                !index.contains_key(r) && (!st.objects.contains_key(r) || st.condemned(**r))
+            }) {
+                tracing::info!(%oid, %missing, "refused a record that references an object this storage does not hold (or is freeing)");
                 return Err(StorageError::Conflict {
                     oid: *oid,
                     committed: st.current_tid(*oid).unwrap_or(Tid::ZERO),
@@ -615,8 +648,9 @@ impl Storage {
                 });
             }
         }
-        // Until this transaction ends, no sweep frees what it links to.
-        st.pin(pinned);
+        // Until this transaction ends, no cycle condemns what it writes or
+        // links to (nor anything, if a record's references are unknown).
+        st.pin(pinned, unscannable);
         Ok(Ok(VotedTxn { writes }))
     }
 
@@ -1101,11 +1135,11 @@ mod tests {
         let s = storage();
         let st = s.read();
         let root = st.load_before(Oid::ROOT, Tid::MAX).unwrap().unwrap();
-        assert_eq!(&root.data[..], EMPTY_ROOT_RECORD);
+        assert_eq!(root.data, EMPTY_ROOT_RECORD);
         assert_eq!(root.start, st.last_tid());
         assert_eq!(root.end, None);
         assert_eq!(
-            class_name_of(&root.data).as_deref(),
+            class_name_of(root.data).as_deref(),
             Some("persistent.mapping.PersistentMapping")
         );
     }
@@ -1152,12 +1186,9 @@ mod tests {
         let t2 = commit(&s, vec![store(5, t1, b"two")]);
         let st = s.read();
         let cur = st.load_before(Oid(5), Tid::MAX).unwrap().unwrap();
-        assert_eq!((&cur.data[..], cur.start, cur.end), (&b"two"[..], t2, None));
+        assert_eq!((cur.data, cur.start, cur.end), (&b"two"[..], t2, None));
         let old = st.load_before(Oid(5), t2).unwrap().unwrap();
-        assert_eq!(
-            (&old.data[..], old.start, old.end),
-            (&b"one"[..], t1, Some(t2))
-        );
+        assert_eq!((old.data, old.start, old.end), (&b"one"[..], t1, Some(t2)));
         // Before the object existed: None (ZODB: ReadConflictError).
         assert_eq!(st.load_before(Oid(5), t1).unwrap(), None);
         assert_eq!(
@@ -1259,10 +1290,7 @@ mod tests {
             Err(StorageError::PosKey { .. })
         ));
         // An older snapshot still reads it.
-        assert_eq!(
-            &st.load_before(Oid(5), t2).unwrap().unwrap().data[..],
-            b"one"
-        );
+        assert_eq!(st.load_before(Oid(5), t2).unwrap().unwrap().data, b"one");
     }
 
     #[test]
@@ -1351,11 +1379,11 @@ mod tests {
         let st = s.read();
         // Current revisions are all there.
         assert_eq!(
-            &st.load_before(Oid(5), Tid::MAX).unwrap().unwrap().data[..],
+            st.load_before(Oid(5), Tid::MAX).unwrap().unwrap().data,
             b"two"
         );
         assert_eq!(
-            &st.load_before(Oid(7), Tid::MAX).unwrap().unwrap().data[..],
+            st.load_before(Oid(7), Tid::MAX).unwrap().unwrap().data,
             b"other"
         );
         // The dropped one: loadBefore gives None (ReadConflictError),
