@@ -7,7 +7,8 @@
 //!  (TCP or    4-byte     pickle      Session   MVCC object store,
 //!   unix)     BE size    envelope    dispatch  commit lock
 //!                  <── replies and server pushes go back through one
-//!                      per-connection FIFO (outbox) and writer task ──<
+//!                      per-connection FIFO (outbox), written by the
+//!                      connection's own task ──<
 //! ```
 //!
 //! | module | job |
@@ -19,6 +20,7 @@
 //! | [`rng`] | a tiny deterministic pseudo-random generator (load generator, randomized tests) |
 //! | [`marshal`] | ZEO's `(msgid, flags, name, args)` envelope, replies, errors, pushes |
 //! | [`rpc`] | the per-connection session: register, method whitelist, two-phase commit, error replies |
+//! | [`oidhash`] | a fast keyed hasher for the maps keyed by oid |
 //! | [`storage`] | objects and revisions, tids and oids, conflicts, retention, the commit lock, the memory limit; [`storage::gc`] frees unreachable objects |
 //! | [`outbox`] | the per-connection outbound FIFO, bounded in bytes |
 //! | [`server`] | listeners, connection tasks, shutdown |
@@ -42,6 +44,7 @@ pub mod bench;
 pub mod config;
 pub mod frame;
 pub mod marshal;
+pub mod oidhash;
 pub mod opcodes;
 pub mod outbox;
 pub mod pickle;
