@@ -1004,6 +1004,9 @@ impl Session {
                         .fetch_add(txn.resolving as u64, Ordering::Relaxed);
                 }
                 txn.state = TxnState::Voted(voted);
+                // The voted transaction holds its records now; dropping
+                // these leaves it the only reference (no copy at finish).
+                txn.ops = Vec::new();
                 self.reply(msgid, &Value::List(vec![]));
             }
             Ok(Err(conflicts)) => {

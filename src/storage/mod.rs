@@ -38,10 +38,12 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use crate::oidhash::OidMap;
 use crate::pickle::Value;
 use crate::types::{Oid, Tid};
 
 pub mod gc;
+mod revisions;
 pub use gc::GcOutcome;
 
 /// Default for how long a non-current revision is kept after it was
@@ -58,8 +60,10 @@ pub const DEFAULT_INVALIDATION_QUEUE_SIZE: usize = 100;
 /// revision entry itself, the record's allocation and its reference list.
 pub const REVISION_OVERHEAD: usize = 80;
 
-/// Bytes accounted for each object beyond its revisions (its hash-map slot
-/// and revision vector).
+/// Bytes accounted for each object beyond its revisions (its hash-map
+/// slot, which holds a single revision inline). Together with
+/// [`REVISION_OVERHEAD`] about what RSS shows per stored object with no
+/// history (~150–210 bytes, BENCHMARKS.md).
 pub const OBJECT_OVERHEAD: usize = 64;
 
 /// Most oids one `new_oids` call hands out (ZEO's own cap).
@@ -104,8 +108,10 @@ fn accounted_size(data: Option<&[u8]>, refs: &Refs) -> usize {
 #[derive(Debug, Clone)]
 pub struct Revision {
     pub tid: Tid,
-    /// `None` is a deletion (`deleteObject`).
-    pub data: Option<Bytes>,
+    /// `None` is a deletion (`deleteObject`). A boxed slice, not `Bytes`:
+    /// 16 bytes instead of 32 in every revision and no shared header
+    /// beside the record; loads encode straight from it under the lock.
+    pub data: Option<Box<[u8]>>,
     pub refs: Refs,
     pub meta: Arc<TxnMeta>,
 }
@@ -120,7 +126,7 @@ impl Revision {
 #[derive(Debug, Default)]
 struct Object {
     /// Oldest first; the last one is current. Never empty.
-    revisions: Vec<Revision>,
+    revisions: revisions::Revisions,
     /// True once retention dropped an older revision of this object: a
     /// load before the oldest kept one is then a conflict, not "did not
     /// exist yet".
@@ -239,7 +245,7 @@ pub struct Stats {
 
 /// The state behind the storage's read/write lock.
 pub struct StorageState {
-    objects: HashMap<Oid, Object>,
+    objects: OidMap<Oid, Object>,
     last_tid: Tid,
     /// Newest first: `(tid, oids)`; `None` oids is the start-up sentinel.
     invalidations: VecDeque<(Tid, Option<Vec<Oid>>)>,
@@ -343,16 +349,16 @@ impl Storage {
         });
         let root = Revision {
             tid: start,
-            data: Some(Bytes::from_static(EMPTY_ROOT_RECORD)),
+            data: Some(Box::from(EMPTY_ROOT_RECORD)),
             refs: Some(Box::new([])),
             meta,
         };
         let accounted = root.accounted() + OBJECT_OVERHEAD;
-        let mut objects = HashMap::new();
+        let mut objects = OidMap::default();
         objects.insert(
             Oid::ROOT,
             Object {
-                revisions: vec![root],
+                revisions: revisions::Revisions::One(root),
                 ..Object::default()
             },
         );
@@ -699,7 +705,7 @@ impl Storage {
                 oid,
                 Revision {
                     tid,
-                    data,
+                    data: data.map(into_record),
                     refs,
                     meta: meta.clone(),
                 },
@@ -751,6 +757,14 @@ impl Storage {
         let cutoff = self.retention_cutoff();
         self.write().prune_until(Tid(cutoff.0.saturating_sub(1)))
     }
+}
+
+/// A stored record from the bytes a client sent. Without a copy when the
+/// transaction holds the only reference (the session drops its buffered
+/// operations once the vote succeeded), so `finish` costs no memcpy under
+/// the lock even for a large object.
+fn into_record(data: Bytes) -> Box<[u8]> {
+    Vec::from(data).into_boxed_slice()
 }
 
 fn set_write(
@@ -876,7 +890,11 @@ impl StorageState {
         };
         let revs = &obj.revisions;
         match revs.binary_search_by(|r| r.tid.cmp(&serial)) {
-            Ok(i) => revs[i].data.clone().ok_or(missing),
+            Ok(i) => revs[i]
+                .data
+                .as_deref()
+                .map(Bytes::copy_from_slice)
+                .ok_or(missing),
             Err(0) if obj.pruned => Err(StorageError::Conflict {
                 oid,
                 committed: revs.last().map(|r| r.tid).unwrap_or(Tid::ZERO),
@@ -947,12 +965,7 @@ impl StorageState {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 self.accounted += OBJECT_OVERHEAD;
-                // Most objects have one revision: room for exactly one, not
-                // the four a first push would reserve (4 × 64 bytes).
-                e.insert(Object {
-                    revisions: Vec::with_capacity(1),
-                    ..Object::default()
-                })
+                e.insert(Object::default())
             }
         };
         let old_current = obj
@@ -1021,7 +1034,7 @@ impl StorageState {
             let revs = &mut obj.revisions;
             let k = revs.partition_point(|r| r.tid <= t).saturating_sub(1);
             if k > 0 {
-                dropped_revs.extend(revs.drain(..k));
+                dropped_revs.extend(revs.drain_oldest(k));
                 obj.pruned = true;
             }
             if revs.len() == 1 && revs[0].data.is_none() && oid != Oid::ROOT {
