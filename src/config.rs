@@ -47,6 +47,15 @@ pub const DEFAULT_MEMORY_LIMIT_FRACTION: f64 = 0.5;
 /// How often a summary line per storage is logged, in seconds.
 pub const STATS_LOG_INTERVAL_SECS: u64 = 300;
 
+/// Default `threads`: runtime worker threads serving connections. One is
+/// enough for a session store and the cheapest per transaction: on the
+/// 2-core benchmark machine, one thread used 13–21 % less server CPU per
+/// real-client transaction than two, gave the same `load` throughput and a
+/// 3× lower p99.9 (no second worker waking and parking), and only `echo`
+/// went faster with two (BENCHMARKS.md). Garbage collection runs on its
+/// own thread either way. Raise it for many busy clients on a big machine.
+pub const DEFAULT_THREADS: usize = 1;
+
 /// How long shutdown waits for connections to finish writing, in seconds.
 pub const SHUTDOWN_GRACE_SECS: u64 = 5;
 
@@ -63,6 +72,8 @@ pub struct Config {
     pub max_outbox_bytes: usize,
     pub max_transaction_bytes: usize,
     pub max_connections: usize,
+    /// Runtime worker threads (at least 1).
+    pub threads: usize,
     pub history_retention: Duration,
     pub gc_interval: Duration,
     /// Accounted bytes per storage; `None` is no limit.
@@ -94,6 +105,7 @@ impl Default for Config {
             max_outbox_bytes: DEFAULT_MAX_OUTBOX_BYTES,
             max_transaction_bytes: DEFAULT_MAX_TRANSACTION_BYTES,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            threads: DEFAULT_THREADS,
             history_retention: Duration::from_secs(DEFAULT_RETENTION_SECS),
             gc_interval: Duration::from_secs(DEFAULT_GC_INTERVAL_SECS),
             memory_limit: default_memory_limit(),
@@ -115,6 +127,7 @@ pub struct FileConfig {
     pub max_outbox_bytes: Option<usize>,
     pub max_transaction_bytes: Option<usize>,
     pub max_connections: Option<usize>,
+    pub threads: Option<usize>,
     pub history_retention: Option<u64>,
     pub gc_interval: Option<u64>,
     /// Bytes; 0 means no limit.
@@ -183,6 +196,9 @@ impl FileConfig {
         if let Some(v) = self.max_connections {
             cfg.max_connections = v;
         }
+        if let Some(v) = self.threads {
+            cfg.threads = v;
+        }
         if let Some(v) = self.history_retention {
             cfg.history_retention = Duration::from_secs(v);
         }
@@ -217,6 +233,9 @@ impl Config {
         names.dedup();
         if names.len() != self.storages.len() {
             return Err(ConfigError::Invalid("a storage name is given twice".into()));
+        }
+        if self.threads == 0 {
+            return Err(ConfigError::Invalid("threads must be at least 1".into()));
         }
         if self.max_frame_size < 1024 {
             return Err(ConfigError::Invalid(
@@ -259,6 +278,7 @@ mod tests {
             cfg.gc_interval,
             Duration::from_secs(DEFAULT_GC_INTERVAL_SECS)
         );
+        assert_eq!(cfg.threads, DEFAULT_THREADS);
         // Every setting is explained in the example (memory-limit commented out).
         let text = std::fs::read_to_string(&path).unwrap();
         for key in [
@@ -274,6 +294,7 @@ mod tests {
             "max-outbox-bytes",
             "max-transaction-bytes",
             "max-connections",
+            "threads",
             "client-conflict-resolution",
             "log-level",
         ] {
@@ -316,6 +337,11 @@ mod tests {
         assert!(cfg.validate().is_err());
         let cfg = Config {
             max_frame_size: 10,
+            ..Config::default()
+        };
+        assert!(cfg.validate().is_err());
+        let cfg = Config {
+            threads: 0,
             ..Config::default()
         };
         assert!(cfg.validate().is_err());

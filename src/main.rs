@@ -88,6 +88,12 @@ struct Cli {
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
 
+    /// Worker threads serving connections. One is the leanest and steadiest
+    /// for a session store; more help only many busy clients on a machine
+    /// with cores to spare. [default: 1]
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+
     /// Accepted for familiarity with ZEO's option of the same name, and
     /// always on: zeotemp never unpickles application data, so conflicts
     /// are handed to the clients to resolve (BTrees, Length, Transience
@@ -121,6 +127,7 @@ impl Cli {
             max_outbox_bytes: self.max_outbox_bytes,
             max_transaction_bytes: self.max_transaction_bytes,
             max_connections: self.max_connections,
+            threads: self.threads,
             history_retention: self.history_retention,
             gc_interval: self.gc_interval,
             memory_limit: self.memory_limit,
@@ -167,7 +174,12 @@ fn main() -> ExitCode {
         .init();
     std::panic::set_hook(Box::new(zeotemp::server::log_panic));
 
-    let rt = match tokio::runtime::Runtime::new() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.threads)
+        .thread_name("zeotemp")
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("zeotemp: cannot start the runtime: {e}");
@@ -191,6 +203,7 @@ fn main() -> ExitCode {
             gc_interval = ?cfg.gc_interval,
             memory_limit = ?cfg.memory_limit,
             max_frame_size = cfg.max_frame_size,
+            threads = cfg.threads,
             "zeotemp starting"
         );
         match zeotemp::server::run(listeners, cfg, shutdown_signal()).await {
