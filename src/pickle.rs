@@ -579,14 +579,43 @@ impl<'a> Decoder<'a> {
         slots.into_iter().map(|s| self.release(s)).collect()
     }
 
-    /// Pushes a tuple/list (per `make`) of `items`.
-    fn push_seq(
-        &mut self,
-        items: Vec<Item>,
-        make: fn(Vec<Value>) -> Value,
-    ) -> Result<(), PickleError> {
-        let (values, depth, weight) = collect(items);
-        self.push(make(values), depth, weight)
+    /// Takes the slots from `from` to the top of the stack as the values of
+    /// a new container, with its depth and weight: one allocation (the
+    /// values), where popping into a `Vec<Item>` first took two or three.
+    /// This is the path of every request envelope and argument tuple.
+    fn take_values(&mut self, from: usize) -> Result<(Vec<Value>, usize, usize), PickleError> {
+        let mut stack = std::mem::take(&mut self.stack);
+        let mut depth = 1;
+        let mut weight = 1usize;
+        let mut values = Vec::with_capacity(stack.len().saturating_sub(from));
+        let mut result = Ok(());
+        for slot in stack.drain(from.min(stack.len())..) {
+            match self.release(slot) {
+                Ok(it) => {
+                    depth = depth.max(it.depth + 1);
+                    weight = weight.saturating_add(it.weight);
+                    values.push(it.value);
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        // Put the (emptied) stack back, keeping its capacity.
+        self.stack = stack;
+        result.map(|()| (values, depth, weight))
+    }
+
+    /// Pops the MARK and everything above it as container values.
+    fn pop_mark_values(&mut self) -> Result<(Vec<Value>, usize, usize), PickleError> {
+        let m = self.marks.pop().ok_or(PickleError::MissingMark {
+            offset: self.op_offset,
+        })?;
+        if m > self.stack.len() {
+            return Err(self.underflow());
+        }
+        self.take_values(m)
     }
 
     fn push_dict(&mut self, items: Vec<Item>) -> Result<(), PickleError> {
@@ -946,22 +975,21 @@ impl<'a> Decoder<'a> {
             op::EMPTY_DICT => self.push(Value::Dict(Vec::new()), 1, 1)?,
             op::EMPTY_SET => self.push(Value::List(Vec::new()), 1, 1)?,
             op::TUPLE | op::LIST | op::FROZENSET => {
-                let items = self.pop_mark_items()?;
-                let make = if opcode == op::TUPLE {
-                    Value::Tuple
+                let (values, depth, weight) = self.pop_mark_values()?;
+                let v = if opcode == op::TUPLE {
+                    Value::Tuple(values)
                 } else {
-                    Value::List
+                    Value::List(values)
                 };
-                self.push_seq(items, make)?;
+                self.push(v, depth, weight)?;
             }
             op::TUPLE1 | op::TUPLE2 | op::TUPLE3 => {
                 let n = usize::from(opcode - op::TUPLE1) + 1;
-                let mut items = Vec::with_capacity(n);
-                for _ in 0..n {
-                    items.push(self.pop_item()?);
+                if self.stack.len() < self.base() + n {
+                    return Err(self.underflow());
                 }
-                items.reverse();
-                self.push_seq(items, Value::Tuple)?;
+                let (values, depth, weight) = self.take_values(self.stack.len() - n)?;
+                self.push(Value::Tuple(values), depth, weight)?;
             }
             op::DICT => {
                 let items = self.pop_mark_items()?;
