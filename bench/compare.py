@@ -44,7 +44,7 @@ SESSION_CLIENT = REPO / "bench" / "session_client.py"
 TXN_WORKLOADS = ("commit", "session")
 ALL_WORKLOADS = ("load", "commit", "session", "echo")
 SERVERS = ("python", "zeotemp")
-PY_SKIP_SECONDS = 300  # skip a Python memory case estimated to take longer
+PY_SKIP_SECONDS = 300  # default --max-setup-seconds for the stock server
 
 
 class Interrupted(Exception):
@@ -686,7 +686,7 @@ def run_memory(args, workdir, alive, report):
                 label = f"{kind:7} {n:>9,} x {size:>5} B"
                 if kind == "python" and py_timed_out and n >= min(py_timed_out):
                     msg = (f"skipped (the stock server took over "
-                           f"{PY_SKIP_SECONDS // 60} min for "
+                           f"{args.max_setup_seconds // 60} min for "
                            f"{min(py_timed_out):,} objects)")
                     print(f"{label}: {msg}", flush=True)
                     row[kind] = {"skipped": msg}
@@ -701,10 +701,10 @@ def run_memory(args, workdir, alive, report):
                         for (s2, n2), r2 in py_rate.items()
                         if s1 == s2 and n1 == small_n and n2 == n])
                     est = rate * n * growth
-                    if est > PY_SKIP_SECONDS:
+                    if est > args.max_setup_seconds:
                         msg = (f"skipped (estimated {est / 60:.0f} min from "
                                f"its setup time for {small_n:,} objects; over "
-                               f"{PY_SKIP_SECONDS // 60} min)")
+                               f"{args.max_setup_seconds // 60} min)")
                         print(f"{label}: {msg}", flush=True)
                         row[kind] = {"skipped": msg}
                         continue
@@ -718,7 +718,7 @@ def run_memory(args, workdir, alive, report):
                     r = run_bench(args, server, "load", 1, 1, 0.1,
                                   extra=("--objects", str(n),
                                          "--object-size", str(size)),
-                                  timeout=PY_SKIP_SECONDS if server.kind
+                                  timeout=args.max_setup_seconds if server.kind
                                   == "python" else 600)
                     time.sleep(0.5)
                     return {"empty_kib": empty, "rss_kib": server.rss_kib(),
@@ -886,6 +886,9 @@ def parse_args(argv):
     p.add_argument("--memory-objects", type=parse_list(int),
                    default=[100_000, 1_000_000])
     p.add_argument("--memory-sizes", type=parse_list(int), default=[200, 2048])
+    p.add_argument("--max-setup-seconds", type=int, default=PY_SKIP_SECONDS,
+                   help="memory mode: time the stock server gets to store the "
+                        "objects (cases estimated to take longer are skipped)")
     p.add_argument("--real-client", action="store_true",
                    help="real-client mode: N processes of ZODB + ClientStorage "
                         "running a session mix (bench/session_client.py)")
