@@ -281,6 +281,27 @@ fn every_captured_pickle_frame_round_trips() {
 
 /// The text-INT frames differ only in that one integer: the decoded
 /// transaction id is the decimal the client wrote.
+/// The decoder's fast path (memo-free plain pickles) gives exactly what the
+/// full decoder gives, on every captured frame of both client generations.
+#[test]
+fn fast_path_and_full_decoder_agree_on_every_capture() {
+    let limits = DecodeLimits::default();
+    let mut n = 0;
+    for folder in ["zeo5-py3", "zeo5-py2"] {
+        for f in pickle_frames(folder) {
+            assert_eq!(
+                pickle::decode(&f.payload, &limits),
+                pickle::decode_full(&f.payload, &limits),
+                "{} #{}",
+                f.file,
+                f.seq
+            );
+            n += 1;
+        }
+    }
+    assert!(n > 900, "only {n} frames");
+}
+
 #[test]
 fn py2_text_int_transaction_ids_decode_to_int() {
     let frames = pickle_frames("zeo5-py2");
