@@ -24,6 +24,15 @@ pub const DEFAULT_STORAGE: &str = "1";
 /// its transaction aborted, so a hung Zope worker cannot block the others.
 pub const DEFAULT_TRANSACTION_TIMEOUT_SECS: u64 = 30;
 
+/// Default `frame-timeout` in seconds: how long a client may take to send
+/// one message once its first byte arrived, and to send its handshake
+/// after connecting. A connection over it is closed with a log line, so
+/// half-sent frames (a crashed client, or one trickling bytes on purpose)
+/// do not hold a connection and its buffer forever. Generous for the
+/// largest frame (`max-frame-size`, 64 MiB) on a LAN; raise it for huge
+/// objects over a slow link.
+pub const DEFAULT_FRAME_TIMEOUT_SECS: u64 = 60;
+
 /// Default bound on the bytes one transaction may buffer before its vote
 /// (`max-transaction-bytes`). Over it, the vote fails with an error naming
 /// the limit.
@@ -67,6 +76,11 @@ pub struct Config {
     pub storages: Vec<String>,
     pub read_only: bool,
     pub transaction_timeout: Duration,
+    /// See [`DEFAULT_FRAME_TIMEOUT_SECS`].
+    pub frame_timeout: Duration,
+    /// File mode of unix-domain sockets (e.g. `0o660`); `None` leaves the
+    /// process umask's.
+    pub unix_socket_mode: Option<u32>,
     pub invalidation_queue_size: usize,
     pub max_frame_size: usize,
     pub max_outbox_bytes: usize,
@@ -100,6 +114,8 @@ impl Default for Config {
             storages: vec![DEFAULT_STORAGE.to_string()],
             read_only: false,
             transaction_timeout: Duration::from_secs(DEFAULT_TRANSACTION_TIMEOUT_SECS),
+            frame_timeout: Duration::from_secs(DEFAULT_FRAME_TIMEOUT_SECS),
+            unix_socket_mode: None,
             invalidation_queue_size: DEFAULT_INVALIDATION_QUEUE_SIZE,
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             max_outbox_bytes: DEFAULT_MAX_OUTBOX_BYTES,
@@ -122,6 +138,9 @@ pub struct FileConfig {
     pub storage: Option<Vec<String>>,
     pub read_only: Option<bool>,
     pub transaction_timeout: Option<u64>,
+    pub frame_timeout: Option<u64>,
+    /// Octal digits, e.g. `"0660"`.
+    pub unix_socket_mode: Option<String>,
     pub invalidation_queue_size: Option<usize>,
     pub max_frame_size: Option<usize>,
     pub max_outbox_bytes: Option<usize>,
@@ -155,6 +174,17 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// A unix file mode from octal digits (`"660"`, `"0660"`, `"0o660"`).
+fn parse_mode(s: &str) -> Result<u32, ConfigError> {
+    let digits = s.trim().trim_start_matches("0o");
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(ConfigError::Invalid(format!(
+            "unix-socket-mode {s:?} is not a file mode in octal such as 0660"
+        ))),
+    }
+}
+
 impl FileConfig {
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -177,6 +207,12 @@ impl FileConfig {
         }
         if let Some(v) = self.read_only {
             cfg.read_only = v;
+        }
+        if let Some(v) = self.frame_timeout {
+            cfg.frame_timeout = Duration::from_secs(v);
+        }
+        if let Some(v) = &self.unix_socket_mode {
+            cfg.unix_socket_mode = Some(parse_mode(v)?);
         }
         if let Some(v) = self.transaction_timeout {
             cfg.transaction_timeout = Duration::from_secs(v);
@@ -257,6 +293,11 @@ impl Config {
                 "transaction-timeout must be at least 1 second".into(),
             ));
         }
+        if self.frame_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "frame-timeout must be at least 1 second".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -295,6 +336,8 @@ mod tests {
             "max-transaction-bytes",
             "max-connections",
             "threads",
+            "frame-timeout",
+            "unix-socket-mode",
             "client-conflict-resolution",
             "log-level",
         ] {
@@ -320,6 +363,20 @@ mod tests {
     fn unknown_key_refused() {
         let err = toml::from_str::<FileConfig>("adress = ['x']").unwrap_err();
         assert!(err.to_string().contains("adress"), "{err}");
+    }
+
+    #[test]
+    fn unix_socket_mode_is_octal() {
+        for (text, want) in [("0660", 0o660), ("660", 0o660), ("0o600", 0o600)] {
+            let file: FileConfig = toml::from_str(&format!("unix-socket-mode = {text:?}")).unwrap();
+            let mut cfg = Config::default();
+            file.apply(&mut cfg).unwrap();
+            assert_eq!(cfg.unix_socket_mode, Some(want));
+        }
+        for bad in ["rw-rw----", "0999", "1777777"] {
+            let file: FileConfig = toml::from_str(&format!("unix-socket-mode = {bad:?}")).unwrap();
+            assert!(file.apply(&mut Config::default()).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -40,6 +40,17 @@ struct Cli {
     #[arg(long, value_name = "SECS")]
     transaction_timeout: Option<u64>,
 
+    /// Seconds a client may take to send one message once its first byte
+    /// arrived (and its handshake after connecting); over it the connection
+    /// is closed with a log line. [default: 60]
+    #[arg(long, value_name = "SECS")]
+    frame_timeout: Option<u64>,
+
+    /// File mode of unix-domain sockets, in octal (e.g. 0660); default: the
+    /// process umask's.
+    #[arg(long, value_name = "MODE")]
+    unix_socket_mode: Option<String>,
+
     /// Recent transactions remembered for reconnecting clients' quick cache
     /// verification (getInvalidations). [default: 100]
     #[arg(long, value_name = "N")]
@@ -122,6 +133,8 @@ impl Cli {
             storage: some_vec(&self.storage),
             read_only: self.read_only.then_some(true),
             transaction_timeout: self.transaction_timeout,
+            frame_timeout: self.frame_timeout,
+            unix_socket_mode: self.unix_socket_mode.clone(),
             invalidation_queue_size: self.invalidation_queue_size,
             max_frame_size: self.max_frame_size,
             max_outbox_bytes: self.max_outbox_bytes,

@@ -43,7 +43,17 @@ impl Listener {
                 Ok(a) => format!("tcp {a}"),
                 Err(_) => "tcp ?".into(),
             },
-            Listener::Unix(_, p) => format!("unix {}", p.display()),
+            Listener::Unix(_, p) => {
+                use std::os::unix::fs::PermissionsExt;
+                match std::fs::metadata(p) {
+                    Ok(m) => format!(
+                        "unix {} (mode {:o})",
+                        p.display(),
+                        m.permissions().mode() & 0o777
+                    ),
+                    Err(_) => format!("unix {}", p.display()),
+                }
+            }
         }
     }
 }
@@ -101,10 +111,21 @@ pub async fn run_shared(
     let mut tasks = tokio::task::JoinSet::new();
     let mut unix_paths = Vec::new();
     for l in listeners {
-        info!("listening on {}", l.describe());
         if let Listener::Unix(_, p) = &l {
+            if let Some(mode) = shared.config.unix_socket_mode {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(
+                    |e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!("cannot set mode {mode:o} on {}: {e}", p.display()),
+                        )
+                    },
+                )?;
+            }
             unix_paths.push(p.clone());
         }
+        info!("listening on {}", l.describe());
         tasks.spawn(accept_loop(
             l,
             shared.clone(),
@@ -378,6 +399,8 @@ impl Conn<'_> {
         let max = self.shared.config.max_frame_size;
         let limits = DecodeLimits::default();
         let outbox = self.wr.outbox.clone();
+        let frame_timeout = self.shared.config.frame_timeout;
+        let handshake_deadline = tokio::time::Instant::now() + frame_timeout;
 
         // The handshake: the client's first frame.
         let first = loop {
@@ -398,6 +421,11 @@ impl Conn<'_> {
                     }
                 }
                 _ = self.stop.changed() => return Ok("server shutting down".into()),
+                _ = tokio::time::sleep_until(handshake_deadline) => {
+                    return Err(format!(
+                        "no handshake within frame-timeout ({frame_timeout:?})"
+                    ));
+                }
             }
         };
         match &first[..] {
@@ -426,8 +454,15 @@ impl Conn<'_> {
         );
         let mut lock_wait: Option<tokio::sync::oneshot::Receiver<()>> = None;
         let timeout = self.shared.config.transaction_timeout;
+        // Since when the buffer has held the start of a frame that is not
+        // complete yet (reset whenever a whole frame arrives); the timer
+        // closes the connection once that is frame-timeout ago.
+        let mut partial_since: Option<tokio::time::Instant> = None;
+        let frame_timer = tokio::time::sleep(frame_timeout);
+        tokio::pin!(frame_timer);
         loop {
             // Handle every whole frame already buffered.
+            let mut progressed = false;
             loop {
                 if outbox.closed_reason().is_some() || outbox.is_backlogged() {
                     break;
@@ -437,6 +472,7 @@ impl Conn<'_> {
                     Ok(None) => break,
                     Err(e) => return Err(e.to_string()),
                 };
+                progressed = true;
                 let msg = match marshal::decode_message(&payload, &limits) {
                     Ok(m) => m,
                     Err(e) => return Err(format!("cannot decode message: {e}")),
@@ -455,6 +491,16 @@ impl Conn<'_> {
                 .map(|t| tokio::time::Instant::from_std(t + timeout));
             let backlogged = outbox.is_backlogged();
             let writing = self.wr.has_pending();
+            // While backlogged we do not read, so a half-read frame is ours
+            // to wait for, not the client's fault.
+            if self.buf.is_empty() || progressed || backlogged {
+                partial_since = None;
+            }
+            if partial_since.is_none() && !self.buf.is_empty() && !backlogged {
+                let now = tokio::time::Instant::now();
+                partial_since = Some(now);
+                frame_timer.as_mut().reset(now + frame_timeout);
+            }
             tokio::select! {
                 // Replies first: they free the client to send more.
                 biased;
@@ -484,6 +530,12 @@ impl Conn<'_> {
                 // An overflow (another connection's commit pushed past the
                 // bound) while the socket takes nothing.
                 reason = outbox.wait_closed(), if writing => return Err(reason.to_string()),
+                _ = &mut frame_timer, if partial_since.is_some() => {
+                    return Err(format!(
+                        "a message started {frame_timeout:?} ago is still incomplete ({} of its bytes here; frame-timeout)",
+                        self.buf.len()
+                    ));
+                }
                 _ = self.stop.changed() => return Ok("server shutting down".into()),
             }
         }

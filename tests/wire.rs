@@ -887,3 +887,72 @@ async fn client_that_never_reads_is_disconnected_and_others_are_not_slowed() {
     bystander_works(srv.addr).await;
     srv.stop().await;
 }
+
+/// `frame-timeout`: a connection that never sends its handshake, and one
+/// that starts a message and never finishes it, are closed once the timeout
+/// passes; a client that keeps sending whole messages is not, and another
+/// client works meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_timeout_closes_half_sent_messages_only() {
+    let server = Server::start(Config {
+        frame_timeout: Duration::from_millis(400),
+        ..cfg()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    // Connected, server's Z5 read, no handshake sent.
+    let mut silent = Client::raw(server.addr).await;
+    // Registered, then 10 bytes of a 100-byte message.
+    let (mut half, _) = Client::registered(server.addr, "1").await;
+    half.s.write_all(&100u32.to_be_bytes()).await.unwrap();
+    half.s.write_all(&[0x80; 10]).await.unwrap();
+    // A client busy with whole messages for longer than the timeout.
+    let (mut busy, _) = Client::registered(server.addr, "1").await;
+    while started.elapsed() < Duration::from_millis(1200) {
+        busy.call("ping", vec![]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bystander_works(server.addr).await;
+    assert!(silent.frame().await.is_none(), "no handshake: closed");
+    assert!(half.frame().await.is_none(), "half-sent message: closed");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    busy.call("ping", vec![]).await.unwrap();
+    server.stop().await;
+}
+
+/// `unix-socket-mode` sets the socket file's permissions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_gets_the_configured_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("zeotemp-mode-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("zeo.sock");
+    let listeners = zeotemp::server::bind(&[path.display().to_string()])
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let cfg = Config {
+        unix_socket_mode: Some(0o640),
+        ..cfg()
+    };
+    let task = tokio::spawn(zeotemp::server::run(listeners, cfg, async {
+        let _ = rx.await;
+    }));
+    // The mode is set before the server accepts; wait until it answers.
+    let mut mode = 0;
+    for _ in 0..100 {
+        if tokio::net::UnixStream::connect(&path).await.is_ok() {
+            mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(mode, 0o640, "mode {mode:o}");
+    tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
