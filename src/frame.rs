@@ -15,6 +15,12 @@ pub const DEFAULT_MAX_FRAME_SIZE: usize = 64 * 1024 * 1024;
 /// The length prefix of a frame.
 pub const HEADER_LEN: usize = 4;
 
+/// Most bytes reserved ahead for a frame still arriving. A length prefix is
+/// only a promise: reserving all it announces (up to `max-frame-size`) let
+/// a client that sends 4 bytes and stops hold 64 MiB of address space per
+/// connection. Bigger frames grow the buffer as their bytes come in.
+pub const MAX_RESERVE_AHEAD: usize = 1024 * 1024;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
     #[error("frame of {len} bytes is over the limit of {max} bytes (max-frame-size)")]
@@ -35,8 +41,9 @@ pub fn parse(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, FrameError
         return Err(FrameError::TooLarge { len, max });
     }
     if buf.len() < HEADER_LEN + len {
-        // Make room for the rest at once rather than growing step by step.
-        buf.reserve(HEADER_LEN + len - buf.len());
+        // Make room for (a bounded part of) the rest rather than growing
+        // step by step.
+        buf.reserve((HEADER_LEN + len - buf.len()).min(MAX_RESERVE_AHEAD));
         return Ok(None);
     }
     buf.advance(HEADER_LEN);

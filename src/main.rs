@@ -200,13 +200,14 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let listeners = match zeotemp::server::bind(&cfg.addresses).await {
-            Ok(l) => l,
-            Err(e) => {
-                error!("{e}");
-                return ExitCode::FAILURE;
-            }
-        };
+        let listeners =
+            match zeotemp::server::bind_with_mode(&cfg.addresses, cfg.unix_socket_mode).await {
+                Ok(l) => l,
+                Err(e) => {
+                    error!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
         info!(
             version = env!("CARGO_PKG_VERSION"),
             storages = ?cfg.storages,

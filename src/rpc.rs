@@ -347,9 +347,18 @@ impl<'a> Args<'a> {
         self.eight(i, what).map(Tid)
     }
 
+    /// An integer argument beyond 64 bits (a Python `int` of any size).
+    fn out_of_range(&self, what: &str) -> ZeoError {
+        ZeoError::Value(format!(
+            "{}(): {what} is out of range (integers here must fit in 64 bits)",
+            self.method
+        ))
+    }
+
     fn int(&self, i: usize, what: &str, default: i64) -> Res<i64> {
         match self.get(i) {
             None => Ok(default),
+            Some(Value::BigInt(_)) => Err(self.out_of_range(what)),
             Some(v) => v.as_i64().ok_or_else(|| {
                 ZeoError::Type(format!(
                     "{}(): {what} must be an integer, not {}",
@@ -363,6 +372,7 @@ impl<'a> Args<'a> {
     fn float(&self, i: usize, what: &str) -> Res<f64> {
         match self.get(i) {
             Some(Value::Float(f)) => Ok(*f),
+            Some(Value::BigInt(_)) => Err(self.out_of_range(what)),
             Some(v) => v.as_i64().map(|i| i as f64).ok_or_else(|| {
                 ZeoError::Type(format!(
                     "{}(): {what} must be a number, not {}",
@@ -604,7 +614,7 @@ impl Session {
             let err = ZeoError::Value(format!(
                 "forbidden pickle global {global}: zeotemp accepts plain data only and never resolves globals"
             ));
-            warn!(peer = %self.label(), method, global, "refused a message carrying a pickle global");
+            warn!(peer = %self.label(), method = ?method, global = ?global, "refused a message carrying a pickle global");
             return self.fail(&msg, err);
         }
         let result = if self.registered.is_none() && method != "register" {
@@ -630,9 +640,11 @@ impl Session {
     fn fail(&mut self, msg: &Message, err: ZeoError) -> Flow {
         if msg.oneway {
             // No reply can carry this; ZEO closes too ("No way to recover").
-            return Flow::Close(format!("one-way call {}() failed: {err}", msg.method));
+            // `{:?}`: the name is the client's text; escaped, it cannot
+            // forge log lines.
+            return Flow::Close(format!("one-way call {:?} failed: {err}", msg.method));
         }
-        debug!(peer = %self.label(), method = %msg.method, %err, "error reply");
+        debug!(peer = %self.label(), method = ?msg.method, err = %err.to_string().escape_debug(), "error reply");
         self.reply_error(&msg.msgid, &err);
         Flow::Continue
     }
@@ -755,7 +767,11 @@ impl Session {
             }
             "set_client_label" => {
                 a.count(1, 1)?;
-                self.label = Some(format!("{} {}", a.text(0, "label")?, self.peer));
+                // Escaped once here: the label goes into every later log
+                // line of this connection, and a client chose it.
+                let label = a.text(0, "label")?;
+                let label = label.escape_debug().to_string();
+                self.label = Some(format!("{label} {}", self.peer));
                 reply(Value::None)
             }
             "undoLog" | "undoInfo" => {
@@ -804,7 +820,7 @@ impl Session {
                 .iter()
                 .map(|n| format!("{n:?}"))
                 .collect();
-            warn!(peer = %self.label(), storage = %name, "register: unknown storage");
+            warn!(peer = %self.label(), storage = ?name, "register: unknown storage");
             return Err(ZeoError::Value(format!(
                 "unknown storage: {name} (this server serves: {})",
                 served.join(", ")
@@ -829,7 +845,7 @@ impl Session {
         storage.subscribe(self.id, sub, |last| {
             self.reply(&msg.msgid, &tid_value(last))
         });
-        info!(peer = %self.label(), storage = %name, read_only = wants_read_only, "registered");
+        info!(peer = %self.label(), storage = ?name, read_only = wants_read_only, "registered");
         self.registered = Some(Registered {
             storage,
             read_only: wants_read_only || self.shared.config.read_only,
@@ -1068,7 +1084,7 @@ impl Session {
                 ) {
                     storage.stats.conflicts.fetch_add(1, Ordering::Relaxed);
                 }
-                debug!(peer = %self.label(), %err, "vote failed");
+                debug!(peer = %self.label(), err = %err.to_string().escape_debug(), "vote failed");
                 self.end_txn(true);
                 self.reply_error(msgid, &ZeoError::Storage(err));
             }

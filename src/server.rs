@@ -62,6 +62,16 @@ impl Listener {
 /// path (anything with a `/`) is a unix-domain socket, replacing a stale
 /// socket file left by an earlier run.
 pub async fn bind(addresses: &[String]) -> io::Result<Vec<Listener>> {
+    bind_with_mode(addresses, None).await
+}
+
+/// [`bind`], and gives each unix-domain socket file the mode `unix_mode`
+/// (`unix-socket-mode`) before returning, so the socket is never served
+/// with the umask's mode.
+pub async fn bind_with_mode(
+    addresses: &[String],
+    unix_mode: Option<u32>,
+) -> io::Result<Vec<Listener>> {
     let mut out = Vec::new();
     for addr in addresses {
         if addr.contains('/') {
@@ -78,6 +88,17 @@ pub async fn bind(addresses: &[String]) -> io::Result<Vec<Listener>> {
                     format!("cannot listen on unix socket {addr}: {e}"),
                 )
             })?;
+            if let Some(mode) = unix_mode {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(
+                    |e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!("cannot set mode {mode:o} on {}: {e}", path.display()),
+                        )
+                    },
+                )?;
+            }
             out.push(Listener::Unix(l, path));
         } else {
             // tokio sets SO_REUSEADDR, so a restart can rebind at once.
@@ -112,17 +133,6 @@ pub async fn run_shared(
     let mut unix_paths = Vec::new();
     for l in listeners {
         if let Listener::Unix(_, p) = &l {
-            if let Some(mode) = shared.config.unix_socket_mode {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(
-                    |e| {
-                        io::Error::new(
-                            e.kind(),
-                            format!("cannot set mode {mode:o} on {}: {e}", p.display()),
-                        )
-                    },
-                )?;
-            }
             unix_paths.push(p.clone());
         }
         info!("listening on {}", l.describe());
@@ -308,8 +318,8 @@ async fn serve(
     };
     let reason = conn.run(id).await;
     match &reason {
-        Ok(r) => debug!(%peer, "connection closed: {r}"),
-        Err(r) => warn!(%peer, "closing connection: {r}"),
+        Ok(r) => debug!(%peer, "connection closed: {}", printable(r)),
+        Err(r) => warn!(%peer, "closing connection: {}", printable(r)),
     }
     outbox.close("connection finished");
     // Let queued replies (e.g. a ruok answer, an error) reach the client.
@@ -540,6 +550,24 @@ impl Conn<'_> {
             }
         }
     }
+}
+
+/// `s` with control characters (newlines, terminal escapes) escaped: a
+/// close reason can carry text a client sent, which must not forge or
+/// garble log lines.
+fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
 }
 
 /// Logs a panic payload from a connection task (kept for the binary).

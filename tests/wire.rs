@@ -927,14 +927,14 @@ async fn unix_socket_gets_the_configured_mode() {
     let dir = std::env::temp_dir().join(format!("zeotemp-mode-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("zeo.sock");
-    let listeners = zeotemp::server::bind(&[path.display().to_string()])
+    let listeners = zeotemp::server::bind_with_mode(&[path.display().to_string()], Some(0o640))
         .await
         .unwrap();
+    // Set before bind returns: never served with the umask's mode.
+    let early = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(early, 0o640, "mode {early:o}");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let cfg = Config {
-        unix_socket_mode: Some(0o640),
-        ..cfg()
-    };
+    let cfg = cfg();
     let task = tokio::spawn(zeotemp::server::run(listeners, cfg, async {
         let _ = rx.await;
     }));
