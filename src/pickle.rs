@@ -48,6 +48,16 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// clients while keeping recursion over decoded values shallow.
 pub const MAX_NESTING_DEPTH: usize = 64;
 
+/// Default for [`DecodeLimits::max_items`]: how many values (scalars and
+/// containers) one message may decode to.
+///
+/// Each decoded value takes about a hundred bytes while it is built (the
+/// value and its stack slot), so without a bound a 64 MiB frame of one-byte
+/// items (`N N N ...`) took ~7 GB and seconds of a worker thread (found by
+/// `tests/hostile.rs`). Stock clients send a few dozen values per message;
+/// 100,000 bounds a message's decoding to ~10 MB.
+pub const MAX_MESSAGE_ITEMS: usize = 100_000;
+
 /// Budget for copies made while decoding one pickle by memo `GET`s, `DUP`
 /// and memo snapshots, in "weight" units: one per value node, plus the byte
 /// length of each copied text (`Str`), big integer and global name. `Bytes`
@@ -125,12 +135,15 @@ pub struct DecodeLimits {
     /// Maximum container nesting; a scalar has depth 0, a container one more
     /// than its deepest item (an empty container has depth 1).
     pub max_depth: usize,
+    /// Maximum values decoded (every push onto the unpickler's stack).
+    pub max_items: usize,
 }
 
 impl Default for DecodeLimits {
     fn default() -> Self {
         DecodeLimits {
             max_depth: MAX_NESTING_DEPTH,
+            max_items: MAX_MESSAGE_ITEMS,
         }
     }
 }
@@ -159,6 +172,10 @@ pub enum PickleError {
     TooDeep { offset: usize, max_depth: usize },
     #[error("memo key {key} not found at offset {offset}")]
     MemoMissing { key: u64, offset: usize },
+    #[error(
+        "more than {limit} values at offset {offset} (a message may decode to at most that many)"
+    )]
+    TooManyItems { offset: usize, limit: usize },
     #[error("memo/DUP copies exceed the limit of {limit} units at offset {offset}")]
     CopyLimit { offset: usize, limit: usize },
     #[error("invalid pickle at offset {offset}: {reason}")]
@@ -358,6 +375,9 @@ struct Decoder<'a> {
     next_id: u64,
     copy_budget: usize,
     max_depth: usize,
+    /// Values still allowed ([`DecodeLimits::max_items`]).
+    items_left: usize,
+    max_items: usize,
 }
 
 fn scalar_weight(v: &Value) -> usize {
@@ -384,6 +404,8 @@ impl<'a> Decoder<'a> {
             next_id: 0,
             copy_budget: MAX_COPY_WEIGHT,
             max_depth: limits.max_depth,
+            items_left: limits.max_items,
+            max_items: limits.max_items,
         }
     }
 
@@ -494,6 +516,13 @@ impl<'a> Decoder<'a> {
         if depth > self.max_depth {
             return Err(self.too_deep());
         }
+        if self.items_left == 0 {
+            return Err(PickleError::TooManyItems {
+                offset: self.op_offset,
+                limit: self.max_items,
+            });
+        }
+        self.items_left -= 1;
         let id = self.next_id;
         self.next_id += 1;
         self.stack.push(Slot {
@@ -811,6 +840,7 @@ impl<'a> Decoder<'a> {
             return Ok(v);
         }
         self.pos = 0;
+        self.items_left = self.max_items;
         self.run_full()
     }
 
@@ -880,6 +910,7 @@ impl<'a> Decoder<'a> {
                         return None;
                     }
                     let values: Vec<Value> = stack.drain(from..).map(|(v, _)| v).collect();
+                    self.items_left = self.items_left.checked_sub(1)?;
                     stack.push((Value::Tuple(values), depth));
                     continue;
                 }
@@ -918,6 +949,7 @@ impl<'a> Decoder<'a> {
                 }
                 _ => return None,
             };
+            self.items_left = self.items_left.checked_sub(1)?;
             stack.push((scalar, 0));
         }
     }
@@ -1708,7 +1740,11 @@ mod tests {
     #[test]
     fn fast_path_agrees_with_the_full_decoder() {
         let mut rng = crate::rng::XorShift64::new(7);
-        let limits = DecodeLimits { max_depth: 6 };
+        // Small limits, so the random strings reach them on both paths.
+        let limits = DecodeLimits {
+            max_depth: 6,
+            max_items: 12,
+        };
         let pieces: &[&[u8]] = &[
             b"(",
             b"(",
@@ -2266,7 +2302,10 @@ mod tests {
         p.extend(std::iter::repeat_n(0x85, 100));
         p.push(b'.');
         assert!(matches!(dec(&p), Err(PickleError::TooDeep { .. })));
-        let strict = DecodeLimits { max_depth: 2 };
+        let strict = DecodeLimits {
+            max_depth: 2,
+            ..DecodeLimits::default()
+        };
         assert!(decode(b")\x85.", &strict).is_ok());
         assert!(decode(b")\x85\x85.", &strict).is_err());
         assert!(decode(b"]]a.", &strict).is_ok());
