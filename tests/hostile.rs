@@ -847,7 +847,6 @@ async fn deeply_nested_pickles_are_refused_without_stack_overflow() {
 /// unreachable record's references cannot keep anything alive, so it could
 /// simply be collected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: one unreachable unscannable record (any client, 3 bytes) switches garbage collection off for the storage, permanently"]
 async fn unreachable_unscannable_record_does_not_stop_collection() {
     let srv = Server::start(cfg()).await;
     let mut by = Bystander::start(srv.addr).await;

@@ -39,8 +39,11 @@
 //! traversed any more.
 //!
 //! A record that looks like a pickle but cannot be scanned has unknown
-//! references: while any retained revision is like that, or the voted
-//! transaction writes one, a cycle frees nothing (and logs the oids); while
+//! references: when marking reaches an object with such a retained
+//! revision, or the voted transaction writes one, a cycle frees nothing
+//! (and logs the oids). An unreachable one is garbage like any other (what
+//! it refers to cannot matter), so one client storing a few odd bytes
+//! nowhere reachable cannot switch collection off for everyone. While
 //! condemned objects are being freed, a vote with such a record is refused
 //! (a ConflictError the client retries), since it might link one of them.
 //! Freeing too little is safe; freeing too much is not, and neither is
@@ -96,6 +99,11 @@ pub struct GcState {
     /// What the voted transaction (holding the commit lock) depends on,
     /// until its `tpc_finish` or abort.
     pinned: Mutex<Pinned>,
+    /// Reachable objects found by this cycle's marking with a retained
+    /// record that cannot be scanned: their references are unknown, so the
+    /// cycle frees nothing. (An unreachable one does not matter: it is
+    /// garbage itself, whatever it refers to, and is freed with the rest.)
+    reached_unscannable: Mutex<Vec<Oid>>,
     /// Objects per lock hold; 0 means the defaults. Tests set 1 to make
     /// commits interleave with marking as much as possible.
     chunk: usize,
@@ -229,7 +237,11 @@ impl StorageState {
                 continue;
             };
             for rev in &obj.revisions {
-                for r in rev.refs.iter().flat_map(|refs| refs.iter()) {
+                let Some(refs) = &rev.refs else {
+                    lock(&self.gc.reached_unscannable).push(oid);
+                    continue;
+                };
+                for r in refs.iter() {
                     if let Some(child) = self.objects.get(r)
                         && child.mark.swap(epoch, Ordering::Relaxed) != epoch
                     {
@@ -262,7 +274,8 @@ impl StorageState {
         }
     }
 
-    /// Oids of retained revisions that could not be scanned (for the log).
+    /// Oids of retained revisions that could not be scanned.
+    #[cfg(test)]
     fn unscannable_oids(&self, max: usize) -> Vec<Oid> {
         self.objects
             .iter()
@@ -323,27 +336,16 @@ impl Storage {
         };
 
         // 1. start
-        let started = pauses.hold(|| {
+        pauses.hold(|| {
             let mut st = self.write();
-            if st.unscannable > 0 {
-                return Err(st.unscannable_oids(10));
-            }
+            lock(&st.gc.reached_unscannable).clear();
             st.gc.epoch = st.gc.epoch.wrapping_add(1).max(1);
             st.gc.active = true;
             lock(&st.gc.shaded).clear();
             if let Some(root) = st.objects.get(&Oid::ROOT) {
                 root.mark.store(st.gc.epoch, Ordering::Relaxed);
             }
-            Ok(())
         });
-        if let Err(unscannable) = started {
-            tracing::warn!(
-                storage = %self.name, oids = ?unscannable,
-                "garbage collection skipped: these objects have records that cannot be scanned for references, \
-                 so nothing is freed while they are retained"
-            );
-            return GcOutcome::KeptEverything { unscannable };
-        }
         let (existing, chunk): (Vec<Oid>, usize) = pauses.hold(|| {
             let st = self.read();
             (st.objects.keys().copied().collect(), st.gc.chunk)
@@ -408,14 +410,22 @@ impl Storage {
         let condemned = pauses.hold(|| {
             let mut st = self.write();
             let pinned_unscannable = lock(&st.gc.pinned).unscannable.clone();
-            if st.unscannable > 0 || !pinned_unscannable.is_empty() {
-                // A record that cannot be scanned was committed, or voted,
-                // during the cycle: its references are unknown.
-                let mut oids = st.unscannable_oids(10);
-                oids.extend(pinned_unscannable);
-                return Err(oids);
+            if !pinned_unscannable.is_empty() {
+                // A record that cannot be scanned is voted: its references
+                // are unknown.
+                return Err(pinned_unscannable);
             }
             st.finish_marking();
+            let reached: Vec<Oid> = lock(&st.gc.reached_unscannable).clone();
+            if !reached.is_empty() {
+                // A reachable object's record cannot be scanned: what it
+                // refers to is unknown, so nothing may be freed.
+                let mut oids = reached;
+                oids.sort();
+                oids.dedup();
+                oids.truncate(10);
+                return Err(oids);
+            }
             st.gc.sweeping = true;
             Ok(())
         });
@@ -457,7 +467,7 @@ impl Storage {
             st.gc.sweeping = false;
         });
         if let Err(unscannable) = condemned {
-            tracing::warn!(storage = %self.name, oids = ?unscannable, "garbage collection cycle freed nothing: a record that cannot be scanned was committed or voted during it");
+            tracing::warn!(storage = %self.name, oids = ?unscannable, "garbage collection cycle freed nothing: a reachable (or voted) record cannot be scanned for references");
             return GcOutcome::KeptEverything { unscannable };
         }
 
