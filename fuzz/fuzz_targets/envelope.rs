@@ -18,7 +18,11 @@ fuzz_target!(|data: &[u8]| {
         let _ = m.msgid.forbidden_global();
         if !unencodable(&m.args) {
             let again = pickle::decode(&pickle::encode(&m.args, Dialect::Py3), &limits);
-            assert_eq!(again.as_ref(), Ok(&m.args));
+            // Memo copies can make a value of more nodes than the message
+            // had opcodes; written out flat it may then exceed the limit.
+            if !matches!(again, Err(pickle::PickleError::TooManyItems { .. })) {
+                assert_eq!(again.as_ref(), Ok(&m.args));
+            }
         }
     }
 });
