@@ -201,14 +201,15 @@ impl ZeoError {
                 committed,
                 read,
                 class_name,
+                reason,
             }) => (
                 "ZODB.POSException.ConflictError",
                 conflict_state(
-                    "database conflict error",
+                    reason.as_deref().unwrap_or("database conflict error"),
                     *oid,
                     class_name.as_deref(),
-                    *committed,
-                    *read,
+                    // Two equal serials tell nothing when a reason does.
+                    Some((*committed, *read)).filter(|(c, r)| reason.is_none() || c != r),
                 ),
             ),
             ZeoError::Storage(StorageError::ReadConflict {
@@ -221,8 +222,7 @@ impl ZeoError {
                     "database read conflict error",
                     *oid,
                     None,
-                    *committed,
-                    *read,
+                    Some((*committed, *read)),
                 ),
             ),
             ZeoError::Storage(StorageError::Storage(msg)) => {
@@ -242,8 +242,7 @@ fn conflict_state(
     message: &str,
     oid: Oid,
     class_name: Option<&str>,
-    committed: Tid,
-    read: Tid,
+    serials: Option<(Tid, Tid)>,
 ) -> Value {
     Value::Dict(vec![
         (Value::Str("message".into()), Value::Str(message.into())),
@@ -254,7 +253,9 @@ fn conflict_state(
         ),
         (
             Value::Str("serials".into()),
-            Value::Tuple(vec![tid_value(committed), tid_value(read)]),
+            serials.map_or(Value::None, |(committed, read)| {
+                Value::Tuple(vec![tid_value(committed), tid_value(read)])
+            }),
         ),
     ])
 }
@@ -345,6 +346,19 @@ impl<'a> Args<'a> {
 
     fn tid(&self, i: usize, what: &str) -> Res<Tid> {
         self.eight(i, what).map(Tid)
+    }
+
+    /// The serial a `storea` names: 8 bytes, or (as the stock server and
+    /// `IStorage.store` take it) `None` or a text string for a new object,
+    /// read as z64: accepted if the object does not exist, a conflict if it
+    /// does (the stock storages compare it with the current tid, which
+    /// never equals `None` or a str). ZEO's own tests pass `'\0' * 8` as a
+    /// str.
+    fn store_serial(&self, i: usize) -> Res<Tid> {
+        match self.get(i) {
+            Some(Value::None | Value::Str(_)) => Ok(Tid::ZERO),
+            _ => self.tid(i, "serial"),
+        }
     }
 
     /// An integer argument beyond 64 bits (a Python `int` of any size).
@@ -954,7 +968,7 @@ impl Session {
                 a.count(4, 4)?;
                 let data = a.bytes(2, "data")?;
                 // The record's references are scanned here, outside every lock.
-                (3, TxnOp::store(a.oid(0)?, a.tid(1, "serial")?, data))
+                (3, TxnOp::store(a.oid(0)?, a.store_serial(1)?, data))
             }
             "checkCurrentSerialInTransaction" => {
                 a.count(3, 3)?;

@@ -178,6 +178,10 @@ impl TxnOp {
     }
 }
 
+/// The reason of a ConflictError for an object this storage no longer has.
+const GONE: &str = "the object is gone from this storage (freed as garbage, or from before a \
+                    server restart): the transaction read an outdated view; retry";
+
 /// A write conflict handed back to the client from `vote`, for it to
 /// resolve (`{'oid', 'serials': (committed, read), 'data'}`).
 #[derive(Debug, Clone, PartialEq)]
@@ -199,6 +203,10 @@ pub enum StorageError {
         committed: Tid,
         read: Tid,
         class_name: Option<String>,
+        /// Why, when it is not a plain write conflict (the client shows it
+        /// as the ConflictError's message, without serials if both are
+        /// the same).
+        reason: Option<String>,
     },
     #[error("read conflict on {oid}: committed {committed}, read {read}")]
     ReadConflict { oid: Oid, committed: Tid, read: Tid },
@@ -246,6 +254,9 @@ pub struct Stats {
 /// The state behind the storage's read/write lock.
 pub struct StorageState {
     objects: OidMap<Oid, Object>,
+    /// The tid of the start-up transaction (the root's first revision):
+    /// no other object of this run has a revision at or before it.
+    first_tid: Tid,
     last_tid: Tid,
     /// Newest first: `(tid, oids)`; `None` oids is the start-up sentinel.
     invalidations: VecDeque<(Tid, Option<Vec<Oid>>)>,
@@ -368,6 +379,7 @@ impl Storage {
             name: name.to_string(),
             state: RwLock::new(StorageState {
                 objects,
+                first_tid: start,
                 last_tid: start,
                 invalidations,
                 subscribers: Vec::new(),
@@ -562,6 +574,7 @@ impl Storage {
                             committed: Tid::ZERO,
                             read: *serial,
                             class_name: class_name_of(data),
+                            reason: Some(GONE.into()),
                         });
                     }
                     let current = st.current_tid(*oid);
@@ -575,6 +588,7 @@ impl Storage {
                                 committed: Tid::ZERO,
                                 read: *serial,
                                 class_name: class_name_of(data),
+                                reason: Some(GONE.into()),
                             });
                         }
                         conflicts.retain(|c| c.oid != *oid);
@@ -613,6 +627,7 @@ impl Storage {
                             committed: current,
                             read: *serial,
                             class_name: None,
+                            reason: None,
                         });
                     }
                     set_write(&mut writes, &mut index, *oid, None, Some(Box::new([])));
@@ -636,6 +651,11 @@ impl Storage {
                         committed: st.current_tid(*oid).unwrap_or(Tid::ZERO),
                         read: st.current_tid(*oid).unwrap_or(Tid::ZERO),
                         class_name: data.as_deref().and_then(class_name_of),
+                        reason: Some(
+                            "zeotemp cannot scan this record for references while it frees \
+                             garbage (it might link a freed object): retry"
+                                .into(),
+                        ),
                     });
                 }
                 unscannable.push(*oid);
@@ -651,6 +671,11 @@ impl Storage {
                     committed: st.current_tid(*oid).unwrap_or(Tid::ZERO),
                     read: st.current_tid(*oid).unwrap_or(Tid::ZERO),
                     class_name: data.as_deref().and_then(class_name_of),
+                    reason: Some(format!(
+                        "the record references {missing}, which this storage no longer holds \
+                         (freed as garbage, or from before a server restart): the transaction \
+                         read an outdated view; retry"
+                    )),
                 });
             }
         }
@@ -834,17 +859,11 @@ impl StorageState {
     /// * `Ok(None)`: the object has no revision before `tid` (created later,
     ///   or that revision is past retention); ZODB raises ReadConflictError;
     /// * `Err(PosKey)`: no such object, or it was deleted as of `tid`
-    ///   (for a snapshot older than the retention window a missing object
-    ///   is `Ok(None)`: it may have been freed since).
+    ///   (except where a missing object may have existed and be gone: then
+    ///   `Ok(None)`, see `missing_may_be_gone`).
     pub fn load_before(&self, oid: Oid, tid: Tid) -> Result<Option<Loaded<'_>>, StorageError> {
         let Some(obj) = self.objects.get(&oid) else {
-            // A snapshot older than the retention window may ask for an
-            // object the collector has freed since: answer as for any other
-            // revision past retention (ZODB raises ReadConflictError and the
-            // request is retried), never POSKeyError. A snapshot inside the
-            // window cannot reach a freed object, so there it is a real
-            // POSKeyError.
-            if tid <= self.retention_cutoff() {
+            if self.missing_may_be_gone(oid, tid) {
                 return Ok(None);
             }
             return Err(StorageError::PosKey { oid, serial: None });
@@ -867,6 +886,24 @@ impl StorageState {
         }
     }
 
+    /// Whether a read at snapshot `tid` of an object this storage does not
+    /// have may be of one that existed and is gone (answered with a
+    /// retryable conflict, never POSKeyError), rather than of one that never
+    /// existed (POSKeyError, as the stock server answers):
+    /// * a snapshot older than the retention window may reach an object the
+    ///   collector has freed since; one inside the window cannot;
+    /// * a snapshot from before this run's first transaction (a request in
+    ///   flight across a restart) may reach an object of the earlier run,
+    ///   but not one with an oid of this run's range: that one was never
+    ///   stored (e.g. `loadBefore(new_oid(), z64)`).
+    fn missing_may_be_gone(&self, oid: Oid, tid: Tid) -> bool {
+        if tid <= self.first_tid {
+            oid.0 < self.first_tid.0
+        } else {
+            tid <= self.retention_cutoff()
+        }
+    }
+
     /// `loadSerial(oid, serial)`: exactly that revision. A revision that
     /// retention already dropped is a ConflictError (ZODB retries the
     /// transaction), one that never existed a POSKeyError.
@@ -876,14 +913,13 @@ impl StorageState {
             serial: Some(serial),
         };
         let Some(obj) = self.objects.get(&oid) else {
-            // As in `load_before`: an old revision of a freed object is a
-            // retryable conflict.
-            if serial < self.retention_cutoff() {
+            if serial < Tid::MAX && self.missing_may_be_gone(oid, Tid(serial.0 + 1)) {
                 return Err(StorageError::Conflict {
                     oid,
                     committed: Tid::ZERO,
                     read: serial,
                     class_name: None,
+                    reason: Some(GONE.into()),
                 });
             }
             return Err(missing);
@@ -900,6 +936,9 @@ impl StorageState {
                 committed: revs.last().map(|r| r.tid).unwrap_or(Tid::ZERO),
                 read: serial,
                 class_name: None,
+                reason: Some(
+                    "that revision is no longer kept (older than history-retention)".into(),
+                ),
             }),
             Err(_) => Err(missing),
         }
@@ -1421,6 +1460,42 @@ mod tests {
         ));
         assert!(matches!(
             st.load_before(Oid(99), Tid::MAX),
+            Err(StorageError::PosKey { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_objects_at_snapshots_before_this_run() {
+        // Retention long enough that only the start-up rule applies.
+        let s = Storage::new("1", Tid::now(), limits(3600, 100));
+        let st = s.read();
+        let first = st.last_tid();
+        let new_oid = s.new_oids(1).unwrap()[0];
+        // An oid of this run, never stored: POSKeyError at z64 and at the
+        // first tid, as the stock server answers (testLoadBeforeEdges).
+        for tid in [Tid::ZERO, first] {
+            assert!(matches!(
+                st.load_before(new_oid, tid),
+                Err(StorageError::PosKey { .. })
+            ));
+        }
+        assert!(matches!(
+            st.load_serial(new_oid, Tid(first.0 - 1)),
+            Err(StorageError::PosKey { .. })
+        ));
+        // An oid below this run's range, read at a snapshot from before the
+        // run (a request in flight across a restart): it may have existed,
+        // so ReadConflictError / ConflictError, and the request is retried.
+        let old_oid = Oid(first.0 - 1000);
+        assert_eq!(st.load_before(old_oid, Tid(first.0 - 5)).unwrap(), None);
+        assert!(matches!(
+            st.load_serial(old_oid, Tid(first.0 - 5)),
+            Err(StorageError::Conflict { .. })
+        ));
+        // The same oid read at a snapshot of this run inside the retention
+        // window: it cannot have been freed, so it never existed.
+        assert!(matches!(
+            st.load_before(old_oid, Tid::MAX),
             Err(StorageError::PosKey { .. })
         ));
     }

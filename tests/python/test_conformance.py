@@ -89,17 +89,6 @@ ROOT = (DESIGN + "the root object (oid 0) exists at startup (README 'Compared "
         "with ...'); ")
 WALLCLOCK = (DESIGN + "the root is committed at startup with a wall-clock "
              "tid, so a fresh storage's lastTransaction() is not z64 ")
-NEW_SERIAL_BUG = (
-    "BUG: storea() with serial None (or the str '\\0'*8 ZEO's tests use) "
-    "for a new object: zeotemp answers TypeError 'storea(): serial must be "
-    "bytes, not NoneType/str', closes the connection and the client gets "
-    "ClientDisconnected; the stock server passes the serial to the storage, "
-    "which ignores it for an oid that does not exist yet (IStorage.store / "
-    "BasicStorage.testSerialIsNoneForInitialRevision: None means 'new "
-    "object')")
-MT_HANG = (" [skipped, not xfail: the thread that gets ClientDisconnected "
-           "never aborts, the other threads then wait in tpc_begin forever "
-           "and keep the interpreter from exiting]")
 STOCK_FINISHED_WO_LOCK = (
     "with client-conflict-resolution (conftest's runzeo config) concurrent "
     "conflicting commits make the server fail a commit with "
@@ -253,14 +242,6 @@ class ZeotempGenericTestBase(ZeotempServers, testZEO.GenericTestBase):
             "gets a ConflictError.",
         "testPackJustOldRevisions": DANGLING,
         "testPackOnlyOneObject": DANGLING,
-        "test2StorageThreads": NEW_SERIAL_BUG + MT_HANG,
-        "test7StorageThreads": NEW_SERIAL_BUG + MT_HANG,
-        "test4ExtStorageThread": NEW_SERIAL_BUG + MT_HANG,
-    },
-    xfail={
-        "testSerialIsNoneForInitialRevision": NEW_SERIAL_BUG,
-        "checkDisconnectedOnThread2Close": NEW_SERIAL_BUG,
-        "checkSecondBeginFails": NEW_SERIAL_BUG,
     },
 )
 class GenericTests(ZeotempGenericTestBase, testZEO.GenericTests):
@@ -286,15 +267,6 @@ class ClientConflictResolutionTests(
         "testPackAllRevisionsNoGC":
             "pack(gc=False): ClientStorage.pack and the ZEO protocol have no "
             "gc flag (PackableStorageWithOptionalGC is for local storages).",
-    },
-    xfail={
-        "testLoadBeforeEdges":
-            "BUG: loadBefore(oid, p64(0)) for an oid that was never stored "
-            "returns None (ZODB's MVCC adapter turns that into a "
-            "ReadConflictError) instead of raising POSKeyError as the stock "
-            "server does; zeotemp raises POSKeyError only for a tid inside "
-            "the history-retention window, yet for a tid older than the "
-            "database's first transaction nothing can have been freed.",
     },
 )
 class StorageTests(
@@ -417,10 +389,6 @@ class ConnectionTestsWithInvalidation(
         "cache).",
         "checkNoVerificationOnServerRestartWith2Clients": SURVIVE + " "
         "(expects 'Cache up to date' after the restart).",
-        "checkDisconnectedAbort": NEW_SERIAL_BUG + " [skipped, not xfail: "
-        "it stores 5 new objects with serial None, then stops the server; it "
-        "passes or fails depending on whether zeotemp drops the connection "
-        "for the first storea() before the stop]",
     },
     stock_fails={name: STOCK_BEHIND for name in (
         "checkDisconnectedAbort", "checkMultipleServers",
@@ -444,7 +412,7 @@ class InvqTests(ZeotempConnectionSetup, ConnectionTests.InvqTests):
     """testConnection.FileStorageInvqTests."""
 
 
-@conformance(xfail={"checkTimeoutAfterVote": NEW_SERIAL_BUG})
+@conformance()
 class TimeoutTests(ZeotempConnectionSetup, ConnectionTests.TimeoutTests):
     """testConnection.MappingStorageTimeoutTests.
 
