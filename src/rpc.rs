@@ -538,6 +538,8 @@ pub struct Session {
     registered: Option<Registered>,
     txn: Option<Txn>,
     label: Option<String>,
+    /// Set when the connection is going away: nothing more is replied.
+    closing: bool,
 }
 
 /// Methods that exist in ZEO but that zeotemp does not provide.
@@ -577,6 +579,7 @@ impl Session {
             dialect_known: false,
             registered: None,
             txn: None,
+            closing: false,
             label: None,
         }
     }
@@ -1167,7 +1170,9 @@ impl Session {
                 reg.storage.stats.aborts.fetch_add(1, Ordering::Relaxed);
             }
         }
-        if let TxnState::Waiting(msgid) = txn.state {
+        if let TxnState::Waiting(msgid) = txn.state
+            && !self.closing
+        {
             self.reply_error(
                 &msgid,
                 &ZeoError::Transaction("transaction aborted while waiting to vote".into()),
@@ -1195,6 +1200,11 @@ impl Drop for Session {
         if self.txn.is_some() {
             info!(peer = %self.label(), "disconnected during a transaction: aborted");
         }
+        // A vote waiting for the lock gets no error reply: the connection
+        // closes (on shutdown too), which the client takes as
+        // ClientDisconnected, a transient error it retries; an error reply
+        // would fail the transaction for good (StorageTransactionError).
+        self.closing = true;
         self.end_txn(true);
         if let Some(reg) = &self.registered {
             reg.storage.unsubscribe(self.id);

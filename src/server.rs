@@ -25,6 +25,7 @@ use crate::marshal;
 use crate::outbox::Outbox;
 use crate::pickle::DecodeLimits;
 use crate::rpc::{Flow, Session, Shared};
+use crate::storage::{LockAttempt, SHUTDOWN_HOLDER};
 
 /// The protocol we announce: ZEO 5, pickle encoding.
 pub const PROTOCOL: &[u8] = b"Z5";
@@ -146,6 +147,8 @@ pub async fn run_shared(
     tasks.spawn(gc_loop(shared.clone(), stop_rx.clone()));
     shutdown.await;
     info!("shutting down");
+    // Kept to the end: a lock granted late still goes to the server.
+    let _late_locks = stop_commits(&shared).await;
     let _ = stop_tx.send(true);
     let grace = Duration::from_secs(SHUTDOWN_GRACE_SECS + 1);
     if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
@@ -164,6 +167,34 @@ pub async fn run_shared(
     }
     info!("stopped; all data held in memory is gone");
     Ok(())
+}
+
+/// Takes every storage's commit lock ahead of the waiting voters and keeps
+/// it, so commits end before any connection closes: a transaction holding
+/// the lock gets [`SHUTDOWN_GRACE_SECS`] to finish or abort; votes that
+/// wait are never granted (their connections then close without a reply,
+/// which clients retry as ClientDisconnected). Without this, a commit could
+/// be acknowledged after another client's connection had already closed
+/// without hearing of it. Returns the lock requests still waiting after the
+/// grace (dropping one would pass the lock to the next voter).
+async fn stop_commits(shared: &Shared) -> Vec<tokio::sync::oneshot::Receiver<()>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(SHUTDOWN_GRACE_SECS);
+    let mut late = Vec::new();
+    for name in &shared.storage_names {
+        let Some(s) = shared.storages.get(name) else {
+            continue;
+        };
+        if let LockAttempt::Wait(mut granted) = s.lock_ahead(SHUTDOWN_HOLDER)
+            && tokio::time::timeout_at(deadline, &mut granted).await.is_err()
+        {
+            warn!(
+                storage = %name,
+                "a transaction did not finish within the shutdown grace; closing its connection"
+            );
+            late.push(granted);
+        }
+    }
+    late
 }
 
 /// The background collector: every `gc-interval`, for each storage, drops

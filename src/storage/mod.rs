@@ -77,6 +77,10 @@ pub const EMPTY_ROOT_RECORD: &[u8] = b"\x80\x03cpersistent.mapping\nPersistentMa
 /// Connection id, used as the commit lock's owner and subscriber key.
 pub type ConnId = u64;
 
+/// The commit-lock holder id of the server itself at shutdown (connection
+/// ids count up from 1).
+pub const SHUTDOWN_HOLDER: ConnId = u64::MAX;
+
 /// What a transaction's metadata says (`tpc_begin` arguments).
 #[derive(Debug, Clone)]
 pub struct TxnMeta {
@@ -484,6 +488,23 @@ impl Storage {
         }
         let (tx, rx) = oneshot::channel();
         lk.waiters.push_back((id, tx));
+        LockAttempt::Wait(rx)
+    }
+
+    /// Like [`Storage::try_lock`], but ahead of every waiter. At shutdown the
+    /// server takes each commit lock this way (as [`SHUTDOWN_HOLDER`]) and
+    /// keeps it: the transaction holding it finishes or aborts, no other
+    /// one votes, and every commit acknowledged before the connections
+    /// close was announced to every client still connected.
+    pub fn lock_ahead(&self, id: ConnId) -> LockAttempt {
+        let mut lk = self.commit_lock();
+        if lk.holder.is_none() || lk.holder == Some(id) {
+            lk.holder = Some(id);
+            lk.since = Some(Instant::now());
+            return LockAttempt::Acquired;
+        }
+        let (tx, rx) = oneshot::channel();
+        lk.waiters.push_front((id, tx));
         LockAttempt::Wait(rx)
     }
 
