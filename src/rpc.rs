@@ -692,6 +692,18 @@ impl Session {
                 a.count(0, 0)?;
                 reply(Value::None)
             }
+            // Test-only (cargo feature `fault-injection`, never in a
+            // release): a bug in the handling of one connection, to show it
+            // stays in that connection (tests/wire.rs).
+            #[cfg(feature = "fault-injection")]
+            "_zeotemp_fault_panic" => panic!("fault injection: _zeotemp_fault_panic"),
+            #[cfg(feature = "fault-injection")]
+            "_zeotemp_fault_panic_in_storage" => {
+                // With the storage's state write-locked: the lock is
+                // poisoned for everyone else.
+                let _state = self.storage()?.storage.write();
+                panic!("fault injection: _zeotemp_fault_panic_in_storage")
+            }
             "getInvalidations" => {
                 a.count(1, 1)?;
                 let tid = a.tid(0, "tid")?;

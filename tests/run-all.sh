@@ -22,9 +22,13 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.requirements.sha256" 2>/dev/n
     echo "$want" > "$venv/.requirements.sha256"
 fi
 
-echo "== Rust tests (unit, golden fixtures, wire)"
+echo "== Rust tests (unit, golden fixtures, wire, hostile input)"
+# `fault-injection` (test-only) adds methods that panic inside a
+# connection, for the panic-containment test in tests/wire.rs.
+cargo test --locked --features fault-injection
+# The binary the real-client tests run, built without it (after the tests,
+# which build their own).
 cargo build --locked --bins
-cargo test --locked
 
 echo "== real-client tests (stock ZEO $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("ZEO"))') against target/debug/zeotemp)"
 ZEOTEMP_BIN="$PWD/target/debug/zeotemp" "$venv/bin/python" -m pytest tests/python -q "$@"

@@ -956,3 +956,72 @@ async fn unix_socket_gets_the_configured_mode() {
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A panic while one connection's request is handled (a bug; injected with
+/// the test-only `fault-injection` feature, which tests/run-all.sh turns
+/// on) ends that connection only: its transaction is aborted and the commit
+/// lock it held is freed, even when the storage's state lock was held at the
+/// time (poisoned), and the other clients go on loading, committing and
+/// receiving invalidations.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_one_connection_is_contained() {
+    let srv = Server::start(cfg()).await;
+    let (mut watcher, _) = Client::registered(srv.addr, "1").await;
+    for (i, method) in ["_zeotemp_fault_panic", "_zeotemp_fault_panic_in_storage"]
+        .into_iter()
+        .enumerate()
+    {
+        let (mut a, _) = Client::registered(srv.addr, "1").await;
+        // `a` holds the commit lock when it panics.
+        let txn = Value::Int(1);
+        let doomed = oid(0x100 + i as u64);
+        a.begin(&txn).await;
+        a.store(&doomed, &b(&Z64), b"never committed", &txn).await;
+        assert_eq!(
+            a.call("vote", vec![txn]).await.unwrap(),
+            Value::List(vec![])
+        );
+        a.send(false, method, vec![]).await;
+        a.expect_closed().await;
+
+        // Another client commits (so the lock is free) and loads.
+        bystander_works(srv.addr).await;
+        // The watcher hears of that commit, and the panicking
+        // transaction left nothing behind.
+        let pushed = loop {
+            let m = watcher.message().await.expect("watcher still connected");
+            if m.method == "invalidateTransaction" {
+                break m;
+            }
+        };
+        assert_eq!(pushed.method, "invalidateTransaction");
+        let err = watcher
+            .call("loadBefore", vec![doomed.clone(), b(&MAXTID)])
+            .await
+            .unwrap_err();
+        assert!(err.0.ends_with("POSKeyError"), "{err:?}");
+        // The server forgot the connection: only the watcher is registered,
+        // no transaction is active.
+        let mut figures = (-1, -1);
+        for _ in 0..100 {
+            let Value::Dict(status) = watcher.call("server_status", vec![]).await.unwrap() else {
+                panic!()
+            };
+            let get = |k: &str| {
+                status
+                    .iter()
+                    .find(|(kk, _)| kk.as_text().as_deref() == Some(k))
+                    .and_then(|(_, v)| v.as_i64())
+                    .unwrap()
+            };
+            figures = (get("connections"), get("active_txns"));
+            if figures == (1, 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(figures, (1, 0), "(connections, active_txns) after {method}");
+    }
+    srv.stop().await;
+}

@@ -13,7 +13,8 @@ The other faults of the issue have their tests elsewhere: a client killed
 between ``vote`` and ``tpc_finish`` (test_concurrency.py,
 ``test_killed_client_does_not_block_commits``; tests/wire.rs for the raw
 protocol), a client that stops reading (tests/wire.rs, test_bad_clients.py),
-a panic inside one connection (tests/faults.rs).
+a panic inside one connection (tests/wire.rs,
+``a_panic_in_one_connection_is_contained``).
 """
 
 import signal
