@@ -1,29 +1,57 @@
 #!/usr/bin/env python3
-"""Soak test: Transience-like session churn from several real ZEO client
-processes against one server, sampling the server's memory.
+"""Soak test: a bounded run of real ZEO clients (Transience-like session
+churn, each keeping a ledger of what it committed) and the Rust load
+generator against one zeotemp, with clients SIGKILLed and restarted; at
+the end every ledger is verified against the database.
 
-    python bench/soak.py [--duration 600] [--clients 4] [--server zeotemp|python]
-                         [--zeotemp-bin PATH] [--slice-seconds 2] [--sessions N]
-                         [--out FILE]
+    python bench/soak.py [--duration 1800] [--clients 4]
+                         [--kill-interval 20:60] [--vote-kills 0.3]
+                         [--bench-workloads commit,session] [--out FILE]
 
-Starts the server (zeotemp's release binary by default, or the stock
-``ZEO.runzeo`` with a MappingStorage and client-conflict-resolution, never
-packed, for comparison), runs the churn of ``tests/python/zeotemp_churn.py``
-from ``--clients`` processes for ``--duration`` seconds, samples the server's
-RSS (VmRSS from /proc/PID/status) every second and ``server_status()`` every
-~5 s, stops everything it started, and prints a table, an ASCII plot of RSS
-over time and a verdict line.  See bench/README.md.
+Starts the server (zeotemp's release binary by default), creates the
+session container and one tree per client slot, then for ``--duration``
+seconds:
 
-Exit status: 0 = ran, no errors (and, for zeotemp, RSS plateaued); 1 = errors
-(a transaction failing after its retries, any other client exception, a
-worker that did not finish, the server dying); 2 = zeotemp's RSS still
-growing; 130 = interrupted.
+* ``--clients`` worker processes (stock ZEO ``ClientStorage`` + ZODB ``DB``,
+  code in ``tests/python/zeotemp_soak.py``) run the churn of
+  ``tests/python/zeotemp_churn.py`` plus writes to keys only they write,
+  and append what they commit to a per-slot ledger file;
+* every ``--kill-interval`` seconds (random in MIN:MAX) one random worker is
+  SIGKILLed -- a share ``--vote-kills`` of the kills right between its
+  storage's vote and ``tpc_finish`` (the worker kills itself there), the
+  others at whatever moment -- and a new process takes its slot, resuming
+  from its ledger;
+* ``zeotemp-bench`` runs in bursts (``--bench-burst`` seconds every
+  ``--bench-burst + --bench-pause``), alternating ``--bench-workloads``:
+  ``commit`` on the workers' storage ``1`` (new objects only, garbage to
+  collect, commit-lock contention) and ``session`` on storage ``2`` (its
+  setup rewrites the root, so it gets its own storage);
+* the server's RSS is sampled every second, ``server_status()`` every
+  ``--status-interval`` seconds.  The server is never restarted: its death
+  fails the run.
+
+Then a fresh ``ClientStorage`` checks every ledger entry (value present and
+equal to the last committed one; deleted keys absent; sessions whose
+timeslice bucket was legitimately expired are counted, not checked) and
+loads every object reachable from the root.  See bench/README.md.
+
+Exit status: 0 = PASS (ledgers verified, no lost or wrong entry, no error
+other than retried conflicts, server up throughout, and RSS plateaued when
+the run is long enough to tell); 1 = FAIL; 2 = only the RSS is still growing;
+130 = interrupted.
 """
 
 import argparse
+import datetime
+import json
 import multiprocessing
-import queue
+import os
+import platform
+import random
+import re
+import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,29 +63,12 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "tests" / "python"))
 
 import zeotemp_churn  # noqa: E402
+import zeotemp_soak  # noqa: E402
 
 STATUS_KEYS = ("objects", "revisions", "retained-bytes", "collections",
                "freed-objects", "longest-pause-ms", "commits", "conflicts")
 MIB = 1024 * 1024
-
-
-# -- child process ---------------------------------------------------------------
-
-def worker_main(cfg, results):
-    """Run in a spawned child: the churn, result put on ``results``.
-    SIGINT is ignored (the parent stops the children on Ctrl-C)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Failed transactions are counted and reported; keep the transaction
-    # package's CRITICAL log lines ("A storage error occurred during the
-    # second phase ...") off the terminal.
-    import logging
-    logging.getLogger().addHandler(logging.NullHandler())
-    try:
-        result = zeotemp_churn.churn_worker(cfg)
-    except BaseException as e:  # report, never hang the parent
-        result = dict(worker=cfg["worker"], commits=0, conflicts=0, errors=1,
-                      error_samples=[f"worker crashed: {e!r}"])
-    results.put(result)
+PLATEAU_MAX = 1.10        # default --plateau-threshold
 
 
 # -- sampling --------------------------------------------------------------------
@@ -218,18 +229,226 @@ def plateau(rss, end):
     return max(last) / max(mid)
 
 
-# -- main ------------------------------------------------------------------------
+# -- the Rust load generator --------------------------------------------------------
+
+class BenchRunner(threading.Thread):
+    """Runs ``zeotemp-bench`` in bursts until ``end_at`` (epoch seconds),
+    cycling through ``workloads`` (``commit`` on storage 1, ``session`` on
+    storage 2).  Totals: bursts, txns, ops, conflicts retried/resolved,
+    errors (the bench's own error count, plus a burst that failed)."""
+
+    STORAGE = {"commit": "1", "session": "2", "load": "2", "echo": "1"}
+
+    def __init__(self, args, address, end_at):
+        super().__init__(daemon=True, name="bench")
+        self.args, self.address, self.end_at = args, address, end_at
+        self.workloads = [w for w in args.bench_workloads.split(",") if w]
+        self.stopping = threading.Event()
+        self.proc = None
+        self.t = dict(bursts=0, txns=0, ops=0, conflicts_retried=0,
+                      conflicts_resolved=0, errors=0, failed_bursts=0)
+        self.by_workload = {}
+        self.error_samples = []
+
+    def run(self):
+        i = 0
+        while not self.stopping.is_set():
+            left = self.end_at - time.time()
+            if left < 2:
+                break
+            w = self.workloads[i % len(self.workloads)]
+            i += 1
+            self.burst(w, min(self.args.bench_burst, left - 1))
+            self.stopping.wait(self.args.bench_pause)
+
+    def burst(self, workload, duration):
+        a = self.args
+        cmd = [a.bench_bin, "--address", f"{self.address[0]}:{self.address[1]}",
+               "--storage", self.STORAGE[workload], "--workload", workload,
+               "--connections", str(a.bench_connections),
+               "--in-flight", str(a.bench_in_flight),
+               "--duration", f"{duration:.1f}",
+               "--objects", str(a.bench_objects), "--json"]
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
+            out, err = self.proc.communicate(timeout=duration + 120)
+            rc = self.proc.returncode
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+            rc = "timeout"
+        except OSError as e:
+            out, err, rc = "", repr(e), "could not start"
+        self.proc = None
+        self.t["bursts"] += 1
+        bw = self.by_workload.setdefault(workload, dict(bursts=0, txns=0,
+                                                        ops=0, errors=0))
+        bw["bursts"] += 1
+        if rc != 0:
+            if self.stopping.is_set() and rc == -signal.SIGTERM:
+                return                     # stopped by us (interrupted)
+            self.t["failed_bursts"] += 1
+            self.t["errors"] += 1
+            bw["errors"] += 1
+            tail = " | ".join(err.strip().splitlines()[-3:])
+            self.sample(f"zeotemp-bench {workload} exited {rc}: {tail}")
+            return
+        try:
+            rep = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            self.t["errors"] += 1
+            bw["errors"] += 1
+            self.sample(f"zeotemp-bench {workload}: unreadable output {out[:200]!r}")
+            return
+        for k in ("txns", "ops", "conflicts_retried", "conflicts_resolved",
+                  "errors"):
+            self.t[k] += int(rep.get(k, 0))
+        for k in ("txns", "ops", "errors"):
+            bw[k] += int(rep.get(k, 0))
+        if rep.get("errors"):
+            self.sample(f"zeotemp-bench {workload}: {rep['errors']} errors in "
+                        "a burst")
+
+    def sample(self, text):
+        if len(self.error_samples) < 5:
+            self.error_samples.append(text)
+
+    def stop(self):
+        self.stopping.set()
+        p = self.proc
+        if p is not None and p.poll() is None:
+            p.terminate()
+
+
+# -- workers and faults -------------------------------------------------------------
+
+class Slots:
+    """The worker processes, one per slot, restarted after each kill."""
+
+    def __init__(self, args, ctx, address, ledger_dir, end_at):
+        self.args, self.ctx, self.address = args, ctx, address
+        self.ledger_dir, self.end_at = Path(ledger_dir), end_at
+        self.procs = {}            # slot -> Process
+        self.events = {}           # slot -> Event (kill yourself at vote)
+        self.expected_death = {}   # slot -> "kill" | "vote"
+        self.vote_deadline = {}    # slot -> monotonic time to give up waiting
+        self.started = 0
+        self.kills = dict(total=0, vote=0, plain=0, vote_fallback=0)
+        self.unexpected = []       # text of workers that died on their own
+        self.finished = set()
+
+    def cfg(self, slot):
+        a = self.args
+        return dict(addr=self.address, slot=slot, end_at=self.end_at,
+                    ledger=str(zeotemp_soak.ledger_path(self.ledger_dir, slot)),
+                    slice_seconds=a.slice_seconds, keep=a.keep,
+                    known=max(1, a.sessions // max(1, a.clients)),
+                    new_fraction=a.new_fraction, pause=a.pause,
+                    owned_keys=a.owned_keys, owned_fraction=a.owned_fraction)
+
+    def start(self, slot):
+        ev = self.ctx.Event()
+        p = self.ctx.Process(target=zeotemp_soak.worker_main,
+                             args=(self.cfg(slot), ev),
+                             name=f"soak-worker-{slot}", daemon=True)
+        p.start()
+        self.procs[slot], self.events[slot] = p, ev
+        self.expected_death.pop(slot, None)
+        self.vote_deadline.pop(slot, None)
+        self.started += 1
+
+    def kill(self, rnd, vote):
+        alive = [s for s, p in self.procs.items()
+                 if p.is_alive() and s not in self.expected_death]
+        if not alive:
+            return None
+        slot = rnd.choice(alive)
+        if vote:
+            self.expected_death[slot] = "vote"
+            self.vote_deadline[slot] = time.monotonic() + 30
+            self.events[slot].set()
+        else:
+            self.expected_death[slot] = "kill"
+            self.procs[slot].kill()
+        return slot
+
+    def poll(self, now_epoch):
+        """Reaps dead workers and restarts them (until the end)."""
+        for slot, p in list(self.procs.items()):
+            why = self.expected_death.get(slot)
+            if p.is_alive():
+                if why == "vote" and time.monotonic() > self.vote_deadline[slot]:
+                    # No ledgered commit within 30 s: kill it plainly.
+                    self.kills["vote_fallback"] += 1
+                    self.expected_death[slot] = "kill"
+                    p.kill()
+                continue
+            p.join(1)
+            code = p.exitcode
+            if why is not None:
+                self.kills["total"] += 1
+                self.kills["vote" if why == "vote" else "plain"] += 1
+                if code != -signal.SIGKILL:
+                    self.unexpected.append(
+                        f"slot {slot}: expected a SIGKILL death, exit status {code}")
+            elif code == 0 and now_epoch >= self.end_at - 1:
+                self.finished.add(slot)
+                del self.procs[slot]
+                continue
+            else:
+                self.unexpected.append(f"slot {slot}: worker exited with "
+                                       f"status {code} before the end")
+            if now_epoch < self.end_at - 2:
+                self.start(slot)
+            else:
+                del self.procs[slot]
+
+    def all_done(self):
+        return not self.procs
+
+    def stop_all(self):
+        for p in self.procs.values():
+            if p.is_alive():
+                p.kill()
+        for p in self.procs.values():
+            p.join(5)
+
+
+def parse_interval(text):
+    lo, _, hi = text.partition(":")
+    lo = float(lo)
+    hi = float(hi) if hi else lo
+    if lo < 0 or hi < lo:
+        raise argparse.ArgumentTypeError(f"bad interval {text!r} (MIN:MAX)")
+    return lo, hi
+
+
+def is_vote_kill(i, fraction):
+    """Kill number ``i`` (0-based) is a vote kill when the running count of
+    vote kills ceil((i+1) * fraction) grows: with fraction > 0 the first kill
+    is one, and they are spread evenly."""
+    import math
+    return math.ceil((i + 1) * fraction - 1e-9) > math.ceil(i * fraction - 1e-9)
+
+
+# -- main -----------------------------------------------------------------------------
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--duration", type=float, default=600,
-                   help="seconds of churn (default 600)")
+    p.add_argument("--duration", type=float, default=1800,
+                   help="seconds of load (default 1800)")
     p.add_argument("--clients", type=int, default=4,
-                   help="client processes (default 4)")
-    p.add_argument("--server", choices=("zeotemp", "python"), default="zeotemp")
+                   help="worker slots: real client processes running at once "
+                        "(default 4)")
+    p.add_argument("--server", choices=("zeotemp", "python"), default="zeotemp",
+                   help="server under test (python: stock runzeo with "
+                        "MappingStorages, for comparison)")
     p.add_argument("--zeotemp-bin", default=str(REPO / "target" / "release" / "zeotemp"),
                    help="zeotemp binary (default target/release/zeotemp)")
+    p.add_argument("--bench-bin", default=None,
+                   help="zeotemp-bench binary (default: next to --zeotemp-bin)")
     p.add_argument("--gc-interval", type=float, default=10,
                    help="zeotemp --gc-interval (default 10)")
     p.add_argument("--history-retention", type=float, default=60,
@@ -248,14 +467,60 @@ def parse_args(argv):
                         "clients (default 2000)")
     p.add_argument("--new-fraction", type=float, default=0.3,
                    help="share of touches that are new visitors (default 0.3)")
+    p.add_argument("--owned-keys", type=int, default=200,
+                   help="keys in each slot's own tree (default 200)")
+    p.add_argument("--owned-fraction", type=float, default=0.5,
+                   help="share of transactions that also set or delete an "
+                        "owned key (default 0.5)")
     p.add_argument("--pause", type=float, default=0.0,
                    help="seconds each client sleeps between transactions "
                         "(default 0: as fast as it can)")
+    p.add_argument("--kill-interval", type=parse_interval, default=(20.0, 60.0),
+                   metavar="MIN:MAX",
+                   help="seconds between two worker kills, uniformly random "
+                        "in MIN:MAX (default 20:60); 0 = no kills")
+    p.add_argument("--vote-kills", type=float, default=0.3,
+                   help="share of kills made between vote and tpc_finish "
+                        "(default 0.3; the first kill is one if > 0)")
+    p.add_argument("--no-bench", action="store_true",
+                   help="do not run zeotemp-bench")
+    p.add_argument("--bench-workloads", default="commit,session",
+                   help="zeotemp-bench workloads, cycled burst by burst "
+                        "(default commit,session; commit runs on storage 1, "
+                        "session on storage 2)")
+    p.add_argument("--bench-burst", type=float, default=10,
+                   help="seconds per zeotemp-bench burst (default 10)")
+    p.add_argument("--bench-pause", type=float, default=10,
+                   help="seconds between bursts (default 10)")
+    p.add_argument("--bench-connections", type=int, default=2)
+    p.add_argument("--bench-in-flight", type=int, default=4)
+    p.add_argument("--bench-objects", type=int, default=2000,
+                   help="objects of the session workload's setup (default 2000)")
     p.add_argument("--status-interval", type=float, default=5)
+    p.add_argument("--plateau-threshold", type=float, default=PLATEAU_MAX,
+                   help="max RSS of the last third / of the middle third "
+                        "above which RSS is 'growing' (default 1.10)")
+    p.add_argument("--no-rss-verdict", action="store_true",
+                   help="report the RSS figures but do not judge them (for "
+                        "short runs such as the CI smoke test)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the kill schedule (default: random)")
     p.add_argument("--python", default=sys.executable,
                    help="interpreter for runzeo (--server python)")
-    p.add_argument("--out", help="also write the report as Markdown here")
-    return p.parse_args(argv)
+    p.add_argument("--workdir", default=None,
+                   help="directory for the server log and the ledgers "
+                        "(default: a new temporary directory, kept)")
+    p.add_argument("--out", help="also write the report as Markdown here "
+                        "(e.g. bench/results/soak-DATE.md)")
+    p.add_argument("--json", help="also write the summary as JSON here")
+    args = p.parse_args(argv)
+    args.zeotemp_bin = str(Path(args.zeotemp_bin).absolute())
+    if args.bench_bin is None:
+        args.bench_bin = str(Path(args.zeotemp_bin).with_name("zeotemp-bench"))
+    args.bench_bin = str(Path(args.bench_bin).absolute())
+    if args.clients < 1:
+        p.error("--clients must be at least 1")
+    return args
 
 
 class Interrupted(Exception):
@@ -263,82 +528,110 @@ class Interrupted(Exception):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    command = shlex.join([os.path.relpath(sys.executable)
+                          if sys.executable.startswith(os.getcwd()) else
+                          sys.executable, sys.argv[0], *argv])
     if args.server == "zeotemp" and not Path(args.zeotemp_bin).exists():
         sys.exit(f"no zeotemp binary at {args.zeotemp_bin} "
                  "(cargo build --release, or --zeotemp-bin PATH)")
+    if not args.no_bench and not Path(args.bench_bin).exists():
+        sys.exit(f"no zeotemp-bench binary at {args.bench_bin} "
+                 "(cargo build --release, --bench-bin PATH or --no-bench)")
 
     def on_term(signum, frame):
         raise Interrupted(f"signal {signum}")
     signal.signal(signal.SIGTERM, on_term)
-    # Ctrl-C even when started from a shell that ignores SIGINT for
-    # background jobs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    workdir = Path(tempfile.mkdtemp(prefix="zeotemp-soak-"))
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="zeotemp-soak-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    ledger_dir = workdir / "ledgers"
+    ledger_dir.mkdir(exist_ok=True)
+    for old in ledger_dir.glob("ledger-*.jsonl"):
+        old.unlink()
     zargs = ["--gc-interval", f"{args.gc_interval:g}",
              "--history-retention", f"{args.history_retention:g}"] + args.zeotemp_arg
     server = zeotemp_churn.ServerProcess(
         args.server, workdir, zeotemp_bin=args.zeotemp_bin,
-        zeotemp_args=zargs, python=args.python)
+        zeotemp_args=zargs, python=args.python, extra_storages=["2"])
     ctx = multiprocessing.get_context("spawn")
-    procs = []
-    sampler = None
-    results = {}
+    rnd = random.Random(args.seed)
+    slots = sampler = bench = None
     rss = []
-    interrupted = None
-    server_died = None
+    interrupted = server_died = None
+    verification = None
+    end = 0.0
     try:
         server.start()
         print(f"server: {' '.join(server.cmd)} (pid {server.pid}, "
-              f"{server.address[0]}:{server.address[1]}); log {server.log_path}",
+              f"{server.address[0]}:{server.address[1]}); workdir {workdir}",
               flush=True)
-        setup_container(server.address, args.slice_seconds)
+        setup_db(server.address, args.clients, args.slice_seconds)
 
-        result_q = ctx.Queue()
-        per_client = max(1, args.sessions // max(1, args.clients))
         t0 = time.monotonic()
+        end_at = time.time() + args.duration
+        slots = Slots(args, ctx, server.address, ledger_dir, end_at)
         for w in range(args.clients):
-            cfg = dict(addr=server.address, worker=w, duration=args.duration,
-                       slice_seconds=args.slice_seconds, keep=args.keep,
-                       known=per_client, new_fraction=args.new_fraction,
-                       pause=args.pause, max_errors=1000)
-            p = ctx.Process(target=worker_main, args=(cfg, result_q),
-                            name=f"churn-{w}", daemon=True)
-            p.start()
-            procs.append(p)
+            slots.start(w)
         sampler = StatusSampler(server.address, "1", args.status_interval, t0)
         sampler.start()
+        if not args.no_bench:
+            bench = BenchRunner(args, server.address, end_at)
+            bench.start()
 
-        hard_end = args.duration + 120     # worker start-up + last commits
+        lo, hi = args.kill_interval
+        kill_on = hi > 0
+        next_kill = rnd.uniform(lo, hi) if kill_on else None
+        kill_no = 0
+        hard_end = args.duration + 120
         next_print = 30.0
-        while len(results) < args.clients:
+        while True:
             now = time.monotonic() - t0
             rss.append((now, zeotemp_churn.rss_kib(server.pid)))
-            while True:
-                try:
-                    r = result_q.get_nowait()
-                except queue.Empty:
-                    break
-                results[r["worker"]] = r
             if not server.running():
                 server_died = f"server exited with status {server.proc.returncode}"
                 break
+            slots.poll(time.time())
+            if slots.all_done():
+                break
+            if kill_on and now >= next_kill and now < args.duration - 5:
+                vote = is_vote_kill(kill_no, args.vote_kills)
+                slot = slots.kill(rnd, vote)
+                if slot is not None:
+                    kill_no += 1
+                    print(f"  t={now:5.0f}s  kill #{kill_no}: slot {slot} "
+                          f"({'between vote and finish' if vote else 'SIGKILL'})",
+                          flush=True)
+                next_kill = now + rnd.uniform(lo, hi)
             if now >= next_print:
                 next_print += 30
                 last = sampler.samples[-1][1] if sampler.samples else {}
-                print(f"  t={now:5.0f}s  RSS {rss[-1][1] / 1024 if rss[-1][1] else 0:7.1f} MiB"
+                print(f"  t={now:5.0f}s  RSS {(rss[-1][1] or 0) / 1024:7.1f} MiB"
                       f"  objects {fmt_int(last.get('objects'))}"
-                      f"  commits {fmt_int(last.get('commits'))}", flush=True)
+                      f"  commits {fmt_int(last.get('commits'))}"
+                      f"  kills {slots.kills['total']}", flush=True)
             if now > hard_end:
                 break
-            time.sleep(max(0.0, 1.0 - (time.monotonic() - t0 - now)))
+            time.sleep(max(0.0, 0.5 - (time.monotonic() - t0 - now)))
         end = min(args.duration, time.monotonic() - t0)
+        for slot, p in slots.procs.items():
+            slots.unexpected.append(f"slot {slot}: worker still running "
+                                    f"{hard_end - args.duration:g} s after the end")
+        slots.stop_all()
+        if bench is not None:
+            bench.join(args.bench_burst + 130)
         if sampler.is_alive() and server.running():
-            try:                     # a final status, after the churn
+            try:                     # a final status, after the load
                 sampler.sample()
             except Exception as e:
                 sampler.errors.append(repr(e))
+        if server.running():
+            print("verifying the ledgers ...", flush=True)
+            verification = verify_all(server.address, ledger_dir, args.clients)
+        if not server.running() and not server_died:
+            server_died = f"server exited with status {server.proc.returncode}"
     except (KeyboardInterrupt, Interrupted) as e:
         interrupted = str(e) or "Ctrl-C"
         print(f"\ninterrupted ({interrupted}): stopping", file=sys.stderr)
@@ -346,36 +639,35 @@ def main(argv=None):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # cleanup in peace
         if sampler is not None:
             sampler.close()
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        if bench is not None:
+            bench.stop()
+        if slots is not None:
+            slots.stop_all()
         server.stop()
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if interrupted:
-        print(f"server log: {server.log_path}", file=sys.stderr)
+        print(f"workdir (server log, ledgers): {workdir}", file=sys.stderr)
         return 130
 
-    missing = [w for w in range(args.clients) if w not in results]
-    report = build_report(args, server, rss, sampler, results, missing,
-                          server_died, end)
+    replays = [zeotemp_soak.replay(zeotemp_soak.ledger_path(ledger_dir, w), w)
+               for w in range(args.clients)]
+    report = build_report(args, command, server, rss, sampler, slots, bench,
+                          replays, verification, server_died, end, workdir)
     print(report["text"])
     if args.out:
         Path(args.out).write_text(report["markdown"])
         print(f"(Markdown report written to {args.out})")
-    if report["errors"] or server_died or missing:
+    if args.json:
+        Path(args.json).write_text(json.dumps(report["summary"], indent=2) + "\n")
+    if not report["summary"]["correct"]:
         print(f"server log: {server.log_path}\n{server.log_tail(15)}")
         return 1
-    if args.server == "zeotemp" and report["verdict"] != "plateau":
+    if report["summary"]["rss"]["verdict"] == "growing":
         return 2
     return 0
 
 
-def setup_container(address, slice_seconds):
+def setup_db(address, slots, slice_seconds):
     import transaction
     import ZEO.ClientStorage
     import ZODB
@@ -384,82 +676,299 @@ def setup_container(address, slice_seconds):
     try:
         tm = transaction.TransactionManager()
         conn = db.open(transaction_manager=tm)
-        zeotemp_churn.setup_container(conn, tm, slice_seconds)
+        zeotemp_soak.setup(conn, tm, slots, slice_seconds)
         conn.close()
     finally:
         db.close()
 
 
-def build_report(args, server, rss, sampler, results, missing, server_died, end):
+def verify_all(address, ledger_dir, clients):
+    """The ledger check and a walk of everything reachable, through a fresh
+    ClientStorage (nothing cached)."""
+    import transaction
+    import ZEO.ClientStorage
+    import ZODB
+    t = time.monotonic()
+    replays = [zeotemp_soak.replay(zeotemp_soak.ledger_path(ledger_dir, w), w)
+               for w in range(clients)]
+    out = {}
+    cs = ZEO.ClientStorage.ClientStorage(address, wait_timeout=30)
+    db = ZODB.DB(cs)
+    try:
+        tm = transaction.TransactionManager()
+        conn = db.open(transaction_manager=tm)
+        try:
+            out["ledger"] = zeotemp_soak.verify(conn.root(), replays)
+        except Exception as e:
+            out["ledger"] = None
+            out["ledger_error"] = repr(e)
+        finally:
+            tm.abort()
+            conn.close()
+        try:
+            out["reachable"] = len(zeotemp_churn.reachable_oids(cs))
+            out["reachable_error"] = None
+        except Exception as e:   # POSKeyError: a live object was freed
+            out["reachable"] = None
+            out["reachable_error"] = repr(e)
+    finally:
+        db.close()
+    out["seconds"] = round(time.monotonic() - t, 1)
+    return out
+
+
+_LOG_LEVEL = re.compile(r"\b(ERROR|WARN)\b")
+
+
+def scan_server_log(path):
+    """Counts of the server's WARN and ERROR lines (and panics), with the
+    first few of each."""
+    out = dict(WARN=0, ERROR=0, panics=0, samples=[], aborted_on_disconnect=0)
+    try:
+        text = zeotemp_churn._ANSI.sub("", Path(path).read_text(errors="replace"))
+    except OSError:
+        return out
+    for line in text.splitlines():
+        if "disconnected during a transaction: aborted" in line:
+            out["aborted_on_disconnect"] += 1
+        if "panic" in line.lower():
+            out["panics"] += 1
+        m = _LOG_LEVEL.search(line)
+        if m:
+            out[m.group(1)] += 1
+            if len(out["samples"]) < 8:
+                out["samples"].append(line.strip()[:300])
+    return out
+
+
+def machine_info(args):
+    def out(cmd):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
+                               cwd=REPO)
+            return (r.stdout.strip() or r.stderr.strip()).splitlines()[0]
+        except Exception as e:  # informational only
+            return f"? ({e})"
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import importlib.metadata as md
+    dirty = out(["git", "status", "--porcelain", "--untracked-files=no"])
+    return dict(
+        nproc=os.cpu_count(), cpu=cpu, kernel=platform.release(),
+        zeotemp=out([args.zeotemp_bin, "--version"]) if args.server == "zeotemp" else "-",
+        commit=out(["git", "rev-parse", "--short", "HEAD"])
+        + (" (with uncommitted changes)" if dirty and not dirty.startswith("?") else ""),
+        stack=f"ZEO {md.version('ZEO')} / ZODB {md.version('ZODB')} / "
+              f"Python {platform.python_version()}")
+
+
+def build_report(args, command, server, rss, sampler, slots, bench, replays,
+                 verification, server_died, end, workdir):
     statuses = sampler.samples if sampler else []
-    totals = zeotemp_churn.sum_counts(results.values())
-    errors = totals.get("errors", 0) + len(missing) + (1 if server_died else 0)
-    distinct = {}
-    for r in results.values():
-        for e in r.get("error_samples", []):
-            distinct[e] = distinct.get(e, 0) + 1
-    samples = [f"{e} (x{n} among the first 5 errors kept per client)"
-               for e, n in distinct.items()]
-    if missing:
-        samples.append(f"workers {missing} did not report (killed)")
+    led = {}
+    for r in replays:
+        for k, v in r.c.items():
+            led[k] = led.get(k, 0) + v
+    errors = []                                    # (count, text)
+    worker_errors = led.get("errors", 0)
+    if worker_errors:
+        samples = [s for r in replays for s in r.error_samples]
+        errors.append((worker_errors, "worker errors, e.g. " + "; ".join(samples[:5])))
+    for text in (slots.unexpected if slots else []):
+        errors.append((1, text))
+    if bench is not None and bench.t["errors"]:
+        errors.append((bench.t["errors"], "zeotemp-bench: "
+                       + "; ".join(bench.error_samples)))
     if server_died:
-        samples.append(server_died)
-    ratio = plateau([(t, k) for t, k in rss if t <= end + 1], end)
-    verdict = ("no data" if ratio is None else
-               "plateau" if ratio <= 1.10 else "growing")
-    kib = [k for _, k in rss if k is not None]
-    last_status = statuses[-1][1] if statuses else {}
-    rows = table_rows(rss, statuses, end)
-    plot = ascii_plot([(t, k) for t, k in rss if t <= end + 1], end)
+        errors.append((1, server_died))
+    if sampler and sampler.errors:
+        errors.append((len(sampler.errors), "server_status: " + "; ".join(sampler.errors[:3])))
+    log = scan_server_log(server.log_path)
+    if log["ERROR"] or log["panics"]:
+        errors.append((log["ERROR"] + log["panics"], "server log ERROR/panic lines"))
+    ver = (verification or {}).get("ledger")
+    if verification is None:
+        errors.append((1, "ledgers not verified (server not running)"))
+    elif ver is None:
+        errors.append((1, f"ledger verification failed: {verification.get('ledger_error')}"))
+    if verification and verification.get("reachable_error"):
+        errors.append((1, "loading the reachable objects: "
+                       + verification["reachable_error"]))
+    vote_records = led.get("vote_kills", 0)
+    if slots and vote_records != slots.kills["vote"]:
+        errors.append((1, f"{slots.kills['vote']} vote kills but {vote_records} "
+                       "'vk' ledger records"))
 
-    params = (f"server {args.server} ({' '.join(server.cmd)}), "
-              f"{args.clients} clients, {args.duration:g} s, slice "
-              f"{args.slice_seconds:g} s, keep {args.keep} buckets, "
-              f"{args.sessions} recent sessions, new-visitor share "
-              f"{args.new_fraction:g}, pause {args.pause:g} s")
-    figures = (f"RSS start {kib[0] / 1024 if kib else 0:.1f} MiB, peak "
-               f"{max(kib) / 1024 if kib else 0:.1f} MiB, end "
-               f"{kib[-1] / 1024 if kib else 0:.1f} MiB; final status: "
-               + ", ".join(f"{k} {last_status[k]}" for k in STATUS_KEYS
-                           if k in last_status))
-    ratio_text = "n/a" if ratio is None else f"{ratio:.3f}"
-    verdict_line = (
-        f"VERDICT: {verdict} (max RSS last third / middle third = "
-        f"{ratio_text}; <= 1.10 is a plateau); commits "
-        f"{totals.get('commits', 0)}, conflicts retried "
-        f"{totals.get('conflicts', 0)}, errors {errors}")
-    work = (f"sessions created {totals.get('created', 0)}, moved "
-            f"{totals.get('moved', 0)}, updated {totals.get('updated', 0)}, "
-            f"buckets deleted {totals.get('buckets_deleted', 0)}")
-
-    notes = []
+    n_errors = sum(n for n, _ in errors)
+    lost = (ver["missing"] + ver["wrong"] + ver["unreadable"]) if ver else None
+    rss_pts = [(t, k) for t, k in rss if t <= end + 1]
+    ratio = plateau(rss_pts, end)
     retained_for = (args.history_retention + args.keep * args.slice_seconds
                     + args.gc_interval)
-    if args.server == "zeotemp" and end < 3 * retained_for:
-        notes.append(
-            f"note: garbage lives up to ~{retained_for:g} s here (history "
-            f"retention + keep x slice + gc interval); a run shorter than "
-            f"3x that ({3 * retained_for:g} s) cannot show a plateau")
-    if args.server == "python":
-        notes.append("note: the stock server never collects here (no pack): "
-                     "its memory only grows; its status has no object counts")
+    long_enough = end >= 3 * retained_for
+    if args.no_rss_verdict:
+        rss_verdict = "not judged (--no-rss-verdict)"
+    elif args.server != "zeotemp":
+        rss_verdict = "not judged (stock server: never collects)"
+    elif ratio is None:
+        rss_verdict = "no data"
+    elif not long_enough:
+        rss_verdict = "not judged (run too short)"
+    else:
+        rss_verdict = "plateau" if ratio <= args.plateau_threshold else "growing"
+    kib = [k for _, k in rss_pts if k is not None]
+    mid = at_or_before(rss_pts, end / 2)
+    rss_fig = dict(
+        start_mib=round(kib[0] / 1024, 1) if kib else None,
+        middle_mib=round(mid[1] / 1024, 1) if mid and mid[1] else None,
+        end_mib=round(kib[-1] / 1024, 1) if kib else None,
+        peak_mib=round(max(kib) / 1024, 1) if kib else None,
+        ratio=None if ratio is None else round(ratio, 3),
+        verdict=rss_verdict)
+    ok = (ver is not None and lost == 0 and ver["checked"] > 0
+          and n_errors == 0 and not server_died)
+    verdict = "PASS" if ok and rss_verdict != "growing" else "FAIL"
+    kills = slots.kills if slots else dict(total=0, vote=0, plain=0, vote_fallback=0)
+    bt = bench.t if bench is not None else None
+    last_status = statuses[-1][1] if statuses else {}
+    info = machine_info(args)
 
+    summary = dict(
+        verdict=verdict, correct=ok, command=command, date=datetime.date.today().isoformat(),
+        duration_s=args.duration, ran_s=round(end, 1), clients=args.clients,
+        worker_processes=slots.started if slots else 0,
+        kills=kills, commits=dict(
+            workers_ledgered=led.get("commits", 0),
+            workers_bucket_expiry=led.get("gc_commits", 0),
+            bench_txns=bt["txns"] if bt else 0,
+            server=last_status.get("commits")),
+        conflicts_retried=dict(workers=led.get("conflicts", 0),
+                               bench=bt["conflicts_retried"] if bt else 0,
+                               bench_resolved=bt["conflicts_resolved"] if bt else 0),
+        in_doubt_transactions=led.get("in_doubt", 0),
+        resume_checks=dict(checks=led.get("resume_checks", 0),
+                           entries=led.get("resume_checked", 0),
+                           problems=led.get("resume_problems", 0),
+                           in_doubt_keys_committed=led.get(
+                               "resume_in_doubt_committed", 0),
+                           in_doubt_keys_not_committed=led.get(
+                               "resume_in_doubt_not_committed", 0)),
+        ledger=ver, reachable_objects=(verification or {}).get("reachable"),
+        verify_seconds=(verification or {}).get("seconds"),
+        errors=n_errors, error_list=[t for _, t in errors],
+        server_died=server_died, server_log=dict(
+            (k, log[k]) for k in ("WARN", "ERROR", "panics", "aborted_on_disconnect")),
+        rss=rss_fig, bench=dict(totals=bt, by_workload=bench.by_workload)
+        if bench is not None else None,
+        final_status={k: last_status[k] for k in STATUS_KEYS if k in last_status},
+        machine=info, workdir=str(workdir))
+
+    # -- text
+    def row(k, v):
+        return f"{k:<22} {v}"
+    bench_line = ("not run" if bt is None else
+                  f"{bt['bursts']} bursts ({args.bench_workloads}; "
+                  f"{args.bench_connections} connections x {args.bench_in_flight} "
+                  f"in flight, {args.bench_burst:g} s every "
+                  f"{args.bench_burst + args.bench_pause:g} s): {bt['txns']} txns, "
+                  f"{bt['ops']} ops, conflicts retried {bt['conflicts_retried']} "
+                  f"(resolved {bt['conflicts_resolved']}), errors {bt['errors']}")
+    ledger_line = ("not verified" if ver is None else
+                   f"{ver['checked']} entries checked: {ver['ok']} equal to the "
+                   f"last committed value, {ver['ok_in_doubt']} in-doubt commits "
+                   f"found committed, {ver['not_committed_in_doubt']} in-doubt "
+                   f"not committed; missing {ver['missing']}, wrong "
+                   f"{ver['wrong']}, unreadable {ver['unreadable']}; "
+                   f"{ver['expired']} sessions expired (not checked)")
+    rss_line = (f"start {rss_fig['start_mib']}, middle {rss_fig['middle_mib']}, "
+                f"end {rss_fig['end_mib']}, peak {rss_fig['peak_mib']} MiB; "
+                "max last third / max middle third = "
+                f"{'n/a' if ratio is None else f'{ratio:.3f}'} "
+                f"(<= {args.plateau_threshold:g}: plateau) -> {rss_verdict}")
+    rows = [
+        ("verdict", verdict),
+        ("duration", f"{args.duration:g} s (load ran {end:.0f} s)"),
+        ("clients", f"{args.clients} slots, {summary['worker_processes']} "
+                    "worker processes started"),
+        ("kills", f"{kills['total']} ({kills['vote']} between vote and "
+                  f"tpc_finish, {kills['plain']} SIGKILL at a random moment"
+                  + (f", {kills['vote_fallback']} vote kills fell back to a plain kill"
+                     if kills['vote_fallback'] else "") + ")"),
+        ("commits", f"workers {led.get('commits', 0)} ledgered + "
+                    f"{led.get('gc_commits', 0)} bucket expiries; bench "
+                    f"{bt['txns'] if bt else 0}; server status (storage 1) "
+                    f"{fmt_int(last_status.get('commits'))}"),
+        ("conflicts retried", f"workers {led.get('conflicts', 0)}, bench "
+                              f"{bt['conflicts_retried'] if bt else 0}"),
+        ("resume checks", f"{led.get('resume_checks', 0)} replacement workers "
+                          f"checked {led.get('resume_checked', 0)} ledger entries "
+                          f"before resuming: {led.get('resume_problems', 0)} "
+                          "missing/wrong; keys of in-doubt transactions: "
+                          f"{led.get('resume_in_doubt_committed', 0)} found "
+                          "committed, "
+                          f"{led.get('resume_in_doubt_not_committed', 0)} not"),
+        ("in-doubt transactions", f"{led.get('in_doubt', 0)} (worker killed "
+                                  "after its intent record, before its commit record)"),
+        ("ledger", ledger_line),
+        ("reachable objects", f"{(verification or {}).get('reachable')} loaded"
+                              + (f" -- {verification['reachable_error']}"
+                                 if verification and verification.get('reachable_error')
+                                 else "")),
+        ("errors", f"{n_errors}"),
+        ("server", ("DIED: " + server_died) if server_died else
+                   f"up the whole run; log: {log['WARN']} WARN, {log['ERROR']} "
+                   f"ERROR, {log['aborted_on_disconnect']} transactions aborted "
+                   "on disconnect"),
+        ("zeotemp-bench", bench_line),
+        ("RSS", rss_line),
+    ]
+    params = (f"server {args.server} ({' '.join(server.cmd or [])}); "
+              f"{args.clients} client slots, kill every "
+              f"{args.kill_interval[0]:g}-{args.kill_interval[1]:g} s "
+              f"(vote-kill share {args.vote_kills:g}); slice "
+              f"{args.slice_seconds:g} s, keep {args.keep} buckets, "
+              f"{args.sessions} recent sessions, new-visitor share "
+              f"{args.new_fraction:g}, {args.owned_keys} owned keys per slot "
+              f"(written by {args.owned_fraction:g} of transactions), pause "
+              f"{args.pause:g} s")
+    machine = (f"{info['nproc']} CPUs ({info['cpu']}), Linux {info['kernel']}; "
+               f"{info['zeotemp']}, commit {info['commit']}; {info['stack']}")
+    table = table_rows(rss, statuses, end,
+                       step=10 if end <= 180 else 30 if end <= 900 else 60)
+    plot = ascii_plot(rss_pts, end)
+    err_lines = [f"error: {t}" for _, t in errors][:12]
+    log_lines = [f"server log: {s}" for s in log["samples"]]
+    problems = [f"ledger {p}" for p in (ver or {}).get("problems", [])]
     text = "\n".join([
-        "", "== zeotemp soak ==", params, *notes, "",
-        text_table(rows), "", plot, "", figures, work,
-        *(f"error: {s}" for s in samples[:10]),
-        *(f"status sampler error: {e}" for e in (sampler.errors[:3] if sampler else [])),
-        verdict_line, ""])
+        "", "== zeotemp soak ==", params, f"machine: {machine}",
+        f"command: {command}", "",
+        text_table(table), "", plot, "",
+        *(row(k, v) for k, v in rows),
+        *problems, *err_lines, *log_lines,
+        f"workdir (server log, ledgers): {workdir}", ""])
     md = "\n".join([
-        f"### Soak: {args.server}, {args.clients} clients, {args.duration:g} s", "",
+        f"# Soak: {args.server}, {args.clients} clients, {args.duration:g} s, "
+        f"{summary['date']}", "",
+        f"**Verdict: {verdict}**", "",
+        "```", command, "```", "",
         params + ".", "",
-        *(n + "." for n in notes), *([""] if notes else []),
-        md_table(rows), "",
-        "```", plot, "```", "",
-        figures + ".", "", work + ".", "",
-        *(f"* error: `{s}`" for s in samples[:10]),
-        f"**{verdict_line}**", ""])
-    return dict(text=text, markdown=md, errors=errors, verdict=verdict)
+        f"Machine: {machine}.", "",
+        "| | |", "|---|---|",
+        *(f"| {k} | {v} |" for k, v in rows), "",
+        *(f"* {p}" for p in problems),
+        *(f"* {e}" for e in err_lines),
+        *(f"* `{s}`" for s in log_lines), *([""] if problems or err_lines
+                                             or log_lines else []),
+        "Server memory and status over time:", "",
+        md_table(table), "",
+        "```", plot, "```", ""])
+    return dict(text=text, markdown=md, summary=summary)
 
 
 if __name__ == "__main__":

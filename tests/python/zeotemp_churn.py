@@ -343,18 +343,20 @@ def free_port():
 class ServerProcess:
     """zeotemp (``--address 127.0.0.1:0``; the port is read from its
     ``listening on tcp HOST:PORT`` log line) or the stock ``ZEO.runzeo`` with
-    a MappingStorage and client-conflict-resolution.  Runs in its own
+    a MappingStorage (one per storage name: ``storage`` and
+    ``extra_storages``) and client-conflict-resolution.  Runs in its own
     process group; ``stop()`` sends SIGTERM, then SIGKILL after
     ``stop_timeout`` seconds."""
 
     def __init__(self, backend, workdir, zeotemp_bin=None, zeotemp_args=(),
-                 storage="1", python=sys.executable):
+                 storage="1", python=sys.executable, extra_storages=()):
         self.backend = backend
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.zeotemp_bin = zeotemp_bin
         self.zeotemp_args = [str(a) for a in zeotemp_args]
         self.storage = storage
+        self.extra_storages = [str(s) for s in extra_storages]
         self.python = python
         self.log_path = self.workdir / "server.log"
         self.proc = None
@@ -371,7 +373,10 @@ class ServerProcess:
     def start(self, timeout=30.0):
         if self.backend == "zeotemp":
             self.cmd = [str(self.zeotemp_bin), "--address", "127.0.0.1:0",
-                        "--storage", self.storage] + self.zeotemp_args
+                        "--storage", self.storage]
+            for name in self.extra_storages:
+                self.cmd += ["--storage", name]
+            self.cmd += self.zeotemp_args
         else:
             port = free_port()
             self.address = ("127.0.0.1", port)
@@ -381,7 +386,8 @@ class ServerProcess:
                 f"  address 127.0.0.1:{port}\n"
                 "  client-conflict-resolution true\n"
                 "</zeo>\n"
-                f"<mappingstorage {self.storage}>\n</mappingstorage>\n")
+                + "".join(f"<mappingstorage {name}>\n</mappingstorage>\n"
+                          for name in [self.storage] + self.extra_storages))
             self.cmd = [self.python, "-m", "ZEO.runzeo", "-C", str(conf)]
         self._log = open(self.log_path, "wb")
         env = dict(os.environ, NO_COLOR="1")
