@@ -16,8 +16,9 @@
 //!   open), within a few seconds: nothing hangs, nothing panics, and no
 //!   hostile connection keeps the commit lock until the transaction timeout.
 //!
-//! Every read is bounded (`READ_TIMEOUT`), so a hang fails a test instead of
-//! blocking CI. The whole file runs in a few seconds.
+//! Every read is bounded (`READ_TIMEOUT`, tests/common/client.rs, which
+//! holds the raw client and the bystander), so a hang fails a test instead
+//! of blocking CI. The whole file runs in a few seconds.
 //!
 //! Tests marked `#[ignore = "BUG: ..."]` show server bugs found here; each
 //! fails today and says what it expects instead (run them with
@@ -28,23 +29,13 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use common::Server;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use common::client::{
+    Bystander, Client, MAXTID, READ_TIMEOUT, Z64, b, err_text, oid, pk, raw_request, request, s, t,
+};
+use common::{Server, cfg};
 use zeotemp::config::Config;
-use zeotemp::marshal::{self, Message};
-use zeotemp::pickle::{self, DecodeLimits, Dialect, Value};
+use zeotemp::pickle::Value;
 use zeotemp::rng::XorShift64;
-
-/// Longest wait for any one frame from the server (or its close).
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest a bystander's load-and-commit round may take. The transaction
-/// timeout is 30 s, so a round that waited for a stuck commit lock fails.
-const PROMPT: Duration = Duration::from_secs(3);
-
-const Z64: [u8; 8] = [0; 8];
-const MAXTID: [u8; 8] = [0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
 
 const TYPE_ERROR: &str = "builtins.TypeError";
 const VALUE_ERROR: &str = "builtins.ValueError";
@@ -100,372 +91,6 @@ const UNSUPPORTED_METHODS: &[&str] = &[
     "getAuthProtocol",
 ];
 
-// ---- values and raw pickles ----------------------------------------------
-
-fn b(x: &[u8]) -> Value {
-    Value::Bytes(Bytes::copy_from_slice(x))
-}
-
-fn s(x: &str) -> Value {
-    Value::Str(x.into())
-}
-
-fn t(items: Vec<Value>) -> Value {
-    Value::Tuple(items)
-}
-
-fn oid(n: u64) -> Value {
-    b(&n.to_be_bytes())
-}
-
-/// The pickle opcodes that push `v` (no PROTO, no STOP).
-fn pk(v: &Value) -> Vec<u8> {
-    let mut out = BytesMut::new();
-    pickle::encode_into(&mut out, v, Dialect::Py3);
-    out.to_vec()
-}
-
-/// A request payload `(msgid, flags, method, args)` whose `args` are raw
-/// opcodes pushing exactly one value.
-fn raw_request(msgid: i64, oneway: bool, method: &str, args: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x80, 3, b'('];
-    out.extend(pk(&Value::Int(msgid)));
-    out.push(if oneway { 0x88 } else { 0x89 });
-    out.extend(pk(&s(method)));
-    out.extend_from_slice(args);
-    out.extend_from_slice(b"t.");
-    out
-}
-
-fn request(msgid: i64, oneway: bool, method: &str, args: &Value) -> Vec<u8> {
-    raw_request(msgid, oneway, method, &pk(args))
-}
-
-/// The message text of an error reply's state (`(message,)`).
-fn err_text(state: &Value) -> String {
-    match state {
-        Value::Tuple(items) if items.len() == 1 => match items[0].as_text() {
-            Some(text) => text.into_owned(),
-            None => format!("{state:?}"),
-        },
-        _ => format!("{state:?}"),
-    }
-}
-
-fn cfg() -> Config {
-    Config {
-        addresses: vec![],
-        ..Config::default()
-    }
-}
-
-// ---- a raw client ----------------------------------------------------------
-
-type Reply = Result<Value, (String, Value)>;
-
-struct Client {
-    s: TcpStream,
-    buf: BytesMut,
-    next: i64,
-}
-
-impl Client {
-    /// Connects and reads the server's `Z5` announcement.
-    async fn connect(addr: SocketAddr) -> Client {
-        let s = TcpStream::connect(addr).await.unwrap();
-        s.set_nodelay(true).unwrap();
-        let mut c = Client {
-            s,
-            buf: BytesMut::new(),
-            next: 1,
-        };
-        assert_eq!(c.frame().await.as_deref(), Some(&b"Z5"[..]));
-        c
-    }
-
-    async fn handshaken(addr: SocketAddr) -> Client {
-        let mut c = Client::connect(addr).await;
-        assert!(c.send_frame(b"Z5").await);
-        c
-    }
-
-    /// Handshaken and registered on storage `1`.
-    async fn registered(addr: SocketAddr) -> Client {
-        let mut c = Client::handshaken(addr).await;
-        let last = c
-            .call("register", vec![s("1"), Value::Bool(false)])
-            .await
-            .expect("register");
-        assert_eq!(last.as_bytes().map(<[u8]>::len), Some(8));
-        c
-    }
-
-    /// Writes raw bytes; `false` if the server already closed.
-    async fn write(&mut self, bytes: &[u8]) -> bool {
-        self.s.write_all(bytes).await.is_ok()
-    }
-
-    async fn send_frame(&mut self, payload: &[u8]) -> bool {
-        let mut f = (payload.len() as u32).to_be_bytes().to_vec();
-        f.extend_from_slice(payload);
-        self.write(&f).await
-    }
-
-    /// The next frame within `limit`: `Ok(None)` once the server closed.
-    async fn frame_within(
-        &mut self,
-        limit: Duration,
-    ) -> Result<Option<Bytes>, tokio::time::error::Elapsed> {
-        use tokio::io::AsyncReadExt;
-        tokio::time::timeout(limit, async {
-            loop {
-                if let Some(f) = zeotemp::frame::parse(&mut self.buf, usize::MAX).unwrap() {
-                    return Some(f);
-                }
-                match self.s.read_buf(&mut self.buf).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await
-    }
-
-    async fn frame(&mut self) -> Option<Bytes> {
-        self.frame_within(READ_TIMEOUT)
-            .await
-            .expect("the server answered or closed in time")
-    }
-
-    async fn message(&mut self) -> Option<Message> {
-        let f = self.frame().await?;
-        Some(marshal::decode_message(&f, &DecodeLimits::default()).unwrap())
-    }
-
-    async fn send(&mut self, oneway: bool, method: &str, args: &Value) -> Value {
-        let id = self.next;
-        self.next += 1;
-        self.send_frame(&request(id, oneway, method, args)).await;
-        Value::Int(id)
-    }
-
-    async fn call(&mut self, method: &str, args: Vec<Value>) -> Reply {
-        self.call_with(method, &t(args)).await
-    }
-
-    /// A sync call whose `args` may be anything, not only a tuple.
-    async fn call_with(&mut self, method: &str, args: &Value) -> Reply {
-        let id = self.send(false, method, args).await;
-        self.reply_to(&id).await
-    }
-
-    /// The next reply (pushes skipped), or None once the server closed.
-    async fn next_reply(&mut self) -> Option<(Value, Reply)> {
-        loop {
-            let m = self.message().await?;
-            if m.method != ".reply" {
-                continue;
-            }
-            let reply = match (m.oneway, m.args) {
-                (false, v) => Ok(v),
-                (true, Value::Tuple(mut e)) if e.len() == 2 => {
-                    let state = e.pop().unwrap();
-                    let class = e.pop().unwrap().as_text().unwrap().into_owned();
-                    Err((class, state))
-                }
-                (true, other) => panic!("malformed error reply {other:?}"),
-            };
-            return Some((m.msgid, reply));
-        }
-    }
-
-    async fn reply_to(&mut self, id: &Value) -> Reply {
-        let (got, reply) = self
-            .next_reply()
-            .await
-            .expect("connection closed while waiting for a reply");
-        assert_eq!(&got, id, "replies come in request order");
-        reply
-    }
-
-    /// A sync call that must fail with `class`; returns the error message.
-    async fn expect_err(&mut self, method: &str, args: Vec<Value>, class: &str) -> String {
-        match self.call(method, args).await {
-            Err((c, state)) => {
-                assert_eq!(c, class, "{method}: {state:?}");
-                err_text(&state)
-            }
-            Ok(v) => panic!("{method}: expected {class}, got the reply {v:?}"),
-        }
-    }
-
-    async fn ping_ok(&mut self) {
-        assert_eq!(self.call("ping", vec![]).await, Ok(Value::None));
-    }
-
-    /// The server closes this connection (within `READ_TIMEOUT`) and sends
-    /// no reply first; pushes (invalidations of others' commits) may come.
-    async fn expect_closed(&mut self, what: &str) {
-        while let Some(m) = self.message().await {
-            assert_ne!(
-                m.method, ".reply",
-                "{what}: expected a close, got a reply {:?}",
-                m.args
-            );
-        }
-    }
-
-    /// After hostile input: `true` if the connection still answers a `ping`
-    /// (replies to the hostile input before it are allowed), `false` if the
-    /// server closed it.
-    async fn still_open(&mut self) -> bool {
-        const PROBE: i64 = 999_999;
-        let _ = self
-            .send_frame(&request(PROBE, false, "ping", &t(vec![])))
-            .await;
-        loop {
-            match self.next_reply().await {
-                None => return false,
-                Some((id, reply)) if id == Value::Int(PROBE) => {
-                    assert_eq!(reply, Ok(Value::None));
-                    return true;
-                }
-                Some(_) => {}
-            }
-        }
-    }
-
-    /// No reply arrives within `d` (pushes are fine).
-    async fn no_reply_within(&mut self, d: Duration, what: &str) {
-        let deadline = Instant::now() + d;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.frame_within(left).await {
-                Err(_) => return,
-                Ok(None) => panic!("{what}: connection closed"),
-                Ok(Some(f)) => {
-                    let m = marshal::decode_message(&f, &DecodeLimits::default()).unwrap();
-                    assert_ne!(m.method, ".reply", "{what}: unexpected reply {:?}", m.args);
-                }
-            }
-        }
-    }
-
-    async fn new_oid(&mut self) -> Value {
-        let Ok(Value::List(oids)) = self.call("new_oids", vec![Value::Int(1)]).await else {
-            panic!("new_oids gives a list")
-        };
-        oids[0].clone()
-    }
-
-    /// One-way `tpc_begin(txn, user, description, extension)`.
-    async fn begin(&mut self, txn: i64) {
-        let args = t(vec![Value::Int(txn), b(b""), b(b""), Value::Dict(vec![])]);
-        self.send(true, "tpc_begin", &args).await;
-    }
-
-    /// One-way `storea(oid, z64, data, txn)`: a new object.
-    async fn store(&mut self, oid: &Value, data: &[u8], txn: i64) {
-        let args = t(vec![oid.clone(), b(&Z64), b(data), Value::Int(txn)]);
-        self.send(true, "storea", &args).await;
-    }
-
-    /// Begins, stores a new object and votes: holds the commit lock now.
-    async fn hold_lock(&mut self, txn: i64) {
-        let o = self.new_oid().await;
-        self.begin(txn).await;
-        self.store(&o, b"hostile", txn).await;
-        assert_eq!(
-            self.call("vote", vec![Value::Int(txn)]).await,
-            Ok(Value::List(vec![]))
-        );
-    }
-
-    /// A whole commit of a new object: (oid, tid).
-    async fn commit_new(&mut self, data: &[u8], txn: i64) -> (Value, Value) {
-        let o = self.new_oid().await;
-        self.begin(txn).await;
-        self.store(&o, data, txn).await;
-        assert_eq!(
-            self.call("vote", vec![Value::Int(txn)]).await,
-            Ok(Value::List(vec![]))
-        );
-        let tid = self
-            .call("tpc_finish", vec![Value::Int(txn)])
-            .await
-            .expect("tpc_finish");
-        assert_eq!(tid.as_bytes().map(<[u8]>::len), Some(8));
-        (o, tid)
-    }
-}
-
-// ---- the bystander -----------------------------------------------------
-
-/// A well-behaved client on its own connection.
-struct Bystander {
-    c: Client,
-    txn: i64,
-}
-
-impl Bystander {
-    /// Connects, registers, and does one round.
-    async fn start(addr: SocketAddr) -> Bystander {
-        let mut by = Bystander {
-            c: Client::registered(addr).await,
-            txn: 1000,
-        };
-        by.works().await;
-        by
-    }
-
-    /// Loads the root, commits a new object and reads it back, promptly.
-    async fn works(&mut self) {
-        self.txn += 1;
-        let txn = self.txn;
-        let c = &mut self.c;
-        tokio::time::timeout(PROMPT, async move {
-            let root = c.call("loadBefore", vec![oid(0), b(&MAXTID)]).await;
-            assert!(
-                matches!(root, Ok(Value::Tuple(ref r)) if r.len() == 3),
-                "the root loads: {root:?}"
-            );
-            let data = format!("bystander {txn}").into_bytes();
-            let (o, tid) = c.commit_new(&data, txn).await;
-            let Ok(Value::Tuple(rec)) = c.call("loadBefore", vec![o, b(&MAXTID)]).await else {
-                panic!("the new object loads")
-            };
-            assert_eq!((&rec[0], &rec[1]), (&b(&data), &tid));
-        })
-        .await
-        .expect("the bystander loads and commits promptly");
-    }
-
-    /// Starts a commit and sends its vote; the reply is left unread.
-    async fn start_vote(&mut self) -> (Value, i64) {
-        self.txn += 1;
-        let txn = self.txn;
-        let o = self.c.new_oid().await;
-        self.c.begin(txn).await;
-        self.c.store(&o, b"bystander waits", txn).await;
-        (
-            self.c.send(false, "vote", &t(vec![Value::Int(txn)])).await,
-            txn,
-        )
-    }
-
-    /// The vote sent by `start_vote` succeeds within `PROMPT`; finishes.
-    async fn finish_vote(&mut self, vote: &Value, txn: i64) {
-        let c = &mut self.c;
-        tokio::time::timeout(PROMPT, async move {
-            assert_eq!(c.reply_to(vote).await, Ok(Value::List(vec![])));
-            let tid = c.call("tpc_finish", vec![Value::Int(txn)]).await.unwrap();
-            assert_eq!(tid.as_bytes().map(<[u8]>::len), Some(8));
-        })
-        .await
-        .expect("the bystander's vote got the commit lock promptly");
-    }
-}
-
 // ---- 1. random bytes ---------------------------------------------------------
 
 fn random_bytes(rng: &mut XorShift64, n: usize) -> Vec<u8> {
@@ -482,21 +107,21 @@ async fn random_frames_close_only_their_connection() {
         let len = 1 + rng.below(512);
         // Pure noise: no pickle, no message; the connection is closed.
         let mut h = Client::registered(srv.addr).await;
-        h.send_frame(&random_bytes(&mut rng, len)).await;
+        h.try_send_frame(&random_bytes(&mut rng, len)).await;
         assert!(!h.still_open().await, "seed {seed}: noise frame closes");
 
         // A pickle header, then noise (reaches deeper into the decoder).
         let mut h = Client::registered(srv.addr).await;
         let mut payload = vec![0x80, 3];
         payload.extend(random_bytes(&mut rng, len));
-        h.send_frame(&payload).await;
+        h.try_send_frame(&payload).await;
         assert!(!h.still_open().await, "seed {seed}: pickle noise closes");
 
         // A real envelope around random argument opcodes: whatever they
         // decode to, the answer is an error reply or a close.
         let mut h = Client::registered(srv.addr).await;
-        h.send_frame(&raw_request(
-            5,
+        h.try_send_frame(&raw_request(
+            Value::Int(5),
             false,
             "loadBefore",
             &random_bytes(&mut rng, len),
@@ -512,21 +137,31 @@ async fn random_frames_close_only_their_connection() {
     // Valid requests with 1-4 random bytes changed: an error reply, a
     // reply, or a close, never a hang or a crash.
     let valid = [
-        request(3, false, "loadBefore", &t(vec![oid(0), b(&MAXTID)])),
         request(
-            4,
+            Value::Int(3),
+            false,
+            "loadBefore",
+            &t(vec![oid(0), b(&MAXTID)]),
+        ),
+        request(
+            Value::Int(4),
             false,
             "tpc_begin",
             &t(vec![Value::Int(9), b(b"u"), b(b"d"), Value::Dict(vec![])]),
         ),
         request(
-            5,
+            Value::Int(5),
             true,
             "storea",
             &t(vec![oid(77), b(&Z64), b(b"data"), Value::Int(9)]),
         ),
-        request(6, false, "history", &t(vec![oid(0), Value::Int(3)])),
-        request(7, false, "new_oids", &t(vec![Value::Int(5)])),
+        request(
+            Value::Int(6),
+            false,
+            "history",
+            &t(vec![oid(0), Value::Int(3)]),
+        ),
+        request(Value::Int(7), false, "new_oids", &t(vec![Value::Int(5)])),
     ];
     let (mut open, mut closed) = (0, 0);
     for seed in 1..=120u64 {
@@ -537,7 +172,7 @@ async fn random_frames_close_only_their_connection() {
             f[i] = rng.next_u64() as u8;
         }
         let mut h = Client::registered(srv.addr).await;
-        h.send_frame(&f).await;
+        h.try_send_frame(&f).await;
         if h.still_open().await {
             open += 1;
         } else {
@@ -569,12 +204,12 @@ async fn random_stream_garbage_closes_only_that_connection() {
         let mut rng = XorShift64::new(seed);
         // Instead of the handshake.
         let mut h = Client::connect(srv.addr).await;
-        h.write(&random_bytes(&mut rng, 64 * 1024)).await;
+        h.try_write(&random_bytes(&mut rng, 64 * 1024)).await;
         h.expect_closed("garbage instead of the handshake").await;
         // After a good handshake and register, while the bystander is
         // connected.
         let mut h = Client::registered(srv.addr).await;
-        h.write(&random_bytes(&mut rng, 64 * 1024)).await;
+        h.try_write(&random_bytes(&mut rng, 64 * 1024)).await;
         h.expect_closed("garbage after register").await;
         by.works().await;
     }
@@ -594,12 +229,12 @@ async fn four_gib_length_prefix_closes_at_once() {
     // As the handshake, then nothing.
     let started = Instant::now();
     let mut h = Client::connect(srv.addr).await;
-    h.write(&huge).await;
+    h.try_write(&huge).await;
     h.expect_closed("4 GiB handshake").await;
     // After register, then nothing; the bystander works while it is open.
     let mut h = Client::registered(srv.addr).await;
     by.works().await;
-    h.write(&huge).await;
+    h.try_write(&huge).await;
     h.expect_closed("4 GiB frame").await;
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -612,7 +247,7 @@ async fn four_gib_length_prefix_closes_at_once() {
     let (vote, txn) = by.start_vote().await;
     by.c.no_reply_within(Duration::from_millis(100), "vote waits for the lock")
         .await;
-    h.write(&huge).await;
+    h.try_write(&huge).await;
     h.expect_closed("4 GiB frame with the lock held").await;
     by.finish_vote(&vote, txn).await;
 
@@ -644,7 +279,7 @@ async fn announced_frame_size_is_not_reserved_up_front() {
     for _ in 0..32 {
         let mut h = Client::registered(srv.addr).await;
         // 64 MiB - 16 announced, one payload byte sent.
-        h.write(&[0x03, 0xff, 0xff, 0xf0, 0x80]).await;
+        h.try_write(&[0x03, 0xff, 0xff, 0xf0, 0x80]).await;
         held.push(h);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -685,7 +320,7 @@ async fn a_frame_of_millions_of_values_is_refused_without_the_memory() {
     let mut args = vec![b'('];
     args.extend(std::iter::repeat_n(b'N', items));
     args.push(b't');
-    let payload = raw_request(3, false, "ping", &args);
+    let payload = raw_request(Value::Int(3), false, "ping", &args);
 
     let base = rss_mib();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -700,7 +335,7 @@ async fn a_frame_of_millions_of_values_is_refused_without_the_memory() {
             peak
         })
     };
-    h.send_frame(&payload).await;
+    h.try_send_frame(&payload).await;
     // Over MAX_MESSAGE_ITEMS values: refused, the connection closed.
     let reply = h.next_reply().await;
     done.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -745,14 +380,14 @@ async fn deeply_nested_pickles_are_refused_without_stack_overflow() {
     only_marks.push(b'.');
     let mut lists_in_args = nested_lists(DEEP);
     lists_in_args.push(0x85);
-    let lists_in_args = raw_request(3, false, "ping", &lists_in_args);
+    let lists_in_args = raw_request(Value::Int(3), false, "ping", &lists_in_args);
     let mut dicts = vec![b'('];
     for _ in 0..DEEP {
         dicts.extend_from_slice(b"}K\x01");
     }
     dicts.extend(std::iter::repeat_n(b's', DEEP - 1));
     dicts.push(b't');
-    let dicts_in_args = raw_request(4, false, "history", &dicts);
+    let dicts_in_args = raw_request(Value::Int(4), false, "history", &dicts);
 
     // Memo copies that double at each level (the "billion laughs").
     let mut laughs = vec![b'X', 0xe8, 3, 0, 0];
@@ -762,7 +397,7 @@ async fn deeply_nested_pickles_are_refused_without_stack_overflow() {
         laughs.extend_from_slice(&[b'h', i - 1, b'h', i - 1, 0x86, b'q', i]);
     }
     laughs.push(0x85);
-    let laughs = raw_request(5, false, "ping", &laughs);
+    let laughs = raw_request(Value::Int(5), false, "ping", &laughs);
 
     for (what, payload) in [
         ("memo copies doubling 40 times", &laughs),
@@ -774,7 +409,7 @@ async fn deeply_nested_pickles_are_refused_without_stack_overflow() {
     ] {
         let mut h = Client::registered(srv.addr).await;
         let started = Instant::now();
-        h.send_frame(payload).await;
+        h.try_send_frame(payload).await;
         h.expect_closed(what).await;
         assert!(started.elapsed() < Duration::from_secs(2), "{what}: quick");
         by.works().await;
@@ -787,14 +422,16 @@ async fn deeply_nested_pickles_are_refused_without_stack_overflow() {
     let mut h = Client::registered(srv.addr).await;
     let mut args = nested_lists(max - 2);
     args.push(0x85);
-    h.send_frame(&raw_request(7, false, "ping", &args)).await;
+    h.try_send_frame(&raw_request(Value::Int(7), false, "ping", &args))
+        .await;
     let (id, reply) = h.next_reply().await.unwrap();
     assert_eq!(id, Value::Int(7));
     assert_eq!(reply.unwrap_err().0, TYPE_ERROR, "ping takes no argument");
     h.ping_ok().await;
     let mut args = nested_lists(max - 1);
     args.push(0x85);
-    h.send_frame(&raw_request(8, false, "ping", &args)).await;
+    h.try_send_frame(&raw_request(Value::Int(8), false, "ping", &args))
+        .await;
     h.expect_closed("one level over the limit").await;
 
     // Inside an object record the nesting is opaque data: stored, loaded
@@ -938,7 +575,7 @@ async fn forbidden_globals_are_refused_and_nothing_runs() {
     ];
     let mut h = Client::registered(srv.addr).await;
     for (what, args, global) in &cases {
-        h.send_frame(&raw_request(11, false, "loadBefore", args))
+        h.try_send_frame(&raw_request(Value::Int(11), false, "loadBefore", args))
             .await;
         let (id, reply) = h.next_reply().await.unwrap();
         assert_eq!(id, Value::Int(11), "{what}");
@@ -960,7 +597,7 @@ async fn forbidden_globals_are_refused_and_nothing_runs() {
         &cmd,
         b"\x85Rst",
     ]);
-    h.send_frame(&raw_request(12, false, "tpc_begin", &ext))
+    h.try_send_frame(&raw_request(Value::Int(12), false, "tpc_begin", &ext))
         .await;
     assert_eq!(h.next_reply().await.unwrap().1.unwrap_err().0, VALUE_ERROR);
     let text = h.expect_err("vote", vec![Value::Int(7)], TXN_ERROR).await;
@@ -971,7 +608,7 @@ async fn forbidden_globals_are_refused_and_nothing_runs() {
     let mut payload = b"\x80\x03(cos\nsystem\n\x89".to_vec();
     payload.extend(pk(&s("ping")));
     payload.extend_from_slice(b")t.");
-    h.send_frame(&payload).await;
+    h.try_send_frame(&payload).await;
     let (id, reply) = h.next_reply().await.unwrap();
     assert_eq!(id, Value::None);
     assert_eq!(reply.unwrap_err().0, VALUE_ERROR);
@@ -980,7 +617,7 @@ async fn forbidden_globals_are_refused_and_nothing_runs() {
     // In undoInfo's third argument (where ZEO clients put a
     // ZopeUndo.Prefix): ignored, never resolved; undoInfo answers ().
     let args = cat(&[b"(K\x00K\x14cZopeUndo.Prefix\nPrefix\n", &cmd, b"\x85Rt"]);
-    h.send_frame(&raw_request(13, false, "undoInfo", &args))
+    h.try_send_frame(&raw_request(Value::Int(13), false, "undoInfo", &args))
         .await;
     assert_eq!(
         h.next_reply().await.unwrap(),
@@ -992,7 +629,7 @@ async fn forbidden_globals_are_refused_and_nothing_runs() {
     // As the method name: not a ZEO message, closed.
     let mut payload = b"\x80\x03(K\x01\x89cos\nsystem\n".to_vec();
     payload.extend_from_slice(b")t.");
-    h.send_frame(&payload).await;
+    h.try_send_frame(&payload).await;
     h.expect_closed("global as the method name").await;
 
     // Persistent ids and the extension registry (which maps codes to
@@ -1006,7 +643,7 @@ async fn forbidden_globals_are_refused_and_nothing_runs() {
         ("EXT1", b"(\x82\x01\x85".to_vec()),
     ] {
         let mut h = Client::registered(srv.addr).await;
-        h.send_frame(&raw_request(14, false, "loadBefore", &args))
+        h.try_send_frame(&raw_request(Value::Int(14), false, "loadBefore", &args))
             .await;
         h.expect_closed(what).await;
     }
@@ -1019,7 +656,8 @@ async fn forbidden_globals_are_refused_and_nothing_runs() {
     by.c.no_reply_within(Duration::from_millis(100), "vote waits for the lock")
         .await;
     let args = b"(C\x08\x00\x00\x00\x00\x00\x00\x00\x01C\x08\x00\x00\x00\x00\x00\x00\x00\x00cos\nsystem\nK\x01t";
-    h.send_frame(&raw_request(15, true, "storea", args)).await;
+    h.try_send_frame(&raw_request(Value::Int(15), true, "storea", args))
+        .await;
     h.expect_closed("one-way call with a global").await;
     by.finish_vote(&vote, txn).await;
 
@@ -1081,11 +719,16 @@ async fn client_text_cannot_forge_log_lines() {
         .await
         .unwrap();
     // A message with a global: logged with the label as its peer.
-    h.send_frame(&raw_request(9, false, "ping", b"(cos\nsystem\nt"))
-        .await;
+    h.try_send_frame(&raw_request(
+        Value::Int(9),
+        false,
+        "ping",
+        b"(cos\nsystem\nt",
+    ))
+    .await;
     assert_eq!(h.next_reply().await.unwrap().1.unwrap_err().0, VALUE_ERROR);
     let mut h = Client::registered(addr).await;
-    h.send(true, &format!("frob{forged} 3"), &t(vec![])).await;
+    h.send(true, &format!("frob{forged} 3"), vec![]).await;
     h.expect_closed("failing one-way call").await;
 
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1157,7 +800,7 @@ async fn new_oids_absurd_counts_are_capped_or_refused() {
         ("None", pk(&t(vec![Value::None]))),
         ("a list", pk(&t(vec![Value::List(vec![Value::Int(5)])]))),
     ] {
-        h.send_frame(&raw_request(21, false, "new_oids", &args))
+        h.try_send_frame(&raw_request(Value::Int(21), false, "new_oids", &args))
             .await;
         let (id, reply) = h.next_reply().await.unwrap();
         assert_eq!(id, Value::Int(21));
@@ -1198,14 +841,14 @@ async fn big_integer_arguments_get_a_clear_error() {
     let mut h = Client::registered(srv.addr).await;
     let long1 = |method: &str| {
         raw_request(
-            31,
+            Value::Int(31),
             false,
             method,
             b"\x8a\x09\x00\x00\x00\x00\x00\x00\x00\x00\x40\x85",
         )
     };
     for method in ["new_oids", "pack"] {
-        h.send_frame(&long1(method)).await;
+        h.try_send_frame(&long1(method)).await;
         let (_, reply) = h.next_reply().await.unwrap();
         if let Err((_, state)) = reply {
             let text = err_text(&state);
@@ -1576,7 +1219,7 @@ async fn failing_one_way_calls_close_the_connection() {
         ("register", s("1")),
     ] {
         let mut h = Client::registered(srv.addr).await;
-        h.send(true, method, &args).await;
+        h.send_with(true, method, &args).await;
         h.expect_closed(&format!("one-way {method}{args:?}")).await;
         by.works().await;
     }
@@ -1586,7 +1229,7 @@ async fn failing_one_way_calls_close_the_connection() {
     let (vote, vtxn) = by.start_vote().await;
     by.c.no_reply_within(Duration::from_millis(100), "vote waits for the lock")
         .await;
-    h.send(true, "storea", &t(vec![Value::Int(1)])).await;
+    h.send(true, "storea", vec![Value::Int(1)]).await;
     h.expect_closed("bad one-way storea with the lock held")
         .await;
     by.finish_vote(&vote, vtxn).await;
@@ -1653,7 +1296,7 @@ async fn calls_before_register_and_a_second_register() {
     h.send(
         true,
         "tpc_begin",
-        &t(vec![Value::Int(1), b(b""), b(b""), Value::Dict(vec![])]),
+        vec![Value::Int(1), b(b""), b(b""), Value::Dict(vec![])],
     )
     .await;
     h.expect_closed("one-way call before register").await;
@@ -1704,14 +1347,14 @@ async fn storea_vote_finish_without_a_transaction() {
     by.works().await;
     // The open transaction still commits.
     let o = h.new_oid().await;
-    h.store(&o, b"late", 2).await;
+    h.store(&o, &b(&Z64), b"late", 2).await;
     assert_eq!(
         h.call("vote", vec![Value::Int(2)]).await,
         Ok(Value::List(vec![]))
     );
     assert!(h.call("tpc_finish", vec![Value::Int(2)]).await.is_ok());
     // A one-way storea without a transaction: closed.
-    h.send(true, "storea", &t(vec![oid(1), b(&Z64), b(b"x"), txn]))
+    h.send(true, "storea", vec![oid(1), b(&Z64), b(b"x"), txn])
         .await;
     h.expect_closed("one-way storea without tpc_begin").await;
     by.works().await;
@@ -1755,11 +1398,11 @@ async fn vote_twice_keeps_the_lock_only_until_finish_or_abort() {
     let locked_by_bystander = by.txn;
     let o = h.new_oid().await;
     h.begin(3).await;
-    h.store(&o, b"x", 3).await;
-    let waiting = h.send(false, "vote", &t(vec![Value::Int(3)])).await;
+    h.store(&o, &b(&Z64), b"x", 3).await;
+    let waiting = h.send(false, "vote", vec![Value::Int(3)]).await;
     h.no_reply_within(Duration::from_millis(100), "hostile vote waits")
         .await;
-    let second = h.send(false, "vote", &t(vec![Value::Int(3)])).await;
+    let second = h.send(false, "vote", vec![Value::Int(3)]).await;
     let (class, state) = h.reply_to(&second).await.unwrap_err();
     assert_eq!(class, TXN_ERROR);
     assert!(err_text(&state).contains("Already voting (waiting)"));
@@ -1788,7 +1431,7 @@ async fn tpc_finish_without_vote_or_with_a_wrong_id() {
     // bystander commits while the hostile transaction is open.
     let o = h.new_oid().await;
     h.begin(1).await;
-    h.store(&o, b"x", 1).await;
+    h.store(&o, &b(&Z64), b"x", 1).await;
     let text = h
         .expect_err("tpc_finish", vec![Value::Int(1)], TXN_ERROR)
         .await;
@@ -1853,7 +1496,7 @@ async fn truncated_frame_is_closed_after_the_frame_timeout() {
     let mut partial = 100u32.to_be_bytes().to_vec();
     partial.extend_from_slice(&[0x80, 3, b'(', b'K', 1, 0x89, b'X', 4, 0, 0]);
     let started = Instant::now();
-    assert!(h.write(&partial).await);
+    h.write(&partial).await;
     // The bystander works while the hostile frame hangs.
     by.works().await;
     h.expect_closed("truncated frame").await;
@@ -1868,7 +1511,7 @@ async fn truncated_frame_is_closed_after_the_frame_timeout() {
     let mut h = Client::registered(srv.addr).await;
     h.hold_lock(1).await;
     let (vote, txn) = by.start_vote().await;
-    h.write(&partial).await;
+    h.try_write(&partial).await;
     h.expect_closed("truncated frame with the lock held").await;
     by.finish_vote(&vote, txn).await;
     by.works().await;
@@ -1887,7 +1530,7 @@ async fn silent_handshake_and_trickled_frame_are_closed_after_the_frame_timeout(
     let mut silent = Client::connect(srv.addr).await;
     // Half a handshake.
     let mut half = Client::connect(srv.addr).await;
-    half.write(&[0, 0, 0, 2, b'Z']).await;
+    half.try_write(&[0, 0, 0, 2, b'Z']).await;
     silent.expect_closed("no handshake").await;
     half.expect_closed("half a handshake").await;
     assert!(started.elapsed() < Duration::from_secs(3));
@@ -1895,13 +1538,13 @@ async fn silent_handshake_and_trickled_frame_are_closed_after_the_frame_timeout(
     // A frame trickled one byte every 50 ms: progress does not extend the
     // deadline, so it is closed after about the frame timeout.
     let mut h = Client::registered(srv.addr).await;
-    let f = request(9, false, "ping", &t(vec![b(&[7u8; 90])]));
+    let f = request(Value::Int(9), false, "ping", &t(vec![b(&[7u8; 90])]));
     let mut frame = (f.len() as u32).to_be_bytes().to_vec();
     frame.extend(f);
     let started = Instant::now();
     let mut closed_after = None;
     for byte in &frame {
-        if !h.write(&[*byte]).await {
+        if !h.try_write(&[*byte]).await {
             closed_after = Some(started.elapsed());
             break;
         }

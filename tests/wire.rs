@@ -4,237 +4,24 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use common::Server;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::client::{Bystander, Client, MAXTID, READ_TIMEOUT, Z64, b, oid, request, s, t};
+use common::{Server, cfg};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use zeotemp::config::Config;
-use zeotemp::marshal::{self, Message};
-use zeotemp::pickle::{self, DecodeLimits, Dialect, Value};
-
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-struct Client {
-    s: TcpStream,
-    buf: BytesMut,
-    next: i64,
-}
-
-fn request(msgid: Value, oneway: bool, method: &str, args: Vec<Value>) -> Vec<u8> {
-    let mut out = BytesMut::new();
-    out.extend_from_slice(&[0x80, 3]);
-    let env = Value::Tuple(vec![
-        msgid,
-        Value::Bool(oneway),
-        Value::Str(method.into()),
-        Value::Tuple(args),
-    ]);
-    pickle::encode_into(&mut out, &env, Dialect::Py3);
-    out.extend_from_slice(b".");
-    out.to_vec()
-}
-
-fn b(x: &[u8]) -> Value {
-    Value::Bytes(Bytes::copy_from_slice(x))
-}
-
-fn oid(n: u64) -> Value {
-    b(&n.to_be_bytes())
-}
-
-const Z64: [u8; 8] = [0; 8];
-const MAXTID: [u8; 8] = [0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
-
-impl Client {
-    /// Connects and reads the server's protocol announcement.
-    async fn raw(addr: SocketAddr) -> Client {
-        Client::raw_on(TcpStream::connect(addr).await.unwrap()).await
-    }
-
-    /// Like `raw`, with a small receive buffer: a client that stops reading
-    /// then fills the server's queue for it instead of the kernel's buffers.
-    async fn raw_small_buffer(addr: SocketAddr) -> Client {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.set_recv_buffer_size(4096).unwrap();
-        Client::raw_on(sock.connect(addr).await.unwrap()).await
-    }
-
-    async fn raw_on(s: TcpStream) -> Client {
-        // As stock clients (asyncio) do; else Nagle and delayed ACKs add
-        // 40 ms to each round trip that follows one-way calls.
-        s.set_nodelay(true).unwrap();
-        let mut c = Client {
-            s,
-            buf: BytesMut::new(),
-            next: 1,
-        };
-        assert_eq!(&c.frame().await.unwrap()[..], b"Z5", "server speaks first");
-        c
-    }
-
-    /// Connects, handshakes and registers on storage `name`.
-    async fn registered(addr: SocketAddr, name: &str) -> (Client, Value) {
-        let mut c = Client::raw(addr).await;
-        c.send_frame(b"Z5").await;
-        let last = c
-            .call("register", vec![Value::Str(name.into()), Value::Int(0)])
-            .await
-            .unwrap();
-        (c, last)
-    }
-
-    async fn send_frame(&mut self, payload: &[u8]) {
-        let mut f = (payload.len() as u32).to_be_bytes().to_vec();
-        f.extend_from_slice(payload);
-        self.s.write_all(&f).await.unwrap();
-    }
-
-    /// Next frame, or None when the server closed the connection.
-    async fn frame(&mut self) -> Option<Bytes> {
-        tokio::time::timeout(TIMEOUT, async {
-            loop {
-                if let Some(f) = zeotemp::frame::parse(&mut self.buf, usize::MAX).unwrap() {
-                    return Some(f);
-                }
-                match self.s.read_buf(&mut self.buf).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await
-        .expect("server answered in time")
-    }
-
-    async fn message(&mut self) -> Option<Message> {
-        let f = self.frame().await?;
-        Some(marshal::decode_message(&f, &DecodeLimits::default()).unwrap())
-    }
-
-    async fn send(&mut self, oneway: bool, method: &str, args: Vec<Value>) -> Value {
-        let id = Value::Int(self.next);
-        self.next += 1;
-        self.send_frame(&request(id.clone(), oneway, method, args))
-            .await;
-        id
-    }
-
-    /// A synchronous call: Ok(result) or Err((class name, state)).
-    async fn call(&mut self, method: &str, args: Vec<Value>) -> Result<Value, (String, Value)> {
-        let id = self.send(false, method, args).await;
-        self.reply_to(&id).await
-    }
-
-    /// Waits for the reply to `id`, skipping pushes (invalidations, info).
-    async fn reply_to(&mut self, id: &Value) -> Result<Value, (String, Value)> {
-        loop {
-            let m = self
-                .message()
-                .await
-                .expect("connection closed while waiting for a reply");
-            if m.method != ".reply" {
-                continue;
-            }
-            assert_eq!(&m.msgid, id, "replies match requests");
-            return match (m.oneway, m.args) {
-                (false, v) => Ok(v),
-                (true, Value::Tuple(mut t)) if t.len() == 2 => {
-                    let state = t.pop().unwrap();
-                    let class = t.pop().unwrap().as_text().unwrap().into_owned();
-                    Err((class, state))
-                }
-                (true, other) => panic!("odd error reply {other:?}"),
-            };
-        }
-    }
-
-    async fn expect_closed(&mut self) {
-        while let Some(f) = self.frame().await {
-            // Only pushes may still arrive before the close.
-            let m = marshal::decode_message(&f, &DecodeLimits::default()).unwrap();
-            assert_ne!(
-                m.method,
-                ".reply",
-                "expected a close, got a reply {m:?}",
-                m = m.args
-            );
-        }
-    }
-
-    /// One-way `tpc_begin(txn, user, description, extension)`.
-    async fn begin(&mut self, txn: &Value) {
-        self.send(
-            true,
-            "tpc_begin",
-            vec![txn.clone(), b(b""), b(b""), Value::Dict(vec![])],
-        )
-        .await;
-    }
-
-    /// One-way `storea(oid, serial, data, txn)`.
-    async fn store(&mut self, oid: &Value, serial: &Value, data: &[u8], txn: &Value) {
-        self.send(
-            true,
-            "storea",
-            vec![oid.clone(), serial.clone(), b(data), txn.clone()],
-        )
-        .await;
-    }
-
-    /// One whole commit of `data` to a new object; returns the new tid.
-    async fn commit_new(&mut self, data: &[u8]) -> Value {
-        self.store_new(data).await.1
-    }
-
-    /// Like `commit_new`, also returning the new object's oid.
-    async fn store_new(&mut self, data: &[u8]) -> (Value, Value) {
-        let oids = self.call("new_oids", vec![]).await.unwrap();
-        let Value::List(oids) = oids else {
-            panic!("new_oids gives a list")
-        };
-        let txn = Value::Int(4242);
-        self.begin(&txn).await;
-        self.store(&oids[0], &b(&Z64), data, &txn).await;
-        assert_eq!(
-            self.call("vote", vec![txn.clone()]).await.unwrap(),
-            Value::List(vec![])
-        );
-        (
-            oids[0].clone(),
-            self.call("tpc_finish", vec![txn]).await.unwrap(),
-        )
-    }
-}
-
-/// A well-behaved second client still loads and commits.
-async fn bystander_works(addr: SocketAddr) {
-    let (mut c, _) = Client::registered(addr, "1").await;
-    let root = c
-        .call("loadBefore", vec![oid(0), b(&MAXTID)])
-        .await
-        .unwrap();
-    assert!(
-        matches!(root, Value::Tuple(ref t) if t.len() == 3),
-        "root loads: {root:?}"
-    );
-    let tid = c.commit_new(b"still fine").await;
-    assert_eq!(tid.as_bytes().map(|b| b.len()), Some(8));
-}
-
-fn cfg() -> Config {
-    Config {
-        addresses: vec![],
-        ..Config::default()
-    }
-}
+use zeotemp::marshal;
+use zeotemp::pickle::{DecodeLimits, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_register_and_root() {
     let srv = Server::start(cfg()).await;
-    let (mut c, last) = Client::registered(srv.addr, "1").await;
+    let mut c = Client::handshaken(srv.addr).await;
+    let last = c
+        .call("register", vec![s("1"), Value::Int(0)])
+        .await
+        .unwrap();
     let last = last.as_bytes().unwrap().to_vec();
     assert_ne!(last, Z64, "tids start from the wall clock");
     let Value::Tuple(root) = c
@@ -275,13 +62,13 @@ async fn handshake_register_and_root() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadbefore_msgid_tuple_echoed_and_poskeyerror() {
     let srv = Server::start(cfg()).await;
-    let (mut c, _) = Client::registered(srv.addr, "1").await;
+    let mut c = Client::registered(srv.addr).await;
     let msgid = Value::Tuple(vec![oid(0xfff), b(&MAXTID)]);
     c.send_frame(&request(
         msgid.clone(),
         false,
         "loadBefore",
-        vec![oid(0xfff), b(&MAXTID)],
+        &t(vec![oid(0xfff), b(&MAXTID)]),
     ))
     .await;
     let err = c.reply_to(&msgid).await.unwrap_err();
@@ -298,7 +85,7 @@ async fn loadbefore_msgid_tuple_echoed_and_poskeyerror() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ruok_answers_json_and_closes() {
     let srv = Server::start(cfg()).await;
-    let mut c = Client::raw(srv.addr).await;
+    let mut c = Client::connect(srv.addr).await;
     c.send_frame(b"ruok").await;
     let json = c.frame().await.unwrap();
     let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
@@ -317,11 +104,11 @@ async fn bad_handshake_and_probe_close_harmlessly() {
     // A readiness probe: connect, close without a byte.
     drop(TcpStream::connect(srv.addr).await.unwrap());
     for hs in [&b"Z4"[..], b"M5", b"Z309", b"\x80\x03N."] {
-        let mut c = Client::raw(srv.addr).await;
+        let mut c = Client::connect(srv.addr).await;
         c.send_frame(hs).await;
         assert!(c.frame().await.is_none(), "closed after handshake {hs:?}");
     }
-    bystander_works(srv.addr).await;
+    Bystander::start(srv.addr).await;
     srv.stop().await;
 }
 
@@ -332,25 +119,23 @@ async fn oversized_frame_closes_only_that_connection() {
         ..cfg()
     })
     .await;
-    let (mut other, _) = Client::registered(srv.addr, "1").await;
-    let (mut c, _) = Client::registered(srv.addr, "1").await;
+    let mut other = Client::registered(srv.addr).await;
+    let mut c = Client::registered(srv.addr).await;
     // A 4 GiB length prefix: refused before anything is buffered.
-    c.s.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3])
-        .await
-        .unwrap();
-    c.expect_closed().await;
-    let (mut c, _) = Client::registered(srv.addr, "1").await;
+    c.write(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).await;
+    c.expect_closed("4 GiB length prefix").await;
+    let mut c = Client::registered(srv.addr).await;
     c.send_frame(&vec![0u8; 5000]).await;
-    c.expect_closed().await;
+    c.expect_closed("frame over max-frame-size").await;
     assert_eq!(other.call("ping", vec![]).await.unwrap(), Value::None);
-    bystander_works(srv.addr).await;
+    Bystander::start(srv.addr).await;
     srv.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forbidden_global_gets_error_reply_and_nothing_runs() {
     let srv = Server::start(cfg()).await;
-    let (mut c, _) = Client::registered(srv.addr, "1").await;
+    let mut c = Client::registered(srv.addr).await;
     // (7, False, 'ping', (builtins.eval('1'),)) — the stock server would
     // resolve builtins.eval and call it.
     let payload =
@@ -361,14 +146,14 @@ async fn forbidden_global_gets_error_reply_and_nothing_runs() {
     assert!(format!("{:?}", err.1).contains("builtins.eval"), "{err:?}");
     // The connection stays usable.
     assert_eq!(c.call("ping", vec![]).await.unwrap(), Value::None);
-    bystander_works(srv.addr).await;
+    Bystander::start(srv.addr).await;
     srv.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_and_unsupported_methods_get_error_replies() {
     let srv = Server::start(cfg()).await;
-    let (mut c, _) = Client::registered(srv.addr, "1").await;
+    let mut c = Client::registered(srv.addr).await;
     let err = c.call("frobnicate", vec![]).await.unwrap_err();
     assert_eq!(err.0, "builtins.AttributeError");
     let err = c
@@ -397,8 +182,7 @@ async fn unknown_and_unsupported_methods_get_error_replies() {
 async fn calls_out_of_order() {
     let srv = Server::start(cfg()).await;
     // Before register: an error reply, the connection stays.
-    let mut c = Client::raw(srv.addr).await;
-    c.send_frame(b"Z5").await;
+    let mut c = Client::handshaken(srv.addr).await;
     let err = c.call("get_info", vec![]).await.unwrap_err();
     assert_eq!(err.0, "builtins.ValueError");
     // Unknown storage: the error names what is served.
@@ -434,8 +218,8 @@ async fn calls_out_of_order() {
         Value::None
     );
     // tpc_finish before vote, vote twice, tpc_finish with a wrong txn id.
+    c.begin(99).await;
     let txn = Value::Int(99);
-    c.begin(&txn).await;
     let err = c.call("tpc_finish", vec![txn.clone()]).await.unwrap_err();
     assert_eq!(err.0, "ZODB.POSException.StorageTransactionError");
     assert_eq!(
@@ -459,28 +243,28 @@ async fn calls_out_of_order() {
         vec![oid(1), b(&Z64), b(b"x"), Value::Int(5)],
     )
     .await;
-    c.expect_closed().await;
-    bystander_works(srv.addr).await;
+    c.expect_closed("one-way storea without tpc_begin").await;
+    Bystander::start(srv.addr).await;
     srv.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_frame_closes_only_that_connection() {
     let srv = Server::start(cfg()).await;
-    let (mut c, _) = Client::registered(srv.addr, "1").await;
+    let mut c = Client::registered(srv.addr).await;
     c.send_frame(b"\x00\x01garbage that is no pickle").await;
-    c.expect_closed().await;
-    let (mut c, _) = Client::registered(srv.addr, "1").await;
+    c.expect_closed("garbage frame").await;
+    let mut c = Client::registered(srv.addr).await;
     c.send_frame(b"\x80\x03K\x01.").await; // a pickle, but not a 4-tuple
-    c.expect_closed().await;
-    bystander_works(srv.addr).await;
+    c.expect_closed("a pickle, but not a message").await;
+    Bystander::start(srv.addr).await;
     srv.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeat_is_ignored() {
     let srv = Server::start(cfg()).await;
-    let (mut c, _) = Client::registered(srv.addr, "1").await;
+    let mut c = Client::registered(srv.addr).await;
     // The exact bytes of a stock client's heartbeat (protocol notes §3.1).
     c.send_frame(&[
         0x80, 0x03, 0x28, 0x4a, 0xff, 0xff, 0xff, 0xff, 0x4b, 0x00, 0x58, 0x06, 0, 0, 0, 0x2e,
@@ -498,10 +282,10 @@ async fn heartbeat_is_ignored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidations_in_commit_order_before_committer_reply() {
     let srv = Server::start(cfg()).await;
-    let (mut a, _) = Client::registered(srv.addr, "1").await;
-    let (mut other, _) = Client::registered(srv.addr, "1").await;
-    let t1 = a.commit_new(b"one").await;
-    let t2 = a.commit_new(b"two").await;
+    let mut a = Client::registered(srv.addr).await;
+    let mut other = Client::registered(srv.addr).await;
+    let (_, t1) = a.commit_new(b"one", 1).await;
+    let (_, t2) = a.commit_new(b"two", 2).await;
     // The other client receives both invalidations, in commit order.
     let mut seen = Vec::new();
     while seen.len() < 2 {
@@ -518,35 +302,35 @@ async fn invalidations_in_commit_order_before_committer_reply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_voter_waits_for_the_commit_lock_and_conflicts_go_to_the_client() {
     let srv = Server::start(cfg()).await;
-    let (mut a, _) = Client::registered(srv.addr, "1").await;
-    let (mut bb, _) = Client::registered(srv.addr, "1").await;
+    let mut a = Client::registered(srv.addr).await;
+    let mut bb = Client::registered(srv.addr).await;
     let Value::List(oids) = a.call("new_oids", vec![Value::Int(1)]).await.unwrap() else {
         panic!()
     };
     let o = oids[0].clone();
     // Create the object.
-    let (ta, tb) = (Value::Int(1), Value::Int(2));
-    a.begin(&ta).await;
-    a.store(&o, &b(&Z64), b"v0", &ta).await;
-    a.call("vote", vec![ta.clone()]).await.unwrap();
-    let t0 = a.call("tpc_finish", vec![ta.clone()]).await.unwrap();
+    let (ta, tb) = (1, 2);
+    a.begin(ta).await;
+    a.store(&o, &b(&Z64), b"v0", ta).await;
+    a.call("vote", vec![Value::Int(ta)]).await.unwrap();
+    let t0 = a.call("tpc_finish", vec![Value::Int(ta)]).await.unwrap();
     // Both change it from t0; a votes first and holds the lock.
-    a.begin(&ta).await;
-    a.store(&o, &t0, b"a", &ta).await;
-    bb.begin(&tb).await;
-    bb.store(&o, &t0, b"b", &tb).await;
+    a.begin(ta).await;
+    a.store(&o, &t0, b"a", ta).await;
+    bb.begin(tb).await;
+    bb.store(&o, &t0, b"b", tb).await;
     assert_eq!(
-        a.call("vote", vec![ta.clone()]).await.unwrap(),
+        a.call("vote", vec![Value::Int(ta)]).await.unwrap(),
         Value::List(vec![])
     );
-    let vote_b = bb.send(false, "vote", vec![tb.clone()]).await;
+    let vote_b = bb.send(false, "vote", vec![Value::Int(tb)]).await;
     // b's connection keeps serving while its vote waits.
     assert!(
         bb.call("loadBefore", vec![o.clone(), b(&MAXTID)])
             .await
             .is_ok()
     );
-    let t1 = a.call("tpc_finish", vec![ta]).await.unwrap();
+    let t1 = a.call("tpc_finish", vec![Value::Int(ta)]).await.unwrap();
     // Now b's vote runs: the conflict is handed back for resolution.
     let Value::List(conflicts) = bb.reply_to(&vote_b).await.unwrap() else {
         panic!()
@@ -579,24 +363,27 @@ async fn second_voter_waits_for_the_commit_lock_and_conflicts_go_to_the_client()
         b(b"a")
     );
     // A third client cannot commit meanwhile: b keeps the lock while resolving.
-    let (mut c, _) = Client::registered(srv.addr, "1").await;
-    let tc = Value::Int(3);
-    c.begin(&tc).await;
-    c.store(&o, &t1, b"c", &tc).await;
-    let vote_c = c.send(false, "vote", vec![tc.clone()]).await;
+    let mut c = Client::registered(srv.addr).await;
+    let tc = 3;
+    c.begin(tc).await;
+    c.store(&o, &t1, b"c", tc).await;
+    let vote_c = c.send(false, "vote", vec![Value::Int(tc)]).await;
     // b re-stores the resolved data on top of t1 and votes again: success.
-    bb.store(&o, &t1, b"a+b", &tb).await;
+    bb.store(&o, &t1, b"a+b", tb).await;
     assert_eq!(
-        bb.call("vote", vec![tb.clone()]).await.unwrap(),
+        bb.call("vote", vec![Value::Int(tb)]).await.unwrap(),
         Value::List(vec![])
     );
-    let t2 = bb.call("tpc_finish", vec![tb]).await.unwrap();
+    let t2 = bb.call("tpc_finish", vec![Value::Int(tb)]).await.unwrap();
     // c's vote ran after b finished, and conflicts with b's commit.
     let Value::List(conflicts) = c.reply_to(&vote_c).await.unwrap() else {
         panic!()
     };
     assert_eq!(conflicts.len(), 1);
-    assert_eq!(c.call("tpc_abort", vec![tc]).await.unwrap(), Value::None);
+    assert_eq!(
+        c.call("tpc_abort", vec![Value::Int(tc)]).await.unwrap(),
+        Value::None
+    );
     let Value::Tuple(cur) = a
         .call("loadBefore", vec![o.clone(), b(&MAXTID)])
         .await
@@ -611,16 +398,15 @@ async fn second_voter_waits_for_the_commit_lock_and_conflicts_go_to_the_client()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_while_holding_lock_releases_it() {
     let srv = Server::start(cfg()).await;
-    let (mut a, _) = Client::registered(srv.addr, "1").await;
-    let txn = Value::Int(1);
-    a.begin(&txn).await;
-    a.store(&oid(0x10), &b(&Z64), b"x", &txn).await;
+    let mut a = Client::registered(srv.addr).await;
+    a.begin(1).await;
+    a.store(&oid(0x10), &b(&Z64), b"x", 1).await;
     assert_eq!(
-        a.call("vote", vec![txn]).await.unwrap(),
+        a.call("vote", vec![Value::Int(1)]).await.unwrap(),
         Value::List(vec![])
     );
     drop(a);
-    bystander_works(srv.addr).await;
+    Bystander::start(srv.addr).await;
     srv.stop().await;
 }
 
@@ -631,16 +417,15 @@ async fn transaction_timeout_releases_lock() {
         ..cfg()
     })
     .await;
-    let (mut a, _) = Client::registered(srv.addr, "1").await;
-    let txn = Value::Int(1);
-    a.begin(&txn).await;
+    let mut a = Client::registered(srv.addr).await;
+    a.begin(1).await;
     assert_eq!(
-        a.call("vote", vec![txn]).await.unwrap(),
+        a.call("vote", vec![Value::Int(1)]).await.unwrap(),
         Value::List(vec![])
     );
     // a now holds the lock and does nothing; b's commit waits, then succeeds.
-    bystander_works(srv.addr).await;
-    a.expect_closed().await;
+    Bystander::start(srv.addr).await;
+    a.expect_closed("transaction timeout").await;
     srv.stop().await;
 }
 
@@ -651,8 +436,7 @@ async fn read_only_registration() {
         ..cfg()
     })
     .await;
-    let mut c = Client::raw(srv.addr).await;
-    c.send_frame(b"Z5").await;
+    let mut c = Client::handshaken(srv.addr).await;
     let err = c
         .call("register", vec![Value::Str("1".into()), Value::Int(0)])
         .await
@@ -684,10 +468,10 @@ async fn max_connections_counts_live_connections_only() {
     // Many more connections than the limit over time, one after another
     // (health probes, reconnecting clients): each one ends, and frees its place.
     for _ in 0..10 {
-        let (mut c, _) = Client::registered(srv.addr, "1").await;
+        let mut c = Client::registered(srv.addr).await;
         assert_eq!(c.call("ping", vec![]).await.unwrap(), Value::None);
         drop(c);
-        let mut probe = Client::raw(srv.addr).await;
+        let mut probe = Client::connect(srv.addr).await;
         probe.send_frame(b"ruok").await;
         assert!(probe.frame().await.is_some());
         assert!(probe.frame().await.is_none());
@@ -697,11 +481,11 @@ async fn max_connections_counts_live_connections_only() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut held = Vec::new();
     for _ in 0..4 {
-        held.push(Client::registered(srv.addr, "1").await.0);
+        held.push(Client::registered(srv.addr).await);
     }
     let mut extra = TcpStream::connect(srv.addr).await.unwrap();
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(TIMEOUT, extra.read(&mut buf))
+    let n = tokio::time::timeout(READ_TIMEOUT, extra.read(&mut buf))
         .await
         .unwrap()
         .unwrap_or(0);
@@ -713,9 +497,10 @@ async fn max_connections_counts_live_connections_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_invalidations_for_reconnecting_clients() {
     let srv = Server::start(cfg()).await;
-    let (mut a, start) = Client::registered(srv.addr, "1").await;
-    let t1 = a.commit_new(b"one").await;
-    let t2 = a.commit_new(b"two").await;
+    let mut a = Client::handshaken(srv.addr).await;
+    let start = a.register().await;
+    let (_, t1) = a.commit_new(b"one", 1).await;
+    let (_, t2) = a.commit_new(b"two", 2).await;
     // A cache at t1: quick verification, the oids changed after t1.
     let Value::Tuple(inv) = a.call("getInvalidations", vec![t1.clone()]).await.unwrap() else {
         panic!()
@@ -743,18 +528,18 @@ async fn get_invalidations_for_reconnecting_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_object_invalidates_and_hides_it() {
     let srv = Server::start(cfg()).await;
-    let (mut a, _) = Client::registered(srv.addr, "1").await;
-    let (mut other, _) = Client::registered(srv.addr, "1").await;
+    let mut a = Client::registered(srv.addr).await;
+    let mut other = Client::registered(srv.addr).await;
     let Value::List(oids) = a.call("new_oids", vec![Value::Int(1)]).await.unwrap() else {
         panic!()
     };
     let o = oids[0].clone();
+    a.begin(7).await;
+    a.store(&o, &b(&Z64), b"doomed", 7).await;
     let txn = Value::Int(7);
-    a.begin(&txn).await;
-    a.store(&o, &b(&Z64), b"doomed", &txn).await;
     a.call("vote", vec![txn.clone()]).await.unwrap();
     let t1 = a.call("tpc_finish", vec![txn.clone()]).await.unwrap();
-    a.begin(&txn).await;
+    a.begin(7).await;
     a.send(
         true,
         "deleteObject",
@@ -796,13 +581,13 @@ async fn client_that_never_reads_is_disconnected_and_others_are_not_slowed() {
         ..cfg()
     })
     .await;
-    let (mut a, _) = Client::registered(srv.addr, "1").await;
-    let (big_oid, _) = a.store_new(&[7u8; 30 * 1024]).await;
+    let mut a = Client::registered(srv.addr).await;
+    let (big_oid, _) = a.commit_new(&[7u8; 30 * 1024], 1).await;
 
     // A registered client that asks for far more than it reads: 400 loads
     // of 30 KiB fill the kernel's socket buffers, then half its outbox,
     // and the server stops reading its requests.
-    let mut sleeper = Client::raw_small_buffer(srv.addr).await;
+    let mut sleeper = Client::connect_small_buffer(srv.addr).await;
     sleeper.send_frame(b"Z5").await;
     sleeper
         .call("register", vec![Value::Str("1".into()), Value::Int(0)])
@@ -813,20 +598,15 @@ async fn client_that_never_reads_is_disconnected_and_others_are_not_slowed() {
             Value::Int(1000 + i),
             false,
             "loadBefore",
-            vec![big_oid.clone(), b(&MAXTID)],
+            &t(vec![big_oid.clone(), b(&MAXTID)]),
         );
-        sleeper
-            .s
-            .write_all(&(req.len() as u32).to_be_bytes())
-            .await
-            .unwrap();
-        sleeper.s.write_all(&req).await.unwrap();
+        sleeper.send_frame(&req).await;
     }
     // Meanwhile another client commits as usual; the invalidations for the
     // sleeper overflow its outbox, and it is disconnected.
     let started = std::time::Instant::now();
     for i in 0..600 {
-        a.commit_new(format!("commit {i}").as_bytes()).await;
+        a.commit_new(format!("commit {i}").as_bytes(), 2).await;
     }
     eprintln!(
         "600 commits took {:?} while the sleeper stalled",
@@ -884,7 +664,7 @@ async fn client_that_never_reads_is_disconnected_and_others_are_not_slowed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(registered, 1, "the stalled client's session was dropped");
-    bystander_works(srv.addr).await;
+    Bystander::start(srv.addr).await;
     srv.stop().await;
 }
 
@@ -901,18 +681,18 @@ async fn frame_timeout_closes_half_sent_messages_only() {
     .await;
     let started = std::time::Instant::now();
     // Connected, server's Z5 read, no handshake sent.
-    let mut silent = Client::raw(server.addr).await;
+    let mut silent = Client::connect(server.addr).await;
     // Registered, then 10 bytes of a 100-byte message.
-    let (mut half, _) = Client::registered(server.addr, "1").await;
-    half.s.write_all(&100u32.to_be_bytes()).await.unwrap();
-    half.s.write_all(&[0x80; 10]).await.unwrap();
+    let mut half = Client::registered(server.addr).await;
+    half.write(&100u32.to_be_bytes()).await;
+    half.write(&[0x80; 10]).await;
     // A client busy with whole messages for longer than the timeout.
-    let (mut busy, _) = Client::registered(server.addr, "1").await;
+    let mut busy = Client::registered(server.addr).await;
     while started.elapsed() < Duration::from_millis(1200) {
         busy.call("ping", vec![]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    bystander_works(server.addr).await;
+    Bystander::start(server.addr).await;
     assert!(silent.frame().await.is_none(), "no handshake: closed");
     assert!(half.frame().await.is_none(), "half-sent message: closed");
     assert!(started.elapsed() < Duration::from_secs(4));
@@ -967,26 +747,25 @@ async fn unix_socket_gets_the_configured_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_in_one_connection_is_contained() {
     let srv = Server::start(cfg()).await;
-    let (mut watcher, _) = Client::registered(srv.addr, "1").await;
+    let mut watcher = Client::registered(srv.addr).await;
     for (i, method) in ["_zeotemp_fault_panic", "_zeotemp_fault_panic_in_storage"]
         .into_iter()
         .enumerate()
     {
-        let (mut a, _) = Client::registered(srv.addr, "1").await;
+        let mut a = Client::registered(srv.addr).await;
         // `a` holds the commit lock when it panics.
-        let txn = Value::Int(1);
         let doomed = oid(0x100 + i as u64);
-        a.begin(&txn).await;
-        a.store(&doomed, &b(&Z64), b"never committed", &txn).await;
+        a.begin(1).await;
+        a.store(&doomed, &b(&Z64), b"never committed", 1).await;
         assert_eq!(
-            a.call("vote", vec![txn]).await.unwrap(),
+            a.call("vote", vec![Value::Int(1)]).await.unwrap(),
             Value::List(vec![])
         );
         a.send(false, method, vec![]).await;
-        a.expect_closed().await;
+        a.expect_closed(method).await;
 
         // Another client commits (so the lock is free) and loads.
-        bystander_works(srv.addr).await;
+        Bystander::start(srv.addr).await;
         // The watcher hears of that commit, and the panicking
         // transaction left nothing behind.
         let pushed = loop {

@@ -1,8 +1,21 @@
-//! Helpers shared by the integration tests. Each test crate uses a part
-//! of this module, hence the `dead_code` allowance.
+//! Helpers shared by the integration tests: the in-process [`Server`],
+//! fixture files, and (in [`client`]) the raw ZEO client and bystander of
+//! the wire and hostile-input tests. Each test crate uses a part of this
+//! module, hence the `dead_code` allowance (which covers `client` too).
 #![allow(dead_code)]
 
+pub mod client;
+
 use std::path::PathBuf;
+
+/// The default configuration without its addresses (each test binds
+/// 127.0.0.1:0 itself).
+pub fn cfg() -> zeotemp::config::Config {
+    zeotemp::config::Config {
+        addresses: vec![],
+        ..zeotemp::config::Config::default()
+    }
+}
 
 /// `fixtures/<folder>` of this repository.
 pub fn fixtures_dir(folder: &str) -> PathBuf {
