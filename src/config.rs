@@ -1,7 +1,7 @@
 //! Server settings: every limit is a named constant with a default here,
 //! overridable by the TOML config file and then by the command line.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -92,6 +92,18 @@ pub struct Config {
     pub gc_interval: Duration,
     /// Accounted bytes per storage; `None` is no limit.
     pub memory_limit: Option<usize>,
+    /// `tls-certificate`: the server's certificate chain (PEM: its own
+    /// certificate first, then any intermediates). With `tls-key`, every
+    /// listener speaks TLS (the stock server's `<ssl> certificate`); see
+    /// `src/tls.rs`.
+    pub tls_certificate: Option<PathBuf>,
+    /// `tls-key`: the private key of `tls-certificate` (PEM, unencrypted;
+    /// the stock server's `<ssl> key`).
+    pub tls_key: Option<PathBuf>,
+    /// `tls-client-ca`: CA certificates (PEM); when set, a client must
+    /// present a certificate signed by one of them or its handshake fails
+    /// (the stock server's `<ssl> authenticate`). Needs `tls-certificate`.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// Physical memory in bytes, from /proc/meminfo (Linux).
@@ -125,6 +137,9 @@ impl Default for Config {
             history_retention: Duration::from_secs(DEFAULT_RETENTION_SECS),
             gc_interval: Duration::from_secs(DEFAULT_GC_INTERVAL_SECS),
             memory_limit: default_memory_limit(),
+            tls_certificate: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -156,6 +171,10 @@ pub struct FileConfig {
     pub client_conflict_resolution: Option<bool>,
     /// Log filter, e.g. `info` or `zeotemp=debug`.
     pub log_level: Option<String>,
+    /// Paths; relative ones are relative to the working directory.
+    pub tls_certificate: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -244,6 +263,15 @@ impl FileConfig {
         if let Some(v) = self.memory_limit {
             cfg.memory_limit = (v > 0).then_some(v);
         }
+        if let Some(v) = &self.tls_certificate {
+            cfg.tls_certificate = Some(v.clone());
+        }
+        if let Some(v) = &self.tls_key {
+            cfg.tls_key = Some(v.clone());
+        }
+        if let Some(v) = &self.tls_client_ca {
+            cfg.tls_client_ca = Some(v.clone());
+        }
         if self.client_conflict_resolution == Some(false) {
             return Err(ConfigError::Invalid(
                 "client-conflict-resolution = false is not possible: zeotemp never unpickles \
@@ -298,6 +326,28 @@ impl Config {
                 "frame-timeout must be at least 1 second".into(),
             ));
         }
+        // The files themselves are read and checked at startup
+        // (`tls::load`).
+        match (&self.tls_certificate, &self.tls_key) {
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid(
+                    "tls-certificate needs tls-key (the certificate's private key)".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "tls-key needs tls-certificate (the certificate it belongs to)".into(),
+                ));
+            }
+            _ => {}
+        }
+        if self.tls_client_ca.is_some() && self.tls_certificate.is_none() {
+            return Err(ConfigError::Invalid(
+                "tls-client-ca needs tls-certificate and tls-key (client certificates are \
+                 checked in the TLS handshake)"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -340,6 +390,9 @@ mod tests {
             "unix-socket-mode",
             "client-conflict-resolution",
             "log-level",
+            "tls-certificate",
+            "tls-key",
+            "tls-client-ca",
         ] {
             assert!(
                 text.contains(&format!("{key} =")),
@@ -403,5 +456,34 @@ mod tests {
         };
         assert!(cfg.validate().is_err());
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn tls_certificate_and_key_go_together() {
+        let file: FileConfig = toml::from_str(
+            "tls-certificate = 'c.pem'\ntls-key = 'k.pem'\ntls-client-ca = 'ca.pem'",
+        )
+        .unwrap();
+        let mut cfg = Config::default();
+        file.apply(&mut cfg).unwrap();
+        assert_eq!(cfg.tls_certificate, Some(PathBuf::from("c.pem")));
+        assert_eq!(cfg.tls_key, Some(PathBuf::from("k.pem")));
+        assert_eq!(cfg.tls_client_ca, Some(PathBuf::from("ca.pem")));
+        cfg.validate().unwrap();
+        for (cert, key, ca, complaint) in [
+            (true, false, false, "tls-certificate needs tls-key"),
+            (false, true, false, "tls-key needs tls-certificate"),
+            (false, false, true, "tls-client-ca needs tls-certificate"),
+            (true, false, true, "tls-certificate needs tls-key"),
+        ] {
+            let cfg = Config {
+                tls_certificate: cert.then(|| "c.pem".into()),
+                tls_key: key.then(|| "k.pem".into()),
+                tls_client_ca: ca.then(|| "ca.pem".into()),
+                ..Config::default()
+            };
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(complaint), "{err}");
+        }
     }
 }

@@ -24,6 +24,7 @@
 //! | [`storage`] | objects and revisions, tids and oids, conflicts, retention, the commit lock, the memory limit; [`storage::gc`] frees unreachable objects |
 //! | [`outbox`] | the per-connection outbound FIFO, bounded in bytes |
 //! | [`server`] | listeners, connection tasks, shutdown |
+//! | [`tls`] | the TLS setup (rustls) from `tls-certificate`, `tls-key` and `tls-client-ca`; the handshake and its retry delay |
 //! | [`config`] | settings and their defaults (every limit is a named constant there) |
 //! | [`bench`] | a ZEO 5 load generator (the `zeotemp-bench` binary) for comparing servers |
 //!
@@ -53,4 +54,5 @@ pub mod rng;
 pub mod rpc;
 pub mod server;
 pub mod storage;
+pub mod tls;
 pub mod types;

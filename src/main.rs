@@ -112,6 +112,24 @@ struct Cli {
     #[arg(long)]
     client_conflict_resolution: bool,
 
+    /// Serve every listener (unix sockets too) with TLS, using this PEM
+    /// certificate chain (the server's certificate first, then any
+    /// intermediates); needs --tls-key. Clients use ZEO's <ssl> section or
+    /// ClientStorage(ssl=...). [default: no TLS]
+    #[arg(long, value_name = "FILE")]
+    tls_certificate: Option<PathBuf>,
+
+    /// The PEM private key of --tls-certificate (unencrypted).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+
+    /// PEM file of CA certificates: clients must present a certificate
+    /// signed by one of them, or the TLS handshake fails (the stock
+    /// server's <ssl> authenticate). Needs --tls-certificate.
+    /// [default: no client certificate asked for]
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
+
     /// TOML file with the same settings (see config/zeotemp.toml).
     #[arg(short = 'C', long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -146,6 +164,9 @@ impl Cli {
             memory_limit: self.memory_limit,
             client_conflict_resolution: self.client_conflict_resolution.then_some(true),
             log_level: self.log_level.clone(),
+            tls_certificate: self.tls_certificate.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_client_ca: self.tls_client_ca.clone(),
         }
     }
 }
@@ -161,6 +182,9 @@ fn settings(cli: &Cli) -> Result<(Config, Option<String>), config::ConfigError> 
     let overrides = cli.overrides();
     overrides.apply(&mut cfg)?;
     cfg.validate()?;
+    // Read and check the TLS files now, so a bad one is reported before
+    // anything is bound (the server reads them again when it starts).
+    zeotemp::tls::load(&cfg).map_err(|e| config::ConfigError::Invalid(e.to_string()))?;
     Ok((cfg, overrides.log_level.or(file.log_level)))
 }
 
@@ -218,6 +242,7 @@ fn main() -> ExitCode {
             memory_limit = ?cfg.memory_limit,
             max_frame_size = cfg.max_frame_size,
             threads = cfg.threads,
+            tls = zeotemp::tls::describe(&cfg).unwrap_or("off"),
             "zeotemp starting"
         );
         match zeotemp::server::run(listeners, cfg, shutdown_signal()).await {

@@ -4,6 +4,10 @@
 //! handling, commit-lock waits, the transaction timeout, and the
 //! connection's [`Outbox`] out, in order. The server knows nothing about
 //! pickles beyond the handshake.
+//!
+//! With TLS configured ([`crate::tls`]), each connection's task first does
+//! the TLS handshake (within `frame-timeout`), then serves the decrypted
+//! stream exactly as a plain one; the accept loop never waits on a client.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -26,6 +30,7 @@ use crate::outbox::Outbox;
 use crate::pickle::DecodeLimits;
 use crate::rpc::{Flow, Session, Shared};
 use crate::storage::{LockAttempt, SHUTDOWN_HOLDER};
+use crate::tls::{HandshakeFailure, Tls};
 
 /// The protocol we announce: ZEO 5, pickle encoding.
 pub const PROTOCOL: &[u8] = b"Z5";
@@ -128,6 +133,13 @@ pub async fn run_shared(
     shared: Arc<Shared>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    let tls = crate::tls::load(&shared.config)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
+        .map(Arc::new);
+    let tls_note = match crate::tls::describe(&shared.config) {
+        Some(d) => format!(" ({d})"),
+        None => String::new(),
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let next_id = Arc::new(AtomicU64::new(1));
     let mut tasks = tokio::task::JoinSet::new();
@@ -136,9 +148,19 @@ pub async fn run_shared(
         if let Listener::Unix(_, p) = &l {
             unix_paths.push(p.clone());
         }
-        info!("listening on {}", l.describe());
+        info!("listening on {}{tls_note}", l.describe());
+        if tls.is_some() && matches!(l, Listener::Unix(..)) {
+            // Served as the stock server does, but of no use to its client:
+            // ClientStorage gives asyncio no server_hostname for a unix
+            // socket, and asyncio refuses TLS without one.
+            warn!(
+                "{} is served with TLS, which the stock ZEO client cannot use over a unix socket",
+                l.describe()
+            );
+        }
         tasks.spawn(accept_loop(
             l,
+            tls.clone(),
             shared.clone(),
             stop_rx.clone(),
             next_id.clone(),
@@ -185,7 +207,9 @@ async fn stop_commits(shared: &Shared) -> Vec<tokio::sync::oneshot::Receiver<()>
             continue;
         };
         if let LockAttempt::Wait(mut granted) = s.lock_ahead(SHUTDOWN_HOLDER)
-            && tokio::time::timeout_at(deadline, &mut granted).await.is_err()
+            && tokio::time::timeout_at(deadline, &mut granted)
+                .await
+                .is_err()
         {
             warn!(
                 storage = %name,
@@ -253,6 +277,7 @@ pub fn log_summary(s: &crate::storage::Storage) {
 
 async fn accept_loop(
     l: Listener,
+    tls: Option<Arc<Tls>>,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     next_id: Arc<AtomicU64>,
@@ -281,7 +306,14 @@ async fn accept_loop(
             continue;
         }
         let id = next_id.fetch_add(1, Ordering::Relaxed);
-        conns.spawn(serve(stream, peer, id, shared.clone(), stop.clone()));
+        conns.spawn(serve(
+            stream,
+            peer,
+            id,
+            tls.clone(),
+            shared.clone(),
+            stop.clone(),
+        ));
     }
     let grace = Duration::from_secs(SHUTDOWN_GRACE_SECS);
     let _ = tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
@@ -327,10 +359,41 @@ async fn serve(
     stream: BoxStream,
     peer: String,
     id: u64,
+    tls: Option<Arc<Tls>>,
     shared: Arc<Shared>,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
+    // Counted from here, so connections still in their TLS handshake count
+    // towards max-connections too.
     let _counted = Counted::new(&shared);
+    let stream = match tls {
+        None => stream,
+        Some(tls) => {
+            // TCP peers by address (the retry delay); unix peers have none.
+            let ip = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+            let timeout = shared.config.frame_timeout;
+            // Boxed: the handshake's state (rustls's buffers) is allocated
+            // for TLS connections only, not part of every connection task.
+            let handshake = Box::pin(tls.handshake(stream, ip, timeout));
+            tokio::select! {
+                r = handshake => match r {
+                    Ok(s) => Box::new(s),
+                    Err(HandshakeFailure::Refused(reason)) => {
+                        warn!(%peer, "TLS handshake failed: {}", printable(&reason));
+                        return;
+                    }
+                    Err(HandshakeFailure::Closed(reason)) => {
+                        debug!(%peer, "closed in the TLS handshake: {}", printable(&reason));
+                        return;
+                    }
+                },
+                _ = stop.changed() => {
+                    debug!(%peer, "closed in the TLS handshake: server shutting down");
+                    return;
+                }
+            }
+        }
+    };
     let (rd, wr) = tokio::io::split(stream);
     let outbox = Arc::new(Outbox::new(shared.config.max_outbox_bytes));
     outbox.push(frame::encode(PROTOCOL));
