@@ -8,7 +8,18 @@ use serde::Deserialize;
 
 pub use crate::frame::DEFAULT_MAX_FRAME_SIZE;
 pub use crate::outbox::DEFAULT_MAX_OUTBOX_BYTES;
+pub use crate::pickle::{MAX_MESSAGE_ITEMS, MAX_NESTING_DEPTH};
 pub use crate::storage::{DEFAULT_INVALIDATION_QUEUE_SIZE, DEFAULT_RETENTION_SECS};
+
+/// Smallest `max-nesting-depth` accepted: stock ZEO messages nest up to
+/// four levels (envelope, arguments, a `tpc_begin` extension dict, a value
+/// in it); below eight a client's odd but harmless message would close its
+/// connection.
+pub const MIN_NESTING_DEPTH: usize = 8;
+
+/// Smallest `max-message-items` accepted: far above any stock client's
+/// message, so a setting cannot lock clients out by accident.
+pub const MIN_MESSAGE_ITEMS: usize = 1_000;
 
 /// Default listen address: loopback, next to the main ZEO server's usual
 /// 8100 and never on it.
@@ -86,6 +97,12 @@ pub struct Config {
     pub max_outbox_bytes: usize,
     pub max_transaction_bytes: usize,
     pub max_connections: usize,
+    /// `max-nesting-depth`: how deeply containers may nest in one message
+    /// ([`MAX_NESTING_DEPTH`]; at least [`MIN_NESTING_DEPTH`]).
+    pub max_nesting_depth: usize,
+    /// `max-message-items`: values one message may decode to
+    /// ([`MAX_MESSAGE_ITEMS`]; at least [`MIN_MESSAGE_ITEMS`]).
+    pub max_message_items: usize,
     /// Runtime worker threads (at least 1).
     pub threads: usize,
     pub history_retention: Duration,
@@ -133,6 +150,8 @@ impl Default for Config {
             max_outbox_bytes: DEFAULT_MAX_OUTBOX_BYTES,
             max_transaction_bytes: DEFAULT_MAX_TRANSACTION_BYTES,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_nesting_depth: MAX_NESTING_DEPTH,
+            max_message_items: MAX_MESSAGE_ITEMS,
             threads: DEFAULT_THREADS,
             history_retention: Duration::from_secs(DEFAULT_RETENTION_SECS),
             gc_interval: Duration::from_secs(DEFAULT_GC_INTERVAL_SECS),
@@ -161,6 +180,8 @@ pub struct FileConfig {
     pub max_outbox_bytes: Option<usize>,
     pub max_transaction_bytes: Option<usize>,
     pub max_connections: Option<usize>,
+    pub max_nesting_depth: Option<usize>,
+    pub max_message_items: Option<usize>,
     pub threads: Option<usize>,
     pub history_retention: Option<u64>,
     pub gc_interval: Option<u64>,
@@ -251,6 +272,12 @@ impl FileConfig {
         if let Some(v) = self.max_connections {
             cfg.max_connections = v;
         }
+        if let Some(v) = self.max_nesting_depth {
+            cfg.max_nesting_depth = v;
+        }
+        if let Some(v) = self.max_message_items {
+            cfg.max_message_items = v;
+        }
         if let Some(v) = self.threads {
             cfg.threads = v;
         }
@@ -310,6 +337,17 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "max-outbox-bytes must be at least max-frame-size (a reply must fit)".into(),
             ));
+        }
+        if self.max_nesting_depth < MIN_NESTING_DEPTH {
+            return Err(ConfigError::Invalid(format!(
+                "max-nesting-depth must be at least {MIN_NESTING_DEPTH} (stock clients' messages nest up to 4 levels)"
+            )));
+        }
+        if self.max_message_items < MIN_MESSAGE_ITEMS {
+            return Err(ConfigError::Invalid(format!(
+                "max-message-items must be at least {MIN_MESSAGE_ITEMS} (a stock client's message has a few dozen values; \
+                 a tpc_begin extension or a getInvalidations list more)"
+            )));
         }
         if self.gc_interval.is_zero() {
             return Err(ConfigError::Invalid(
@@ -385,6 +423,8 @@ mod tests {
             "max-outbox-bytes",
             "max-transaction-bytes",
             "max-connections",
+            "max-nesting-depth",
+            "max-message-items",
             "threads",
             "frame-timeout",
             "unix-socket-mode",
@@ -398,6 +438,36 @@ mod tests {
                 text.contains(&format!("{key} =")),
                 "{key} is in config/zeotemp.toml"
             );
+        }
+    }
+
+    #[test]
+    fn decode_limits_have_floors() {
+        let file: FileConfig =
+            toml::from_str("max-nesting-depth = 16\nmax-message-items = 5000").unwrap();
+        let mut cfg = Config::default();
+        file.apply(&mut cfg).unwrap();
+        assert_eq!((cfg.max_nesting_depth, cfg.max_message_items), (16, 5000));
+        cfg.validate().unwrap();
+        for (depth, items, complaint) in [
+            (
+                MIN_NESTING_DEPTH - 1,
+                MAX_MESSAGE_ITEMS,
+                "max-nesting-depth",
+            ),
+            (
+                MAX_NESTING_DEPTH,
+                MIN_MESSAGE_ITEMS - 1,
+                "max-message-items",
+            ),
+        ] {
+            let cfg = Config {
+                max_nesting_depth: depth,
+                max_message_items: items,
+                ..Config::default()
+            };
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(complaint), "{err}");
         }
     }
 

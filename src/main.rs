@@ -99,6 +99,17 @@ struct Cli {
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
 
+    /// How deeply containers may nest in one message; a deeper one closes
+    /// its connection with a log line. [default: 64]
+    #[arg(long, value_name = "N")]
+    max_nesting_depth: Option<usize>,
+
+    /// Values (scalars and containers) one message may decode to; more
+    /// close its connection with a log line (bounds decoding to about 100
+    /// bytes per value). [default: 100000]
+    #[arg(long, value_name = "N")]
+    max_message_items: Option<usize>,
+
     /// Worker threads serving connections. One is the leanest and steadiest
     /// for a session store; more help only many busy clients on a machine
     /// with cores to spare. [default: 1]
@@ -158,6 +169,8 @@ impl Cli {
             max_outbox_bytes: self.max_outbox_bytes,
             max_transaction_bytes: self.max_transaction_bytes,
             max_connections: self.max_connections,
+            max_nesting_depth: self.max_nesting_depth,
+            max_message_items: self.max_message_items,
             threads: self.threads,
             history_retention: self.history_retention,
             gc_interval: self.gc_interval,

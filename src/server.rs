@@ -501,7 +501,10 @@ impl Conn<'_> {
     /// (the client went away, shutdown), `Err` one worth a warning.
     async fn run(&mut self, id: u64) -> Result<String, String> {
         let max = self.shared.config.max_frame_size;
-        let limits = DecodeLimits::default();
+        let limits = DecodeLimits {
+            max_depth: self.shared.config.max_nesting_depth,
+            max_items: self.shared.config.max_message_items,
+        };
         let outbox = self.wr.outbox.clone();
         let frame_timeout = self.shared.config.frame_timeout;
         let handshake_deadline = tokio::time::Instant::now() + frame_timeout;

@@ -352,6 +352,64 @@ async fn a_frame_of_millions_of_values_is_refused_without_the_memory() {
     );
 }
 
+/// `max-nesting-depth` and `max-message-items` set lower than their
+/// defaults apply at exactly the configured values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_decode_limits_apply() {
+    let (depth, items) = (10, 2_000);
+    let srv = Server::start(Config {
+        max_nesting_depth: depth,
+        max_message_items: items,
+        ..cfg()
+    })
+    .await;
+    let mut by = Bystander::start(srv.addr).await;
+    // Nesting: envelope + args tuple + lists up to the limit decode (ping
+    // then refuses its argument); one level more closes the connection.
+    let mut h = Client::registered(srv.addr).await;
+    let mut args = nested_lists(depth - 2);
+    args.push(0x85);
+    h.try_send_frame(&raw_request(Value::Int(7), false, "ping", &args))
+        .await;
+    let (_, reply) = h.next_reply().await.unwrap();
+    assert_eq!(reply.unwrap_err().0, TYPE_ERROR, "ping takes no argument");
+    let mut args = nested_lists(depth - 1);
+    args.push(0x85);
+    h.try_send_frame(&raw_request(Value::Int(8), false, "ping", &args))
+        .await;
+    h.expect_closed("one level over max-nesting-depth").await;
+    // Values: a tuple argument of `n` Nones, in a message of n + 6 values
+    // (the Nones, their tuple, the args tuple, the msgid, flag and method
+    // name, and the envelope tuple).
+    let values = |n: usize| {
+        let mut args = vec![b'('];
+        args.extend(std::iter::repeat_n(b'N', n));
+        args.extend_from_slice(b"t\x85");
+        args
+    };
+    let mut h = Client::registered(srv.addr).await;
+    h.try_send_frame(&raw_request(
+        Value::Int(9),
+        false,
+        "ping",
+        &values(items - 6),
+    ))
+    .await;
+    let (_, reply) = h.next_reply().await.unwrap();
+    assert_eq!(reply.unwrap_err().0, TYPE_ERROR, "{items} values decode");
+    h.try_send_frame(&raw_request(
+        Value::Int(10),
+        false,
+        "ping",
+        &values(items - 5),
+    ))
+    .await;
+    h.expect_closed("one value over max-message-items").await;
+    by.works().await;
+    drop(by);
+    srv.stop().await;
+}
+
 // ---- 3. deeply nested pickles -----------------------------------------------
 
 const DEEP: usize = 100_000;
