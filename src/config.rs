@@ -76,7 +76,11 @@ pub const STATS_LOG_INTERVAL_SECS: u64 = 300;
 /// own thread either way. Raise it for many busy clients on a big machine.
 pub const DEFAULT_THREADS: usize = 1;
 
-/// How long shutdown waits for connections to finish writing, in seconds.
+/// Default `shutdown-grace` in seconds: at a stop, how long a commit in
+/// progress may take to finish, and then how long each connection may take
+/// to receive what is queued for it, before it is closed anyway. (A
+/// connection that ends by itself gets the same time to take its last
+/// replies.)
 pub const SHUTDOWN_GRACE_SECS: u64 = 5;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +93,8 @@ pub struct Config {
     pub transaction_timeout: Duration,
     /// See [`DEFAULT_FRAME_TIMEOUT_SECS`].
     pub frame_timeout: Duration,
+    /// `shutdown-grace` ([`SHUTDOWN_GRACE_SECS`]).
+    pub shutdown_grace: Duration,
     /// File mode of unix-domain sockets (e.g. `0o660`); `None` leaves the
     /// process umask's.
     pub unix_socket_mode: Option<u32>,
@@ -144,6 +150,7 @@ impl Default for Config {
             read_only: false,
             transaction_timeout: Duration::from_secs(DEFAULT_TRANSACTION_TIMEOUT_SECS),
             frame_timeout: Duration::from_secs(DEFAULT_FRAME_TIMEOUT_SECS),
+            shutdown_grace: Duration::from_secs(SHUTDOWN_GRACE_SECS),
             unix_socket_mode: None,
             invalidation_queue_size: DEFAULT_INVALIDATION_QUEUE_SIZE,
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
@@ -173,6 +180,7 @@ pub struct FileConfig {
     pub read_only: Option<bool>,
     pub transaction_timeout: Option<u64>,
     pub frame_timeout: Option<u64>,
+    pub shutdown_grace: Option<u64>,
     /// Octal digits, e.g. `"0660"`.
     pub unix_socket_mode: Option<String>,
     pub invalidation_queue_size: Option<usize>,
@@ -247,6 +255,9 @@ impl FileConfig {
         }
         if let Some(v) = self.read_only {
             cfg.read_only = v;
+        }
+        if let Some(v) = self.shutdown_grace {
+            cfg.shutdown_grace = Duration::from_secs(v);
         }
         if let Some(v) = self.frame_timeout {
             cfg.frame_timeout = Duration::from_secs(v);
@@ -423,6 +434,7 @@ mod tests {
             "max-outbox-bytes",
             "max-transaction-bytes",
             "max-connections",
+            "shutdown-grace",
             "max-nesting-depth",
             "max-message-items",
             "threads",

@@ -46,6 +46,12 @@ struct Cli {
     #[arg(long, value_name = "SECS")]
     frame_timeout: Option<u64>,
 
+    /// Seconds a stop (SIGTERM, Ctrl-C) gives a commit in progress to
+    /// finish, and then each connection to receive what is queued for it.
+    /// [default: 5]
+    #[arg(long, value_name = "SECS")]
+    shutdown_grace: Option<u64>,
+
     /// File mode of unix-domain sockets, in octal (e.g. 0660); default: the
     /// process umask's.
     #[arg(long, value_name = "MODE")]
@@ -163,6 +169,7 @@ impl Cli {
             read_only: self.read_only.then_some(true),
             transaction_timeout: self.transaction_timeout,
             frame_timeout: self.frame_timeout,
+            shutdown_grace: self.shutdown_grace,
             unix_socket_mode: self.unix_socket_mode.clone(),
             invalidation_queue_size: self.invalidation_queue_size,
             max_frame_size: self.max_frame_size,

@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, SHUTDOWN_GRACE_SECS, STATS_LOG_INTERVAL_SECS};
+use crate::config::{Config, STATS_LOG_INTERVAL_SECS};
 use crate::frame;
 use crate::marshal;
 use crate::outbox::Outbox;
@@ -172,7 +172,7 @@ pub async fn run_shared(
     // Kept to the end: a lock granted late still goes to the server.
     let _late_locks = stop_commits(&shared).await;
     let _ = stop_tx.send(true);
-    let grace = Duration::from_secs(SHUTDOWN_GRACE_SECS + 1);
+    let grace = shared.config.shutdown_grace + Duration::from_secs(1);
     if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
         .await
         .is_err()
@@ -193,14 +193,14 @@ pub async fn run_shared(
 
 /// Takes every storage's commit lock ahead of the waiting voters and keeps
 /// it, so commits end before any connection closes: a transaction holding
-/// the lock gets [`SHUTDOWN_GRACE_SECS`] to finish or abort; votes that
+/// the lock gets `shutdown-grace` to finish or abort; votes that
 /// wait are never granted (their connections then close without a reply,
 /// which clients retry as ClientDisconnected). Without this, a commit could
 /// be acknowledged after another client's connection had already closed
 /// without hearing of it. Returns the lock requests still waiting after the
 /// grace (dropping one would pass the lock to the next voter).
 async fn stop_commits(shared: &Shared) -> Vec<tokio::sync::oneshot::Receiver<()>> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(SHUTDOWN_GRACE_SECS);
+    let deadline = tokio::time::Instant::now() + shared.config.shutdown_grace;
     let mut late = Vec::new();
     for name in &shared.storage_names {
         let Some(s) = shared.storages.get(name) else {
@@ -315,7 +315,7 @@ async fn accept_loop(
             stop.clone(),
         ));
     }
-    let grace = Duration::from_secs(SHUTDOWN_GRACE_SECS);
+    let grace = shared.config.shutdown_grace;
     let _ = tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
 }
 
@@ -417,7 +417,7 @@ async fn serve(
     }
     outbox.close("connection finished");
     // Let queued replies (e.g. a ruok answer, an error) reach the client.
-    let grace = Duration::from_secs(SHUTDOWN_GRACE_SECS);
+    let grace = shared.config.shutdown_grace;
     if tokio::time::timeout(grace, conn.wr.finish()).await.is_err() {
         debug!(%peer, "queued frames not written in time");
     }

@@ -804,3 +804,37 @@ async fn a_panic_in_one_connection_is_contained() {
     }
     srv.stop().await;
 }
+
+/// A stop while one client holds the commit lock and never finishes, and
+/// another's vote waits for it: the holder gets `shutdown-grace`, then both
+/// connections close without a reply (no error the client would take as a
+/// failed commit; it sees a disconnect and retries), and the server stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_gives_a_stuck_commit_the_grace_then_closes_without_replies() {
+    let grace = Duration::from_secs(1);
+    let srv = Server::start(Config {
+        shutdown_grace: grace,
+        ..cfg()
+    })
+    .await;
+    let mut holder = Client::registered(srv.addr).await;
+    holder.hold_lock(1).await;
+    let mut waiter = Client::registered(srv.addr).await;
+    let o = waiter.new_oid().await;
+    waiter.begin(2).await;
+    waiter.store(&o, &b(&Z64), b"waits", 2).await;
+    waiter.send(false, "vote", vec![Value::Int(2)]).await;
+    waiter
+        .no_reply_within(Duration::from_millis(200), "vote waits for the lock")
+        .await;
+
+    let started = std::time::Instant::now();
+    srv.stop().await;
+    let took = started.elapsed();
+    assert!(
+        took >= grace,
+        "the holder got the grace: stopped after {took:?}"
+    );
+    holder.expect_closed("the stuck holder at stop").await;
+    waiter.expect_closed("the waiting voter at stop").await;
+}
