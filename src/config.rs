@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use crate::frame::DEFAULT_MAX_FRAME_SIZE;
-pub use crate::outbox::DEFAULT_MAX_OUTBOX_BYTES;
+pub use crate::outbox::{DEFAULT_MAX_OUTBOX_BYTES, READ_PAUSE_BYTES};
 pub use crate::pickle::{MAX_MESSAGE_ITEMS, MAX_NESTING_DEPTH};
 pub use crate::storage::{DEFAULT_INVALIDATION_QUEUE_SIZE, DEFAULT_RETENTION_SECS};
 
@@ -101,6 +101,9 @@ pub struct Config {
     pub invalidation_queue_size: usize,
     pub max_frame_size: usize,
     pub max_outbox_bytes: usize,
+    /// `read-pause-bytes` ([`READ_PAUSE_BYTES`]; at most half of
+    /// `max_outbox_bytes` takes effect).
+    pub read_pause_bytes: usize,
     pub max_transaction_bytes: usize,
     pub max_connections: usize,
     /// `max-nesting-depth`: how deeply containers may nest in one message
@@ -155,6 +158,7 @@ impl Default for Config {
             invalidation_queue_size: DEFAULT_INVALIDATION_QUEUE_SIZE,
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             max_outbox_bytes: DEFAULT_MAX_OUTBOX_BYTES,
+            read_pause_bytes: READ_PAUSE_BYTES,
             max_transaction_bytes: DEFAULT_MAX_TRANSACTION_BYTES,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_nesting_depth: MAX_NESTING_DEPTH,
@@ -186,6 +190,7 @@ pub struct FileConfig {
     pub invalidation_queue_size: Option<usize>,
     pub max_frame_size: Option<usize>,
     pub max_outbox_bytes: Option<usize>,
+    pub read_pause_bytes: Option<usize>,
     pub max_transaction_bytes: Option<usize>,
     pub max_connections: Option<usize>,
     pub max_nesting_depth: Option<usize>,
@@ -277,6 +282,9 @@ impl FileConfig {
         if let Some(v) = self.max_outbox_bytes {
             cfg.max_outbox_bytes = v;
         }
+        if let Some(v) = self.read_pause_bytes {
+            cfg.read_pause_bytes = v;
+        }
         if let Some(v) = self.max_transaction_bytes {
             cfg.max_transaction_bytes = v;
         }
@@ -360,6 +368,11 @@ impl Config {
                  a tpc_begin extension or a getInvalidations list more)"
             )));
         }
+        if self.read_pause_bytes < 64 * 1024 {
+            return Err(ConfigError::Invalid(
+                "read-pause-bytes must be at least 65536 (a few replies must fit)".into(),
+            ));
+        }
         if self.gc_interval.is_zero() {
             return Err(ConfigError::Invalid(
                 "gc-interval must be at least 1 second".into(),
@@ -434,6 +447,7 @@ mod tests {
             "max-outbox-bytes",
             "max-transaction-bytes",
             "max-connections",
+            "read-pause-bytes",
             "shutdown-grace",
             "max-nesting-depth",
             "max-message-items",

@@ -105,6 +105,12 @@ struct Cli {
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
 
+    /// Bytes queued for a client past which its own requests are not read
+    /// until it reads its replies (a client that pipelines and never reads
+    /// holds about this much of the server's memory). [default: 1 MiB]
+    #[arg(long, value_name = "BYTES")]
+    read_pause_bytes: Option<usize>,
+
     /// How deeply containers may nest in one message; a deeper one closes
     /// its connection with a log line. [default: 64]
     #[arg(long, value_name = "N")]
@@ -176,6 +182,7 @@ impl Cli {
             max_outbox_bytes: self.max_outbox_bytes,
             max_transaction_bytes: self.max_transaction_bytes,
             max_connections: self.max_connections,
+            read_pause_bytes: self.read_pause_bytes,
             max_nesting_depth: self.max_nesting_depth,
             max_message_items: self.max_message_items,
             threads: self.threads,

@@ -10,8 +10,12 @@
 //! marked for closing (never dropping a frame in the middle: a client that
 //! cannot keep up is disconnected and verifies its cache on reconnect, which
 //! is how ZEO recovers from a lost connection). A connection's own requests
-//! are not read while its outbox is over half the bound, so a client that
-//! pipelines requests and never reads replies only stalls itself.
+//! are not read while its outbox holds more than [`READ_PAUSE_BYTES`] (or
+//! half the bound, if that is less), so a client that pipelines requests
+//! and never reads replies only stalls itself, and holds about that much
+//! of the server's memory, not the whole bound: a queue fed by the
+//! client's own requests stops growing there; only pushes (invalidations)
+//! take it on towards the bound.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -22,6 +26,17 @@ use tokio::sync::Notify;
 /// Default bound on the bytes queued for one client (`max-outbox-bytes`).
 /// A 20 MB object reply fits with room for the invalidations that follow it.
 pub const DEFAULT_MAX_OUTBOX_BYTES: usize = 256 * 1024 * 1024;
+
+/// Default `read-pause-bytes`: queued bytes past which a connection's own
+/// requests are no longer read
+/// (until the queue drains below it again), when less than half of
+/// `max-outbox-bytes`. Before, the pause came at half the bound: a client
+/// that pipelined 50,000 loads of a 4 KiB object and never read made the
+/// server queue 128 MiB for it (by default) and keep it as long as the
+/// connection lasted; four such clients, half a GiB. A client that reads
+/// never gets near this (the kernel's socket buffers take megabytes first);
+/// one reply bigger than this is still queued whole.
+pub const READ_PAUSE_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, Default)]
 struct State {
@@ -39,15 +54,26 @@ pub struct Outbox {
     /// outbox closed.
     drained: Notify,
     max_bytes: usize,
+    /// Queued bytes over which the connection's requests are not read.
+    read_pause: usize,
 }
 
 impl Outbox {
+    /// A queue bounded at `max_bytes` whose connection pauses reading at
+    /// [`READ_PAUSE_BYTES`].
     pub fn new(max_bytes: usize) -> Outbox {
+        Outbox::with_read_pause(max_bytes, READ_PAUSE_BYTES)
+    }
+
+    /// A queue bounded at `max_bytes` whose connection stops reading its
+    /// requests over `read_pause` queued bytes (or half the bound, if less).
+    pub fn with_read_pause(max_bytes: usize, read_pause: usize) -> Outbox {
         Outbox {
             state: Mutex::new(State::default()),
             wake_writer: Notify::new(),
             drained: Notify::new(),
             max_bytes,
+            read_pause: read_pause.min(max_bytes / 2),
         }
     }
 
@@ -116,9 +142,14 @@ impl Outbox {
         self.lock().bytes
     }
 
+    /// Queued bytes over which the reader side stops taking requests.
+    fn pause_bytes(&self) -> usize {
+        self.read_pause
+    }
+
     /// True while the reader side should stop taking new requests.
     pub fn is_backlogged(&self) -> bool {
-        self.lock().bytes > self.max_bytes / 2
+        self.lock().bytes > self.pause_bytes()
     }
 
     /// Waits until the queue is no longer backlogged (or closed).
@@ -127,7 +158,7 @@ impl Outbox {
             let notified = self.drained.notified();
             {
                 let st = self.lock();
-                if st.bytes <= self.max_bytes / 2 || st.closed.is_some() {
+                if st.bytes <= self.pause_bytes() || st.closed.is_some() {
                     return;
                 }
             }
@@ -230,6 +261,30 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(reason.contains("max-outbox-bytes"), "{reason}");
+    }
+
+    #[test]
+    fn reading_pauses_at_the_smaller_of_half_the_bound_and_the_pause_size() {
+        // A small bound: half of it.
+        let ob = Outbox::new(100);
+        assert!(ob.push(Bytes::from(vec![0u8; 50])));
+        assert!(!ob.is_backlogged());
+        assert!(ob.push(Bytes::from(vec![0u8; 1])));
+        assert!(ob.is_backlogged());
+        // A big bound: the pause size, far below half of it; the queue may
+        // still grow to the bound (pushes) without closing.
+        let ob = Outbox::new(DEFAULT_MAX_OUTBOX_BYTES);
+        let chunk = READ_PAUSE_BYTES / 4;
+        for _ in 0..4 {
+            assert!(ob.push(Bytes::from(vec![0u8; chunk])));
+        }
+        assert!(!ob.is_backlogged());
+        assert!(ob.push(Bytes::from(vec![0u8; 1])));
+        assert!(ob.is_backlogged());
+        assert!(ob.push(Bytes::from(vec![0u8; 8 * READ_PAUSE_BYTES])));
+        assert!(ob.closed_reason().is_none());
+        ob.written(ob.queued_bytes() - READ_PAUSE_BYTES);
+        assert!(!ob.is_backlogged());
     }
 
     #[test]
