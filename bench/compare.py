@@ -606,15 +606,19 @@ def svg_chart(workloads, conns, results):
 
 # ---------------------------------------------------------------- machine
 
-def machine_info(args):
-    cpu = "?"
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo, or "?"."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return "?"
+
+
+def machine_info(args):
+    cpu = cpu_model()
 
     def out(cmd):
         try:

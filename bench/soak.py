@@ -749,14 +749,8 @@ def machine_info(args):
             return (r.stdout.strip() or r.stderr.strip()).splitlines()[0]
         except Exception as e:  # informational only
             return f"? ({e})"
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from compare import cpu_model  # bench/compare.py, next to this file
+    cpu = cpu_model()
     import importlib.metadata as md
     dirty = out(["git", "status", "--porcelain", "--untracked-files=no"])
     return dict(

@@ -480,15 +480,7 @@ impl Storage {
 
     /// Asks for the commit lock for connection `id`.
     pub fn try_lock(&self, id: ConnId) -> LockAttempt {
-        let mut lk = self.commit_lock();
-        if lk.holder.is_none() || lk.holder == Some(id) {
-            lk.holder = Some(id);
-            lk.since = Some(Instant::now());
-            return LockAttempt::Acquired;
-        }
-        let (tx, rx) = oneshot::channel();
-        lk.waiters.push_back((id, tx));
-        LockAttempt::Wait(rx)
+        self.ask_lock(id, false)
     }
 
     /// Like [`Storage::try_lock`], but ahead of every waiter. At shutdown the
@@ -497,6 +489,10 @@ impl Storage {
     /// one votes, and every commit acknowledged before the connections
     /// close was announced to every client still connected.
     pub fn lock_ahead(&self, id: ConnId) -> LockAttempt {
+        self.ask_lock(id, true)
+    }
+
+    fn ask_lock(&self, id: ConnId, ahead: bool) -> LockAttempt {
         let mut lk = self.commit_lock();
         if lk.holder.is_none() || lk.holder == Some(id) {
             lk.holder = Some(id);
@@ -504,7 +500,11 @@ impl Storage {
             return LockAttempt::Acquired;
         }
         let (tx, rx) = oneshot::channel();
-        lk.waiters.push_front((id, tx));
+        if ahead {
+            lk.waiters.push_front((id, tx));
+        } else {
+            lk.waiters.push_back((id, tx));
+        }
         LockAttempt::Wait(rx)
     }
 

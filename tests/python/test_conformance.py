@@ -188,13 +188,17 @@ class ZeotempServers:
     _zt_workdir = None
     _zt_registry = None
 
+    def _zt_extra_args(self):
+        """More zeotemp arguments for every server of the class."""
+        return []
+
     def _zt_start(self, port=0, read_only=False, transaction_timeout=None,
                   invq=None):
         if self._zt_registry is None:   # run outside pytest
             self._zt_registry = []
         if self._zt_workdir is None:
             self._zt_workdir = tempfile.mkdtemp(prefix="zeotemp-conformance-")
-        args = []
+        args = self._zt_extra_args()
         if invq:
             args += ["--invalidation-queue-size", str(invq)]
         srv = Server(os.path.join(str(self._zt_workdir),
@@ -473,28 +477,10 @@ class SSLConnectionTests(ZeotempConnectionSetup,
     a client certificate, so zeotemp runs without ``--tls-client-ca`` here
     (client certificates are tested in test_tls.py)."""
 
-    def _zt_start(self, port=0, read_only=False, transaction_timeout=None,
-                  invq=None):
-        # ZeotempServers._zt_start, plus the TLS arguments.
-        if self._zt_registry is None:
-            self._zt_registry = []
-        if self._zt_workdir is None:
-            self._zt_workdir = tempfile.mkdtemp(prefix="zeotemp-conformance-")
+    def _zt_extra_args(self):
         here = os.path.dirname(testssl.__file__)
-        args = ["--tls-certificate", os.path.join(here, "server.pem"),
+        return ["--tls-certificate", os.path.join(here, "server.pem"),
                 "--tls-key", os.path.join(here, "server_key.pem")]
-        if invq:
-            args += ["--invalidation-queue-size", str(invq)]
-        srv = Server(os.path.join(str(self._zt_workdir),
-                                  f"server{len(self._zt_registry) + 1}"),
-                     read_only=read_only,
-                     transaction_timeout=transaction_timeout,
-                     zeotemp_args=args)
-        if port:
-            srv.port = port
-        self._zt_registry.append(srv)
-        srv.start()
-        return srv
 
 
 # -- testZEO.py / testConnection.py doctests -----------------------------------

@@ -427,16 +427,7 @@ def test_tls_applies_to_unix_sockets(tls_server, certs, tmp_path):
 
 # -- ZConfig: ZEO's <clientstorage> <ssl> section -------------------------------------
 
-SCHEMA = """\
-<schema>
-  <import package="ZODB"/>
-  <sectiontype name="zodb_db" extends="zodb">
-    <multikey name="mount-point" required="yes" attribute="mount_points"/>
-    <key name="container-class"/>
-  </sectiontype>
-  <multisection type="zodb_db" name="+" attribute="databases"/>
-</schema>
-"""
+from zeotemp_util import ZOPE_SCHEMA as SCHEMA  # noqa: E402
 
 
 def test_zope_conf_tls_stanza(tls_server, certs, make_db):

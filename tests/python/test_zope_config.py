@@ -11,21 +11,10 @@ import transaction
 import ZConfig
 import ZODB
 
+from zeotemp_util import ZOPE_SCHEMA as SCHEMA
+
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "config"
 
-# Zope's <zodb_db> section is ZODB's <zodb> plus the mount keys (Zope:
-# src/Zope2/Startup/wsgischema.xml); this stand-in lets the stanzas be
-# validated without installing Zope.
-SCHEMA = """\
-<schema>
-  <import package="ZODB"/>
-  <sectiontype name="zodb_db" extends="zodb">
-    <multikey name="mount-point" required="yes" attribute="mount_points"/>
-    <key name="container-class"/>
-  </sectiontype>
-  <multisection type="zodb_db" name="+" attribute="databases"/>
-</schema>
-"""
 
 
 def load_stanza(filename, port):

@@ -209,6 +209,18 @@ class Attack:
     def start(self):
         raise NotImplementedError
 
+    def _start_clients(self):
+        """Runs ``self._run(i)`` for each of ``self.k`` clients in its own
+        thread; returns once each has passed ``self._ready`` (a barrier of
+        k + 1), or after 60 s."""
+        for i in range(self.k):
+            self._thread(self._run, i)
+        try:
+            self._ready.wait(60)
+        except threading.BrokenBarrierError:
+            pass
+        return self
+
     def stop(self):
         self._stop.set()
         self.close_all()
@@ -340,6 +352,9 @@ class Pipeliners(Attack):
 
     name = "pipeline"
 
+    def start(self):
+        return self._start_clients()
+
     def __init__(self, address, k, n, oid, storage="1", batch=500,
                  rcvbuf=None):
         super().__init__()
@@ -351,14 +366,6 @@ class Pipeliners(Attack):
         self.clients = []
         self._ready = threading.Barrier(k + 1)
 
-    def start(self):
-        for i in range(self.k):
-            self._thread(self._run, i)
-        try:
-            self._ready.wait(60)
-        except threading.BrokenBarrierError:
-            pass
-        return self
 
     def _run(self, i):
         c = RawClient(self.address, 30)
@@ -433,6 +440,9 @@ class NewOidsFlood(Attack):
 
     name = "new_oids"
 
+    def start(self):
+        return self._start_clients()
+
     def __init__(self, address, k, n, storage="1", absurd_every=20,
                  batch=200, counts=ABSURD_COUNTS):
         super().__init__()
@@ -451,14 +461,6 @@ class NewOidsFlood(Attack):
         self._lock = threading.Lock()
         self._ready = threading.Barrier(k + 1)
 
-    def start(self):
-        for i in range(self.k):
-            self._thread(self._run, i)
-        try:
-            self._ready.wait(60)
-        except threading.BrokenBarrierError:
-            pass
-        return self
 
     def _arg(self, j):
         if j % self.absurd_every == self.absurd_every - 1:
@@ -775,16 +777,7 @@ def window_stats(ops, t0, t1):
 
 # -- memory ----------------------------------------------------------------------
 
-def rss_kib(pid):
-    """VmRSS of ``pid`` in KiB (from /proc/PID/status), or None."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+from zeotemp_churn import rss_kib  # noqa: E402  (shared with the soak)
 
 
 class RssSampler:

@@ -228,19 +228,8 @@ def churn_worker(cfg):
     tm = transaction.TransactionManager()
     conn = db.open(transaction_manager=tm)
 
-    known = deque(maxlen=max(1, cfg["known"]))
-    serial = [0]
-
-    def next_sid():
-        r = rnd.random()
-        if r < cfg["shared_fraction"]:
-            return f"shared-{rnd.randrange(cfg['shared_sessions'])}"
-        if r < cfg["shared_fraction"] + cfg["new_fraction"] or not known:
-            serial[0] += 1
-            sid = f"w{worker}-{serial[0]}"
-            known.append(sid)
-            return sid
-        return rnd.choice(known)
+    next_sid = session_id_picker(rnd, cfg, f"w{worker}-",
+                                 deque(maxlen=max(1, cfg["known"])), 0)
 
     def run(work):
         """One unit of work in its own transaction, retried on conflicts.
@@ -456,6 +445,26 @@ class ServerProcess:
             os.killpg(self.proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def session_id_picker(rnd, cfg, prefix, known, last_serial):
+    """The churn's next session id, as a visitor mix: a shared session, a
+    new one (``prefix`` + a counter after ``last_serial``, remembered in
+    ``known``), or one of ``known`` again."""
+    serial = [last_serial]
+
+    def next_sid():
+        r = rnd.random()
+        if r < cfg["shared_fraction"]:
+            return f"shared-{rnd.randrange(cfg['shared_sessions'])}"
+        if r < cfg["shared_fraction"] + cfg["new_fraction"] or not known:
+            serial[0] += 1
+            sid = f"{prefix}{serial[0]}"
+            known.append(sid)
+            return sid
+        return rnd.choice(known)
+
+    return next_sid
 
 
 def rss_kib(pid):

@@ -410,7 +410,6 @@ def worker(cfg, kill_event=None):
     ledger.write(t="start", gen=gen, pid=os.getpid(), time=time.time())
     rnd = random.Random(hash((slot, os.getpid(), time.time())))
     seq = [prior.max_seq + 1]
-    serial = [prior.max_serial]
     own_prefix = f"w{slot}-"
     known = deque((s for s in prior.recent_sids if s.startswith(own_prefix)),
                   maxlen=max(1, cfg["known"]))
@@ -425,16 +424,8 @@ def worker(cfg, kill_event=None):
     if gen > 0:
         resume_check(conn, tm, prior, ledger)
 
-    def next_sid():
-        r = rnd.random()
-        if r < cfg["shared_fraction"]:
-            return f"shared-{rnd.randrange(cfg['shared_sessions'])}"
-        if r < cfg["shared_fraction"] + cfg["new_fraction"] or not known:
-            serial[0] += 1
-            sid = f"{own_prefix}{serial[0]}"
-            known.append(sid)
-            return sid
-        return rnd.choice(known)
+    next_sid = zeotemp_churn.session_id_picker(rnd, cfg, own_prefix, known,
+                                               prior.max_serial)
 
     def work(sid, okey, q):
         root = conn.root()

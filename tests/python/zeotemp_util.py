@@ -50,3 +50,18 @@ def commit_with_retry(tm, work, attempts=20, transient=None, pause=0.05):
             if attempt == attempts - 1:
                 raise
             time.sleep(pause * (attempt + 1))
+
+
+# Zope's <zodb_db> section is ZODB's <zodb> plus the mount keys (Zope:
+# src/Zope2/Startup/wsgischema.xml); this stand-in lets zope.conf stanzas be
+# loaded with ZConfig without installing Zope.
+ZOPE_SCHEMA = """\
+<schema>
+  <import package="ZODB"/>
+  <sectiontype name="zodb_db" extends="zodb">
+    <multikey name="mount-point" required="yes" attribute="mount_points"/>
+    <key name="container-class"/>
+  </sectiontype>
+  <multisection type="zodb_db" name="+" attribute="databases"/>
+</schema>
+"""
