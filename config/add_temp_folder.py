@@ -6,7 +6,9 @@ Run with the instance's configuration, with zeotemp running:
 
 It does what the ZMI does when you add a "ZODB Mount Point" and pick
 /temp_folder: it records the mount point in the main database (which is
-why this is needed only once, not after each zeotemp restart).
+why this is needed only once, not after each zeotemp restart). The
+companion add-on zope/zeotemp.zoperecover does the same when Zope starts.
+Tested by tests/e2e/zope.sh.
 """
 import transaction
 from Products.ZODBMountPoint.MountedObject import manage_addMounts
