@@ -64,6 +64,13 @@ pub const DEFAULT_GC_INTERVAL_SECS: u64 = 10;
 /// per-revision overheads), not to its RSS, which is somewhat higher.
 pub const DEFAULT_MEMORY_LIMIT_FRACTION: f64 = 0.5;
 
+/// Default `metrics-address`: none, so the Prometheus endpoint is off. Set
+/// to `HOST:PORT` (port 0 picks a free port and logs it) to serve
+/// `GET /metrics` in the Prometheus text format there (`src/metrics.rs`).
+/// Plain HTTP without authentication: keep it on loopback or a private
+/// network, as the ZEO port.
+pub const DEFAULT_METRICS_ADDRESS: Option<&str> = None;
+
 /// How often a summary line per storage is logged, in seconds.
 pub const STATS_LOG_INTERVAL_SECS: u64 = 300;
 
@@ -90,6 +97,13 @@ pub struct Config {
     /// Storage names served; each is a separate, isolated database.
     pub storages: Vec<String>,
     pub read_only: bool,
+    /// `msgpack`: announce `M5` (msgpack) instead of `Z5` (pickle) at the
+    /// handshake, as the stock server's `msgpack true`. Stock clients
+    /// answer with the letter announced; whatever was announced, a client
+    /// answering `M5` is spoken msgpack, one answering `Z5` pickle. Off by
+    /// default: a stock client needs the `msgpack` package for `M5`, which
+    /// Zope and Plone do not install.
+    pub msgpack: bool,
     pub transaction_timeout: Duration,
     /// See [`DEFAULT_FRAME_TIMEOUT_SECS`].
     pub frame_timeout: Duration,
@@ -130,6 +144,9 @@ pub struct Config {
     /// present a certificate signed by one of them or its handshake fails
     /// (the stock server's `<ssl> authenticate`). Needs `tls-certificate`.
     pub tls_client_ca: Option<PathBuf>,
+    /// `metrics-address`: `HOST:PORT` of the Prometheus endpoint; `None`
+    /// (the default, [`DEFAULT_METRICS_ADDRESS`]) serves none.
+    pub metrics_address: Option<String>,
 }
 
 /// Physical memory in bytes, from /proc/meminfo (Linux).
@@ -151,6 +168,7 @@ impl Default for Config {
             addresses: vec![DEFAULT_ADDRESS.to_string()],
             storages: vec![DEFAULT_STORAGE.to_string()],
             read_only: false,
+            msgpack: false,
             transaction_timeout: Duration::from_secs(DEFAULT_TRANSACTION_TIMEOUT_SECS),
             frame_timeout: Duration::from_secs(DEFAULT_FRAME_TIMEOUT_SECS),
             shutdown_grace: Duration::from_secs(SHUTDOWN_GRACE_SECS),
@@ -170,6 +188,7 @@ impl Default for Config {
             tls_certificate: None,
             tls_key: None,
             tls_client_ca: None,
+            metrics_address: DEFAULT_METRICS_ADDRESS.map(String::from),
         }
     }
 }
@@ -182,6 +201,7 @@ pub struct FileConfig {
     pub address: Option<Vec<String>>,
     pub storage: Option<Vec<String>>,
     pub read_only: Option<bool>,
+    pub msgpack: Option<bool>,
     pub transaction_timeout: Option<u64>,
     pub frame_timeout: Option<u64>,
     pub shutdown_grace: Option<u64>,
@@ -209,6 +229,8 @@ pub struct FileConfig {
     pub tls_certificate: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
+    /// `HOST:PORT` of the Prometheus endpoint (off when unset).
+    pub metrics_address: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -260,6 +282,9 @@ impl FileConfig {
         }
         if let Some(v) = self.read_only {
             cfg.read_only = v;
+        }
+        if let Some(v) = self.msgpack {
+            cfg.msgpack = v;
         }
         if let Some(v) = self.shutdown_grace {
             cfg.shutdown_grace = Duration::from_secs(v);
@@ -318,6 +343,9 @@ impl FileConfig {
         if let Some(v) = &self.tls_client_ca {
             cfg.tls_client_ca = Some(v.clone());
         }
+        if let Some(v) = &self.metrics_address {
+            cfg.metrics_address = Some(v.clone());
+        }
         if self.client_conflict_resolution == Some(false) {
             return Err(ConfigError::Invalid(
                 "client-conflict-resolution = false is not possible: zeotemp never unpickles \
@@ -329,7 +357,69 @@ impl FileConfig {
     }
 }
 
+/// `n` bytes for people: `512 B`, `64 MiB`, `11.8 GiB`.
+pub fn human_bytes(n: usize) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[unit])
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
 impl Config {
+    /// The settings in one line for people: what is served and every limit
+    /// (the start-up line and `--check-config` print it).
+    pub fn summary(&self) -> String {
+        let secs = |d: Duration| format!("{} s", d.as_secs());
+        let storages = self
+            .storages
+            .iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let memory = match self.memory_limit {
+            Some(m) => human_bytes(m),
+            None => "no limit".into(),
+        };
+        format!(
+            "storage{} {storages}{}{}; memory {memory} per storage, history {}, gc every {}; \
+             limits: {} connections, frame {}, transaction {}, outbox {} (read pause {}), \
+             nesting {}, {} values per message; timeouts: transaction {}, frame {}, shutdown {}; \
+             {} thread{}",
+            if self.storages.len() == 1 { "" } else { "s" },
+            if self.read_only { " (read-only)" } else { "" },
+            match (self.msgpack, &self.metrics_address) {
+                (false, None) => String::new(),
+                (true, None) => ", announcing msgpack (M5)".into(),
+                (false, Some(a)) => format!(", metrics-address {a}"),
+                (true, Some(a)) => {
+                    format!(", announcing msgpack (M5), metrics-address {a}")
+                }
+            },
+            secs(self.history_retention),
+            secs(self.gc_interval),
+            self.max_connections,
+            human_bytes(self.max_frame_size),
+            human_bytes(self.max_transaction_bytes),
+            human_bytes(self.max_outbox_bytes),
+            human_bytes(self.read_pause_bytes.min(self.max_outbox_bytes / 2)),
+            self.max_nesting_depth,
+            self.max_message_items,
+            secs(self.transaction_timeout),
+            secs(self.frame_timeout),
+            secs(self.shutdown_grace),
+            self.threads,
+            if self.threads == 1 { "" } else { "s" },
+        )
+    }
+
     /// Checks settings that would make the server useless or unsafe.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.addresses.is_empty() {
@@ -403,6 +493,16 @@ impl Config {
             }
             _ => {}
         }
+        if let Some(a) = &self.metrics_address {
+            let port_ok = a
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !port_ok || a.contains('/') {
+                return Err(ConfigError::Invalid(format!(
+                    "metrics-address {a:?} is not HOST:PORT (e.g. 127.0.0.1:9101; TCP only)"
+                )));
+            }
+        }
         if self.tls_client_ca.is_some() && self.tls_certificate.is_none() {
             return Err(ConfigError::Invalid(
                 "tls-client-ca needs tls-certificate and tls-key (client certificates are \
@@ -438,6 +538,7 @@ mod tests {
             "address",
             "storage",
             "read-only",
+            "msgpack",
             "transaction-timeout",
             "invalidation-queue-size",
             "history-retention",
@@ -459,6 +560,7 @@ mod tests {
             "tls-certificate",
             "tls-key",
             "tls-client-ca",
+            "metrics-address",
         ] {
             assert!(
                 text.contains(&format!("{key} =")),
@@ -498,6 +600,56 @@ mod tests {
     }
 
     #[test]
+    fn summary_names_what_is_served_and_every_limit() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(64 << 20), "64 MiB");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
+        let cfg = Config {
+            storages: vec!["1".into(), "temp".into()],
+            memory_limit: Some(1 << 30),
+            ..Config::default()
+        };
+        let s = cfg.summary();
+        for part in [
+            "storages \"1\", \"temp\";",
+            "memory 1 GiB per storage",
+            "history 600 s",
+            "10000 connections",
+            "frame 64 MiB",
+            "transaction 512 MiB",
+            "outbox 256 MiB (read pause 1 MiB)",
+            "nesting 64",
+            "100000 values per message",
+            "timeouts: transaction 30 s, frame 60 s, shutdown 5 s",
+            "1 thread",
+        ] {
+            assert!(s.contains(part), "{part:?} not in {s:?}");
+        }
+        let ro = Config {
+            read_only: true,
+            memory_limit: None,
+            ..Config::default()
+        };
+        assert!(
+            ro.summary()
+                .starts_with("storage \"1\" (read-only); memory no limit")
+        );
+    }
+
+    #[test]
+    fn msgpack_is_off_by_default() {
+        assert!(!Config::default().msgpack);
+        let file: FileConfig = toml::from_str("msgpack = true").unwrap();
+        let mut cfg = Config::default();
+        file.apply(&mut cfg).unwrap();
+        assert!(cfg.msgpack);
+        cfg.validate().unwrap();
+        let file: FileConfig = toml::from_str("msgpack = false").unwrap();
+        file.apply(&mut cfg).unwrap();
+        assert!(!cfg.msgpack);
+    }
+
+    #[test]
     fn memory_limit_zero_means_none() {
         let file: FileConfig = toml::from_str("memory-limit = 0").unwrap();
         let mut cfg = Config::default();
@@ -525,6 +677,37 @@ mod tests {
         for bad in ["rw-rw----", "0999", "1777777"] {
             let file: FileConfig = toml::from_str(&format!("unix-socket-mode = {bad:?}")).unwrap();
             assert!(file.apply(&mut Config::default()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn metrics_address_is_off_by_default_and_host_port() {
+        assert_eq!(Config::default().metrics_address, None);
+        let file: FileConfig = toml::from_str("metrics-address = '127.0.0.1:9101'").unwrap();
+        let mut cfg = Config::default();
+        file.apply(&mut cfg).unwrap();
+        assert_eq!(cfg.metrics_address.as_deref(), Some("127.0.0.1:9101"));
+        cfg.validate().unwrap();
+        for good in ["[::1]:0", "localhost:9101"] {
+            let cfg = Config {
+                metrics_address: Some(good.into()),
+                ..Config::default()
+            };
+            cfg.validate().unwrap();
+        }
+        for bad in [
+            "9101",
+            "127.0.0.1",
+            ":9101",
+            "127.0.0.1:99999",
+            "/run/metrics.sock",
+        ] {
+            let cfg = Config {
+                metrics_address: Some(bad.into()),
+                ..Config::default()
+            };
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains("metrics-address"), "{bad}: {err}");
         }
     }
 

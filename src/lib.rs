@@ -19,11 +19,13 @@
 //! | [`refs`] | the persistent references of an object record (for GC), by an opcode walk that evaluates nothing |
 //! | [`rng`] | a tiny deterministic pseudo-random generator (load generator, randomized tests) |
 //! | [`marshal`] | ZEO's `(msgid, flags, name, args)` envelope, replies, errors, pushes |
+//! | [`msgpack`] | the msgpack codec of the `M5` protocol: the same plain data as [`pickle`], hardened alike |
 //! | [`rpc`] | the per-connection session: register, method whitelist, two-phase commit, error replies |
 //! | [`oidhash`] | a fast keyed hasher for the maps keyed by oid |
 //! | [`storage`] | objects and revisions, tids and oids, conflicts, retention, the commit lock, the memory limit; [`storage::gc`] frees unreachable objects |
 //! | [`outbox`] | the per-connection outbound FIFO, bounded in bytes |
 //! | [`server`] | listeners, connection tasks, shutdown |
+//! | [`metrics`] | the Prometheus endpoint (`metrics-address`): a minimal HTTP server for `GET /metrics` |
 //! | [`tls`] | the TLS setup (rustls) from `tls-certificate`, `tls-key` and `tls-client-ca`; the handshake and its retry delay |
 //! | [`config`] | settings and their defaults (every limit is a named constant there) |
 //! | [`bench`] | a ZEO 5 load generator (the `zeotemp-bench` binary) for comparing servers |
@@ -45,6 +47,8 @@ pub mod bench;
 pub mod config;
 pub mod frame;
 pub mod marshal;
+pub mod metrics;
+pub mod msgpack;
 pub mod oidhash;
 pub mod opcodes;
 pub mod outbox;

@@ -34,6 +34,14 @@ struct Cli {
     #[arg(long)]
     read_only: bool,
 
+    /// Announce ZEO protocol M5 (msgpack) instead of Z5 (pickle), as the
+    /// stock server's `msgpack true`; stock clients then speak msgpack
+    /// (they need the `msgpack` package). Whatever is announced, a client
+    /// answering M5 gets msgpack and one answering Z5 pickle.
+    /// [default: off]
+    #[arg(long)]
+    msgpack: bool,
+
     /// Seconds one transaction may hold a storage's commit lock (from vote,
     /// through client-side conflict resolution, to tpc_finish) before it is
     /// aborted and its connection closed. [default: 30]
@@ -153,9 +161,20 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
 
+    /// Serve Prometheus metrics (GET /metrics, plain HTTP) on HOST:PORT;
+    /// port 0 picks a free port and logs it. [default: off]
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_address: Option<String>,
+
     /// TOML file with the same settings (see config/zeotemp.toml).
     #[arg(short = 'C', long, value_name = "FILE")]
     config: Option<PathBuf>,
+
+    /// Check the settings (config file, command line, TLS files) and print
+    /// them in one line, without starting; exit status 0 if usable, 2 if
+    /// not (with the reason).
+    #[arg(long)]
+    check_config: bool,
 
     /// Log filter: error, warn, info, debug (commits are logged at debug),
     /// or a tracing filter like `zeotemp=debug`. Overrides RUST_LOG.
@@ -173,6 +192,7 @@ impl Cli {
             address: some_vec(&self.address),
             storage: some_vec(&self.storage),
             read_only: self.read_only.then_some(true),
+            msgpack: self.msgpack.then_some(true),
             transaction_timeout: self.transaction_timeout,
             frame_timeout: self.frame_timeout,
             shutdown_grace: self.shutdown_grace,
@@ -194,6 +214,7 @@ impl Cli {
             tls_certificate: self.tls_certificate.clone(),
             tls_key: self.tls_key.clone(),
             tls_client_ca: self.tls_client_ca.clone(),
+            metrics_address: self.metrics_address.clone(),
         }
     }
 }
@@ -224,6 +245,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if cli.check_config {
+        println!(
+            "zeotemp {}: configuration OK: listen on {}{}; {}",
+            env!("CARGO_PKG_VERSION"),
+            cfg.addresses.join(" and "),
+            match zeotemp::tls::describe(&cfg) {
+                Some(t) => format!(" ({t})"),
+                None => String::new(),
+            },
+            cfg.summary()
+        );
+        return ExitCode::SUCCESS;
+    }
     let filter = match log_level {
         Some(l) => tracing_subscriber::EnvFilter::new(l),
         None => tracing_subscriber::EnvFilter::try_from_default_env()
@@ -259,18 +293,19 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+        let on = listeners
+            .iter()
+            .map(|l| l.describe())
+            .collect::<Vec<_>>()
+            .join(" and ");
+        let tls = match zeotemp::tls::describe(&cfg) {
+            Some(t) => format!(" ({t})"),
+            None => String::new(),
+        };
         info!(
-            version = env!("CARGO_PKG_VERSION"),
-            storages = ?cfg.storages,
-            read_only = cfg.read_only,
-            transaction_timeout = ?cfg.transaction_timeout,
-            history_retention = ?cfg.history_retention,
-            gc_interval = ?cfg.gc_interval,
-            memory_limit = ?cfg.memory_limit,
-            max_frame_size = cfg.max_frame_size,
-            threads = cfg.threads,
-            tls = zeotemp::tls::describe(&cfg).unwrap_or("off"),
-            "zeotemp starting"
+            "zeotemp {} on {on}{tls}: {}",
+            env!("CARGO_PKG_VERSION"),
+            cfg.summary()
         );
         match zeotemp::server::run(listeners, cfg, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,

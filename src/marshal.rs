@@ -1,5 +1,6 @@
 //! ZEO's message envelope: every frame after the handshake is one pickled
-//! 4-tuple `(msgid, flags, name, args)` (protocol doc §3.1).
+//! (`Z5`) or msgpack (`M5`) 4-tuple `(msgid, flags, name, args)` (protocol
+//! doc §3.1, §3.3).
 //!
 //! * Requests: `flags` is `False` (call) or `True` (one-way); `name` is the
 //!   method; `args` is a tuple.
@@ -12,12 +13,33 @@
 //! server writes: `PROTO 3`, `MARK`, the four items, `TUPLE`, `STOP`. The
 //! msgid is echoed as the request carried it (a py2 client's `PyStr` stays
 //! `SHORT_BINSTRING`), and text follows the connection's [`Dialect`] (§12).
+//! With [`Encoding::Msgpack`] the same frames are a msgpack array of four
+//! written as the stock server's `packb(..., use_bin_type=True)` writes them
+//! ([`crate::msgpack`]).
 //!
 //! This module does no I/O and knows nothing of methods or storages.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::msgpack::{self, MsgpackError};
 use crate::pickle::{self, DecodeLimits, Dialect, PickleError, Value};
+
+/// How a connection's frames are encoded, chosen by the client's handshake
+/// answer (`Z5` or `M5`). A [`Dialect`] converts into the pickle encoding,
+/// so the encoders take either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// `Z5`: pickle protocol 3, in the peer's dialect.
+    Pickle(Dialect),
+    /// `M5`: msgpack.
+    Msgpack,
+}
+
+impl From<Dialect> for Encoding {
+    fn from(d: Dialect) -> Encoding {
+        Encoding::Pickle(d)
+    }
+}
 
 /// One decoded request (or, from the client's side, reply or push).
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +64,8 @@ pub struct Message {
 pub enum MarshalError {
     #[error("can't deserialize message: {0}")]
     Pickle(#[from] PickleError),
+    #[error("can't deserialize message: {0}")]
+    Msgpack(#[from] MsgpackError),
     #[error("message is not a 4-tuple but a {0}")]
     NotAMessage(String),
     #[error("method name is a {0}, not text")]
@@ -60,6 +84,16 @@ pub fn decode_message_bytes(
     limits: &DecodeLimits,
 ) -> Result<Message, MarshalError> {
     into_message(pickle::decode_bytes(payload, limits)?)
+}
+
+/// Decodes one msgpack (`M5`) frame payload. Arrays decode to tuples;
+/// the method name must be a msgpack `str` (a Python-2 client over msgpack
+/// sends it as `bin`, which the stock server refuses too).
+pub fn decode_msgpack_message(
+    payload: &[u8],
+    limits: &DecodeLimits,
+) -> Result<Message, MarshalError> {
+    into_message(msgpack::decode(payload, limits)?)
 }
 
 fn into_message(value: Value) -> Result<Message, MarshalError> {
@@ -94,17 +128,41 @@ fn into_message(value: Value) -> Result<Message, MarshalError> {
 }
 
 /// A normal reply: `(msgid, 0, ".reply", result)`.
-pub fn encode_reply(dialect: Dialect, msgid: &Value, result: &Value) -> Bytes {
-    encode_reply_with(dialect, msgid, pickle::size_hint(result), |out| {
-        pickle::encode_into(out, result, dialect)
-    })
+pub fn encode_reply(encoding: impl Into<Encoding>, msgid: &Value, result: &Value) -> Bytes {
+    let hint = pickle::size_hint(result);
+    match encoding.into() {
+        Encoding::Pickle(dialect) => encode_reply_with(dialect, msgid, hint, |out| {
+            pickle::encode_into(out, result, dialect)
+        }),
+        Encoding::Msgpack => {
+            encode_msgpack_reply_with(msgid, hint, |out| msgpack::encode_into(out, result))
+        }
+    }
 }
 
 /// An exception reply: `(msgid, 2, ".reply", (class_name, state))`, where
 /// `state` is the exception's `__dict__` if non-empty, else its args tuple.
-pub fn encode_error(dialect: Dialect, msgid: &Value, class_name: &str, state: &Value) -> Bytes {
+pub fn encode_error(
+    encoding: impl Into<Encoding>,
+    msgid: &Value,
+    class_name: &str,
+    state: &Value,
+) -> Bytes {
     // Built by hand rather than as a Value so `state` is not cloned.
     let hint = pickle::size_hint(msgid) + class_name.len() + pickle::size_hint(state);
+    let dialect = match encoding.into() {
+        Encoding::Pickle(dialect) => dialect,
+        Encoding::Msgpack => {
+            return encode_msgpack_with(hint, |out| {
+                msgpack::encode_into(out, msgid);
+                msgpack::put_int(out, 2);
+                msgpack::put_str(out, ".reply");
+                msgpack::put_array_header(out, 2);
+                msgpack::put_str(out, class_name);
+                msgpack::encode_into(out, state);
+            });
+        }
+    };
     encode_with(hint, |out| {
         pickle::encode_into(out, msgid, dialect);
         pickle::encode_into(out, &Value::Int(2), dialect);
@@ -129,8 +187,19 @@ pub fn encode_reply_with(
 
 /// A one-way call from the server (`invalidateTransaction`, `info`, ...):
 /// `(0, True, method, args)`.
-pub fn encode_call(dialect: Dialect, method: &str, args: &Value) -> Bytes {
+pub fn encode_call(encoding: impl Into<Encoding>, method: &str, args: &Value) -> Bytes {
     let hint = pickle::size_hint(args);
+    let dialect = match encoding.into() {
+        Encoding::Pickle(dialect) => dialect,
+        Encoding::Msgpack => {
+            return encode_msgpack_with(hint + method.len(), |out| {
+                msgpack::put_int(out, 0);
+                out.put_u8(0xc3); // True
+                msgpack::put_str(out, method);
+                msgpack::encode_into(out, args);
+            });
+        }
+    };
     encode_frame(
         dialect,
         &Value::Int(0),
@@ -176,6 +245,33 @@ fn encode_with(hint: usize, items: impl FnOnce(&mut BytesMut)) -> Bytes {
     out.put_slice(&[TUPLE, STOP]);
     // A payload over 4 GiB cannot be framed; frame limits stop replies long
     // before that, so saturating here only keeps this function panic-free.
+    let len = u32::try_from(out.len() - 4).unwrap_or(u32::MAX);
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out.freeze()
+}
+
+/// A normal msgpack reply whose result is written by `result` (msgpack)
+/// straight into the frame; the msgpack twin of [`encode_reply_with`].
+pub fn encode_msgpack_reply_with(
+    msgid: &Value,
+    hint: usize,
+    result: impl FnOnce(&mut BytesMut),
+) -> Bytes {
+    encode_msgpack_with(pickle::size_hint(msgid) + hint, |out| {
+        msgpack::encode_into(out, msgid);
+        msgpack::put_int(out, 0);
+        msgpack::put_str(out, ".reply");
+        result(out);
+    })
+}
+
+/// Length prefix, the msgpack array header for four items, the items
+/// written by `items`; the length is patched in place afterwards.
+fn encode_msgpack_with(hint: usize, items: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut out = BytesMut::with_capacity(16 + hint);
+    out.put_u32(0);
+    msgpack::put_array_header(&mut out, 4);
+    items(&mut out);
     let len = u32::try_from(out.len() - 4).unwrap_or(u32::MAX);
     out[..4].copy_from_slice(&len.to_be_bytes());
     out.freeze()
@@ -370,6 +466,141 @@ mod tests {
         assert_eq!(
             payload(&f),
             "8003284b014b0255062e7265706c795802000000c3a92986742e"
+        );
+    }
+
+    #[test]
+    fn msgpack_requests() {
+        let dec = |h: &str| decode_msgpack_message(&unhex(h), &DecodeLimits::default());
+        // 15-msgpack seq 8: register('1', False)
+        let m = dec("9401c2a8726567697374657292a13100").unwrap();
+        assert_eq!(
+            m,
+            Message {
+                msgid: Value::Int(1),
+                oneway: false,
+                method: "register".into(),
+                args: Value::Tuple(vec![Value::str("1"), Value::Int(0)]),
+                dialect: Dialect::Py3,
+            }
+        );
+        // seq 12: loadBefore, msgid the tuple (oid, tid)
+        let m = dec(
+            "9492c4080000000000000000c4080000000000000001c2aa6c6f61644265666f726592c408\
+             0000000000000000c4080000000000000001",
+        )
+        .unwrap();
+        assert_eq!(m.method, "loadBefore");
+        assert_eq!(m.msgid, Value::Tuple(vec![oid(0), oid(1)]));
+        // seq 14: one-way tpc_begin; id(txn) as uint64, None, " "
+        let m = dec(
+            "9400c3a97470635f626567696e96cf00007fdecf213010c400c419696e697469616c20646174\
+             6162617365206372656174696f6e80c0a120",
+        )
+        .unwrap();
+        assert!(m.oneway);
+        let Value::Tuple(args) = &m.args else {
+            panic!("{:?}", m.args)
+        };
+        assert_eq!(args[0], Value::Int(0x7fde_cf21_3010));
+        assert_eq!(args[3], Value::Dict(vec![]));
+        assert_eq!(args[5], Value::str(" "));
+        // A client heartbeat: (-1, 0, ".reply", None)
+        let m = dec("94ff00a62e7265706c79c0").unwrap();
+        assert_eq!((m.msgid, m.oneway), (Value::Int(-1), false));
+        // py2-06 seq 8: a Python-2 client sends its method name as bin.
+        assert_eq!(
+            dec("9401c2c408726567697374657292c4013100"),
+            Err(MarshalError::BadMethodName("bytes"))
+        );
+        assert_eq!(
+            dec("93010203").unwrap_err().to_string(),
+            "message is not a 4-tuple but a tuple of 3 items"
+        );
+        assert_eq!(
+            dec("9401c2a170").unwrap_err().to_string(),
+            "can't deserialize message: msgpack truncated at offset 5: 1 more byte(s) needed"
+        );
+    }
+
+    #[test]
+    fn msgpack_replies_errors_and_pushes() {
+        let mp = Encoding::Msgpack;
+        // 15-msgpack seq 9: register's reply
+        assert_eq!(
+            payload(&encode_reply(mp, &Value::Int(1), &oid(0))),
+            "940100a62e7265706c79c4080000000000000000"
+        );
+        // seq 17: vote's empty list
+        assert_eq!(
+            payload(&encode_reply(mp, &Value::Int(3), &Value::List(vec![]))),
+            "940300a62e7265706c7990"
+        );
+        // seq 13: POSKeyError for a loadBefore, the (oid, tid) msgid echoed
+        let msgid = Value::Tuple(vec![oid(0), oid(1)]);
+        assert_eq!(
+            payload(&encode_error(
+                mp,
+                &msgid,
+                "ZODB.POSException.POSKeyError",
+                &Value::Tuple(vec![oid(0)])
+            )),
+            "9492c4080000000000000000c408000000000000000102a62e7265706c7992bd5a4f44422e504f\
+             53457863657074696f6e2e504f534b65794572726f7291c4080000000000000000"
+                .replace(' ', "")
+        );
+        // seq 65: ConflictError, its __dict__ as a map
+        let tid = |h: &str| Value::bytes(unhex(h));
+        let state = Value::Dict(vec![
+            (Value::str("message"), Value::str("database conflict error")),
+            (Value::str("oid"), oid(1)),
+            (
+                Value::str("class_name"),
+                Value::str("persistent.mapping.PersistentMapping"),
+            ),
+            (
+                Value::str("serials"),
+                Value::Tuple(vec![tid("040d45ec021547ee"), tid("040d45ec01f8c7bb")]),
+            ),
+        ]);
+        assert_eq!(
+            payload(&encode_error(
+                mp,
+                &Value::Int(3),
+                "ZODB.POSException.ConflictError",
+                &state
+            )),
+            "940302a62e7265706c7992bf5a4f44422e504f53457863657074696f6e2e436f6e666c696374\
+             4572726f7284a76d657373616765b7646174616261736520636f6e666c696374206572726f72a3\
+             6f6964c4080000000000000001aa636c6173735f6e616d65d92470657273697374656e742e6d61\
+             7070696e672e50657273697374656e744d617070696e67a773657269616c7392c408040d45ec02\
+             1547eec408040d45ec01f8c7bb"
+        );
+        // seq 61: invalidateTransaction(tid, [oid 1]); seq 19: info
+        let args = Value::Tuple(vec![tid("040d45ec021547ee"), Value::List(vec![oid(1)])]);
+        assert_eq!(
+            payload(&encode_call(mp, "invalidateTransaction", &args)),
+            "9400c3b5696e76616c69646174655472616e73616374696f6e92c408040d45ec021547ee91c408\
+             0000000000000001"
+        );
+        let info = Value::Tuple(vec![Value::Dict(vec![
+            (Value::str("length"), Value::Int(1)),
+            (Value::str("size"), Value::Int(214)),
+        ])]);
+        assert_eq!(
+            payload(&encode_call(mp, "info", &info)),
+            "9400c3a4696e666f9182a66c656e67746801a473697a65ccd6"
+        );
+        // A result written straight into the frame (loadBefore's path).
+        let f = encode_msgpack_reply_with(&Value::Int(7), 3, |out| {
+            msgpack::put_array_header(out, 1);
+            msgpack::put_nil(out);
+        });
+        assert_eq!(payload(&f), "940700a62e7265706c7991c0");
+        // The pickle encodings are unchanged by the Encoding wrapper.
+        assert_eq!(
+            encode_reply(Encoding::Pickle(Dialect::Py3), &Value::Int(1), &oid(0)),
+            encode_reply(Dialect::Py3, &Value::Int(1), &oid(0))
         );
     }
 

@@ -274,6 +274,40 @@ impl Value {
         None
     }
 
+    /// Turns every py2 `str` inside into what ZODB on Python 3 reads one as
+    /// (`encoding='ASCII', errors='bytes'`): text if ASCII, else bytes.
+    /// For values one client leaves for all to read, such as a Python-2
+    /// client's transaction `extension`, which `history` returns to every
+    /// client: a Python-3 client decodes a `SHORT_BINSTRING` as ASCII text,
+    /// so a non-ASCII one made the whole reply undecodable and its call
+    /// never returned. To a Python-2 client both come back as py2 `str`, as
+    /// sent (ASCII text and bytes are written as py2 `str` in its dialect).
+    /// Iterative, so any nesting depth is fine.
+    pub fn py2_strs_as_py3(&mut self) {
+        let mut todo: Vec<&mut Value> = vec![self];
+        while let Some(v) = todo.pop() {
+            match v {
+                Value::PyStr(b) => {
+                    let b = std::mem::take(b);
+                    *v = if b.is_ascii() {
+                        Value::Str(String::from_utf8_lossy(&b).into_owned())
+                    } else {
+                        Value::Bytes(b)
+                    };
+                }
+                Value::Tuple(items) | Value::List(items) => todo.extend(items.iter_mut()),
+                Value::Dict(pairs) => {
+                    for (k, x) in pairs.iter_mut() {
+                        todo.push(k);
+                        todo.push(x);
+                    }
+                }
+                Value::Opaque(inner) => todo.push(inner),
+                _ => {}
+            }
+        }
+    }
+
     /// A Python-ish type name for error messages. A py2 `str` is `"bytes"`:
     /// that is what this server treats it as.
     pub fn type_name(&self) -> &'static str {
@@ -2489,6 +2523,52 @@ mod tests {
         assert!(enc(&Value::bytes(vec![b'y'; 256])).starts_with("80034200010000797979"));
         assert!(enc(&Value::bytes(vec![b'y'; 255])).starts_with("800343ff7979"));
         assert!(enc(&Value::PyStr(vec![b'y'; 256].into())).starts_with("80035400010000797979"));
+    }
+
+    #[test]
+    fn py2_strs_as_py3_reads_them() {
+        // A py2 client's transaction extension: {'plain': 'ascii',
+        // 'high': '\xff\xfe', u'uni': u'\u2603', 'nested': [('x', '\x80')]}
+        let mut v = Value::Dict(vec![
+            (pystr(b"plain"), pystr(b"ascii")),
+            (pystr(b"high"), pystr(b"\xff\xfe")),
+            (s("uni"), s("\u{2603}")),
+            (
+                pystr(b"nested"),
+                list(vec![tuple(vec![pystr(b"x"), pystr(b"\x80"), int(1)])]),
+            ),
+        ]);
+        v.py2_strs_as_py3();
+        let want = Value::Dict(vec![
+            (s("plain"), s("ascii")),
+            (s("high"), Value::bytes(&b"\xff\xfe"[..])),
+            (s("uni"), s("\u{2603}")),
+            (
+                s("nested"),
+                list(vec![tuple(vec![
+                    s("x"),
+                    Value::bytes(&b"\x80"[..]),
+                    int(1),
+                ])]),
+            ),
+        ]);
+        assert_eq!(v, want);
+        // Python 3 reads the result (no SHORT_BINSTRING of a non-ASCII
+        // str left); a Python-2 peer still gets py2 str for all of it.
+        assert!(!enc(&v).contains("5502fffe"));
+        assert!(enc(&v).contains("4302fffe"));
+        assert!(enc2(&v).contains("5502fffe") && enc2(&v).contains("55056173636969"));
+        // Deep nesting is fine (no recursion).
+        let mut deep = pystr(b"\xff");
+        for _ in 0..5000 {
+            deep = list(vec![deep]);
+        }
+        deep.py2_strs_as_py3();
+        // Torn down iteratively so the test thread's stack is not at stake.
+        while let Value::List(mut items) = deep {
+            deep = items.pop().unwrap_or(Value::None);
+        }
+        assert_eq!(deep, Value::bytes(&b"\xff"[..]));
     }
 
     #[test]

@@ -29,7 +29,8 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::marshal::{self, Message};
+use crate::marshal::{self, Encoding, Message};
+use crate::msgpack;
 use crate::outbox::Outbox;
 use crate::pickle::{self, Dialect, Value};
 use crate::storage::{
@@ -122,7 +123,9 @@ impl Shared {
         })
     }
 
-    /// The `ruok` answer: every storage's status, as JSON.
+    /// The `ruok` answer: every storage's status, as JSON in ASCII (as
+    /// the stock server's `json.dumps`): `zeo-nagios` decodes the answer
+    /// as ASCII, so a storage named in UTF-8 must come escaped.
     pub fn ruok(&self) -> String {
         let map: serde_json::Map<String, serde_json::Value> = self
             .storage_names
@@ -133,8 +136,30 @@ impl Shared {
                     .map(|s| (n.clone(), self.server_status(s)))
             })
             .collect();
-        serde_json::Value::Object(map).to_string()
+        ascii_json(&serde_json::Value::Object(map).to_string())
     }
+}
+
+/// JSON text with every non-ASCII character written as a `\uXXXX` escape
+/// (UTF-16 surrogate pairs beyond the BMP), as Python's `json.dumps` does
+/// by default. Outside strings JSON text is ASCII already, so escaping
+/// character by character is exact.
+pub fn ascii_json(json: &str) -> String {
+    if json.is_ascii() {
+        return json.to_string();
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{u:04x}"));
+            }
+        }
+    }
+    out
 }
 
 fn now_secs() -> f64 {
@@ -456,21 +481,24 @@ struct Registered {
 }
 
 /// A storage's latest `invalidateTransaction` frame, encoded once per
-/// dialect and shared (a cheap `Bytes` clone) by every subscriber. Before,
+/// encoding (pickle for Python 3, pickle for Python 2, msgpack) and shared (a cheap `Bytes` clone) by every subscriber. Before,
 /// each subscriber encoded its own copy, under the storage's write lock: a
 /// commit with 64 clients connected encoded the same frame 63 times, and
 /// `commit` throughput at 64 connections was a third of that at 16.
 #[derive(Default)]
 struct InvalidationFrames {
-    /// Indexed by dialect (Python 3, Python 2): `(tid, frame)`.
-    last: std::sync::Mutex<[Option<(Tid, Bytes)>; 2]>,
+    /// Indexed by encoding (pickle Python 3, pickle Python 2, msgpack):
+    /// `(tid, frame)`.
+    last: std::sync::Mutex<[Option<(Tid, Bytes)>; 3]>,
 }
 
 impl InvalidationFrames {
-    fn frame(&self, dialect: Dialect, tid: Tid, oids: &[Oid]) -> Bytes {
-        let slot = match dialect {
-            Dialect::Py3 => 0,
-            Dialect::Py2 => 1,
+    fn frame(&self, encoding: impl Into<Encoding>, tid: Tid, oids: &[Oid]) -> Bytes {
+        let encoding = encoding.into();
+        let slot = match encoding {
+            Encoding::Pickle(Dialect::Py3) => 0,
+            Encoding::Pickle(Dialect::Py2) => 1,
+            Encoding::Msgpack => 2,
         };
         // Poisoning cannot leave a half-written slot (one assignment).
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
@@ -483,7 +511,7 @@ impl InvalidationFrames {
             tid_value(tid),
             Value::List(oids.iter().map(|o| oid_value(*o)).collect()),
         ]);
-        let f = marshal::encode_call(dialect, "invalidateTransaction", &args);
+        let f = marshal::encode_call(encoding, "invalidateTransaction", &args);
         last[slot] = Some((tid, f.clone()));
         f
     }
@@ -492,7 +520,7 @@ impl InvalidationFrames {
 /// Pushes a storage's commits to one client.
 struct ConnSubscriber {
     outbox: Arc<Outbox>,
-    dialect: Dialect,
+    encoding: Encoding,
     peer: String,
     frames: Arc<InvalidationFrames>,
 }
@@ -504,7 +532,10 @@ impl Subscriber for ConnSubscriber {
             // verifies its cache.
             return;
         }
-        if !self.outbox.push(self.frames.frame(self.dialect, tid, oids)) {
+        if !self
+            .outbox
+            .push(self.frames.frame(self.encoding, tid, oids))
+        {
             // Never drop an invalidation silently: the connection is closing
             // (its outbox overflowed); the client reconnects and verifies.
             warn!(peer = %self.peer, "invalidation not delivered: disconnecting a client that does not keep up");
@@ -514,7 +545,7 @@ impl Subscriber for ConnSubscriber {
 
     fn info(&self, length: usize, size: usize) {
         self.outbox.push(marshal::encode_call(
-            self.dialect,
+            self.encoding,
             "info",
             &info_value(length, size),
         ));
@@ -535,6 +566,8 @@ pub struct Session {
     outbox: Arc<Outbox>,
     dialect: Dialect,
     dialect_known: bool,
+    /// The client answered `M5`: every frame to it is msgpack.
+    msgpack: bool,
     registered: Option<Registered>,
     txn: Option<Txn>,
     label: Option<String>,
@@ -577,6 +610,7 @@ impl Session {
             outbox,
             dialect: Dialect::Py3,
             dialect_known: false,
+            msgpack: false,
             registered: None,
             txn: None,
             closing: false,
@@ -588,15 +622,30 @@ impl Session {
         self.label.as_deref().unwrap_or(&self.peer)
     }
 
+    /// The client answered the handshake with `M5`: its requests are
+    /// msgpack, and so is everything sent to it from now on.
+    pub fn use_msgpack(&mut self) {
+        self.msgpack = true;
+    }
+
+    /// How frames to this client are encoded.
+    fn encoding(&self) -> Encoding {
+        if self.msgpack {
+            Encoding::Msgpack
+        } else {
+            Encoding::Pickle(self.dialect)
+        }
+    }
+
     fn reply(&self, msgid: &Value, result: &Value) {
         self.outbox
-            .push(marshal::encode_reply(self.dialect, msgid, result));
+            .push(marshal::encode_reply(self.encoding(), msgid, result));
     }
 
     fn reply_error(&self, msgid: &Value, err: &ZeoError) {
         let (class, state) = err.to_wire();
         self.outbox
-            .push(marshal::encode_error(self.dialect, msgid, class, &state));
+            .push(marshal::encode_error(self.encoding(), msgid, class, &state));
     }
 
     /// When the transaction's hold on the commit lock began, if it holds it.
@@ -727,8 +776,25 @@ impl Session {
                 // invalidation in ahead of this (older) data.
                 let st = storage.read();
                 let loaded = st.load_before(oid, tid)?;
-                let dialect = self.dialect;
                 let hint = loaded.as_ref().map_or(1, |l| l.data.len() + 32);
+                if self.msgpack {
+                    // The same, as msgpack: [data, start, end] or nil.
+                    let frame = marshal::encode_msgpack_reply_with(&msg.msgid, hint, |out| {
+                        let Some(l) = loaded else {
+                            return msgpack::put_nil(out);
+                        };
+                        msgpack::put_array_header(out, 3);
+                        msgpack::put_bin(out, l.data);
+                        msgpack::put_bin(out, &l.start.to_bytes());
+                        match l.end {
+                            Some(end) => msgpack::put_bin(out, &end.to_bytes()),
+                            None => msgpack::put_nil(out),
+                        }
+                    });
+                    self.outbox.push(frame);
+                    return Ok(Outcome::Sent);
+                }
+                let dialect = self.dialect;
                 // (data, start, end) or None, written straight from the
                 // stored record.
                 let frame = marshal::encode_reply_with(dialect, &msg.msgid, hint, |out| {
@@ -860,7 +926,7 @@ impl Session {
         }
         let sub = Arc::new(ConnSubscriber {
             outbox: self.outbox.clone(),
-            dialect: self.dialect,
+            encoding: self.encoding(),
             peer: self.peer.clone(),
             frames: self
                 .shared
@@ -934,7 +1000,11 @@ impl Session {
             description: a
                 .bytes(2, "description")
                 .or_else(|_| a.text(2, "description").map(Bytes::from))?,
-            extension: a.get(3).cloned().unwrap_or(Value::None),
+            extension: a.get(3).cloned().map_or(Value::None, |mut e| {
+                // A py2 client's str, as every reader of history() can take it.
+                e.py2_strs_as_py3();
+                e
+            }),
         };
         let given_tid = a.get(4).is_some_and(|v| *v != Value::None);
         let status = a
@@ -1142,14 +1212,14 @@ impl Session {
             ));
         };
         let n = voted.oids().count();
-        let (outbox, dialect, msgid) = (&self.outbox, self.dialect, &msg.msgid);
+        let (outbox, encoding, msgid) = (&self.outbox, self.encoding(), &msg.msgid);
         let tid = storage.finish(self.id, voted, meta, |tid, length, size| {
             outbox.push(marshal::encode_call(
-                dialect,
+                encoding,
                 "info",
                 &info_value(length, size),
             ));
-            outbox.push(marshal::encode_reply(dialect, msgid, &tid_value(tid)));
+            outbox.push(marshal::encode_reply(encoding, msgid, &tid_value(tid)));
             tid
         });
         storage.unlock(self.id);
@@ -1304,5 +1374,46 @@ mod tests {
         // The next commit gets a new frame.
         let c = frames.frame(Dialect::Py3, Tid(11), &[Oid(3)]);
         assert_ne!(c, a);
+    }
+
+    #[test]
+    fn msgpack_invalidation_frame_has_its_own_slot() {
+        let frames = InvalidationFrames::default();
+        let oids = [Oid(1)];
+        let py3 = frames.frame(Dialect::Py3, Tid(10), &oids);
+        let a = frames.frame(Encoding::Msgpack, Tid(10), &oids);
+        let b = frames.frame(Encoding::Msgpack, Tid(10), &oids);
+        // Shared by every msgpack subscriber of the commit...
+        assert_eq!(a.as_ptr(), b.as_ptr());
+        // ...msgpack, as the stock server writes it...
+        assert_eq!(
+            &a[4..],
+            b"\x94\x00\xc3\xb5invalidateTransaction\x92\xc4\x08\x00\x00\x00\x00\x00\x00\x00\x0a\
+              \x91\xc4\x08\x00\x00\x00\x00\x00\x00\x00\x01"
+        );
+        // ...and neither evicts nor replaces the pickle frame.
+        assert_eq!(
+            frames.frame(Dialect::Py3, Tid(10), &oids).as_ptr(),
+            py3.as_ptr()
+        );
+        assert_ne!(py3, a);
+        assert_ne!(frames.frame(Encoding::Msgpack, Tid(11), &oids), a);
+    }
+
+    #[test]
+    fn ruok_is_ascii_json_like_json_dumps() {
+        // What Python's json.dumps writes for these names.
+        assert_eq!(ascii_json(r#"{"temp":1}"#), r#"{"temp":1}"#);
+        assert_eq!(ascii_json(r#"{"tëmp":1}"#), r#"{"t\u00ebmp":1}"#);
+        assert_eq!(ascii_json("\"\u{1F600}\""), r#""\ud83d\ude00""#);
+        let shared = Shared::new(Config {
+            storages: vec!["1".into(), "tëmp\u{1F600}".into()],
+            ..Config::default()
+        });
+        let text = shared.ruok();
+        assert!(text.is_ascii(), "{text}");
+        let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(back.get("tëmp\u{1F600}").is_some(), "{text}");
+        assert_eq!(back["1"]["commits"], 0);
     }
 }

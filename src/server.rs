@@ -35,6 +35,11 @@ use crate::tls::{HandshakeFailure, Tls};
 /// The protocol we announce: ZEO 5, pickle encoding.
 pub const PROTOCOL: &[u8] = b"Z5";
 
+/// The protocol we announce with `msgpack` on: ZEO 5, msgpack encoding.
+/// Either way a client may answer `Z5` or `M5` and gets what it answered,
+/// as with the stock server.
+pub const PROTOCOL_MSGPACK: &[u8] = b"M5";
+
 /// A bound listening socket.
 pub enum Listener {
     Tcp(TcpListener),
@@ -144,6 +149,14 @@ pub async fn run_shared(
     let next_id = Arc::new(AtomicU64::new(1));
     let mut tasks = tokio::task::JoinSet::new();
     let mut unix_paths = Vec::new();
+    if let Some(addr) = &shared.config.metrics_address {
+        let l = crate::metrics::bind(addr).await?;
+        match l.local_addr() {
+            Ok(a) => info!("metrics on http://{a}/metrics"),
+            Err(_) => info!("metrics on http://{addr}/metrics"),
+        }
+        tasks.spawn(crate::metrics::serve(l, shared.clone(), stop_rx.clone()));
+    }
     for l in listeners {
         if let Listener::Unix(_, p) = &l {
             unix_paths.push(p.clone());
@@ -187,7 +200,23 @@ pub async fn run_shared(
             log_summary(s);
         }
     }
-    info!("stopped; all data held in memory is gone");
+    let commits: u64 = shared
+        .storages
+        .values()
+        .map(|s| s.stats.commits.load(Ordering::Relaxed))
+        .sum();
+    let up = shared.started.elapsed().unwrap_or_default().as_secs();
+    let served = next_id.load(Ordering::Relaxed) - 1;
+    info!(
+        "zeotemp stopped after {}h{:02}m{:02}s: {served} connection{} served, {commits} commits on {} storage{}; \
+         all data held in memory is gone",
+        up / 3600,
+        up / 60 % 60,
+        up % 60,
+        if served == 1 { "" } else { "s" },
+        shared.storages.len(),
+        if shared.storages.len() == 1 { "" } else { "s" },
+    );
     Ok(())
 }
 
@@ -408,7 +437,11 @@ async fn serve(
         shared.config.max_outbox_bytes,
         shared.config.read_pause_bytes,
     ));
-    outbox.push(frame::encode(PROTOCOL));
+    outbox.push(frame::encode(if shared.config.msgpack {
+        PROTOCOL_MSGPACK
+    } else {
+        PROTOCOL
+    }));
     let mut conn = Conn {
         rd,
         wr: Writer {
@@ -547,23 +580,24 @@ impl Conn<'_> {
                 }
             }
         };
-        match &first[..] {
+        // The client's letter picks the encoding, whatever we announced
+        // (as the stock server's `finish_connection`).
+        let msgpack = match &first[..] {
             b"ruok" => {
                 outbox.push(frame::encode(self.shared.ruok().as_bytes()));
                 return Ok("answered ruok".into());
             }
-            b"Z5" => {}
-            b"M5" => {
-                return Err("client asked for msgpack (M5); this server speaks Z5 only".into());
-            }
+            b"Z5" => false,
+            b"M5" => true,
             other => {
                 let shown = String::from_utf8_lossy(&other[..other.len().min(16)]).into_owned();
                 return Err(format!(
-                    "bad handshake {shown:?}: this server speaks ZEO protocol Z5"
+                    "bad handshake {shown:?}: this server speaks ZEO protocol Z5 or M5"
                 ));
             }
-        }
-        info!(peer = %self.peer, "connected");
+        };
+        let protocol = if msgpack { "M5" } else { "Z5" };
+        info!(peer = %self.peer, protocol = %protocol, "connected");
 
         let mut session = Session::new(
             id,
@@ -571,6 +605,9 @@ impl Conn<'_> {
             self.shared.clone(),
             outbox.clone(),
         );
+        if msgpack {
+            session.use_msgpack();
+        }
         let mut lock_wait: Option<tokio::sync::oneshot::Receiver<()>> = None;
         let timeout = self.shared.config.transaction_timeout;
         // Since when the buffer has held the start of a frame that is not
@@ -592,7 +629,12 @@ impl Conn<'_> {
                     Err(e) => return Err(e.to_string()),
                 };
                 progressed = true;
-                let msg = match marshal::decode_message(&payload, &limits) {
+                let decoded = if msgpack {
+                    marshal::decode_msgpack_message(&payload, &limits)
+                } else {
+                    marshal::decode_message(&payload, &limits)
+                };
+                let msg = match decoded {
                     Ok(m) => m,
                     Err(e) => return Err(format!("cannot decode message: {e}")),
                 };

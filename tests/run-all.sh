@@ -5,8 +5,11 @@
 #
 # The Python venv is created on first use (and again whenever the
 # requirements file changes) under target/pyvenv; set ZEOTEMP_VENV to put
-# it elsewhere and PYTHON to choose the interpreter (3.9 or newer).
-# Extra arguments go to pytest, e.g. `tests/run-all.sh -k conflict`.
+# it elsewhere and PYTHON to choose the interpreter (3.9 or newer). A
+# Python 2.7 (PYTHON2) gets a second venv, for the Python 2 client tests.
+# Last, the real Zope end-to-end script (tests/e2e/zope.sh, its own venv).
+# Extra arguments go to pytest, e.g. `tests/run-all.sh -k conflict` (the
+# Zope end-to-end script is then not run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +25,48 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.requirements.sha256" 2>/dev/n
     echo "$want" > "$venv/.requirements.sha256"
 fi
 
+# -- Python 2 clients (tests/python/test_py2_clients.py) ----------------------
+# A second venv, target/py2venv (ZEOTEMP_PY2VENV), with the stock ZEO 5
+# client on Python 2.7 (tests/python/requirements-py2.txt), made like the one
+# above. Python 2.7 is looked for in $PYTHON2, `python2.7` on PATH, then
+# pyenv's ~/.pyenv/versions/2.7.18. Without one, nothing fails: the py2 tests
+# skip, with the reason in ZEOTEMP_PY2_SKIP. 2.7 has no `venv` module, so
+# virtualenv 20.15.1 (it still makes 2.7 venvs) is used, installed into
+# target/py2tools when the interpreter lacks it.
+export ZEOTEMP_PY2VENV=${ZEOTEMP_PY2VENV:-target/py2venv}
+py2req=tests/python/requirements-py2.txt
+py2want=$(sha256sum "$py2req" | cut -d' ' -f1)
+python2=
+for p in "${PYTHON2:-}" python2.7 "$HOME/.pyenv/versions/2.7.18/bin/python"; do
+    if [ -n "$p" ] && "$p" -c 'import sys; assert sys.version_info[:2] == (2, 7)' >/dev/null 2>&1; then
+        python2=$p
+        break
+    fi
+done
+py2tools=target/py2tools
+if [ -z "$python2" ]; then
+    export ZEOTEMP_PY2_SKIP="no Python 2.7 interpreter found (PYTHON2, python2.7 on PATH, ~/.pyenv/versions/2.7.18/bin/python)"
+    echo "== $ZEOTEMP_PY2_SKIP: the Python 2 client tests will skip"
+elif [ ! -x "$ZEOTEMP_PY2VENV/bin/python" ] || [ "$(cat "$ZEOTEMP_PY2VENV/.requirements.sha256" 2>/dev/null)" != "$py2want" ]; then
+    rm -rf "$ZEOTEMP_PY2VENV"
+    if PYTHONPATH="$py2tools" "$python2" -m virtualenv --version >/dev/null 2>&1 ||
+        "$python2" -m pip --version >/dev/null 2>&1; then
+        echo "== creating the Python 2 test venv in $ZEOTEMP_PY2VENV ($python2, pinned stock ZEO 5)"
+        if ! PYTHONPATH="$py2tools" "$python2" -m virtualenv --version >/dev/null 2>&1; then
+            rm -rf "$py2tools"
+            "$python2" -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+                --target "$py2tools" virtualenv==20.15.1
+        fi
+        PYTHONPATH="$py2tools" "$python2" -m virtualenv --quiet --no-download \
+            --app-data "$py2tools/app-data" "$ZEOTEMP_PY2VENV"
+        "$ZEOTEMP_PY2VENV/bin/pip" install --quiet --disable-pip-version-check --no-python-version-warning -r "$py2req"
+        echo "$py2want" > "$ZEOTEMP_PY2VENV/.requirements.sha256"
+    else
+        export ZEOTEMP_PY2_SKIP="$python2 has neither virtualenv nor pip to make a venv with (python2.7 -m ensurepip --user adds pip)"
+        echo "== $ZEOTEMP_PY2_SKIP: the Python 2 client tests will skip"
+    fi
+fi
+
 echo "== Rust tests (unit, golden fixtures, wire, hostile input)"
 # `fault-injection` (test-only) adds methods that panic inside a
 # connection, for the panic-containment test in tests/wire.rs.
@@ -32,3 +77,14 @@ cargo build --locked --bins
 
 echo "== real-client tests (stock ZEO $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("ZEO"))') against target/debug/zeotemp)"
 ZEOTEMP_BIN="$PWD/target/debug/zeotemp" "$venv/bin/python" -m pytest tests/python -q "$@"
+
+# Real Zope end to end (tests/e2e/README.md): pinned Zope 6 with
+# Products.Sessions in its own venv (target/e2e-venv), a stock ZEO server for
+# the main database, zeotemp for /temp_folder, two Zope instances, sessions
+# over HTTP, zeotemp restarted with and without the companion add-on
+# (zope/zeotemp.zoperecover). Not run when arguments select pytest tests, or
+# with ZEOTEMP_E2E=0.
+if [ $# -eq 0 ] && [ "${ZEOTEMP_E2E:-1}" != 0 ]; then
+    echo "== Zope end to end (tests/e2e/zope.sh)"
+    ZEOTEMP_BIN="$PWD/target/debug/zeotemp" tests/e2e/zope.sh
+fi

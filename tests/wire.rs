@@ -103,12 +103,192 @@ async fn bad_handshake_and_probe_close_harmlessly() {
     let srv = Server::start(cfg()).await;
     // A readiness probe: connect, close without a byte.
     drop(TcpStream::connect(srv.addr).await.unwrap());
-    for hs in [&b"Z4"[..], b"M5", b"Z309", b"\x80\x03N."] {
+    for hs in [&b"Z4"[..], b"M4", b"Z309", b"\x80\x03N."] {
         let mut c = Client::connect(srv.addr).await;
         c.send_frame(hs).await;
         assert!(c.frame().await.is_none(), "closed after handshake {hs:?}");
     }
     Bystander::start(srv.addr).await;
+    srv.stop().await;
+}
+
+/// A msgpack (`M5`) request frame.
+fn mp_request(msgid: i64, oneway: bool, method: &str, args: Vec<Value>) -> Vec<u8> {
+    zeotemp::msgpack::encode(&t(vec![
+        Value::Int(msgid),
+        Value::Bool(oneway),
+        s(method),
+        t(args),
+    ]))
+    .to_vec()
+}
+
+/// The next frame, decoded as msgpack: `[msgid, flags, name, value]`.
+async fn mp_message(c: &mut Client) -> Vec<Value> {
+    let f = c.frame().await.expect("a frame, not a close");
+    match zeotemp::msgpack::decode(&f, &DecodeLimits::default()) {
+        Ok(Value::Tuple(items)) if items.len() == 4 => items,
+        other => panic!("not a msgpack message: {other:?} from {f:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn msgpack_answer_to_z5_gets_msgpack_in_commit_order() {
+    // The server announces Z5; this client answers M5 and is spoken
+    // msgpack, beside a pickle client, on the same storage.
+    let srv = Server::start(cfg()).await;
+    let mut pickle_client = Client::registered(srv.addr).await;
+    let mut m = Client::connect(srv.addr).await;
+    m.send_frame(b"M5").await;
+    m.send_frame(&mp_request(
+        1,
+        false,
+        "register",
+        vec![s("1"), Value::Bool(false)],
+    ))
+    .await;
+    let reply = mp_message(&mut m).await;
+    assert_eq!(reply[..3], [Value::Int(1), Value::Int(0), s(".reply")]);
+    assert_eq!(reply[3].as_bytes().map(<[u8]>::len), Some(8));
+
+    // A commit over msgpack: the committer gets `info` then its reply;
+    // the pickle client gets the invalidation, in pickle.
+    let txn = 0x7fde_cf21_3010_i64;
+    m.send_frame(&mp_request(
+        0,
+        true,
+        "tpc_begin",
+        vec![
+            Value::Int(txn),
+            b(b""),
+            b(b"msgpack"),
+            Value::Dict(vec![]),
+            Value::None,
+            s(" "),
+        ],
+    ))
+    .await;
+    m.send_frame(&mp_request(2, false, "new_oids", vec![]))
+        .await;
+    let oids = mp_message(&mut m).await;
+    let Value::Tuple(oids) = &oids[3] else {
+        panic!("new_oids: {oids:?}")
+    };
+    let o = oids[0].clone();
+    m.send_frame(&mp_request(
+        0,
+        true,
+        "storea",
+        vec![o.clone(), b(&Z64), b(b"record"), Value::Int(txn)],
+    ))
+    .await;
+    m.send_frame(&mp_request(3, false, "vote", vec![Value::Int(txn)]))
+        .await;
+    assert_eq!(
+        mp_message(&mut m).await,
+        [Value::Int(3), Value::Int(0), s(".reply"), t(vec![])]
+    );
+    m.send_frame(&mp_request(4, false, "tpc_finish", vec![Value::Int(txn)]))
+        .await;
+    let info = mp_message(&mut m).await;
+    assert_eq!(info[..3], [Value::Int(0), Value::Bool(true), s("info")]);
+    let finished = mp_message(&mut m).await;
+    assert_eq!(finished[..3], [Value::Int(4), Value::Int(0), s(".reply")]);
+    let tid = finished[3].clone();
+    let inv = pickle_client.message().await.expect("an invalidation");
+    assert_eq!(inv.method, "invalidateTransaction");
+    assert_eq!(inv.args, t(vec![tid.clone(), Value::List(vec![o.clone()])]));
+
+    // The pickle client commits; the msgpack client's invalidation is
+    // msgpack, and a load after it sees the new revision.
+    let (o2, tid2) = pickle_client.commit_new(b"pickled", 9).await;
+    let inv = mp_message(&mut m).await;
+    assert_eq!(
+        inv,
+        [
+            Value::Int(0),
+            Value::Bool(true),
+            s("invalidateTransaction"),
+            t(vec![tid2.clone(), t(vec![o2.clone()])]),
+        ]
+    );
+    m.send_frame(&zeotemp::msgpack::encode(&t(vec![
+        t(vec![o2.clone(), b(&MAXTID)]),
+        Value::Bool(false),
+        s("loadBefore"),
+        t(vec![o2.clone(), b(&MAXTID)]),
+    ])))
+    .await;
+    let loaded = mp_message(&mut m).await;
+    assert_eq!(loaded[0], t(vec![o2, b(&MAXTID)]), "msgid echoed");
+    assert_eq!(loaded[3], t(vec![b(b"pickled"), tid2, Value::None]));
+    // An error reply over msgpack: (class name, args).
+    m.send_frame(&mp_request(
+        5,
+        false,
+        "loadSerial",
+        vec![o.clone(), b(&Z64)],
+    ))
+    .await;
+    let err = mp_message(&mut m).await;
+    assert_eq!(err[..3], [Value::Int(5), Value::Int(2), s(".reply")]);
+    assert_eq!(
+        err[3],
+        t(vec![
+            s("ZODB.POSException.POSKeyError"),
+            t(vec![o, b(&Z64)])
+        ])
+    );
+    Bystander::start(srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn msgpack_setting_announces_m5_and_z5_answers_get_pickle() {
+    let srv = Server::start(Config {
+        msgpack: true,
+        ..cfg()
+    })
+    .await;
+    let mut stream = TcpStream::connect(srv.addr).await.unwrap();
+    let mut greeting = [0u8; 6];
+    stream.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(&greeting, b"\0\0\0\x02M5");
+    drop(stream);
+    // A garbled msgpack frame closes only its own connection.
+    let mut c = TcpStream::connect(srv.addr).await.unwrap();
+    c.read_exact(&mut greeting).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    c.write_all(b"\0\0\0\x02M5\0\0\0\x01\xc1").await.unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(READ_TIMEOUT, c.read_to_end(&mut rest))
+        .await
+        .expect("closed in time");
+    assert!(n.is_ok() && rest.is_empty(), "closed without a reply");
+    // A client answering Z5 gets pickle, whatever was announced.
+    let mut z = TcpStream::connect(srv.addr).await.unwrap();
+    z.read_exact(&mut greeting).await.unwrap();
+    let mut out = b"\0\0\0\x02Z5".to_vec();
+    let req = request(
+        Value::Int(1),
+        false,
+        "register",
+        &t(vec![s("1"), Value::Bool(false)]),
+    );
+    out.extend((req.len() as u32).to_be_bytes());
+    out.extend(req);
+    z.write_all(&out).await.unwrap();
+    let mut len = [0u8; 4];
+    z.read_exact(&mut len).await.unwrap();
+    let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
+    z.read_exact(&mut payload).await.unwrap();
+    assert_eq!(payload[..2], [0x80, 3], "a pickle");
+    let reply = marshal::decode_message(&payload, &DecodeLimits::default()).unwrap();
+    assert_eq!(
+        (reply.msgid, reply.method.as_str()),
+        (Value::Int(1), ".reply")
+    );
+    assert_eq!(reply.args.as_bytes().map(<[u8]>::len), Some(8));
     srv.stop().await;
 }
 

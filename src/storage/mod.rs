@@ -86,7 +86,8 @@ pub const SHUTDOWN_HOLDER: ConnId = u64::MAX;
 pub struct TxnMeta {
     pub user: Bytes,
     pub description: Bytes,
-    /// The extension dict as the client sent it, returned by `history`.
+    /// The extension dict as the client sent it, returned by `history`
+    /// (py2 `str`s in it as Python 3 reads them: `Value::py2_strs_as_py3`).
     pub extension: Value,
 }
 

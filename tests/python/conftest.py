@@ -66,8 +66,10 @@ class Server:
 
     def __init__(self, workdir, storages=("1",), read_only=False,
                  transaction_timeout=None, unix_socket=None, backend=BACKEND,
-                 zeotemp_args=()):
+                 zeotemp_args=(), msgpack=False):
         self.backend = backend
+        # Announce M5 (zeotemp --msgpack, runzeo's `msgpack true`).
+        self.msgpack = msgpack
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.storages = tuple(storages)
@@ -188,6 +190,8 @@ class Server:
             cmd += ["--storage", name]
         if self.read_only:
             cmd.append("--read-only")
+        if self.msgpack:
+            cmd.append("--msgpack")
         if self.transaction_timeout is not None:
             cmd += ["--transaction-timeout", str(self.transaction_timeout)]
         cmd += list(self.zeotemp_args)
@@ -204,6 +208,8 @@ class Server:
                  "  client-conflict-resolution true"]
         if self.read_only:
             lines.append("  read-only true")
+        if self.msgpack:
+            lines.append("  msgpack true")
         if self.transaction_timeout is not None:
             lines.append(f"  transaction-timeout {self.transaction_timeout}")
         lines.append("</zeo>")
@@ -334,18 +340,20 @@ def server_factory(request, tmp_path):
 
     ``server_factory(storages=("1", "temp"), read_only=False,
     transaction_timeout=None, unix_socket=None, start=True,
-    zeotemp_args=())`` -- ``zeotemp_args`` are appended to zeotemp's command
-    line (ignored by the python backend).
+    zeotemp_args=(), msgpack=False)`` -- ``zeotemp_args`` are appended to
+    zeotemp's command line (ignored by the python backend); ``msgpack``
+    makes either server announce ``M5``.
     """
     servers = []
     request.node._zeotemp_servers = servers
 
     def factory(storages=("1",), read_only=False, transaction_timeout=None,
-                unix_socket=None, start=True, zeotemp_args=()):
+                unix_socket=None, start=True, zeotemp_args=(), msgpack=False):
         srv = Server(tmp_path / f"server{len(servers) + 1}",
                      storages=storages, read_only=read_only,
                      transaction_timeout=transaction_timeout,
-                     unix_socket=unix_socket, zeotemp_args=zeotemp_args)
+                     unix_socket=unix_socket, zeotemp_args=zeotemp_args,
+                     msgpack=msgpack)
         servers.append(srv)
         if start:
             srv.start()

@@ -666,8 +666,8 @@ NOT_PORTED = {
     "testZEO.runzeo_without_configfile / runzeo_logrotate_on_sigusr2 / "
     "test_runzeo_msgpack_support, zdoptions.test, nagios.rst, "
     "testZEOOptions, testZEOServer":
-        "options, logging and tools of the stock runzeo/zdaemon (msgpack M5 "
-        "connections are unsupported by zeotemp)",
+        "options, logging and tools of the stock runzeo/zdaemon (zeotemp's "
+        "own --msgpack is tested in test_msgpack.py)",
     "testZEO.multiple_storages_invalidation_queue_is_not_insane / "
     "getInvalidationsAfterServerRestart, testZEO2, test_sync, "
     "test_client_side_conflict_resolution, zeo-fan-out.test, "
