@@ -502,29 +502,25 @@ pub fn put_str(out: &mut BytesMut, s: &str) {
 
 /// `fixarray` / `array 16/32` for `n` items (which follow).
 pub fn put_array_header(out: &mut BytesMut, n: usize) {
-    match n {
-        0..=0x0f => out.put_u8(0x90 | n as u8),
-        0x10..=0xffff => {
-            out.put_u8(0xdc);
-            out.put_u16(n as u16);
-        }
-        _ => {
-            out.put_u8(0xdd);
-            out.put_u32(len32(n));
-        }
-    }
+    put_container_header(out, n, [0x90, 0xdc, 0xdd]);
 }
 
 /// `fixmap` / `map 16/32` for `n` pairs (which follow).
 pub fn put_map_header(out: &mut BytesMut, n: usize) {
+    put_container_header(out, n, [0x80, 0xde, 0xdf]);
+}
+
+/// The shortest of a container's three header forms: `fix` (count in the
+/// low four bits), 16-bit and 32-bit count.
+fn put_container_header(out: &mut BytesMut, n: usize, [fix, op16, op32]: [u8; 3]) {
     match n {
-        0..=0x0f => out.put_u8(0x80 | n as u8),
+        0..=0x0f => out.put_u8(fix | n as u8),
         0x10..=0xffff => {
-            out.put_u8(0xde);
+            out.put_u8(op16);
             out.put_u16(n as u16);
         }
         _ => {
-            out.put_u8(0xdf);
+            out.put_u8(op32);
             out.put_u32(len32(n));
         }
     }
