@@ -209,16 +209,34 @@ class Attack:
     def start(self):
         raise NotImplementedError
 
+    def _wait_ready(self):
+        try:
+            self._ready.wait(60)
+        except threading.BrokenBarrierError:
+            pass
+
+    def _registered_client(self, rcvbuf=None):
+        """A new RawClient, handshaken and registered on ``self.storage``
+        (kept in ``self.clients``); then waits at ``self._ready`` whether
+        that worked or not, so the start of the attack is never held up."""
+        c = RawClient(self.address, 30)
+        if rcvbuf:
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.clients.append(c)
+        try:
+            c.handshake()
+            c.register(self.storage)
+        finally:
+            self._wait_ready()
+        return c
+
     def _start_clients(self):
         """Runs ``self._run(i)`` for each of ``self.k`` clients in its own
         thread; returns once each has passed ``self._ready`` (a barrier of
         k + 1), or after 60 s."""
         for i in range(self.k):
             self._thread(self._run, i)
-        try:
-            self._ready.wait(60)
-        except threading.BrokenBarrierError:
-            pass
+        self._wait_ready()
         return self
 
     def stop(self):
@@ -368,18 +386,7 @@ class Pipeliners(Attack):
 
 
     def _run(self, i):
-        c = RawClient(self.address, 30)
-        if self.rcvbuf:
-            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
-        self.clients.append(c)
-        try:
-            c.handshake()
-            c.register(self.storage)
-        finally:
-            try:
-                self._ready.wait(60)
-            except threading.BrokenBarrierError:
-                pass
+        c = self._registered_client(self.rcvbuf)
         c.sock.settimeout(0.2)
         msgid = c.msgid
         while self.sent[i] < self.n and not self._stop.is_set():
@@ -468,16 +475,7 @@ class NewOidsFlood(Attack):
         return () if j % 2 else (100,)
 
     def _run(self, i):
-        c = RawClient(self.address, 30)
-        self.clients.append(c)
-        try:
-            c.handshake()
-            c.register(self.storage)
-        finally:
-            try:
-                self._ready.wait(60)
-            except threading.BrokenBarrierError:
-                pass
+        c = self._registered_client()
         base = c.msgid + 1
         sender = threading.Thread(target=self._guard,
                                   args=(self._send, c, base), daemon=True)
