@@ -62,13 +62,10 @@ sys.path.insert(0, str(REPO / "tests" / "python"))
 
 import zeotemp_badclients as bc  # noqa: E402
 from zeotemp_churn import ServerProcess  # noqa: E402
+from compare import Interrupted, raise_on_sigterm, require_files  # noqa: E402
 
 SCENARIOS = ("baseline", "held", "half-frames", "pipeline", "new_oids", "churn")
 MIB = 1024 * 1024
-
-
-class Interrupted(Exception):
-    pass
 
 
 class GoodClient:
@@ -295,10 +292,8 @@ def parse_args(argv):
     # Absolute: the servers run in their own directories.
     a.zeotemp_bin = str(Path(a.zeotemp_bin).absolute())
     a.python = str(Path(a.python).absolute())
-    for path in [a.python] + ([a.zeotemp_bin] if "zeotemp" in a.servers else []):
-        if not Path(path).exists():
-            p.error(f"{path} not found (cargo build --release; tests/run-all.sh "
-                    "builds target/pyvenv)")
+    require_files(p, [a.python] + ([a.zeotemp_bin] if "zeotemp" in a.servers
+                                   else []))
     return a
 
 
@@ -307,9 +302,7 @@ def main(argv=None):
     cmdline = shlex.join(["bench/bad_clients.py", *(sys.argv[1:] if argv is None
                                                       else argv)])
 
-    def on_term(signum, frame):
-        raise Interrupted(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_term)
+    raise_on_sigterm()
     workdir = tempfile.mkdtemp(prefix="zeotemp-badclients-")
     print(f"server logs and good-client records in {workdir}", flush=True)
     results = []

@@ -48,7 +48,25 @@ PY_SKIP_SECONDS = 300  # default --max-setup-seconds for the stock server
 
 
 class Interrupted(Exception):
-    pass
+    """A run stopped by SIGTERM (see raise_on_sigterm)."""
+
+
+def raise_on_sigterm():
+    """SIGTERM raises Interrupted and SIGINT KeyboardInterrupt in the main
+    thread, so a stopped run still stops its servers and says so. Used by
+    every bench script (compare.py, bad_clients.py, soak.py)."""
+    def on_term(signum, frame):
+        raise Interrupted(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def require_files(parser, paths):
+    """Stop with a usage error naming the first of `paths` that is missing."""
+    for path in paths:
+        if not Path(path).exists():
+            parser.error(f"{path} not found (cargo build --release; "
+                         "tests/run-all.sh builds target/pyvenv)")
 
 
 # ---------------------------------------------------------------- servers
@@ -935,11 +953,8 @@ def parse_args(argv):
         p.error("--memory and --real-client exclude each other")
     if a.duration is None:
         a.duration = 20.0 if a.real_client else 5.0
-    for path in (a.zeotemp_bin, a.python) + (() if a.real_client
-                                            else (a.bench_bin,)):
-        if not Path(path).exists():
-            p.error(f"{path} not found (cargo build --release; tests/run-all.sh "
-                    "builds target/pyvenv)")
+    require_files(p, (a.zeotemp_bin, a.python)
+                  + (() if a.real_client else (a.bench_bin,)))
     return a
 
 
@@ -948,10 +963,7 @@ def main(argv=None):
     cmdline = shlex.join([sys.executable, *sys.argv]) if argv is None else \
         shlex.join(["bench/compare.py", *argv])
 
-    def on_term(signum, frame):
-        raise Interrupted(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    raise_on_sigterm()
 
     info = machine_info(args)
     print(f"machine: {info['nproc']} CPUs, {info['cpu']}, Linux {info['kernel']}")

@@ -64,6 +64,7 @@ sys.path.insert(0, str(REPO / "tests" / "python"))
 
 import zeotemp_churn  # noqa: E402
 import zeotemp_soak  # noqa: E402
+from compare import Interrupted, cpu_model, raise_on_sigterm  # noqa: E402
 
 STATUS_KEYS = ("objects", "revisions", "retained-bytes", "collections",
                "freed-objects", "longest-pause-ms", "commits", "conflicts")
@@ -523,10 +524,6 @@ def parse_args(argv):
     return args
 
 
-class Interrupted(Exception):
-    pass
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -540,10 +537,7 @@ def main(argv=None):
         sys.exit(f"no zeotemp-bench binary at {args.bench_bin} "
                  "(cargo build --release, --bench-bin PATH or --no-bench)")
 
-    def on_term(signum, frame):
-        raise Interrupted(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    raise_on_sigterm()
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="zeotemp-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -749,7 +743,6 @@ def machine_info(args):
             return (r.stdout.strip() or r.stderr.strip()).splitlines()[0]
         except Exception as e:  # informational only
             return f"? ({e})"
-    from compare import cpu_model  # bench/compare.py, next to this file
     cpu = cpu_model()
     import importlib.metadata as md
     dirty = out(["git", "status", "--porcelain", "--untracked-files=no"])
