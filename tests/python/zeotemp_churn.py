@@ -285,18 +285,24 @@ def churn_worker(cfg):
         pass
     finally:
         counts["seconds"] = round(time.monotonic() - start, 3)
-        _abort(tm)
-        try:
-            conn.close()
-            db.close()
-        except Exception:
-            pass
+        _close(tm, conn, db)
     return counts
 
 
 def _abort(tm):
     try:
         tm.abort()
+    except Exception:
+        pass
+
+
+def _close(tm, conn, db):
+    """A worker's end: abort its transaction, close its connection and its
+    DB, ignoring errors (the server may be gone)."""
+    _abort(tm)
+    try:
+        conn.close()
+        db.close()
     except Exception:
         pass
 

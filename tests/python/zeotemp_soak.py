@@ -59,6 +59,7 @@ from pathlib import Path
 import persistent
 
 import zeotemp_churn
+from zeotemp_churn import _abort, _close
 
 OWNED = "owned"          # root key of the per-slot trees
 ABSENT = None
@@ -528,12 +529,7 @@ def worker(cfg, kill_event=None):
             if cfg["pause"]:
                 time.sleep(cfg["pause"])
     finally:
-        _abort(tm)
-        try:
-            conn.close()
-            db.close()
-        except Exception:
-            pass
+        _close(tm, conn, db)
     ledger.write(t="end", gen=gen, time=time.time())
     ledger.close()
 
@@ -557,13 +553,6 @@ def resume_check(conn, tm, prior, ledger):
         ledger.write(t="rc", **res)
         for text in problems:
             ledger.write(t="e", m=f"resume check: {text}"[:500])
-
-
-def _abort(tm):
-    try:
-        tm.abort()
-    except Exception:
-        pass
 
 
 def worker_main(cfg, kill_event=None):
