@@ -448,16 +448,14 @@ impl Conn {
     /// write buffer, byte for byte as `marshal` encodes a call: `PROTO 3`,
     /// `MARK`, the four items, `TUPLE`, `STOP`.
     fn push(&mut self, msgid: &Value, oneway: bool, method: &str, args: Vec<Value>) {
-        let at = self.wbuf.len();
-        self.wbuf.put_u32(0);
-        self.wbuf.extend_from_slice(&[0x80, 3, b'(']);
-        pickle::encode_into(&mut self.wbuf, msgid, Dialect::Py3);
-        self.wbuf.put_u8(if oneway { 0x88 } else { 0x89 }); // NEWTRUE / NEWFALSE
-        pickle::encode_str_into(&mut self.wbuf, method, Dialect::Py3);
-        pickle::encode_into(&mut self.wbuf, &Value::Tuple(args), Dialect::Py3);
-        self.wbuf.extend_from_slice(b"t.");
-        let len = (self.wbuf.len() - at - 4) as u32;
-        self.wbuf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        marshal::put_frame(&mut self.wbuf, |out| {
+            out.extend_from_slice(&[0x80, 3, b'(']);
+            pickle::encode_into(out, msgid, Dialect::Py3);
+            out.put_u8(if oneway { 0x88 } else { 0x89 }); // NEWTRUE / NEWFALSE
+            pickle::encode_str_into(out, method, Dialect::Py3);
+            pickle::encode_into(out, &Value::Tuple(args), Dialect::Py3);
+            out.extend_from_slice(b"t.");
+        });
     }
 
     /// Pushes a call with the next integer msgid and returns the msgid.

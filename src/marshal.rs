@@ -234,19 +234,29 @@ fn encode_frame(
     })
 }
 
-/// Length prefix, `PROTO 3 MARK`, the items written by `items`, `TUPLE
-/// STOP`; the length is patched in place afterwards (no copy). `hint` is
-/// about what the items take, so the buffer is allocated once.
-fn encode_with(hint: usize, items: impl FnOnce(&mut BytesMut)) -> Bytes {
-    let mut out = BytesMut::with_capacity(32 + hint);
+/// Appends one frame to `out`: a 4-byte big-endian length prefix, then the
+/// payload written by `payload`; the length is patched in place afterwards
+/// (no copy). Every frame zeotemp writes (and the bench client's requests)
+/// goes through here.
+pub fn put_frame(out: &mut BytesMut, payload: impl FnOnce(&mut BytesMut)) {
+    let at = out.len();
     out.put_u32(0);
-    out.put_slice(&[0x80, 3, MARK]);
-    items(&mut out);
-    out.put_slice(&[TUPLE, STOP]);
+    payload(out);
     // A payload over 4 GiB cannot be framed; frame limits stop replies long
     // before that, so saturating here only keeps this function panic-free.
-    let len = u32::try_from(out.len() - 4).unwrap_or(u32::MAX);
-    out[..4].copy_from_slice(&len.to_be_bytes());
+    let len = u32::try_from(out.len() - at - 4).unwrap_or(u32::MAX);
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// A frame of `PROTO 3 MARK`, the items written by `items`, `TUPLE STOP`.
+/// `hint` is about what the items take, so the buffer is allocated once.
+fn encode_with(hint: usize, items: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut out = BytesMut::with_capacity(32 + hint);
+    put_frame(&mut out, |out| {
+        out.put_slice(&[0x80, 3, MARK]);
+        items(out);
+        out.put_slice(&[TUPLE, STOP]);
+    });
     out.freeze()
 }
 
@@ -265,15 +275,14 @@ pub fn encode_msgpack_reply_with(
     })
 }
 
-/// Length prefix, the msgpack array header for four items, the items
-/// written by `items`; the length is patched in place afterwards.
+/// A frame of the msgpack array header for four items and the items
+/// written by `items`.
 fn encode_msgpack_with(hint: usize, items: impl FnOnce(&mut BytesMut)) -> Bytes {
     let mut out = BytesMut::with_capacity(16 + hint);
-    out.put_u32(0);
-    msgpack::put_array_header(&mut out, 4);
-    items(&mut out);
-    let len = u32::try_from(out.len() - 4).unwrap_or(u32::MAX);
-    out[..4].copy_from_slice(&len.to_be_bytes());
+    put_frame(&mut out, |out| {
+        msgpack::put_array_header(out, 4);
+        items(out);
+    });
     out.freeze()
 }
 
