@@ -49,7 +49,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -62,6 +61,7 @@ sys.path.insert(0, str(REPO / "tests" / "python"))
 
 import zeotemp_badclients as bc  # noqa: E402
 from zeotemp_churn import ServerProcess  # noqa: E402
+from zeotemp_util import stop_group  # noqa: E402
 from compare import Interrupted, raise_on_sigterm, require_files  # noqa: E402
 
 SCENARIOS = ("baseline", "held", "half-frames", "pipeline", "new_oids", "churn")
@@ -96,15 +96,7 @@ class GoodClient:
         return bc.read_ops(self.out)
 
     def stop(self):
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-            except ProcessLookupError:
-                pass
+        stop_group(self.proc, 15, 5)
         self.err.close()
 
 

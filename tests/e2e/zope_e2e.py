@@ -48,6 +48,9 @@ REPO = HERE.parent.parent
 STANZA = REPO / 'config' / 'zope-temp-clientstorage.conf'
 ADD_TEMP_FOLDER = REPO / 'config' / 'add_temp_folder.py'
 ADDON_TESTS = REPO / 'zope' / 'zeotemp.zoperecover' / 'tests'
+sys.path.insert(0, str(REPO / 'tests' / 'python'))
+
+from zeotemp_util import stop_group  # noqa: E402 (the real-client tests' helpers)
 
 T0 = time.monotonic()
 PROCS = []      # every process started, stopped at exit
@@ -104,20 +107,8 @@ class Proc:
         """SIGTERM its process group, then SIGKILL after ``timeout``."""
         if self.popen is None:
             return
-        if self.popen.poll() is None:
-            self._signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-                self.popen.wait(10)
+        stop_group(self.popen, timeout)
         self.popen = None
-
-    def _signal(self, sig):
-        try:
-            os.killpg(self.popen.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def tail(self, n=25):
         try:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from zeotemp_util import BACKEND, IS_PYTHON, IS_ZEOTEMP
+from zeotemp_util import BACKEND, IS_PYTHON, IS_ZEOTEMP, signal_group, stop_group
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -129,20 +129,14 @@ class Server:
         """SIGTERM the process group, wait up to 10 s, then SIGKILL."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self._signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-                self.proc.wait(STOP_TIMEOUT)
+        stop_group(self.proc, STOP_TIMEOUT, STOP_TIMEOUT)
         self._reap()
 
     def kill(self):
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            self._signal(signal.SIGKILL)
+            signal_group(self.proc, signal.SIGKILL)
             self.proc.wait(STOP_TIMEOUT)
         self._reap()
 
@@ -157,18 +151,9 @@ class Server:
         return "\n".join(parts)
 
     # -- internals -----------------------------------------------------
-    def _signal(self, sig):
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-
     def _reap(self):
         # Kill any leftover members of the process group, then close the log.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        signal_group(self.proc, signal.SIGKILL)
         self.proc = None
         log = getattr(self, "_log", None)
         if log is not None:

@@ -34,7 +34,7 @@ from BTrees.OOBTree import OOBTree
 from persistent.mapping import PersistentMapping
 
 import zeotemp_badclients as bc
-from zeotemp_util import wait_until
+from zeotemp_util import stop_group, wait_until
 
 HERE = Path(__file__).resolve().parent
 KIB = 1024
@@ -125,13 +125,7 @@ class GoodClient:
         return w
 
     def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_group(self.proc, 15, 5)
         self.log.close()
 
 

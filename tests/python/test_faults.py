@@ -24,13 +24,12 @@ import time
 
 from ZEO.Exceptions import ClientDisconnected
 from ZODB.Connection import TransactionMetaData
-from ZODB.POSException import ConflictError
 from ZODB.utils import p64, u64
 
 import pytest
 
 from zeotemp_testobjects import Item
-from zeotemp_util import IS_PYTHON, make_record
+from zeotemp_util import make_record, signal_group
 
 WRITERS = 6
 TRAFFIC_SECONDS = 2.5
@@ -140,7 +139,7 @@ def test_sigterm_during_heavy_commits_keeps_every_acknowledged_commit(
             checked += 1
         time.sleep(0.01)
 
-    srv._signal(signal.SIGTERM)
+    signal_group(srv.proc, signal.SIGTERM)
     t0 = time.monotonic()
     exit_status = srv.proc.wait(EXIT_BOUND)
     exit_seconds = time.monotonic() - t0

@@ -44,7 +44,7 @@ from ZODB.utils import z64
 
 from conftest import ZEOTEMP_BIN
 from zeotemp_testobjects import Item
-from zeotemp_util import IS_PYTHON, IS_ZEOTEMP, make_record, wait_until
+from zeotemp_util import IS_PYTHON, make_record, wait_until
 
 # The keys of the stock server's server_status() (ZEO.StorageServer
 # .server_status: ZEO.monitor.StorageStats plus four), and their types.

@@ -32,6 +32,8 @@ import persistent
 from BTrees.Length import Length
 from BTrees.OOBTree import OOBTree
 
+from zeotemp_util import signal_group, stop_group
+
 # -- the model -----------------------------------------------------------------
 
 
@@ -433,25 +435,12 @@ class ServerProcess:
     def stop(self, stop_timeout=10.0):
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self._killpg(signal.SIGTERM)
-            try:
-                self.proc.wait(stop_timeout)
-            except subprocess.TimeoutExpired:
-                self._killpg(signal.SIGKILL)
-                self.proc.wait(stop_timeout)
-        self._killpg(signal.SIGKILL)  # leftovers of its process group
+        stop_group(self.proc, stop_timeout, stop_timeout)
+        signal_group(self.proc, signal.SIGKILL)  # leftovers of its process group
         log = getattr(self, "_log", None)
         if log is not None:
             log.close()
             self._log = None
-
-    def _killpg(self, sig):
-        try:
-            os.killpg(self.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
 
 def session_id_picker(rnd, cfg, prefix, known, last_serial):
     """The churn's next session id, as a visitor mix: a shared session, a

@@ -2,6 +2,8 @@
 
 import os
 import pickle
+import signal
+import subprocess
 import time
 
 BACKEND = os.environ.get("ZEOTEMP_TEST_SERVER", "zeotemp").strip().lower()
@@ -23,6 +25,28 @@ def wait_until(predicate, timeout, interval=0.1, message="condition"):
             raise AssertionError(
                 f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+def signal_group(proc, sig):
+    """Send ``sig`` to the process group of ``proc`` (a Popen started with
+    ``start_new_session=True``); a group that is already gone is fine."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_group(proc, timeout, kill_timeout=10):
+    """SIGTERM the process group of ``proc``; if ``proc`` has not exited
+    after ``timeout`` seconds, SIGKILL the group and wait up to
+    ``kill_timeout`` more. Nothing to do if it has exited already."""
+    if proc.poll() is None:
+        signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            signal_group(proc, signal.SIGKILL)
+            proc.wait(kill_timeout)
 
 
 def make_record(cls, state):
