@@ -571,8 +571,6 @@ pub struct Session {
     registered: Option<Registered>,
     txn: Option<Txn>,
     label: Option<String>,
-    /// Set when the connection is going away: nothing more is replied.
-    closing: bool,
 }
 
 /// Methods that exist in ZEO but that zeotemp does not provide.
@@ -613,7 +611,6 @@ impl Session {
             msgpack: false,
             registered: None,
             txn: None,
-            closing: false,
             label: None,
         }
     }
@@ -1116,7 +1113,7 @@ impl Session {
             }
         }
         if let Some(err) = txn.refused.clone() {
-            self.end_txn(true);
+            self.abort_txn(true);
             return Err(err);
         }
         match storage.try_lock(id) {
@@ -1184,7 +1181,7 @@ impl Session {
                     storage.stats.conflicts.fetch_add(1, Ordering::Relaxed);
                 }
                 debug!(peer = %self.label(), err = %err.to_string().escape_debug(), "vote failed");
-                self.end_txn(true);
+                self.abort_txn(true);
                 self.reply_error(msgid, &ZeoError::Storage(err));
             }
         }
@@ -1233,14 +1230,15 @@ impl Session {
         // Quietly nothing if there is no such transaction: the client calls
         // tpc_abort after a failed vote, which already ended it.
         if self.txn.as_ref().is_some_and(|t| Some(&t.id) == a.get(0)) {
-            self.end_txn(true);
+            self.abort_txn(true);
         }
         Ok(Outcome::Reply(Value::None))
     }
 
-    /// Ends the transaction, releasing the commit lock if held. A vote
-    /// still waiting for the lock gets an error reply.
-    fn end_txn(&mut self, aborted: bool) {
+    /// Aborts the transaction, releasing the commit lock if held. A vote
+    /// still waiting for the lock gets an error reply if `reply_to_waiter`
+    /// (not when the connection is going away: see `Drop`).
+    fn abort_txn(&mut self, reply_to_waiter: bool) {
         let Some(txn) = self.txn.take() else { return };
         if let Some(reg) = &self.registered {
             reg.storage.unlock(self.id);
@@ -1248,12 +1246,10 @@ impl Session {
                 .stats
                 .active_txns
                 .fetch_sub(1, Ordering::Relaxed);
-            if aborted {
-                reg.storage.stats.aborts.fetch_add(1, Ordering::Relaxed);
-            }
+            reg.storage.stats.aborts.fetch_add(1, Ordering::Relaxed);
         }
         if let TxnState::Waiting(msgid) = txn.state
-            && !self.closing
+            && reply_to_waiter
         {
             self.reply_error(
                 &msgid,
@@ -1270,7 +1266,7 @@ impl Session {
             timeout = ?self.shared.config.transaction_timeout,
             "transaction held the commit lock past transaction-timeout: aborting it and closing the connection"
         );
-        self.end_txn(true);
+        self.abort_txn(true);
     }
 }
 
@@ -1286,8 +1282,7 @@ impl Drop for Session {
         // closes (on shutdown too), which the client takes as
         // ClientDisconnected, a transient error it retries; an error reply
         // would fail the transaction for good (StorageTransactionError).
-        self.closing = true;
-        self.end_txn(true);
+        self.abort_txn(false);
         if let Some(reg) = &self.registered {
             reg.storage.unsubscribe(self.id);
         }
