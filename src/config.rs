@@ -21,6 +21,10 @@ pub const MIN_NESTING_DEPTH: usize = 8;
 /// message, so a setting cannot lock clients out by accident.
 pub const MIN_MESSAGE_ITEMS: usize = 1_000;
 
+/// Smallest `read-pause-bytes` accepted: a few replies must fit before a
+/// connection's requests pause.
+pub const MIN_READ_PAUSE_BYTES: usize = 64 * 1024;
+
 /// Default listen address: loopback, next to the main ZEO server's usual
 /// 8100 and never on it.
 pub const DEFAULT_ADDRESS: &str = "127.0.0.1:8101";
@@ -388,6 +392,13 @@ impl Config {
             Some(m) => human_bytes(m),
             None => "no limit".into(),
         };
+        let mut extras = String::new();
+        if self.msgpack {
+            extras.push_str(", announcing msgpack (M5)");
+        }
+        if let Some(a) = &self.metrics_address {
+            extras.push_str(&format!(", metrics-address {a}"));
+        }
         format!(
             "storage{} {storages}{}{}; memory {memory} per storage, history {}, gc every {}; \
              limits: {} connections, frame {}, transaction {}, outbox {} (read pause {}), \
@@ -395,21 +406,17 @@ impl Config {
              {} thread{}",
             if self.storages.len() == 1 { "" } else { "s" },
             if self.read_only { " (read-only)" } else { "" },
-            match (self.msgpack, &self.metrics_address) {
-                (false, None) => String::new(),
-                (true, None) => ", announcing msgpack (M5)".into(),
-                (false, Some(a)) => format!(", metrics-address {a}"),
-                (true, Some(a)) => {
-                    format!(", announcing msgpack (M5), metrics-address {a}")
-                }
-            },
+            extras,
             secs(self.history_retention),
             secs(self.gc_interval),
             self.max_connections,
             human_bytes(self.max_frame_size),
             human_bytes(self.max_transaction_bytes),
             human_bytes(self.max_outbox_bytes),
-            human_bytes(self.read_pause_bytes.min(self.max_outbox_bytes / 2)),
+            human_bytes(crate::outbox::effective_read_pause(
+                self.max_outbox_bytes,
+                self.read_pause_bytes
+            )),
             self.max_nesting_depth,
             self.max_message_items,
             secs(self.transaction_timeout),
@@ -458,10 +465,10 @@ impl Config {
                  a tpc_begin extension or a getInvalidations list more)"
             )));
         }
-        if self.read_pause_bytes < 64 * 1024 {
-            return Err(ConfigError::Invalid(
-                "read-pause-bytes must be at least 65536 (a few replies must fit)".into(),
-            ));
+        if self.read_pause_bytes < MIN_READ_PAUSE_BYTES {
+            return Err(ConfigError::Invalid(format!(
+                "read-pause-bytes must be at least {MIN_READ_PAUSE_BYTES} (a few replies must fit)"
+            )));
         }
         if self.gc_interval.is_zero() {
             return Err(ConfigError::Invalid(

@@ -38,6 +38,13 @@ pub const DEFAULT_MAX_OUTBOX_BYTES: usize = 256 * 1024 * 1024;
 /// one reply bigger than this is still queued whole.
 pub const READ_PAUSE_BYTES: usize = 1024 * 1024;
 
+/// The queued bytes over which a connection's requests are not read, for
+/// an outbox bound of `max_bytes` and a `read-pause-bytes` of
+/// `read_pause`: the smaller of that and half the bound.
+pub fn effective_read_pause(max_bytes: usize, read_pause: usize) -> usize {
+    read_pause.min(max_bytes / 2)
+}
+
 #[derive(Debug, Default)]
 struct State {
     frames: VecDeque<Bytes>,
@@ -73,7 +80,7 @@ impl Outbox {
             wake_writer: Notify::new(),
             drained: Notify::new(),
             max_bytes,
-            read_pause: read_pause.min(max_bytes / 2),
+            read_pause: effective_read_pause(max_bytes, read_pause),
         }
     }
 
@@ -142,14 +149,9 @@ impl Outbox {
         self.lock().bytes
     }
 
-    /// Queued bytes over which the reader side stops taking requests.
-    fn pause_bytes(&self) -> usize {
-        self.read_pause
-    }
-
     /// True while the reader side should stop taking new requests.
     pub fn is_backlogged(&self) -> bool {
-        self.lock().bytes > self.pause_bytes()
+        self.lock().bytes > self.read_pause
     }
 
     /// Waits until the queue is no longer backlogged (or closed).
@@ -158,7 +160,7 @@ impl Outbox {
             let notified = self.drained.notified();
             {
                 let st = self.lock();
-                if st.bytes <= self.pause_bytes() || st.closed.is_some() {
+                if st.bytes <= self.read_pause || st.closed.is_some() {
                     return;
                 }
             }
