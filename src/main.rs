@@ -250,10 +250,7 @@ fn main() -> ExitCode {
             "zeotemp {}: configuration OK: listen on {}{}; {}",
             env!("CARGO_PKG_VERSION"),
             cfg.addresses.join(" and "),
-            match zeotemp::tls::describe(&cfg) {
-                Some(t) => format!(" ({t})"),
-                None => String::new(),
-            },
+            zeotemp::tls::describe(&cfg),
             cfg.summary()
         );
         return ExitCode::SUCCESS;
@@ -298,10 +295,7 @@ fn main() -> ExitCode {
             .map(|l| l.describe())
             .collect::<Vec<_>>()
             .join(" and ");
-        let tls = match zeotemp::tls::describe(&cfg) {
-            Some(t) => format!(" ({t})"),
-            None => String::new(),
-        };
+        let tls = zeotemp::tls::describe(&cfg);
         info!(
             "zeotemp {} on {on}{tls}: {}",
             env!("CARGO_PKG_VERSION"),

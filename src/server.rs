@@ -141,10 +141,7 @@ pub async fn run_shared(
     let tls = crate::tls::load(&shared.config)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
         .map(Arc::new);
-    let tls_note = match crate::tls::describe(&shared.config) {
-        Some(d) => format!(" ({d})"),
-        None => String::new(),
-    };
+    let tls_note = crate::tls::describe(&shared.config);
     let (stop_tx, stop_rx) = watch::channel(false);
     let next_id = Arc::new(AtomicU64::new(1));
     let mut tasks = tokio::task::JoinSet::new();

@@ -132,12 +132,13 @@ pub enum TlsError {
     Setup(String),
 }
 
-/// What to log about TLS for the listeners: `None` without TLS.
-pub fn describe(cfg: &Config) -> Option<&'static str> {
+/// What to log about TLS after a listener's address: `" (TLS)"`, `" (TLS,
+/// client certificate required)"`, or nothing without TLS.
+pub fn describe(cfg: &Config) -> &'static str {
     match (&cfg.tls_certificate, &cfg.tls_client_ca) {
-        (None, _) => None,
-        (Some(_), None) => Some("TLS"),
-        (Some(_), Some(_)) => Some("TLS, client certificate required"),
+        (None, _) => "",
+        (Some(_), None) => " (TLS)",
+        (Some(_), Some(_)) => " (TLS, client certificate required)",
     }
 }
 
@@ -278,7 +279,7 @@ mod tests {
     #[test]
     fn no_tls_without_certificate() {
         assert!(load(&Config::default()).unwrap().is_none());
-        assert_eq!(describe(&Config::default()), None);
+        assert_eq!(describe(&Config::default()), "");
     }
 
     #[test]
