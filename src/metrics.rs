@@ -28,6 +28,8 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::rpc::Shared;
+use crate::storage::Storage;
+use crate::types::Tid;
 
 /// Bytes of request head (request line and headers) a scraper may send; a
 /// longer head is answered 431 and the connection closed. Prometheus sends
@@ -296,7 +298,8 @@ pub struct Snapshot {
     pub storages: Vec<StorageFigures>,
 }
 
-/// One storage's figures (the same as its `server_status`).
+/// One storage's figures, read at one moment: what the metrics and the
+/// storage's `server_status` (and so `ruok`) report.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StorageFigures {
     pub name: String,
@@ -307,7 +310,7 @@ pub struct StorageFigures {
     pub accounted_bytes: usize,
     pub memory_limit: Option<usize>,
     pub revisions: usize,
-    pub last_transaction_time: f64,
+    pub last_tid: Tid,
     pub loads: u64,
     pub stores: u64,
     pub commits: u64,
@@ -316,13 +319,50 @@ pub struct StorageFigures {
     pub conflicts_resolved: u64,
     pub active_transactions: u64,
     pub lock_waiters: usize,
-    /// Seconds the commit lock's holder has held it (0 when free).
-    pub lock_held_seconds: f64,
+    /// Seconds the commit lock's holder has held it (`None` when free).
+    pub lock_held_seconds: Option<f64>,
     pub gc_collections: u64,
     pub gc_freed_objects: u64,
-    pub gc_longest_pause_seconds: f64,
-    pub gc_last_collection_seconds: f64,
+    pub gc_longest_pause_us: u64,
+    pub gc_last_collection_us: u64,
     pub unscannable_records: usize,
+}
+
+impl StorageFigures {
+    /// Reads storage `s`'s figures now.
+    pub fn of(s: &Storage) -> StorageFigures {
+        // Not nested: the commit lock's state, then the storage's.
+        let (lock_held_seconds, lock_waiters) = s.lock_status();
+        let st = s.read();
+        let (revisions, retained_bytes) = st.retained();
+        let (stats, gc) = (&s.stats, &s.gc_stats);
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        StorageFigures {
+            name: s.name().to_string(),
+            connections: st.subscriber_count(),
+            objects: st.len(),
+            current_bytes: st.size(),
+            retained_bytes,
+            accounted_bytes: st.accounted(),
+            memory_limit: st.memory_limit(),
+            revisions,
+            last_tid: st.last_tid(),
+            loads: n(&stats.loads),
+            stores: n(&stats.stores),
+            commits: n(&stats.commits),
+            aborts: n(&stats.aborts),
+            conflicts: n(&stats.conflicts),
+            conflicts_resolved: n(&stats.conflicts_resolved),
+            active_transactions: n(&stats.active_txns),
+            lock_waiters,
+            lock_held_seconds,
+            gc_collections: n(&gc.collections),
+            gc_freed_objects: n(&gc.freed_objects),
+            gc_longest_pause_us: n(&gc.longest_pause_us),
+            gc_last_collection_us: n(&gc.last_cycle_us),
+            unscannable_records: st.unscannable(),
+        }
+    }
 }
 
 impl Snapshot {
@@ -332,39 +372,7 @@ impl Snapshot {
             .storage_names
             .iter()
             .filter_map(|name| shared.storages.get(name))
-            .map(|s| {
-                // Not nested: the commit lock's state, then the storage's.
-                let (lock_age, lock_waiters) = s.lock_status();
-                let st = s.read();
-                let (revisions, retained_bytes) = st.retained();
-                let (stats, gc) = (&s.stats, &s.gc_stats);
-                let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-                StorageFigures {
-                    name: s.name().to_string(),
-                    connections: st.subscriber_count(),
-                    objects: st.len(),
-                    current_bytes: st.size(),
-                    retained_bytes,
-                    accounted_bytes: st.accounted(),
-                    memory_limit: shared.config.memory_limit,
-                    revisions,
-                    last_transaction_time: st.last_tid().to_unix_time(),
-                    loads: n(&stats.loads),
-                    stores: n(&stats.stores),
-                    commits: n(&stats.commits),
-                    aborts: n(&stats.aborts),
-                    conflicts: n(&stats.conflicts),
-                    conflicts_resolved: n(&stats.conflicts_resolved),
-                    active_transactions: n(&stats.active_txns),
-                    lock_waiters,
-                    lock_held_seconds: lock_age.unwrap_or(0.0),
-                    gc_collections: n(&gc.collections),
-                    gc_freed_objects: n(&gc.freed_objects),
-                    gc_longest_pause_seconds: n(&gc.longest_pause_us) as f64 / 1e6,
-                    gc_last_collection_seconds: n(&gc.last_cycle_us) as f64 / 1e6,
-                    unscannable_records: st.unscannable(),
-                }
-            })
+            .map(|s| StorageFigures::of(s))
             .collect();
         Snapshot {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -511,7 +519,7 @@ static STORAGE_FAMILIES: &[(&str, Kind, &str, Figure)] = &[
         "zeotemp_last_transaction_timestamp_seconds",
         Kind::Gauge,
         "Unix time of the storage's last transaction id.",
-        |s| Some(Num::Float(s.last_transaction_time)),
+        |s| Some(Num::Float(s.last_tid.to_unix_time())),
     ),
     (
         "zeotemp_loads_total",
@@ -565,7 +573,7 @@ static STORAGE_FAMILIES: &[(&str, Kind, &str, Figure)] = &[
         "zeotemp_commit_lock_held_seconds",
         Kind::Gauge,
         "Seconds the current holder of the commit lock has held it (0 when free).",
-        |s| Some(Num::Float(s.lock_held_seconds)),
+        |s| Some(Num::Float(s.lock_held_seconds.unwrap_or(0.0))),
     ),
     (
         "zeotemp_gc_collections_total",
@@ -583,13 +591,13 @@ static STORAGE_FAMILIES: &[(&str, Kind, &str, Figure)] = &[
         "zeotemp_gc_longest_pause_seconds",
         Kind::Gauge,
         "Longest time the collector has held up loads and commits in one go.",
-        |s| Some(Num::Float(s.gc_longest_pause_seconds)),
+        |s| Some(Num::Float(s.gc_longest_pause_us as f64 / 1e6)),
     ),
     (
         "zeotemp_gc_last_collection_seconds",
         Kind::Gauge,
         "Duration of the last whole collection cycle.",
-        |s| Some(Num::Float(s.gc_last_collection_seconds)),
+        |s| Some(Num::Float(s.gc_last_collection_us as f64 / 1e6)),
     ),
     (
         "zeotemp_unscannable_records",
@@ -687,7 +695,7 @@ mod tests {
                     objects: 10,
                     commits: 7,
                     memory_limit: Some(1 << 20),
-                    gc_longest_pause_seconds: 0.0015,
+                    gc_longest_pause_us: 1500,
                     ..StorageFigures::default()
                 },
                 StorageFigures {

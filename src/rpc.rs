@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::marshal::{self, Encoding, Message};
+use crate::metrics::StorageFigures;
 use crate::msgpack;
 use crate::outbox::Outbox;
 use crate::pickle::{self, Dialect, Value};
@@ -85,41 +86,37 @@ impl Shared {
     /// `server_status()` of one storage: the keys the stock server returns
     /// (`StorageServer.server_status`), plus zeotemp's own figures.
     pub fn server_status(&self, storage: &Storage) -> serde_json::Value {
-        let st = storage.read();
-        let (lock_age, waiting) = storage.lock_status();
-        let (revisions, retained_bytes) = st.retained();
-        let s = &storage.stats;
+        let f = StorageFigures::of(storage);
         let start = self
             .started
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        let g = &storage.gc_stats;
         serde_json::json!({
-            "connections": st.subscriber_count(),
-            "loads": s.loads.load(Ordering::Relaxed),
-            "stores": s.stores.load(Ordering::Relaxed),
-            "commits": s.commits.load(Ordering::Relaxed),
-            "aborts": s.aborts.load(Ordering::Relaxed),
-            "active_txns": s.active_txns.load(Ordering::Relaxed),
-            "lock_time": lock_age.map(|age| now_secs() - age),
-            "conflicts": s.conflicts.load(Ordering::Relaxed),
-            "conflicts_resolved": s.conflicts_resolved.load(Ordering::Relaxed),
+            "connections": f.connections,
+            "loads": f.loads,
+            "stores": f.stores,
+            "commits": f.commits,
+            "aborts": f.aborts,
+            "active_txns": f.active_transactions,
+            "lock_time": f.lock_held_seconds.map(|age| now_secs() - age),
+            "conflicts": f.conflicts,
+            "conflicts_resolved": f.conflicts_resolved,
             "start": crate::types::ctime(start),
-            "waiting": waiting,
+            "waiting": f.lock_waiters,
             "timeout-thread-is-alive": true,
-            "last-transaction": st.last_tid().to_string(),
-            "objects": st.len(),
-            "size": st.size(),
-            "revisions": revisions,
-            "retained-bytes": retained_bytes,
-            "accounted-bytes": st.accounted(),
-            "memory-limit": self.config.memory_limit,
-            "unscannable-records": st.unscannable(),
-            "collections": g.collections.load(Ordering::Relaxed),
-            "freed-objects": g.freed_objects.load(Ordering::Relaxed),
-            "longest-pause-ms": g.longest_pause_us.load(Ordering::Relaxed) as f64 / 1000.0,
-            "last-collection-ms": g.last_cycle_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            "last-transaction": f.last_tid.to_string(),
+            "objects": f.objects,
+            "size": f.current_bytes,
+            "revisions": f.revisions,
+            "retained-bytes": f.retained_bytes,
+            "accounted-bytes": f.accounted_bytes,
+            "memory-limit": f.memory_limit,
+            "unscannable-records": f.unscannable_records,
+            "collections": f.gc_collections,
+            "freed-objects": f.gc_freed_objects,
+            "longest-pause-ms": f.gc_longest_pause_us as f64 / 1000.0,
+            "last-collection-ms": f.gc_last_collection_us as f64 / 1000.0,
         })
     }
 

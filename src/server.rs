@@ -26,6 +26,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{Config, STATS_LOG_INTERVAL_SECS};
 use crate::frame;
 use crate::marshal;
+use crate::metrics::StorageFigures;
 use crate::outbox::Outbox;
 use crate::pickle::DecodeLimits;
 use crate::rpc::{Flow, Session, Shared};
@@ -284,19 +285,17 @@ async fn gc_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 
 /// One line with a storage's figures.
 pub fn log_summary(s: &crate::storage::Storage) {
-    let st = s.read();
-    let (revisions, retained_bytes) = st.retained();
-    let g = &s.gc_stats;
+    let f = StorageFigures::of(s);
     info!(
         storage = s.name(),
-        objects = st.len(),
-        revisions,
-        retained_bytes,
-        accounted_bytes = st.accounted(),
-        commits = s.stats.commits.load(Ordering::Relaxed),
-        collections = g.collections.load(Ordering::Relaxed),
-        freed_objects = g.freed_objects.load(Ordering::Relaxed),
-        longest_pause_ms = g.longest_pause_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        objects = f.objects,
+        revisions = f.revisions,
+        retained_bytes = f.retained_bytes,
+        accounted_bytes = f.accounted_bytes,
+        commits = f.commits,
+        collections = f.gc_collections,
+        freed_objects = f.gc_freed_objects,
+        longest_pause_ms = f.gc_longest_pause_us as f64 / 1000.0,
         "storage summary"
     );
 }

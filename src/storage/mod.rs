@@ -1145,6 +1145,11 @@ impl StorageState {
     pub fn unscannable(&self) -> usize {
         self.unscannable
     }
+
+    /// The storage's `memory-limit` (accounted bytes); `None`: no limit.
+    pub fn memory_limit(&self) -> Option<usize> {
+        self.limits.memory_limit
+    }
 }
 
 /// The dotted class name of a ZODB record, read from the GLOBAL opcode that
