@@ -70,6 +70,11 @@ STATUS_KEYS = ("objects", "revisions", "retained-bytes", "collections",
                "freed-objects", "longest-pause-ms", "commits", "conflicts")
 MIB = 1024 * 1024
 PLATEAU_MAX = 1.10        # default --plateau-threshold
+# zeotemp's own defaults (src/storage/mod.rs DEFAULT_RETENTION_SECS,
+# src/config.rs DEFAULT_GC_INTERVAL_SECS): the soak runs the server with
+# them unless --history-retention / --gc-interval are given.
+SERVER_RETENTION = 60.0
+SERVER_GC_INTERVAL = 10.0
 
 
 # -- sampling --------------------------------------------------------------------
@@ -450,12 +455,12 @@ def parse_args(argv):
                    help="zeotemp binary (default target/release/zeotemp)")
     p.add_argument("--bench-bin", default=None,
                    help="zeotemp-bench binary (default: next to --zeotemp-bin)")
-    p.add_argument("--gc-interval", type=float, default=10,
-                   help="zeotemp --gc-interval (default 10)")
-    p.add_argument("--history-retention", type=float, default=60,
-                   help="zeotemp --history-retention (default 60 here; the "
-                        "server's own default is 600, which needs a soak of "
-                        "well over 30 minutes to reach its plateau)")
+    p.add_argument("--gc-interval", type=float, default=None,
+                   help="zeotemp --gc-interval (default: not passed, the "
+                        f"server's own, {SERVER_GC_INTERVAL:g})")
+    p.add_argument("--history-retention", type=float, default=None,
+                   help="zeotemp --history-retention (default: not passed, "
+                        f"the server's own, {SERVER_RETENTION:g})")
     p.add_argument("--zeotemp-arg", action="append", default=[],
                    help="extra zeotemp argument (repeatable)")
     p.add_argument("--slice-seconds", type=float, default=2,
@@ -545,8 +550,14 @@ def main(argv=None):
     ledger_dir.mkdir(exist_ok=True)
     for old in ledger_dir.glob("ledger-*.jsonl"):
         old.unlink()
-    zargs = ["--gc-interval", f"{args.gc_interval:g}",
-             "--history-retention", f"{args.history_retention:g}"] + args.zeotemp_arg
+    # The server runs as a new user starts it: a setting is passed only when
+    # asked for.
+    zargs = []
+    if args.gc_interval is not None:
+        zargs += ["--gc-interval", f"{args.gc_interval:g}"]
+    if args.history_retention is not None:
+        zargs += ["--history-retention", f"{args.history_retention:g}"]
+    zargs += args.zeotemp_arg
     server = zeotemp_churn.ServerProcess(
         args.server, workdir, zeotemp_bin=args.zeotemp_bin,
         zeotemp_args=zargs, python=args.python, extra_storages=["2"])
@@ -796,8 +807,9 @@ def build_report(args, command, server, rss, sampler, slots, bench, replays,
     lost = (ver["missing"] + ver["wrong"] + ver["unreadable"]) if ver else None
     rss_pts = [(t, k) for t, k in rss if t <= end + 1]
     ratio = plateau(rss_pts, end)
-    retained_for = (args.history_retention + args.keep * args.slice_seconds
-                    + args.gc_interval)
+    retention = SERVER_RETENTION if args.history_retention is None else args.history_retention
+    gc_interval = SERVER_GC_INTERVAL if args.gc_interval is None else args.gc_interval
+    retained_for = retention + args.keep * args.slice_seconds + gc_interval
     long_enough = end >= 3 * retained_for
     if args.no_rss_verdict:
         rss_verdict = "not judged (--no-rss-verdict)"

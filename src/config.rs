@@ -620,7 +620,7 @@ mod tests {
         for part in [
             "storages \"1\", \"temp\";",
             "memory 1 GiB per storage",
-            "history 600 s",
+            "history 60 s",
             "10000 connections",
             "frame 64 MiB",
             "transaction 512 MiB",

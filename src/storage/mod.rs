@@ -47,10 +47,15 @@ mod revisions;
 pub use gc::GcOutcome;
 
 /// Default for how long a non-current revision is kept after it was
-/// replaced (`history-retention`, seconds). Long enough for any Zope request
-/// that opened a snapshot, and for client-side conflict resolution, which
-/// reads the revision the client started from.
-pub const DEFAULT_RETENTION_SECS: u64 = 600;
+/// replaced (`history-retention`, seconds). Long enough for a Zope request
+/// that opened a snapshot (requests that run longer are rare and retried on
+/// ReadConflictError), and for client-side conflict resolution, which reads
+/// the revision the client started from within its own transaction; the
+/// same 60 s as Python tempstorage's conflict cache. It also bounds how
+/// long an unlinked object is kept, so under a steady session churn memory
+/// levels off about a minute after the churn starts (600 s, the default
+/// before, took over ten: BENCHMARKS.md, "Memory under churn").
+pub const DEFAULT_RETENTION_SECS: u64 = 60;
 
 /// Default number of recent transactions remembered for `getInvalidations`
 /// (`invalidation-queue-size`, ZEO's default).

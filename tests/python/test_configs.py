@@ -177,7 +177,7 @@ def test_start_and_stop_lines(server_factory, make_storage):
              if f"zeotemp {VERSION} on tcp {host}:{port}" in line]
     assert len(start) == 1, log
     for part in ('storages "1", "temp"', "123 connections",
-                 "history 600 s", "timeouts: transaction"):
+                 "history 60 s", "timeouts: transaction"):
         assert part in start[0], (part, start[0])
     assert re.search(r"zeotemp stopped after \d+h\d\dm\d\ds: 1 connection "
                      r"served, 0 commits on 2 storages; all data held in "
