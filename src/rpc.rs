@@ -439,19 +439,29 @@ impl<'a> Args<'a> {
 /// What the connection task should do after a message.
 pub enum Flow {
     Continue,
-    /// A `vote` waits for the commit lock: poll this, then call
+    /// A `vote` waits for the commit lock: poll it, then call
     /// [`Session::lock_granted`].
-    WaitLock(oneshot::Receiver<()>),
+    WaitLock(LockWait),
     /// Close the connection; the reason is logged.
     Close(String),
+}
+
+/// A vote waiting for the commit lock. `granted` fires when the lock is
+/// ours; `wait` ties the grant to the vote that asked for it: a client that
+/// pipelines can abort that transaction and vote the next one before the
+/// connection task sees the old grant, which must then change nothing.
+pub struct LockWait {
+    pub wait: u64,
+    pub granted: oneshot::Receiver<()>,
 }
 
 #[derive(Debug)]
 enum TxnState {
     /// Collecting operations.
     Open,
-    /// `vote` is waiting for the commit lock; its msgid is kept here.
-    Waiting(Value),
+    /// `vote` is waiting for the commit lock (the wait numbered `wait`);
+    /// its msgid is kept here.
+    Waiting { msgid: Value, wait: u64 },
     /// Holding the lock; the vote returned conflicts for the client to
     /// resolve; the next `vote` replays with its resolved stores.
     Resolving,
@@ -567,6 +577,8 @@ pub struct Session {
     msgpack: bool,
     registered: Option<Registered>,
     txn: Option<Txn>,
+    /// Numbers the votes that waited for the commit lock (see [`LockWait`]).
+    waits: u64,
     label: Option<String>,
 }
 
@@ -608,6 +620,7 @@ impl Session {
             msgpack: false,
             registered: None,
             txn: None,
+            waits: 0,
             label: None,
         }
     }
@@ -881,6 +894,12 @@ impl Session {
                 ));
                 match self.txn.as_mut() {
                     Some(txn) if msg.oneway => {
+                        if matches!(txn.state, TxnState::Voted(_)) {
+                            // After a successful vote: like a store then
+                            // (the connection closes, which aborts the
+                            // transaction). Before it, the vote fails.
+                            return Err(ZeoError::Transaction(format!("{m}() after vote")));
+                        }
                         txn.refused.get_or_insert(err);
                         txn.ops.clear();
                         reply(Value::None)
@@ -1098,38 +1117,58 @@ impl Session {
         a.count(1, 1)?;
         let storage = self.storage()?.storage.clone();
         let id = self.id;
+        // The number this vote waits as, if it must wait for the lock.
+        self.waits += 1;
+        let next_wait = self.waits;
         let txn = self.txn_for("vote", a.get(0))?;
-        match txn.state {
-            TxnState::Open => {}
-            TxnState::Resolving => return Ok(self.run_vote(&msg.msgid)),
-            TxnState::Waiting(_) => {
+        let resolving = match txn.state {
+            TxnState::Open => false,
+            TxnState::Resolving => true,
+            TxnState::Waiting { .. } => {
                 return Err(ZeoError::Transaction("Already voting (waiting)".into()));
             }
             TxnState::Voted(_) => {
                 return Err(ZeoError::Transaction("Already voting (locked)".into()));
             }
-        }
+        };
+        // A refused transaction fails here, before it waits for the lock
+        // (and `run_vote` checks again, whatever way it is reached).
         if let Some(err) = txn.refused.clone() {
             self.abort_txn(true);
             return Err(err);
+        }
+        if resolving {
+            // The lock is still ours from the first round.
+            return Ok(self.run_vote(&msg.msgid));
         }
         match storage.try_lock(id) {
             LockAttempt::Acquired => {
                 txn.locked_at = Some(Instant::now());
                 Ok(self.run_vote(&msg.msgid))
             }
-            LockAttempt::Wait(rx) => {
-                txn.state = TxnState::Waiting(msg.msgid.clone());
+            LockAttempt::Wait(granted) => {
+                let wait = next_wait;
+                txn.state = TxnState::Waiting {
+                    msgid: msg.msgid.clone(),
+                    wait,
+                };
                 debug!(peer = %self.label(), storage = storage.name(), "vote waits for the commit lock");
-                Ok(Outcome::Wait(rx))
+                Ok(Outcome::Wait(LockWait { wait, granted }))
             }
         }
     }
 
-    /// The commit lock came free for our waiting vote.
-    pub fn lock_granted(&mut self) {
+    /// The commit lock came free for the vote that waited as `wait`. A
+    /// grant for any other wait is stale and changes nothing: its
+    /// transaction was aborted since, which released the lock (or took the
+    /// vote out of the line) already.
+    pub fn lock_granted(&mut self, wait: u64) {
         let Some(txn) = self.txn.as_mut() else { return };
-        let TxnState::Waiting(msgid) = std::mem::replace(&mut txn.state, TxnState::Open) else {
+        if !matches!(txn.state, TxnState::Waiting { wait: w, .. } if w == wait) {
+            return;
+        }
+        let TxnState::Waiting { msgid, .. } = std::mem::replace(&mut txn.state, TxnState::Open)
+        else {
             return;
         };
         txn.locked_at = Some(Instant::now());
@@ -1137,6 +1176,13 @@ impl Session {
     }
 
     /// Votes with the commit lock held and sends the reply.
+    ///
+    /// Every way to a vote (first round, resolution round, lock granted)
+    /// ends here, so this is where a refused transaction fails: whatever
+    /// refused it (max-transaction-bytes, a call zeotemp does not support,
+    /// an explicit tid) also dropped its buffered operations, and voting
+    /// what is left would commit an incomplete transaction and report
+    /// success.
     fn run_vote(&mut self, msgid: &Value) -> Outcome {
         let Some(reg) = &self.registered else {
             return Outcome::Sent;
@@ -1145,6 +1191,12 @@ impl Session {
         let Some(txn) = self.txn.as_mut() else {
             return Outcome::Sent;
         };
+        if let Some(err) = txn.refused.clone() {
+            debug!(peer = %self.label(), err = %err.to_string().escape_debug(), "vote of a refused transaction");
+            self.abort_txn(true);
+            self.reply_error(msgid, &err);
+            return Outcome::Sent;
+        }
         match storage.vote(&txn.ops) {
             Ok(Ok(voted)) => {
                 if txn.resolving > 0 {
@@ -1245,7 +1297,7 @@ impl Session {
                 .fetch_sub(1, Ordering::Relaxed);
             reg.storage.stats.aborts.fetch_add(1, Ordering::Relaxed);
         }
-        if let TxnState::Waiting(msgid) = txn.state
+        if let TxnState::Waiting { msgid, .. } = txn.state
             && reply_to_waiter
         {
             self.reply_error(
@@ -1290,7 +1342,7 @@ enum Outcome {
     Reply(Value),
     /// The reply was already enqueued (under a storage lock).
     Sent,
-    Wait(oneshot::Receiver<()>),
+    Wait(LockWait),
 }
 
 /// Runs a long synchronous job (a whole collection) from a connection task

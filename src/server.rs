@@ -604,7 +604,7 @@ impl Conn<'_> {
         if msgpack {
             session.use_msgpack();
         }
-        let mut lock_wait: Option<tokio::sync::oneshot::Receiver<()>> = None;
+        let mut lock_wait: Option<crate::rpc::LockWait> = None;
         let timeout = self.shared.config.transaction_timeout;
         // Since when the buffer has held the start of a frame that is not
         // complete yet (reset whenever a whole frame arrives); the timer
@@ -680,10 +680,10 @@ impl Conn<'_> {
                 },
                 // Pushes from other connections (invalidations) while idle.
                 _ = outbox.wait_frames(), if !writing => {}
-                granted = async { lock_wait.as_mut().expect("guarded").await }, if lock_wait.is_some() => {
-                    lock_wait = None;
-                    if granted.is_ok() {
-                        session.lock_granted();
+                granted = async { (&mut lock_wait.as_mut().expect("guarded").granted).await }, if lock_wait.is_some() => {
+                    let wait = lock_wait.take().map(|w| w.wait);
+                    if let (Ok(()), Some(wait)) = (granted, wait) {
+                        session.lock_granted(wait);
                     }
                 }
                 _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {

@@ -6,7 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::client::{Bystander, Client, MAXTID, READ_TIMEOUT, Z64, b, oid, request, s, t};
+use common::client::{
+    Bystander, Client, MAXTID, READ_TIMEOUT, Z64, b, err_text, oid, request, s, t,
+};
 use common::{Server, cfg};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -575,6 +577,92 @@ async fn second_voter_waits_for_the_commit_lock_and_conflicts_go_to_the_client()
     srv.stop().await;
 }
 
+/// Every way a transaction is refused after its first vote round (the
+/// resolved store takes it over max-transaction-bytes; a one-way call
+/// zeotemp does not support, inside the resolution round or while the vote
+/// waits for the lock) makes its vote fail with that error and commits
+/// nothing. (The resolving vote skipped the check: an empty transaction was
+/// committed and reported as a success.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_transaction_never_commits_in_any_vote_state() {
+    let srv = Server::start(Config {
+        max_transaction_bytes: 1000,
+        ..cfg()
+    })
+    .await;
+    let mut a = Client::registered(srv.addr).await;
+    let mut c = Client::registered(srv.addr).await;
+    let o = a.new_oid().await;
+    let mut serial = a.commit_new_at(&o, b"v0", 1).await;
+    let small = vec![b'b'; 400];
+    for (case, refusal) in [
+        ("resolved store over the limit", "max-transaction-bytes"),
+        ("restorea in the resolution round", "restorea"),
+        ("storeBlobStart while waiting", "storeBlobStart"),
+    ] {
+        // c reads `serial` and stores on it; a commits on top first.
+        c.begin(2).await;
+        c.store(&o, &serial, &small, 2).await;
+        a.begin(1).await;
+        a.store(&o, &serial, b"a", 1).await;
+        assert_eq!(
+            a.call("vote", vec![Value::Int(1)]).await,
+            Ok(Value::List(vec![]))
+        );
+        let vote = c.send(false, "vote", vec![Value::Int(2)]).await;
+        if case.ends_with("while waiting") {
+            c.send(true, refusal, vec![Value::Int(2)]).await;
+            // Both are handled while the vote waits.
+            let ping = c.send(false, "ping", vec![]).await;
+            assert_eq!(c.reply_to(&ping).await, Ok(Value::None));
+        }
+        serial = a.call("tpc_finish", vec![Value::Int(1)]).await.unwrap();
+        let last = a.call("lastTransaction", vec![]).await.unwrap();
+        let vote_error = if case.ends_with("while waiting") {
+            c.reply_to(&vote).await.unwrap_err()
+        } else {
+            // c's vote hands back the conflict; c resolves it...
+            let Ok(Value::List(conflicts)) = c.reply_to(&vote).await else {
+                panic!("{case}: conflicts")
+            };
+            assert_eq!(conflicts.len(), 1, "{case}");
+            if refusal == "max-transaction-bytes" {
+                // ...into a record that takes the transaction over the
+                // limit (the first store alone was within it).
+                c.store(&o, &serial, &[b'r'; 700], 2).await;
+            } else {
+                c.send(true, refusal, vec![Value::Int(2)]).await;
+                c.store(&o, &serial, b"resolved", 2).await;
+            }
+            c.call("vote", vec![Value::Int(2)]).await.unwrap_err()
+        };
+        assert!(
+            err_text(&vote_error.1).contains(refusal),
+            "{case}: {vote_error:?}"
+        );
+        // Nothing was committed, the lock is free and the transaction over.
+        assert_eq!(
+            c.call("lastTransaction", vec![]).await.unwrap(),
+            last,
+            "{case}"
+        );
+        let Ok(Value::Tuple(cur)) = c.call("loadBefore", vec![o.clone(), b(&MAXTID)]).await else {
+            panic!("{case}: loadBefore")
+        };
+        assert_eq!(
+            (cur[0].clone(), cur[1].clone()),
+            (b(b"a"), serial.clone()),
+            "{case}"
+        );
+        assert_eq!(
+            c.call("tpc_abort", vec![Value::Int(2)]).await,
+            Ok(Value::None)
+        );
+        Bystander::start(srv.addr).await;
+    }
+    srv.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_while_holding_lock_releases_it() {
     let srv = Server::start(cfg()).await;
@@ -587,6 +675,91 @@ async fn disconnect_while_holding_lock_releases_it() {
     );
     drop(a);
     Bystander::start(srv.addr).await;
+    srv.stop().await;
+}
+
+/// A client that pipelines aborts a vote that waits for the commit lock
+/// and votes its next transaction, all in one burst, while the holder
+/// finishes: the lock granted to the aborted vote must not touch the next
+/// transaction. (It did: the old grant, seen only after the burst, replaced
+/// the next transaction's voted state, its `tpc_finish` failed "without a
+/// successful vote" and the lock stayed held until transaction-timeout.)
+/// One worker thread, as the server runs by default: the pings exhaust the
+/// connection's coop budget, so the holder's `tpc_finish` is handled in the
+/// middle of the burst, before its `tpc_abort`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn stale_lock_grant_never_touches_the_next_transaction() {
+    let srv = Server::start(cfg()).await;
+    for round in 0..5 {
+        let mut holder = Client::registered(srv.addr).await;
+        let mut piper = Client::registered(srv.addr).await;
+        holder.hold_lock(1).await;
+        let o7 = piper.new_oid().await;
+        let o8 = piper.new_oid().await;
+        piper.begin(7).await;
+        piper.store(&o7, &b(&Z64), b"seven", 7).await;
+        let vote7 = piper.send(false, "vote", vec![Value::Int(7)]).await;
+        let mut burst = Vec::new();
+        let mut next = 1000;
+        let mut frame = |oneway: bool, method: &str, args: Vec<Value>| {
+            next += 1;
+            let p = request(Value::Int(next), oneway, method, &t(args));
+            burst.extend_from_slice(&(p.len() as u32).to_be_bytes());
+            burst.extend_from_slice(&p);
+            Value::Int(next)
+        };
+        let pings: Vec<Value> = (0..2000).map(|_| frame(false, "ping", vec![])).collect();
+        let abort7 = frame(false, "tpc_abort", vec![Value::Int(7)]);
+        let begin8 = vec![Value::Int(8), b(b""), b(b""), Value::Dict(vec![])];
+        frame(true, "tpc_begin", begin8);
+        frame(
+            true,
+            "storea",
+            vec![o8.clone(), b(&Z64), b(b"eight"), Value::Int(8)],
+        );
+        let vote8 = frame(false, "vote", vec![Value::Int(8)]);
+        // The burst, then at once the holder's finish: the server is still
+        // answering the pings when the finish grants the lock to vote 7.
+        piper.write(&burst).await;
+        let finish = holder.send(false, "tpc_finish", vec![Value::Int(1)]).await;
+        holder.reply_to(&finish).await.expect("the holder commits");
+
+        // Every request is answered: vote 7 (voted if the grant was seen
+        // before the burst, else aborted while waiting), the pings, the
+        // abort and vote 8, which succeeds.
+        let mut answered = Vec::new();
+        let vote8_reply = loop {
+            let (id, reply) = piper.next_reply().await.expect("replies to the burst");
+            if id == vote8 {
+                break reply;
+            }
+            if pings.contains(&id) || id == abort7 {
+                assert_eq!(reply, Ok(Value::None), "{id:?}");
+            }
+            answered.push(id);
+        };
+        assert_eq!(answered.len(), pings.len() + 2, "round {round}");
+        assert!(answered.contains(&vote7) && answered.contains(&abort7));
+        assert_eq!(vote8_reply, Ok(Value::List(vec![])), "round {round}");
+        let tid = piper
+            .call("tpc_finish", vec![Value::Int(8)])
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: tpc_finish(8) failed: {e:?}"));
+        // Transaction 8 is committed, 7 is not, and the lock is free.
+        let Ok(Value::Tuple(rec)) = piper.call("loadBefore", vec![o8.clone(), b(&MAXTID)]).await
+        else {
+            panic!("round {round}: object 8 is committed")
+        };
+        assert_eq!(rec[0].as_bytes(), Some(&b"eight"[..]));
+        assert_eq!(rec[1], tid);
+        assert!(
+            piper
+                .call("loadBefore", vec![o7.clone(), b(&MAXTID)])
+                .await
+                .is_err()
+        );
+        Bystander::start(srv.addr).await;
+    }
     srv.stop().await;
 }
 

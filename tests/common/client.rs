@@ -393,8 +393,14 @@ impl Client {
     /// A whole commit of `data` as a new object: (oid, tid).
     pub async fn commit_new(&mut self, data: &[u8], txn: i64) -> (Value, Value) {
         let o = self.new_oid().await;
+        let tid = self.commit_new_at(&o, data, txn).await;
+        (o, tid)
+    }
+
+    /// A whole commit of `data` as the new object `o`: its tid.
+    pub async fn commit_new_at(&mut self, o: &Value, data: &[u8], txn: i64) -> Value {
         self.begin(txn).await;
-        self.store(&o, &b(&Z64), data, txn).await;
+        self.store(o, &b(&Z64), data, txn).await;
         assert_eq!(
             self.call("vote", vec![Value::Int(txn)]).await,
             Ok(Value::List(vec![]))
@@ -404,7 +410,7 @@ impl Client {
             .await
             .expect("tpc_finish");
         assert_eq!(tid.as_bytes().map(<[u8]>::len), Some(8));
-        (o, tid)
+        tid
     }
 }
 
