@@ -202,6 +202,10 @@ pub enum ZeoError {
     Type(String),
     #[error("AttributeError: {0}")]
     Attribute(String),
+    /// A key that cannot name an object (`history(None)`): the stock
+    /// storage looks it up and raises `POSKeyError(key)`.
+    #[error("POSKeyError {0:?}")]
+    NoSuchKey(Value),
 }
 
 impl ZeoError {
@@ -256,6 +260,10 @@ impl ZeoError {
             ZeoError::Value(msg) => ("builtins.ValueError", args1(msg)),
             ZeoError::Type(msg) => ("builtins.TypeError", args1(msg)),
             ZeoError::Attribute(msg) => ("builtins.AttributeError", args1(msg)),
+            ZeoError::NoSuchKey(key) => (
+                "ZODB.POSException.POSKeyError",
+                Value::Tuple(vec![key.clone()]),
+            ),
         }
     }
 }
@@ -834,7 +842,15 @@ impl Session {
             }
             "history" => {
                 a.count(1, 2)?;
-                let oid = a.oid(0)?;
+                let oid = match a.get(0) {
+                    // None, or bytes that are not 8 long, name no object:
+                    // not found, as in the stock storage's lookup.
+                    Some(key @ Value::None) => return Err(ZeoError::NoSuchKey(key.clone())),
+                    Some(key @ Value::Bytes(k)) if k.len() != 8 => {
+                        return Err(ZeoError::NoSuchKey(key.clone()));
+                    }
+                    _ => a.oid(0)?,
+                };
                 let size = a.int(1, "size", 1)?.clamp(1, 1_000_000) as usize;
                 let entries = self.storage()?.storage.read().history(oid, size)?;
                 reply(Value::List(
@@ -1197,7 +1213,16 @@ impl Session {
             self.reply_error(msgid, &err);
             return Outcome::Sent;
         }
-        match storage.vote(&txn.ops) {
+        let ops = &txn.ops;
+        let voted = if storage.short_of_room(ops) {
+            // Making room may run a whole collection (tens of ms at 200k
+            // objects): off this runtime worker, so that the connections
+            // it serves (all of them with the default `threads = 1`) go on.
+            blocking(|| storage.vote(ops))
+        } else {
+            storage.vote(ops)
+        };
+        match voted {
             Ok(Ok(voted)) => {
                 if txn.resolving > 0 {
                     storage
@@ -1345,8 +1370,12 @@ enum Outcome {
     Wait(LockWait),
 }
 
-/// Runs a long synchronous job (a whole collection) from a connection task
-/// without stalling the other tasks of its runtime worker.
+/// Runs a long synchronous job (a whole collection: `pack`, a vote under
+/// memory pressure) from a connection task without stalling the other tasks
+/// of its runtime worker: `block_in_place` hands the worker's other tasks
+/// to a new thread while this one blocks (the server's runtime is always
+/// multi-threaded, one worker by default). The connection itself waits
+/// anyway: its reply needs the job's result.
 fn blocking<R>(f: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {

@@ -519,7 +519,7 @@ mod tests {
 
     use super::*;
     use crate::pickle::Value;
-    use crate::storage::{LockAttempt, StorageLimits, TxnMeta, TxnOp};
+    use crate::storage::{LockAttempt, StorageError, StorageLimits, TxnMeta, TxnOp};
     use crate::types::Tid;
 
     fn storage() -> Storage {
@@ -907,6 +907,135 @@ mod tests {
             assert!(st.load_before(Oid(*oid), Tid::MAX).unwrap().is_some());
         }
         assert!(st.accounted() <= limit);
+    }
+
+    fn limited(extra: usize) -> (Storage, usize) {
+        let limit = storage().read().accounted() + extra;
+        let s = Storage::new(
+            "1",
+            Tid::now(),
+            StorageLimits {
+                memory_limit: Some(limit),
+                ..StorageLimits::default()
+            },
+        );
+        (s, limit)
+    }
+
+    /// Memory pressure drops history inside the retention window and then
+    /// collects: a snapshot that could read an object before that gets a
+    /// retryable answer for it afterwards (`None`: ReadConflictError; a
+    /// ConflictError for `loadSerial`), never POSKeyError.
+    #[test]
+    fn history_dropped_under_pressure_answers_retryably_never_poskey() {
+        let (s, _) = limited(20 * 1024);
+        let root = s.read().get_tid(Oid::ROOT).unwrap();
+        let t1 = commit(
+            &s,
+            vec![store(0, root, &[7]), big(7, Tid::ZERO, &[], 10 * 1024)],
+        );
+        let t2 = commit(&s, vec![store(0, t1, &[])]);
+        // A snapshot between the two reads X.
+        assert!(s.read().load_before(Oid(7), t2).unwrap().is_some());
+        // Something that fits only once X is freed.
+        commit(
+            &s,
+            vec![store(0, t2, &[8]), big(8, Tid::ZERO, &[], 15 * 1024)],
+        );
+        assert!(!exists(&s, 7), "freed to make room");
+        let st = s.read();
+        assert_eq!(st.load_before(Oid(7), t2), Ok(None));
+        assert!(
+            matches!(
+                st.load_serial(Oid(7), t1),
+                Err(StorageError::Conflict { .. })
+            ),
+            "{:?}",
+            st.load_serial(Oid(7), t1)
+        );
+        // An oid never stored is still POSKeyError at a recent snapshot.
+        let never = s.new_oids(1).unwrap()[0];
+        assert!(matches!(
+            st.load_before(never, Tid::MAX),
+            Err(StorageError::PosKey { .. })
+        ));
+    }
+
+    /// A vote that does not fit runs a whole collection only if something
+    /// was committed or dropped since the last one under pressure: it
+    /// could free nothing more.
+    #[test]
+    fn no_collection_rerun_for_votes_while_nothing_can_be_freed() {
+        let (s, _) = limited(20 * 1024);
+        let root = s.read().get_tid(Oid::ROOT).unwrap();
+        let root = commit(
+            &s,
+            vec![store(0, root, &[5]), big(5, Tid::ZERO, &[], 15 * 1024)],
+        );
+        let cycles = || s.gc_stats.collections.load(Ordering::Relaxed);
+        let too_big = || vec![big(6, Tid::ZERO, &[], 10 * 1024)];
+        assert!(s.short_of_room(&too_big()));
+        assert!(try_commit(&s, too_big()).is_err());
+        let after_first = cycles();
+        assert!(after_first >= 1, "the first vote collected");
+        for _ in 0..5 {
+            let err = try_commit(&s, too_big()).unwrap_err();
+            assert!(err.to_string().contains("memory-limit"), "{err}");
+        }
+        assert_eq!(cycles(), after_first, "nothing changed: no new cycle");
+        // A commit may have made garbage: the next vote collects again.
+        commit(&s, vec![store(0, root, &[5]), store(9, Tid::ZERO, &[])]);
+        assert!(try_commit(&s, too_big()).is_err());
+        assert_eq!(cycles(), after_first + 1);
+    }
+
+    /// A record may not link an object whose current revision is a
+    /// deletion (pruning removes it: the reference would dangle), nor one
+    /// its own transaction deletes: a retryable ConflictError.
+    #[test]
+    fn linking_a_deleted_object_is_a_conflict() {
+        let s = storage();
+        let root = s.read().get_tid(Oid::ROOT).unwrap();
+        let root = commit(
+            &s,
+            vec![
+                store(0, root, &[3, 4]),
+                store(3, Tid::ZERO, &[]),
+                store(4, Tid::ZERO, &[]),
+            ],
+        );
+        let t3 = s.read().get_tid(Oid(3)).unwrap();
+        let root = commit(
+            &s,
+            vec![
+                store(0, root, &[4]),
+                TxnOp::Delete {
+                    oid: Oid(3),
+                    serial: t3,
+                },
+            ],
+        );
+        let err = try_commit(&s, vec![store(0, root, &[3, 4])]).unwrap_err();
+        assert!(
+            matches!(&err, StorageError::Conflict { reason: Some(r), .. } if r.contains("deleted")),
+            "{err:?}"
+        );
+        let t4 = s.read().get_tid(Oid(4)).unwrap();
+        let err = try_commit(
+            &s,
+            vec![
+                store(0, root, &[4]),
+                TxnOp::Delete {
+                    oid: Oid(4),
+                    serial: t4,
+                },
+            ],
+        )
+        .unwrap_err();
+        assert!(matches!(err, StorageError::Conflict { .. }), "{err:?}");
+        // Nothing of either was committed.
+        assert_eq!(s.read().get_tid(Oid::ROOT).unwrap(), root);
+        assert!(exists(&s, 4));
     }
 
     #[test]

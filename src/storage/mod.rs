@@ -287,6 +287,20 @@ pub struct StorageState {
     /// `(tid of the revision that replaced it, oid)`. Commits append in tid
     /// order, so pruning pops from the front and never scans all objects.
     replaced: VecDeque<(Tid, Oid)>,
+    /// Every non-current revision replaced at or before this tid may have
+    /// been dropped (by retention, `pack`, or memory pressure, which drops
+    /// history inside the retention window): a snapshot at or before it
+    /// may miss an object that existed then, which is answered as a
+    /// retryable conflict, never POSKeyError (`missing_may_be_gone`).
+    history_dropped_until: Tid,
+    /// Counts what can turn objects into garbage: commits and dropped
+    /// history.
+    changes: u64,
+    /// `changes` when the last collection under memory pressure started:
+    /// while it is unchanged, another one cannot free anything more, and a
+    /// vote that still does not fit fails at once instead of running a
+    /// whole cycle again.
+    pressure_collected_at: Option<u64>,
     limits: StorageLimits,
     gc: gc::GcState,
 }
@@ -399,6 +413,9 @@ impl Storage {
                 accounted,
                 unscannable: 0,
                 replaced: VecDeque::new(),
+                history_dropped_until: Tid::ZERO,
+                changes: 0,
+                pressure_collected_at: None,
                 limits: StorageLimits {
                     invalidation_queue_size: limits.invalidation_queue_size.max(1),
                     ..limits
@@ -689,10 +706,15 @@ impl Storage {
                 continue;
             };
             pinned.extend(refs.iter().copied().filter(|r| !index.contains_key(r)));
-            if let Some(missing) = refs.iter().find(|r| {
-                !index.contains_key(r) && (!st.objects.contains_key(r) || st.condemned(**r))
+            // A reference must name an object that exists after this
+            // transaction: one it writes, or one whose current revision is
+            // not a deletion (pruning removes a deleted object, which would
+            // leave the reference dangling) and that is not being freed.
+            if let Some(missing) = refs.iter().find(|r| match index.get(r) {
+                Some(&i) => writes[i].1.is_none(),
+                None => st.current_tid(**r).is_none() || st.condemned(**r),
             }) {
-                tracing::info!(%oid, %missing, "refused a record that references an object this storage does not hold (or is freeing)");
+                tracing::info!(%oid, %missing, "refused a record that references an object this storage does not hold (deleted, or being freed)");
                 return Err(StorageError::Conflict {
                     oid: *oid,
                     committed: st.current_tid(*oid).unwrap_or(Tid::ZERO),
@@ -700,8 +722,8 @@ impl Storage {
                     class_name: data.as_deref().and_then(class_name_of),
                     reason: Some(format!(
                         "the record references {missing}, which this storage no longer holds \
-                         (freed as garbage, or from before a server restart): the transaction \
-                         read an outdated view; retry"
+                         (deleted, freed as garbage, or from before a server restart): the \
+                         transaction read an outdated view; retry"
                     )),
                 });
             }
@@ -712,8 +734,20 @@ impl Storage {
         Ok(Ok(VotedTxn { writes }))
     }
 
+    /// True if `ops` do not fit under the memory limit as things are: their
+    /// vote will drop history and may run a whole collection, a job for a
+    /// thread that serves no other connection (the caller's `blocking`).
+    pub fn short_of_room(&self, ops: &[TxnOp]) -> bool {
+        let st = self.read();
+        st.limits.memory_limit.is_some_and(|limit| {
+            st.accounted + ops.iter().map(TxnOp::accounted).sum::<usize>() > limit
+        })
+    }
+
     /// Makes room for `incoming` accounted bytes under `limit`: drops the
-    /// oldest non-current revisions first, then collects garbage.
+    /// oldest non-current revisions first, then collects garbage, unless
+    /// nothing was committed or dropped since the last collection under
+    /// pressure (it could free nothing more).
     fn ensure_room(&self, incoming: usize, limit: usize) -> Result<(), StorageError> {
         let over = |st: &StorageState| (st.accounted + incoming).saturating_sub(limit);
         let need = over(&self.read());
@@ -721,8 +755,18 @@ impl Storage {
             return Ok(());
         }
         let dropped = self.write().drop_oldest_history(need);
-        // Under memory pressure, even recently written unreachable objects go.
-        self.collect(Tid::MAX);
+        let changes = {
+            let st = self.read();
+            (st.pressure_collected_at != Some(st.changes)).then_some(st.changes)
+        };
+        if let Some(changes) = changes
+            && over(&self.read()) > 0
+        {
+            // Under memory pressure, even recently written unreachable
+            // objects go.
+            self.collect(Tid::MAX);
+            self.write().pressure_collected_at = Some(changes);
+        }
         let st = self.read();
         if over(&st) == 0 {
             tracing::info!(storage = %self.name, dropped, "memory limit: made room by dropping old revisions and collecting");
@@ -767,6 +811,7 @@ impl Storage {
         st.gc_barrier(&oids);
         st.unpin();
         self.dirty.fetch_add(1, Ordering::Relaxed);
+        st.changes += 1;
         st.last_tid = tid;
         st.invalidations.push_front((tid, Some(oids.clone())));
         while st.invalidations.len() > st.limits.invalidation_queue_size {
@@ -917,8 +962,10 @@ impl StorageState {
     /// have may be of one that existed and is gone (answered with a
     /// retryable conflict, never POSKeyError), rather than of one that never
     /// existed (POSKeyError, as the stock server answers):
-    /// * a snapshot older than the retention window may reach an object the
-    ///   collector has freed since; one inside the window cannot;
+    /// * a snapshot older than the retention window, or than history dropped
+    ///   early (memory pressure, `pack`), may reach an object the collector
+    ///   has freed since; a later one cannot (the collector keeps what any
+    ///   retained revision of a reachable object references);
     /// * a snapshot from before this run's first transaction (a request in
     ///   flight across a restart) may reach an object of the earlier run,
     ///   but not one with an oid of this run's range: that one was never
@@ -927,7 +974,7 @@ impl StorageState {
         if tid <= self.first_tid {
             oid.0 < self.first_tid.0
         } else {
-            tid <= self.retention_cutoff()
+            tid <= self.retention_cutoff().max(self.history_dropped_until)
         }
     }
 
@@ -1086,6 +1133,7 @@ impl StorageState {
     /// revision is a deletion is removed. Returns the revisions dropped.
     /// Costs O(revisions dropped), not O(objects).
     fn prune_until(&mut self, t: Tid) -> usize {
+        self.history_dropped_until = self.history_dropped_until.max(t);
         let mut dropped_revs = Vec::new();
         let mut gone = Vec::new();
         while let Some(&(replaced_at, oid)) = self.replaced.front() {
@@ -1108,6 +1156,9 @@ impl StorageState {
             }
         }
         let mut dropped = dropped_revs.len();
+        if dropped > 0 {
+            self.changes += 1;
+        }
         for rev in &dropped_revs {
             self.count_out(rev);
         }
