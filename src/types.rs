@@ -4,10 +4,11 @@
 //! 32 bits count minutes since 1900-01-01 00:00 UTC with every month taken as
 //! 31 days, the low 32 bits are the seconds within that minute scaled by
 //! 2³²/60 (`persistent.timestamp._makeRaw`). Clients show tids as dates and
-//! refuse a server whose tids go backwards, so [`Tid::next_after`] only grows.
+//! refuse a server whose tids go backwards, so [`Clock::next_tid_after`] only
+//! grows.
 
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// An 8-byte ZODB object id. Oid 0 is the root object.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -77,7 +78,8 @@ impl Tid {
         (days * 86_400 + hour * 3600 + minute * 60) as f64 + low * (60.0 / 4_294_967_296.0)
     }
 
-    /// The TimeStamp of the current wall-clock time.
+    /// The TimeStamp of the current wall-clock time (read at start-up; a
+    /// running storage goes by its [`Clock`]).
     pub fn now() -> Tid {
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -85,11 +87,49 @@ impl Tid {
             .unwrap_or(0.0);
         Tid::from_unix_time(secs)
     }
+}
 
-    /// The tid for a new transaction: the wall clock if that is later than
-    /// `last`, else one tick after `last` (ZODB's `newTid` / `laterThan`).
-    pub fn next_after(last: Tid) -> Tid {
-        let now = Tid::now();
+/// The time a running server goes by: the wall clock read once, at
+/// start-up, plus the monotonic time elapsed since.
+///
+/// A step of the system clock during a run (a machine that booted with a
+/// fast clock and was corrected by NTP, an operator's `date -s`) neither
+/// moves it back nor makes it jump: tids keep growing at the pace of real
+/// time, oids never run ahead of it, retention and the collector keep
+/// counting real seconds. Nothing ever waits for the wall clock to catch
+/// up. It departs from the wall clock only by the monotonic clock's rate
+/// error and by the steps it ignores; the next start reads the wall clock
+/// again (README, "Restarts and the clock").
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// Unix time (seconds) at `start`.
+    unix_at_start: f64,
+    start: Instant,
+}
+
+impl Clock {
+    /// A clock that reads `start` now and runs on from it.
+    pub fn starting_at(start: Tid) -> Clock {
+        Clock {
+            unix_at_start: start.to_unix_time(),
+            start: Instant::now(),
+        }
+    }
+
+    /// Seconds since the Unix epoch, as this clock tells them.
+    pub fn unix_secs(&self) -> f64 {
+        self.unix_at_start + self.start.elapsed().as_secs_f64()
+    }
+
+    /// The TimeStamp of now.
+    pub fn now(&self) -> Tid {
+        Tid::from_unix_time(self.unix_secs())
+    }
+
+    /// The tid for a new transaction: now if that is later than `last`,
+    /// else one tick after `last` (ZODB's `newTid` / `laterThan`).
+    pub fn next_tid_after(&self, last: Tid) -> Tid {
+        let now = self.now();
         if now > last { now } else { Tid(last.0 + 1) }
     }
 }
@@ -200,12 +240,25 @@ mod tests {
     }
 
     #[test]
-    fn next_after_only_grows() {
+    fn next_tid_only_grows() {
+        let clock = Clock::starting_at(Tid::now());
         let far_future = Tid(Tid::now().0 + (1 << 40));
-        assert_eq!(Tid::next_after(far_future), Tid(far_future.0 + 1));
-        let now = Tid::next_after(Tid::ZERO);
+        assert_eq!(clock.next_tid_after(far_future), Tid(far_future.0 + 1));
+        let now = clock.next_tid_after(Tid::ZERO);
         assert!(now > Tid::ZERO);
-        assert!(Tid::next_after(now) > now);
+        assert!(clock.next_tid_after(now) > now);
+    }
+
+    #[test]
+    fn clock_runs_on_from_its_start() {
+        // A start an hour in the past (as after the system clock stepped
+        // forward by an hour): the clock counts on from there.
+        let start = Tid::from_unix_time(Clock::starting_at(Tid::now()).unix_secs() - 3600.0);
+        let clock = Clock::starting_at(start);
+        let a = clock.now();
+        assert!(a >= Tid(start.0.saturating_sub(100)) && a < Tid::now());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(clock.now() > a);
     }
 
     #[test]

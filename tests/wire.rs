@@ -663,6 +663,106 @@ async fn refused_transaction_never_commits_in_any_vote_state() {
     srv.stop().await;
 }
 
+/// One figure of `server_status()`.
+async fn status_figure(c: &mut Client, key: &str) -> i64 {
+    let Ok(Value::Dict(status)) = c.call("server_status", vec![]).await else {
+        panic!("server_status")
+    };
+    status
+        .iter()
+        .find(|(k, _)| k.as_text().as_deref() == Some(key))
+        .and_then(|(_, v)| v.as_i64())
+        .unwrap_or_else(|| panic!("server_status has {key}"))
+}
+
+/// A vote that needs a whole collection to fit under the memory limit runs
+/// it off the runtime worker: with one worker thread, as the server runs by
+/// default, another client's ping is answered while the collection runs
+/// (before the vote's reply), not after it. (It ran inline, and every
+/// other connection waited for the whole mark-and-sweep.) A vote that still
+/// does not fit runs no second collection while nothing was committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn memory_pressure_collection_never_blocks_other_connections() {
+    const OBJECTS: usize = 100_000;
+    let srv = Server::start(Config {
+        memory_limit: Some(24 << 20),
+        ..cfg()
+    })
+    .await;
+    let mut a = Client::registered(srv.addr).await;
+    let mut by = Client::registered(srv.addr).await;
+    // 100,000 objects nothing links: garbage only memory pressure frees
+    // (they are younger than the retention window).
+    let record = [b'g'; 50];
+    for txn in 0..(OBJECTS / 5000) as i64 {
+        a.begin(txn).await;
+        let mut batch = Vec::new();
+        for _ in 0..50 {
+            let Ok(Value::List(oids)) = a.call("new_oids", vec![Value::Int(100)]).await else {
+                panic!("new_oids")
+            };
+            for o in oids {
+                let p = request(
+                    Value::Int(0),
+                    true,
+                    "storea",
+                    &t(vec![o, b(&Z64), b(&record), Value::Int(txn)]),
+                );
+                batch.extend_from_slice(&(p.len() as u32).to_be_bytes());
+                batch.extend_from_slice(&p);
+            }
+        }
+        a.write(&batch).await;
+        assert_eq!(
+            a.call("vote", vec![Value::Int(txn)]).await,
+            Ok(Value::List(vec![]))
+        );
+        a.call("tpc_finish", vec![Value::Int(txn)]).await.unwrap();
+    }
+    assert!(status_figure(&mut by, "objects").await > OBJECTS as i64);
+    let cycles = status_figure(&mut by, "collections").await;
+
+    // 6 MiB more only fit once the garbage is freed.
+    let big = vec![b'b'; 6 << 20];
+    let o = a.new_oid().await;
+    a.begin(100).await;
+    a.store(&o, &b(&Z64), &big, 100).await;
+    let vote = a.send(false, "vote", vec![Value::Int(100)]).await;
+    // Give the vote a head start, then ping from the other connection.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let (ping_answered, vote_answered) = tokio::join!(
+        async {
+            assert_eq!(by.call("ping", vec![]).await, Ok(Value::None));
+            std::time::Instant::now()
+        },
+        async {
+            assert_eq!(a.reply_to(&vote).await, Ok(Value::List(vec![])));
+            std::time::Instant::now()
+        }
+    );
+    assert!(
+        ping_answered < vote_answered,
+        "the other client's ping waited for the collection"
+    );
+    a.call("tpc_finish", vec![Value::Int(100)]).await.unwrap();
+    assert_eq!(status_figure(&mut by, "collections").await, cycles + 1);
+    assert!(status_figure(&mut by, "objects").await < 10);
+
+    // What can never fit (more than the limit) fails: the first such vote
+    // collects (something was committed since), the next fails at once,
+    // without another cycle.
+    for txn in [101, 102] {
+        let o = a.new_oid().await;
+        a.begin(txn).await;
+        a.store(&o, &b(&Z64), &[b'c'; 25 << 20], txn).await;
+        let (_, err) = a.call("vote", vec![Value::Int(txn)]).await.unwrap_err();
+        assert!(err_text(&err).contains("memory-limit"), "{err:?}");
+    }
+    assert_eq!(status_figure(&mut by, "collections").await, cycles + 2);
+    Bystander::start(srv.addr).await;
+    srv.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_while_holding_lock_releases_it() {
     let srv = Server::start(cfg()).await;
