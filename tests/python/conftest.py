@@ -262,6 +262,11 @@ def pytest_configure(config):
         "markers",
         "zeotemp_only(reason): behaviour only zeotemp provides; "
         "xfail(strict=False) on the python backend, normal test on zeotemp")
+    config.addinivalue_line(
+        "markers",
+        "slow(reason): a test that must wait out a server-side timer (the "
+        "reason says which); it runs like any other, the marker documents "
+        "its length and lets `-m 'not slow'` leave it out")
 
 
 def pytest_report_header(config):

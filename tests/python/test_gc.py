@@ -26,11 +26,15 @@ checked.  Tests whose outcome differs on the stock server are
 * pack collects at once (subtrees, cycles);
 * a record that looks like a pickle but cannot be scanned keeps everything
   alive; a record that is not a pickle is opaque and blocks nothing;
-* references in Python 2 clients' records (protocol 1 and 2) are followed.
+* references in Python 2 clients' records (protocol 1 and 2) are followed;
+* with the default settings (no retention or interval option), unlinked
+  objects are freed within about a minute, so memory levels off soon under
+  churn (marked ``slow``: it waits out the default retention).
 """
 
 import multiprocessing
 import pickletools
+import random
 import time
 
 import pytest
@@ -620,3 +624,57 @@ def test_python2_record_references_keep_objects(proto2, server_factory,
     assert referencesf(fresh.load(child_oid)[0]) == []
     assert fresh.load(py2_oid)[0] == record
     assert is_freed(fresh, orphan_oid)
+
+
+# -- 6. the default settings -----------------------------------------------------
+
+# Functional bound: the default retention (60 s) plus a few default GC
+# intervals (10 s) fit well inside it; the old default retention (600 s)
+# does not.
+DEFAULT_SETTINGS_DEADLINE = 150.0
+
+
+@pytest.mark.slow(reason="waits out the default history retention (60 s) "
+                         "and a GC interval: about 70 s")
+@pytest.mark.zeotemp_only(reason="automatic GC with zeotemp's defaults")
+def test_unlinked_sessions_are_freed_with_the_default_settings(
+        server_factory, make_db, make_storage):
+    """A server started as a new user starts it (no --history-retention, no
+    --gc-interval) frees unlinked session objects by itself within the
+    deadline, with no further commits and no pack: memory under a steady
+    session churn levels off after about a minute, not after ten."""
+    server = server_factory()
+    monitor = make_storage(server)
+    db = make_db(server)
+    conn, tm = open_conn(db)
+    baseline = status(monitor)["objects"]
+    rnd = random.Random(6)
+    now = time.time()
+    n = 200
+    root = conn.root()
+    root["sessions"] = sessions = OOBTree()
+    for i in range(n):
+        s = zeotemp_churn.Session(f"s{i:04d}", now)
+        s.data = zeotemp_churn.session_payload(rnd, s.id, 1, now)
+        sessions[s.id] = s
+    tm.commit()
+    assert status(monitor)["objects"] >= baseline + n
+
+    del root["sessions"]
+    tm.commit()
+    started = time.monotonic()
+    deadline = started + DEFAULT_SETTINGS_DEADLINE
+    while True:
+        st = status(monitor)
+        if st["objects"] <= baseline:
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"{st['objects'] - baseline} unlinked objects still held "
+                f"{DEFAULT_SETTINGS_DEADLINE:.0f} s after they were unlinked "
+                f"(default settings); status: {st}")
+        time.sleep(1)
+    print(f"freed after {time.monotonic() - started:.0f} s:", st)
+    assert st["freed-objects"] >= n
+    tm.begin()
+    assert "sessions" not in conn.root()

@@ -204,6 +204,19 @@ def test_history(server, make_db):
     conn.close()
 
 
+def test_history_of_none_is_poskeyerror(server, make_storage):
+    """``history(None)`` names no object: the stock server's storages answer
+    POSKeyError (MappingStorage looks ``None`` up and finds nothing), and so
+    must zeotemp, rather than TypeError, so that callers handling "no such
+    object" see the error they expect."""
+    cs = make_storage(server)
+    for args in ((None,), (None, 5)):
+        with pytest.raises(POSKeyError):
+            cs.history(*args)
+    # The connection still answers.
+    assert "last-transaction" in cs.server_status()
+
+
 def test_pack_drops_old_revisions_and_keeps_current_data(server, make_db, make_storage):
     db = make_db(server)
     tm = transaction.TransactionManager()
