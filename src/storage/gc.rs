@@ -846,10 +846,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn memory_limit_trims_history_then_collects_then_refuses() {
-        let base = storage().read().accounted();
-        let limit = base + 20 * 1024;
+    /// A storage whose memory limit is `extra` bytes above an empty one.
+    fn limited(extra: usize) -> (Storage, usize) {
+        let limit = storage().read().accounted() + extra;
         let s = Storage::new(
             "1",
             Tid::now(),
@@ -858,6 +857,12 @@ mod tests {
                 ..StorageLimits::default()
             },
         );
+        (s, limit)
+    }
+
+    #[test]
+    fn memory_limit_trims_history_then_collects_then_refuses() {
+        let (s, limit) = limited(20 * 1024);
         let mut root = s.read().get_tid(Oid::ROOT).unwrap();
         // 1. One object rewritten again and again: only its history grows,
         //    and the oldest history makes room.
@@ -907,19 +912,6 @@ mod tests {
             assert!(st.load_before(Oid(*oid), Tid::MAX).unwrap().is_some());
         }
         assert!(st.accounted() <= limit);
-    }
-
-    fn limited(extra: usize) -> (Storage, usize) {
-        let limit = storage().read().accounted() + extra;
-        let s = Storage::new(
-            "1",
-            Tid::now(),
-            StorageLimits {
-                memory_limit: Some(limit),
-                ..StorageLimits::default()
-            },
-        );
-        (s, limit)
     }
 
     /// Memory pressure drops history inside the retention window and then

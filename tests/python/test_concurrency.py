@@ -10,25 +10,15 @@ import threading
 from pathlib import Path
 
 import pytest
-import transaction
 from BTrees.OOBTree import OOBTree
 from ZODB.POSException import ConflictError, POSKeyError
 from ZODB.utils import p64
 
 from zeotemp_testobjects import Item
-from zeotemp_util import IS_ZEOTEMP, commit_with_retry, wait_until
+from zeotemp_util import IS_ZEOTEMP, commit_with_retry, open_conn, wait_until
 
 HERE = Path(__file__).resolve().parent
 
-
-def open_conn(db):
-    """Open a connection with its own transaction manager and begin a
-    transaction (db.open() alone does not sync with the server; begin() does
-    when the client has server-sync on)."""
-    tm = transaction.TransactionManager()
-    conn = db.open(transaction_manager=tm)
-    tm.begin()
-    return conn, tm
 
 
 def test_invalidation_seen_by_second_client(server, make_db):

@@ -48,7 +48,7 @@ from ZODB.utils import p64, u64
 import zeotemp_churn
 from zeotemp_churn import reachable_oids, setup_container
 from zeotemp_testobjects import Item
-from zeotemp_util import IS_PYTHON, IS_ZEOTEMP, make_record, wait_until
+from zeotemp_util import IS_PYTHON, IS_ZEOTEMP, make_record, open_conn, wait_until
 
 GC_FAST = ("--gc-interval", "1", "--history-retention", "3")
 GC_LONG_RETENTION = ("--gc-interval", "1", "--history-retention", "60")
@@ -57,12 +57,6 @@ GC_WAIT = 30.0      # bound for every wait on the collector
 
 
 # -- helpers -------------------------------------------------------------------
-
-def open_conn(db):
-    tm = transaction.TransactionManager()
-    conn = db.open(transaction_manager=tm)
-    tm.begin()
-    return conn, tm
 
 
 def status(cs):

@@ -20,14 +20,13 @@ import threading
 
 import msgpack
 import pytest
-import transaction
 from BTrees.Length import Length
 from BTrees.OOBTree import OOBTree
 from ZODB.POSException import ConflictError, POSKeyError
 from ZODB.utils import p64, u64, z64
 
 from zeotemp_testobjects import Item
-from zeotemp_util import IS_ZEOTEMP, wait_until
+from zeotemp_util import IS_ZEOTEMP, open_conn, wait_until
 
 MAXTID = b"\x7f\xff\xff\xff\xff\xff\xff\xff"
 
@@ -180,12 +179,6 @@ def answering(monkeypatch):
             now["letter"] = None
     return answer
 
-
-def open_conn(db):
-    tm = transaction.TransactionManager()
-    conn = db.open(transaction_manager=tm)
-    tm.begin()
-    return conn, tm
 
 
 def test_stock_client_commits_and_reads_over_msgpack(server_factory, make_db):

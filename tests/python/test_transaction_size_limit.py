@@ -15,23 +15,17 @@ update that nobody is told about.
 """
 
 import pytest
-import transaction
 from ZEO.Exceptions import ServerException
 from ZODB.POSException import StorageError
 
 from zeotemp_testobjects import MergingCounter
+from zeotemp_util import open_conn
 
 LIMIT = 1000
 # The counter's record is a little over PAD bytes: one fits in LIMIT, two
 # (the first store and the resolved one) do not.
 PAD = 520
 
-
-def open_conn(db):
-    tm = transaction.TransactionManager()
-    conn = db.open(transaction_manager=tm)
-    tm.begin()
-    return conn, tm
 
 
 def last_transaction(storage):

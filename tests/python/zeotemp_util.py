@@ -14,6 +14,17 @@ IS_ZEOTEMP = BACKEND == "zeotemp"
 IS_PYTHON = BACKEND == "python"
 
 
+def open_conn(db):
+    """Open a connection with its own transaction manager and begin a
+    transaction (db.open() alone does not sync with the server; begin() does
+    when the client has server-sync on). Returns ``(conn, tm)``."""
+    import transaction
+    tm = transaction.TransactionManager()
+    conn = db.open(transaction_manager=tm)
+    tm.begin()
+    return conn, tm
+
+
 def wait_until(predicate, timeout, interval=0.1, message="condition"):
     """Poll ``predicate`` until it returns a truthy value (returned), bounded."""
     deadline = time.monotonic() + timeout
