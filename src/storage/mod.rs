@@ -288,10 +288,13 @@ pub struct StorageState {
     /// order, so pruning pops from the front and never scans all objects.
     replaced: VecDeque<(Tid, Oid)>,
     /// Every non-current revision replaced at or before this tid may have
-    /// been dropped (by retention, `pack`, or memory pressure, which drops
-    /// history inside the retention window): a snapshot at or before it
-    /// may miss an object that existed then, which is answered as a
-    /// retryable conflict, never POSKeyError (`missing_may_be_gone`).
+    /// been dropped by memory pressure, which drops history inside the
+    /// retention window: a snapshot at or before it may miss an object that
+    /// existed then, which is answered as a retryable conflict, never
+    /// POSKeyError (`missing_may_be_gone`). (`pack(t)` drops history on an
+    /// operator's request: an object it freed is POSKeyError at a snapshot
+    /// before `t`, as with the stock storages after a pack and as ZODB's
+    /// own pack tests expect.)
     history_dropped_until: Tid,
     /// Counts what can turn objects into garbage: commits and dropped
     /// history.
@@ -970,8 +973,8 @@ impl StorageState {
     /// have may be of one that existed and is gone (answered with a
     /// retryable conflict, never POSKeyError), rather than of one that never
     /// existed (POSKeyError, as the stock server answers):
-    /// * a snapshot older than the retention window, or than history dropped
-    ///   early (memory pressure, `pack`), may reach an object the collector
+    /// * a snapshot older than the retention window, or than history that
+    ///   memory pressure dropped early, may reach an object the collector
     ///   has freed since; a later one cannot (the collector keeps what any
     ///   retained revision of a reachable object references);
     /// * a snapshot from before this run's first transaction (a request in
@@ -1141,7 +1144,6 @@ impl StorageState {
     /// revision is a deletion is removed. Returns the revisions dropped.
     /// Costs O(revisions dropped), not O(objects).
     fn prune_until(&mut self, t: Tid) -> usize {
-        self.history_dropped_until = self.history_dropped_until.max(t);
         let mut dropped_revs = Vec::new();
         let mut gone = Vec::new();
         while let Some(&(replaced_at, oid)) = self.replaced.front() {
@@ -1197,7 +1199,9 @@ impl StorageState {
                 break;
             }
         }
-        cutoff.map_or(0, |t| self.prune_until(t))
+        let Some(t) = cutoff else { return 0 };
+        self.history_dropped_until = self.history_dropped_until.max(t);
+        self.prune_until(t)
     }
 
     /// Accounted bytes (records, references and overheads).
