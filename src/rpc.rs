@@ -910,15 +910,27 @@ impl Session {
                 ));
                 match self.txn.as_mut() {
                     Some(txn) if msg.oneway => {
-                        if matches!(txn.state, TxnState::Voted(_)) {
+                        match &txn.state {
                             // After a successful vote: like a store then
                             // (the connection closes, which aborts the
                             // transaction). Before it, the vote fails.
-                            return Err(ZeoError::Transaction(format!("{m}() after vote")));
+                            TxnState::Voted(_) => {
+                                Err(ZeoError::Transaction(format!("{m}() after vote")))
+                            }
+                            // The vote waiting for the lock fails now,
+                            // with this error, and leaves the line.
+                            TxnState::Waiting { msgid, .. } => {
+                                let msgid = msgid.clone();
+                                self.abort_txn(false);
+                                self.reply_error(&msgid, &err);
+                                reply(Value::None)
+                            }
+                            TxnState::Open | TxnState::Resolving => {
+                                txn.refused.get_or_insert(err);
+                                txn.ops.clear();
+                                reply(Value::None)
+                            }
                         }
-                        txn.refused.get_or_insert(err);
-                        txn.ops.clear();
-                        reply(Value::None)
                     }
                     _ => Err(err),
                 }
@@ -1418,6 +1430,7 @@ fn history_entry(e: crate::storage::HistoryEntry) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pickle::DecodeLimits;
 
     #[test]
     fn one_invalidation_frame_per_commit_and_dialect() {
@@ -1471,6 +1484,132 @@ mod tests {
         );
         assert_ne!(py3, a);
         assert_ne!(frames.frame(Encoding::Msgpack, Tid(11), &oids), a);
+    }
+
+    /// A session on `shared`'s storage "1", registered, and its outbox.
+    fn registered_session(id: ConnId, shared: &Arc<Shared>) -> (Session, Arc<Outbox>) {
+        let outbox = Arc::new(Outbox::new(1 << 20));
+        let mut s = Session::new(id, format!("test {id}"), shared.clone(), outbox.clone());
+        let flow = s.handle(request(
+            1,
+            "register",
+            vec![Value::Str("1".into()), Value::Bool(false)],
+        ));
+        assert!(matches!(flow, Flow::Continue));
+        (s, outbox)
+    }
+
+    fn request(msgid: i64, method: &str, args: Vec<Value>) -> Message {
+        Message {
+            msgid: Value::Int(msgid),
+            oneway: matches!(method, "tpc_begin" | "storea"),
+            method: method.into(),
+            args: Value::Tuple(args),
+            dialect: Dialect::Py3,
+        }
+    }
+
+    /// The replies queued so far: (msgid, is it an error reply).
+    fn replies(outbox: &Outbox) -> Vec<(Value, bool)> {
+        let mut frames = std::collections::VecDeque::new();
+        outbox.take_frames(&mut frames);
+        outbox.written(frames.iter().map(|f| f.len()).sum());
+        let limits = DecodeLimits::default();
+        frames
+            .iter()
+            .map(|f| marshal::decode_message(&f[4..], &limits).expect("a message"))
+            .filter(|m| m.method == ".reply")
+            .map(|m| (m.msgid, m.oneway))
+            .collect()
+    }
+
+    fn txn_ops(s: &mut Session, txn: i64, oid: u64, data: &[u8]) {
+        let begin = vec![
+            Value::Int(txn),
+            Value::Bytes(Bytes::new()),
+            Value::Bytes(Bytes::new()),
+            Value::Dict(vec![]),
+        ];
+        assert!(matches!(
+            s.handle(request(0, "tpc_begin", begin)),
+            Flow::Continue
+        ));
+        let store = vec![
+            oid_value(Oid(oid)),
+            tid_value(Tid::ZERO),
+            Value::Bytes(Bytes::copy_from_slice(data)),
+            Value::Int(txn),
+        ];
+        assert!(matches!(
+            s.handle(request(0, "storea", store)),
+            Flow::Continue
+        ));
+    }
+
+    /// The grant of a vote that was aborted since (the client pipelined
+    /// `tpc_abort` and its next transaction's vote before the connection
+    /// saw the grant) changes nothing: the next transaction stays voted
+    /// and commits, and the lock is released after it.
+    #[test]
+    fn stale_lock_grant_never_touches_the_next_transaction() {
+        let shared = Arc::new(Shared::new(Config::default()));
+        let storage = shared.storages["1"].clone();
+        let (mut holder, _) = registered_session(1, &shared);
+        let (mut piper, out) = registered_session(2, &shared);
+        replies(&out);
+        txn_ops(&mut holder, 1, 0x100, b"holder");
+        assert!(matches!(
+            holder.handle(request(2, "vote", vec![Value::Int(1)])),
+            Flow::Continue
+        ));
+        // Vote 7 waits for the lock.
+        txn_ops(&mut piper, 7, 0x107, b"seven");
+        let Flow::WaitLock(wait7) = piper.handle(request(10, "vote", vec![Value::Int(7)])) else {
+            panic!("vote 7 waits")
+        };
+        // The holder finishes: the lock goes to vote 7, whose connection
+        // has not seen the grant yet.
+        assert!(matches!(
+            holder.handle(request(3, "tpc_finish", vec![Value::Int(1)])),
+            Flow::Continue
+        ));
+        let LockWait { wait, mut granted } = wait7;
+        assert_eq!(granted.try_recv(), Ok(()));
+        // The pipelined burst: abort 7, begin 8, store, vote 8 (the lock is
+        // free again: vote 8 gets it at once).
+        assert!(matches!(
+            piper.handle(request(11, "tpc_abort", vec![Value::Int(7)])),
+            Flow::Continue
+        ));
+        txn_ops(&mut piper, 8, 0x108, b"eight");
+        assert!(matches!(
+            piper.handle(request(12, "vote", vec![Value::Int(8)])),
+            Flow::Continue
+        ));
+        // Now the old grant arrives.
+        piper.lock_granted(wait);
+        assert!(matches!(
+            piper.handle(request(13, "tpc_finish", vec![Value::Int(8)])),
+            Flow::Continue
+        ));
+        assert_eq!(
+            replies(&out),
+            vec![
+                (Value::Int(10), true), // vote 7: aborted while waiting
+                (Value::Int(11), false),
+                (Value::Int(12), false),
+                (Value::Int(13), false), // tpc_finish(8) commits
+            ]
+        );
+        assert!(
+            storage
+                .read()
+                .load_before(Oid(0x108), Tid::MAX)
+                .unwrap()
+                .is_some()
+        );
+        assert!(storage.read().load_before(Oid(0x107), Tid::MAX).is_err());
+        assert_eq!(storage.lock_status(), (None, 0), "the lock is free");
     }
 
     #[test]

@@ -665,8 +665,22 @@ impl Conn<'_> {
                 frame_timer.as_mut().reset(now + frame_timeout);
             }
             tokio::select! {
-                // Replies first: they free the client to send more.
+                // The commit lock's grant and deadline first: they are rare
+                // and cheap, and a client that keeps the socket busy (reads
+                // and writes always ready) must not starve them, or it
+                // would hold the lock it was granted with no deadline, or
+                // past it. Then replies: they free the client to send more.
                 biased;
+                granted = async { (&mut lock_wait.as_mut().expect("guarded").granted).await }, if lock_wait.is_some() => {
+                    let wait = lock_wait.take().map(|w| w.wait);
+                    if let (Ok(()), Some(wait)) = (granted, wait) {
+                        session.lock_granted(wait);
+                    }
+                }
+                _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
+                    session.lock_timed_out();
+                    return Err("transaction-timeout exceeded".into());
+                }
                 r = self.wr.write_some(), if writing => {
                     if let Err(e) = r {
                         outbox.close("write failed");
@@ -680,16 +694,6 @@ impl Conn<'_> {
                 },
                 // Pushes from other connections (invalidations) while idle.
                 _ = outbox.wait_frames(), if !writing => {}
-                granted = async { (&mut lock_wait.as_mut().expect("guarded").granted).await }, if lock_wait.is_some() => {
-                    let wait = lock_wait.take().map(|w| w.wait);
-                    if let (Ok(()), Some(wait)) = (granted, wait) {
-                        session.lock_granted(wait);
-                    }
-                }
-                _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
-                    session.lock_timed_out();
-                    return Err("transaction-timeout exceeded".into());
-                }
                 // An overflow (another connection's commit pushed past the
                 // bound) while the socket takes nothing.
                 reason = outbox.wait_closed(), if writing => return Err(reason.to_string()),

@@ -74,6 +74,10 @@ pub const OBJECT_OVERHEAD: usize = 64;
 /// Most oids one `new_oids` call hands out (ZEO's own cap).
 pub const MAX_NEW_OIDS: i64 = 100;
 
+/// How far (in TimeStamp units, about 14 ms of clock) the oid counter may
+/// run ahead of the storage's clock before a warning says so.
+const OIDS_AHEAD_WARNING: u64 = 1 << 20;
+
 /// The record ZODB writes for an empty root: an empty `PersistentMapping`
 /// (`persistent.mapping PersistentMapping`, state `{'data': {}}`), as
 /// captured from ZODB 6 on Python 3 (protocol notes §8.2).
@@ -479,8 +483,11 @@ impl Storage {
         // gains about 71.6 TimeStamp units per microsecond: outrunning it
         // takes over 700,000 calls a second, far beyond what connections
         // can send. Nothing waits for it, and no oid is refused; should the
-        // counter ever be ahead, it is said once.
-        if first + n > self.clock.now().0 && !self.oids_ahead_logged.swap(true, Ordering::Relaxed) {
+        // counter ever be well ahead (by more than OIDS_AHEAD_WARNING, so
+        // that rounding at start-up is not taken for it), it is said once.
+        if first + n > self.clock.now().0 + OIDS_AHEAD_WARNING
+            && !self.oids_ahead_logged.swap(true, Ordering::Relaxed)
+        {
             tracing::warn!(storage = %self.name, "oid allocation ran ahead of the clock: a restart within the next seconds might hand out oids again");
         }
         Ok((first..first + n).map(Oid).collect())
@@ -769,8 +776,10 @@ impl Storage {
             let st = self.read();
             (st.pressure_collected_at != Some(st.changes)).then_some(st.changes)
         };
+        // (Bound first: a guard in the `if let` would live through the block.)
+        let still_over = over(&self.read()) > 0;
         if let Some(changes) = changes
-            && over(&self.read()) > 0
+            && still_over
         {
             // Under memory pressure, even recently written unreachable
             // objects go.
@@ -1022,7 +1031,9 @@ impl StorageState {
                 read: serial,
                 class_name: None,
                 reason: Some(
-                    "that revision is no longer kept (older than history-retention)".into(),
+                    "that revision is no longer kept (older than history-retention, or \
+                     dropped to stay under memory-limit)"
+                        .into(),
                 ),
             }),
             Err(_) => Err(missing),

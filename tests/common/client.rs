@@ -136,6 +136,11 @@ impl Client {
         c
     }
 
+    /// The socket itself (anything read but not yet parsed is dropped).
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
     /// Connected, and the `Z5` handshake sent.
     pub async fn handshaken(addr: SocketAddr) -> Client {
         let mut c = Client::connect(addr).await;
