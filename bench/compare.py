@@ -74,8 +74,10 @@ def require_files(parser, paths):
 class Server:
     """One fresh server process (zeotemp or stock runzeo), always stoppable."""
 
-    def __init__(self, kind, args, workdir):
+    def __init__(self, kind, args, workdir, extra=()):
         self.kind, self.args, self.workdir = kind, args, Path(workdir)
+        # More zeotemp arguments (e.g. --memory-limit); not for runzeo.
+        self.extra = list(extra)
         self.proc = None
         self.address = None
         self.log_path = None
@@ -90,7 +92,7 @@ class Server:
         log = open(self.log_path, "wb")
         try:
             if self.kind == "zeotemp":
-                cmd = [self.args.zeotemp_bin, "--address", "127.0.0.1:0"]
+                cmd = [self.args.zeotemp_bin, "--address", "127.0.0.1:0", *self.extra]
             else:
                 port = free_port()
                 conf = self.workdir / f"zeo-{n}.conf"
@@ -126,6 +128,17 @@ class Server:
             time.sleep(0.05)
         raise RuntimeError(f"{self.kind} server not ready after {timeout} s; "
                            f"log {self.log_path}")
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_count(self, pattern):
+        """Lines of the server's log matching ``pattern`` (None: no log)."""
+        try:
+            text = strip_ansi(self.log_path.read_text(errors="replace"))
+        except (OSError, TypeError):
+            return None
+        return len(re.findall(pattern, text))
 
     def rss_kib(self):
         try:

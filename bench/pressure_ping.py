@@ -49,7 +49,6 @@ import json
 import math
 import os
 import pickle
-import re
 import shlex
 import socket
 import struct
@@ -59,76 +58,19 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from compare import (Interrupted, cpu_model, md_table, raise_on_sigterm,  # noqa: E402
-                     strip_ansi, text_table)
+from compare import (Interrupted, Server, cpu_model, md_table,  # noqa: E402
+                     raise_on_sigterm, text_table)
 
 STORAGE = "1"
 
 
 # ---------------------------------------------------------------- server
-
-class Zeotemp:
-    """One fresh zeotemp process on 127.0.0.1 (port picked by the server and
-    read from its log), always stoppable."""
-
-    def __init__(self, binary, extra, log_path):
-        self.binary, self.extra, self.log_path = binary, list(extra), Path(log_path)
-        self.proc = None
-        self.address = None
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def start(self, timeout=30):
-        cmd = [self.binary, "--address", "127.0.0.1:0", *self.extra]
-        with open(self.log_path, "wb") as log:
-            # Own session: a Ctrl-C in the terminal reaches only us.
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=log,
-                                         start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"zeotemp exited with {self.proc.returncode}"
-                                   f"; log {self.log_path}")
-            m = re.search(r"listening on tcp (127\.0\.0\.1:\d+)",
-                          strip_ansi(self.log_path.read_text(errors="replace")))
-            if m:
-                self.address = m.group(1)
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"zeotemp not ready after {timeout} s; log {self.log_path}")
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self):
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        try:
-            p.terminate()
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(10)
-        except ProcessLookupError:
-            pass
-
-    def log_count(self, pattern):
-        try:
-            text = strip_ansi(self.log_path.read_text(errors="replace"))
-        except OSError:
-            return None
-        return len(re.findall(pattern, text))
-
 
 def host_port(address):
     host, port = address.rsplit(":", 1)
@@ -352,6 +294,13 @@ def echo_window(args, bench_bin, server, alive):
     return r, probe.summary()
 
 
+def run_dir(workdir, tag, step):
+    """A folder of its own for one server (its log is zeotemp-0.log there)."""
+    d = Path(workdir) / f"{tag}-{step}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 def one_run(args, label, binary, workdir, run_no, alive):
     bench_bin = str(Path(binary).with_name("zeotemp-bench"))
     res = {"run": run_no, "label": label, "binary": binary,
@@ -360,8 +309,9 @@ def one_run(args, label, binary, workdir, run_no, alive):
     tag = f"{run_no:02d}-{label}"
 
     # 1. calibration
-    srv = alive.add(Zeotemp(binary, ["--memory-limit", "0", *args.zeotemp_arg],
-                            workdir / f"{tag}-calibrate.log"))
+    server_args = SimpleNamespace(zeotemp_bin=binary)
+    srv = alive.add(Server("zeotemp", server_args, run_dir(workdir, tag, "calibrate"),
+                           ["--memory-limit", "0", *args.zeotemp_arg]))
     try:
         srv.start()
         setup(args, bench_bin, srv, alive)
@@ -390,9 +340,8 @@ def one_run(args, label, binary, workdir, run_no, alive):
     res["memory_limit"] = limit
 
     # 2. the measured server
-    srv = alive.add(Zeotemp(binary, ["--memory-limit", str(limit),
-                                     *args.zeotemp_arg],
-                            workdir / f"{tag}-measured.log"))
+    srv = alive.add(Server("zeotemp", server_args, run_dir(workdir, tag, "measured"),
+                           ["--memory-limit", str(limit), *args.zeotemp_arg]))
     try:
         srv.start()
         setup(args, bench_bin, srv, alive)
@@ -647,8 +596,8 @@ def main(argv=None):
         f"counter (ruok) over the window (votes that collected and the "
         f"periodic cycle every 10 s). Load avg: 1-minute load average at "
         f"the run's start and end.")
-    md = [f"## A bystander's ping while a vote makes room under the memory "
-          f"limit", "", "```sh", cmdline, "```", "",
+    md = ["## A bystander's ping while a vote makes room under the memory "
+          "limit", "", "```sh", cmdline, "```", "",
           f"* machine: {ncpu} CPUs, {cpu_model()}", binaries,
           f"* run took {elapsed:.0f} s", "", md_table(header, rows), "", notes,
           ""]
