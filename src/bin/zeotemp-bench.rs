@@ -11,7 +11,7 @@ use zeotemp::bench::{self, Options, Workload};
 /// requests over N connections and reports throughput, latency
 /// percentiles and, with --server-pid, the server's CPU time and peak RSS.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(name = "zeotemp-bench", version, about, long_about)]
 struct Cli {
     /// The server's HOST:PORT.
     #[arg(short, long, value_name = "HOST:PORT")]
