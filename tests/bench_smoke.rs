@@ -26,22 +26,6 @@ const KEYS: [&str; 14] = [
     "server_peak_rss_kib",
 ];
 
-/// `zeotemp-bench --version` names the load generator, not the server.
-#[test]
-fn bench_version_names_itself() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zeotemp-bench"))
-        .arg("--version")
-        .output()
-        .expect("zeotemp-bench runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success());
-    assert_eq!(
-        text.trim(),
-        format!("zeotemp-bench {}", env!("CARGO_PKG_VERSION")),
-        "{text}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_workload_runs_and_reports() {
     let srv = Server::start(Config {
