@@ -181,6 +181,11 @@ struct Cli {
     /// [default: info]
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
+
+    /// Print the manual page (roff, generated from these options) and
+    /// exit: `zeotemp --man-page > zeotemp.1` (docs/zeotemp.1 is this).
+    #[arg(long, hide = true)]
+    man_page: bool,
 }
 
 impl Cli {
@@ -238,6 +243,17 @@ fn settings(cli: &Cli) -> Result<(Config, Option<String>), config::ConfigError> 
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.man_page {
+        // The page is generated from the options above, so it cannot drift.
+        let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+        return match man.render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("zeotemp: cannot write the manual page: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (cfg, log_level) = match settings(&cli) {
         Ok(x) => x,
         Err(e) => {

@@ -1,6 +1,7 @@
 //! The command lines of both binaries, as an operator sees them: each names
-//! itself in `--version`, and `--help` is wrapped (to the terminal, or to
-//! 100 columns when its output is not a terminal, as here).
+//! itself in `--version`, `--help` is wrapped (to the terminal, or to 100
+//! columns when its output is not a terminal, as here), and the manual page
+//! in `docs/` is the one the server generates from its options.
 
 use std::process::Command;
 
@@ -41,4 +42,18 @@ fn help_is_wrapped() {
             "{name} --help has a line of {widest} columns"
         );
     }
+}
+
+/// `docs/zeotemp.1` is what `zeotemp --man-page` prints: regenerate it
+/// (`cargo run -- --man-page > docs/zeotemp.1`) when an option changes.
+#[test]
+fn man_page_in_docs_is_current() {
+    let generated = run(env!("CARGO_BIN_EXE_zeotemp"), &["--man-page"]);
+    assert!(generated.contains(".TH zeotemp 1") && generated.contains("history\\-retention"));
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/zeotemp.1");
+    let committed = std::fs::read_to_string(&path).expect("docs/zeotemp.1");
+    assert!(
+        committed == generated,
+        "docs/zeotemp.1 is stale: cargo run -- --man-page > docs/zeotemp.1"
+    );
 }
