@@ -1146,27 +1146,24 @@ impl Session {
         let storage = self.storage()?.storage.clone();
         let id = self.id;
         // The number this vote waits as, if it must wait for the lock.
-        self.waits += 1;
-        let next_wait = self.waits;
+        let wait = {
+            self.waits += 1;
+            self.waits
+        };
         let txn = self.txn_for("vote", a.get(0))?;
-        let resolving = match txn.state {
-            TxnState::Open => false,
-            TxnState::Resolving => true,
+        match txn.state {
+            TxnState::Open => {}
+            // The lock is still ours from the first round.
+            TxnState::Resolving => return Ok(self.run_vote(&msg.msgid)),
             TxnState::Waiting { .. } => {
                 return Err(ZeoError::Transaction("Already voting (waiting)".into()));
             }
             TxnState::Voted(_) => {
                 return Err(ZeoError::Transaction("Already voting (locked)".into()));
             }
-        };
-        // A refused transaction fails here, before it waits for the lock
-        // (and `run_vote` checks again, whatever way it is reached).
-        if let Some(err) = txn.refused.clone() {
-            self.abort_txn(true);
-            return Err(err);
         }
-        if resolving {
-            // The lock is still ours from the first round.
+        if txn.refused.is_some() {
+            // `run_vote` fails it, without waiting for the lock first.
             return Ok(self.run_vote(&msg.msgid));
         }
         match storage.try_lock(id) {
@@ -1175,7 +1172,6 @@ impl Session {
                 Ok(self.run_vote(&msg.msgid))
             }
             LockAttempt::Wait(granted) => {
-                let wait = next_wait;
                 txn.state = TxnState::Waiting {
                     msgid: msg.msgid.clone(),
                     wait,
@@ -1206,7 +1202,8 @@ impl Session {
     /// Votes with the commit lock held and sends the reply.
     ///
     /// Every way to a vote (first round, resolution round, lock granted)
-    /// ends here, so this is where a refused transaction fails: whatever
+    /// ends here, so this is where a refused transaction fails (also
+    /// without the lock, when `vote` finds it refused already): whatever
     /// refused it (max-transaction-bytes, a call zeotemp does not support,
     /// an explicit tid) also dropped its buffered operations, and voting
     /// what is left would commit an incomplete transaction and report

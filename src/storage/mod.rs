@@ -772,15 +772,13 @@ impl Storage {
             return Ok(());
         }
         let dropped = self.write().drop_oldest_history(need);
-        let changes = {
+        // Still over, and something changed since the last collection
+        // under pressure: collect, and remember where this one started.
+        let collect_at = {
             let st = self.read();
-            (st.pressure_collected_at != Some(st.changes)).then_some(st.changes)
+            (over(&st) > 0 && st.pressure_collected_at != Some(st.changes)).then_some(st.changes)
         };
-        // (Bound first: a guard in the `if let` would live through the block.)
-        let still_over = over(&self.read()) > 0;
-        if let Some(changes) = changes
-            && still_over
-        {
+        if let Some(changes) = collect_at {
             // Under memory pressure, even recently written unreachable
             // objects go.
             self.collect(Tid::MAX);
