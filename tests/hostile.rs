@@ -30,7 +30,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::client::{
-    Bystander, Client, MAXTID, READ_TIMEOUT, Z64, b, err_text, oid, pk, raw_request, request, s, t,
+    Bystander, Client, MAXTID, READ_TIMEOUT, Z64, b, err_text, framed, oid, pk, raw_request,
+    request, s, t,
 };
 use common::{Server, cfg};
 use zeotemp::config::Config;
@@ -1597,8 +1598,7 @@ async fn silent_handshake_and_trickled_frame_are_closed_after_the_frame_timeout(
     // deadline, so it is closed after about the frame timeout.
     let mut h = Client::registered(srv.addr).await;
     let f = request(Value::Int(9), false, "ping", &t(vec![b(&[7u8; 90])]));
-    let mut frame = (f.len() as u32).to_be_bytes().to_vec();
-    frame.extend(f);
+    let frame = framed(&f);
     let started = Instant::now();
     let mut closed_after = None;
     for byte in &frame {

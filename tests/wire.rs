@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::client::{
-    Bystander, Client, MAXTID, READ_TIMEOUT, Z64, b, err_text, oid, request, s, t,
+    Bystander, Client, MAXTID, READ_TIMEOUT, Z64, b, err_text, framed, oid, request, s, t,
 };
 use common::{Server, cfg};
 use tokio::io::AsyncReadExt;
@@ -277,8 +277,7 @@ async fn msgpack_setting_announces_m5_and_z5_answers_get_pickle() {
         "register",
         &t(vec![s("1"), Value::Bool(false)]),
     );
-    out.extend((req.len() as u32).to_be_bytes());
-    out.extend(req);
+    out.extend(framed(&req));
     z.write_all(&out).await.unwrap();
     let mut len = [0u8; 4];
     z.read_exact(&mut len).await.unwrap();
@@ -704,14 +703,8 @@ async fn memory_pressure_collection_never_blocks_other_connections() {
                 panic!("new_oids")
             };
             for o in oids {
-                let p = request(
-                    Value::Int(0),
-                    true,
-                    "storea",
-                    &t(vec![o, b(&Z64), b(&record), Value::Int(txn)]),
-                );
-                batch.extend_from_slice(&(p.len() as u32).to_be_bytes());
-                batch.extend_from_slice(&p);
+                let args = t(vec![o, b(&Z64), b(&record), Value::Int(txn)]);
+                batch.extend(framed(&request(Value::Int(0), true, "storea", &args)));
             }
         }
         a.write(&batch).await;
@@ -805,9 +798,7 @@ async fn stale_lock_grant_never_touches_the_next_transaction() {
         let mut next = 1000;
         let mut frame = |oneway: bool, method: &str, args: Vec<Value>| {
             next += 1;
-            let p = request(Value::Int(next), oneway, method, &t(args));
-            burst.extend_from_slice(&(p.len() as u32).to_be_bytes());
-            burst.extend_from_slice(&p);
+            burst.extend(framed(&request(Value::Int(next), oneway, method, &t(args))));
             Value::Int(next)
         };
         let pings: Vec<Value> = (0..2000).map(|_| frame(false, "ping", vec![])).collect();
@@ -884,9 +875,12 @@ async fn busy_lock_holder_is_still_timed_out() {
     let (mut rd, mut wr) = a.into_stream().into_split();
     let mut batch = Vec::new();
     for i in 0..200 {
-        let p = request(Value::Int(100 + i), false, "ping", &t(vec![]));
-        batch.extend_from_slice(&(p.len() as u32).to_be_bytes());
-        batch.extend_from_slice(&p);
+        batch.extend(framed(&request(
+            Value::Int(100 + i),
+            false,
+            "ping",
+            &t(vec![]),
+        )));
     }
     let writer = tokio::spawn(async move {
         use tokio::io::AsyncWriteExt;

@@ -69,6 +69,14 @@ pub fn raw_request(msgid: Value, oneway: bool, method: &str, args: &[u8]) -> Vec
     out
 }
 
+/// `payload` with its 4-byte big-endian length prefix: one whole frame, to
+/// write alone or batched with others.
+pub fn framed(payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(payload);
+    f
+}
+
 /// A request payload `(msgid, oneway, method, args)`, exactly as the
 /// encoder writes the whole 4-tuple; `args` may be any value.
 pub fn request(msgid: Value, oneway: bool, method: &str, args: &Value) -> Vec<u8> {
@@ -181,20 +189,14 @@ impl Client {
         self.stream.write_all(bytes).await.is_ok()
     }
 
-    fn framed(payload: &[u8]) -> Vec<u8> {
-        let mut f = (payload.len() as u32).to_be_bytes().to_vec();
-        f.extend_from_slice(payload);
-        f
-    }
-
     /// Writes one frame; panics if the server already closed.
     pub async fn send_frame(&mut self, payload: &[u8]) {
-        self.write(&Client::framed(payload)).await;
+        self.write(&framed(payload)).await;
     }
 
     /// Writes one frame; `false` if the server already closed.
     pub async fn try_send_frame(&mut self, payload: &[u8]) -> bool {
-        self.try_write(&Client::framed(payload)).await
+        self.try_write(&framed(payload)).await
     }
 
     // ---- reading ----
