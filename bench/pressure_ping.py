@@ -63,9 +63,11 @@ from types import SimpleNamespace
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "tests" / "python"))
 
 from compare import (Interrupted, Server, cpu_model, md_table,  # noqa: E402
                      raise_on_sigterm, text_table)
+from zeotemp_util import stop_group  # noqa: E402
 
 STORAGE = "1"
 
@@ -218,16 +220,7 @@ class Bench:
         return json.loads(lines[-1])
 
     def stop(self):
-        p = self.proc
-        if p.poll() is None:
-            try:
-                p.terminate()
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(10)
-            except ProcessLookupError:
-                pass
+        stop_group(self.proc, 5)
 
 
 class Alive:
