@@ -656,18 +656,13 @@ def test_unlinked_sessions_are_freed_with_the_default_settings(
 
     del root["sessions"]
     tm.commit()
+    def freed():
+        s = status(monitor)
+        return s if s["objects"] <= baseline else None
+
     started = time.monotonic()
-    deadline = started + DEFAULT_SETTINGS_DEADLINE
-    while True:
-        st = status(monitor)
-        if st["objects"] <= baseline:
-            break
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"{st['objects'] - baseline} unlinked objects still held "
-                f"{DEFAULT_SETTINGS_DEADLINE:.0f} s after they were unlinked "
-                f"(default settings); status: {st}")
-        time.sleep(1)
+    st = wait_until(freed, DEFAULT_SETTINGS_DEADLINE, interval=1,
+        message=f"the {n} unlinked sessions to be freed with the default settings")
     print(f"freed after {time.monotonic() - started:.0f} s:", st)
     assert st["freed-objects"] >= n
     tm.begin()
