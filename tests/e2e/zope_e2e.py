@@ -437,6 +437,15 @@ def restart_zeotemp(zeotemp, port):
     return up, up - t
 
 
+def zope_version(venv):
+    """The version of Zope installed in ``venv``."""
+    r = subprocess.run([Path(venv) / 'bin' / 'python', '-c',
+                        'import importlib.metadata as m; '
+                        'print(m.version("Zope"))'],
+                       capture_output=True, text=True)
+    return r.stdout.strip() or '?'
+
+
 def run_addon_tests(venv):
     r = subprocess.run([Path(venv) / 'bin' / 'python', '-m', 'pytest', '-q',
                         '-p', 'no:cacheprovider', str(ADDON_TESTS)],
@@ -453,7 +462,7 @@ def run_addon_tests(venv):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--venv', default=REPO / 'target' / 'e2e-venv')
+    p.add_argument('--venv', default=REPO / 'target' / 'e2e-venv-zope6')
     p.add_argument('--zeotemp', default=REPO / 'target' / 'release' /
                    'zeotemp')
     p.add_argument('--workdir', default=REPO / 'target' / 'e2e-run')
@@ -563,7 +572,8 @@ def main():
 
     # ---- stock Zope -----------------------------------------------------
     if not args.skip_stock:
-        log('== without the add-on (stock Zope 6), fresh main database')
+        log(f'== without the add-on (stock Zope {zope_version(venv)}), '
+            'fresh main database')
         runzeo.stop()
         main_port = free_port()
         runzeo.cmd = [venv / 'bin' / 'runzeo', '-a', f'127.0.0.1:{main_port}',
