@@ -7,7 +7,8 @@
 # requirements file changes) under target/pyvenv; set ZEOTEMP_VENV to put
 # it elsewhere and PYTHON to choose the interpreter (3.9 or newer). A
 # Python 2.7 (PYTHON2) gets a second venv, for the Python 2 client tests.
-# Last, the real Zope end-to-end script (tests/e2e/zope.sh, its own venv).
+# Last, the real Zope end-to-end script (tests/e2e/zope.sh) for Zope 4, 5
+# and 6, each in its own venv.
 # Extra arguments go to pytest, e.g. `tests/run-all.sh -k conflict` (the
 # Zope end-to-end script is then not run).
 set -euo pipefail
@@ -78,13 +79,37 @@ cargo build --locked --bins
 echo "== real-client tests (stock ZEO $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("ZEO"))') against target/debug/zeotemp)"
 ZEOTEMP_BIN="$PWD/target/debug/zeotemp" "$venv/bin/python" -m pytest tests/python -q "$@"
 
-# Real Zope end to end (tests/e2e/README.md): pinned Zope 6 with
-# Products.Sessions in its own venv (target/e2e-venv), a stock ZEO server for
-# the main database, zeotemp for /temp_folder, two Zope instances, sessions
-# over HTTP, zeotemp restarted with and without the companion add-on
-# (zope/zeotemp.zoperecover). Not run when arguments select pytest tests, or
-# with ZEOTEMP_E2E=0.
+# Real Zope end to end (tests/e2e/README.md), once per Zope generation: Zope
+# 4 (Plone 5.2, Python 3.8), 5 (Plone 6.1, Python 3.12) and 6 (Python 3.11),
+# each pinned in tests/e2e/requirements-zopeN.txt and installed in its own
+# venv (target/e2e-venv-zopeN), a stock ZEO server for the main database,
+# zeotemp for /temp_folder, two Zope instances, sessions over HTTP, zeotemp
+# restarted with and without the companion add-on (zope/zeotemp.zoperecover).
+# ZEOTEMP_E2E_ZOPES chooses the generations (default "4 5 6"). A generation
+# whose Python is not on the machine (tests/e2e/zope.sh --which-python) is
+# skipped, saying so, as the Python 2 tests are. Not run when arguments
+# select pytest tests, or with ZEOTEMP_E2E=0.
 if [ $# -eq 0 ] && [ "${ZEOTEMP_E2E:-1}" != 0 ]; then
-    echo "== Zope end to end (tests/e2e/zope.sh)"
-    ZEOTEMP_BIN="$PWD/target/debug/zeotemp" tests/e2e/zope.sh
+    e2e_failed=
+    e2e_skipped=
+    for zope in ${ZEOTEMP_E2E_ZOPES:-4 5 6}; do
+        if ! why=$(tests/e2e/zope.sh --zope "$zope" --which-python 2>&1 >/dev/null); then
+            echo "== Zope $zope end to end skipped: $why"
+            e2e_skipped="$e2e_skipped $zope"
+            continue
+        fi
+        echo "== Zope $zope end to end (tests/e2e/zope.sh --zope $zope)"
+        t0=$SECONDS
+        if ZEOTEMP_BIN="$PWD/target/debug/zeotemp" tests/e2e/zope.sh --zope "$zope"; then
+            echo "== Zope $zope end to end passed in $((SECONDS - t0)) s"
+        else
+            echo "== Zope $zope end to end FAILED after $((SECONDS - t0)) s"
+            e2e_failed="$e2e_failed $zope"
+        fi
+    done
+    [ -z "$e2e_skipped" ] || echo "== Zope end to end skipped for Zope$e2e_skipped (no interpreter)"
+    if [ -n "$e2e_failed" ]; then
+        echo "== Zope end to end failed for Zope$e2e_failed"
+        exit 1
+    fi
 fi

@@ -5,12 +5,15 @@
 # under them. See tests/e2e/README.md.
 #
 #   tests/e2e/zope.sh [--zope 4|5|6|all] [zope_e2e.py options]
+#   tests/e2e/zope.sh --zope N --which-python
 #
 # The Zope generation is --zope N (or ZEOTEMP_E2E_ZOPE=N; default 6; `all`
 # runs 4, 5 and 6 one after the other). Each has its pinned stack in
 # tests/e2e/requirements-zopeN.txt, whose `# python: X.Y` line names the
-# interpreter: $PYTHON if set, else pythonX.Y on PATH, else pyenv's newest
-# ~/.pyenv/versions/X.Y.*. The venv is target/e2e-venv-zopeN (ZEOTEMP_E2E_VENV
+# interpreter: $PYTHON_ZOPEN (e.g. PYTHON_ZOPE4) if set, else $PYTHON if it
+# is Python X.Y, else pythonX.Y on PATH, else pyenv's newest
+# ~/.pyenv/versions/X.Y.*; --which-python prints it, or exits 3 saying that
+# there is none. The venv is target/e2e-venv-zopeN (ZEOTEMP_E2E_VENV
 # to put it elsewhere), created on first use and again whenever the
 # requirements file or the interpreter changes. The add-on is reinstalled from
 # the repository on every run. The zeotemp binary is $ZEOTEMP_BIN, or
@@ -51,7 +54,16 @@ is_pyver() {  # is $1 a Python $pyver interpreter?
     "$1" -c "import sys; sys.exit('%d.%d' % sys.version_info[:2] != '$pyver')" >/dev/null 2>&1
 }
 python=
-if [ -n "${PYTHON:-}" ]; then
+override=PYTHON_ZOPE$zope
+if [ -n "${!override:-}" ]; then
+    python=${!override}
+    if ! "$python" -c pass >/dev/null 2>&1; then
+        echo "$override=$python is not a Python interpreter" >&2
+        exit 3
+    elif ! is_pyver "$python"; then
+        echo "== warning: $override=$python is not Python $pyver, the version $req is pinned for" >&2
+    fi
+elif [ -n "${PYTHON:-}" ] && is_pyver "$PYTHON"; then
     python=$PYTHON
 elif is_pyver "python$pyver"; then
     python=python$pyver
@@ -64,12 +76,13 @@ else
     done
 fi
 if [ -z "$python" ]; then
-    echo "zope.sh: Zope $zope is pinned for Python $pyver ($req), and none was found" \
-        "(PYTHON, python$pyver on PATH, ~/.pyenv/versions/$pyver.*)" >&2
-    exit 2
+    echo "no Python $pyver for Zope $zope ($req is pinned for it): none in" \
+        "$override, PYTHON, python$pyver on PATH, ~/.pyenv/versions/$pyver.*" >&2
+    exit 3
 fi
-if ! is_pyver "$python"; then
-    echo "== warning: $python is not Python $pyver, the version $req is pinned for" >&2
+if [ "${1:-}" = --which-python ]; then
+    echo "$python"
+    exit 0
 fi
 
 venv=${ZEOTEMP_E2E_VENV:-target/e2e-venv-zope$zope}
