@@ -1,4 +1,4 @@
-"""Create the /temp_folder mount point once (Zope 5 and 6 no longer do it).
+"""Create the /temp_folder mount point once (Zope 4-6 no longer do it).
 
 Run with the instance's configuration, with zeotemp running:
 
@@ -8,7 +8,7 @@ It does what the ZMI does when you add a "ZODB Mount Point" and pick
 /temp_folder: it records the mount point in the main database (which is
 why this is needed only once, not after each zeotemp restart). The
 companion add-on zope/zeotemp.zoperecover does the same when Zope starts.
-Tested by tests/e2e/zope.sh.
+Tested by tests/e2e/zope.sh on Zope 4, 5 and 6.
 """
 import transaction
 from Products.ZODBMountPoint.MountedObject import manage_addMounts

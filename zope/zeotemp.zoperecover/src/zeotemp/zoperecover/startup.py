@@ -1,5 +1,5 @@
 """At startup: install the re-mount check and create missing temporary
-mount points (``/temp_folder``), which Zope 5 and 6 no longer do by
+mount points (``/temp_folder``), which Zope 4, 5 and 6 no longer do by
 themselves.
 
 Only mount paths of ``zope.conf`` whose ``<zodb_db>`` has ``container-class
