@@ -31,11 +31,22 @@ esac
 if [ "$zope" = all ]; then
     # One generation after the other, each in its own process and venv; the
     # exit status is the number of generations that failed.
+    if [ -n "${ZEOTEMP_E2E_VENV:-}" ]; then
+        echo "== ZEOTEMP_E2E_VENV is for one generation; --zope all uses target/e2e-venv-zopeN" >&2
+        unset ZEOTEMP_E2E_VENV
+    fi
     failed=0
+    summary=
     for z in 4 5 6; do
-        ZEOTEMP_E2E_ZOPE=$z "$0" "$@" || failed=$((failed + 1))
+        t0=$SECONDS
+        if ZEOTEMP_E2E_ZOPE=$z "$0" "$@"; then
+            summary="$summary; Zope $z passed in $((SECONDS - t0)) s"
+        else
+            summary="$summary; Zope $z FAILED in $((SECONDS - t0)) s"
+            failed=$((failed + 1))
+        fi
     done
-    echo "== Zope end to end, Zope 4, 5 and 6: $failed generation(s) failed"
+    echo "== Zope end to end:${summary#;}; $failed generation(s) failed"
     exit "$failed"
 fi
 

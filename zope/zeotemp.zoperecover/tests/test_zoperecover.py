@@ -5,7 +5,9 @@ swapped for a fresh one holding only a root object: what a Zope instance
 sees when zeotemp restarts (ZEO then invalidates the database's cache and
 notifies StaleCache, which the tests do by hand).
 
-Run with the e2e venv:  target/e2e-venv/bin/python -m pytest zope/zeotemp.zoperecover/tests
+Run with an e2e venv (N = 4, 5 or 6; tests/e2e/zope.sh --zope N makes it and
+runs them first):
+    target/e2e-venv-zopeN/bin/python -m pytest zope/zeotemp.zoperecover/tests
 """
 
 import App.config
