@@ -69,8 +69,8 @@ override=PYTHON_ZOPE$zope
 if [ -n "${!override:-}" ]; then
     python=${!override}
     if ! "$python" -c pass >/dev/null 2>&1; then
-        echo "$override=$python is not a Python interpreter" >&2
-        exit 3
+        echo "zope.sh: $override=$python is not a Python interpreter" >&2
+        exit 2
     elif ! is_pyver "$python"; then
         echo "== warning: $override=$python is not Python $pyver, the version $req is pinned for" >&2
     fi
