@@ -117,6 +117,9 @@ cp -r zope/zeotemp.zoperecover "$src"
 rm -rf "$src/build" "$src"/src/*.egg-info
 "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps \
     --no-build-isolation --force-reinstall "$src"
+# The add-on's declared dependencies (pyproject.toml: Zope, ZEO, the two
+# Products) must hold for this generation's stack.
+"$venv/bin/pip" check --disable-pip-version-check
 
 if [ -n "${ZEOTEMP_BIN:-}" ]; then
     bin=$ZEOTEMP_BIN
