@@ -20,6 +20,7 @@
 # target/release/zeotemp built (or brought up to date) by cargo. Logs stay in
 # target/e2e-run-zopeN. Other arguments go to tests/e2e/zope_e2e.py (--help).
 set -euo pipefail
+self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/../.."
 
 zope=${ZEOTEMP_E2E_ZOPE:-6}
@@ -39,7 +40,7 @@ if [ "$zope" = all ]; then
     summary=
     for z in 4 5 6; do
         t0=$SECONDS
-        if ZEOTEMP_E2E_ZOPE=$z "$0" "$@"; then
+        if ZEOTEMP_E2E_ZOPE=$z "$self" "$@"; then
             summary="$summary; Zope $z passed in $((SECONDS - t0)) s"
         else
             summary="$summary; Zope $z FAILED in $((SECONDS - t0)) s"
