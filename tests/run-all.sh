@@ -7,7 +7,8 @@
 # requirements file changes) under target/pyvenv; set ZEOTEMP_VENV to put
 # it elsewhere and PYTHON to choose the interpreter (3.9 or newer). A
 # Python 2.7 (PYTHON2) gets a second venv, for the Python 2 client tests.
-# Last, the real Zope end-to-end script (tests/e2e/zope.sh, its own venv).
+# Last, the real Zope end-to-end scripts (tests/e2e/zope.sh, then
+# tests/e2e/cookiecutter.sh; their own venvs).
 # Extra arguments go to pytest, e.g. `tests/run-all.sh -k conflict` (the
 # Zope end-to-end script is then not run).
 set -euo pipefail
@@ -82,9 +83,14 @@ ZEOTEMP_BIN="$PWD/target/debug/zeotemp" "$venv/bin/python" -m pytest tests/pytho
 # Products.Sessions in its own venv (target/e2e-venv), a stock ZEO server for
 # the main database, zeotemp for /temp_folder, two Zope instances, sessions
 # over HTTP, zeotemp restarted with and without the companion add-on
-# (zope/zeotemp.zoperecover). Not run when arguments select pytest tests, or
-# with ZEOTEMP_E2E=0.
+# (zope/zeotemp.zoperecover). Then two instances baked by
+# cookiecutter-zope-instance (Plone 6's generator) that use zeotemp through
+# the add-on's <product-config zeotemp> only (tests/e2e/cookiecutter.sh, same
+# Zope venv, cookiecutter in target/e2e-cookiecutter-venv). Not run when
+# arguments select pytest tests, or with ZEOTEMP_E2E=0.
 if [ $# -eq 0 ] && [ "${ZEOTEMP_E2E:-1}" != 0 ]; then
     echo "== Zope end to end (tests/e2e/zope.sh)"
     ZEOTEMP_BIN="$PWD/target/debug/zeotemp" tests/e2e/zope.sh
+    echo "== Zope instances baked by cookiecutter-zope-instance (tests/e2e/cookiecutter.sh)"
+    ZEOTEMP_BIN="$PWD/target/debug/zeotemp" tests/e2e/cookiecutter.sh
 fi

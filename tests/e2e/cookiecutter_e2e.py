@@ -299,7 +299,7 @@ def main():
     if check('[bad key] cookiecutter bakes instance C with a typo in the '
              'product-config (sever-sync)', ok, detail):
         c.proc.start()
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 60
         while c.proc.running and time.monotonic() < deadline:
             time.sleep(0.2)
         running = c.proc.running
