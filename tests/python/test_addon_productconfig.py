@@ -66,7 +66,7 @@ def test_tcp_with_the_defaults(server_factory, open_db):
 
 def test_unix_socket(server_factory, open_db, tmp_path):
     path = tmp_path / "zeotemp.sock"
-    srv = server_factory(unix_socket=path)
+    server_factory(unix_socket=path)
     db, _ = open_db({"address": str(path), "name": "tmp-client"})
     commit_and_read_back(db, "k", "over a unix socket")
 

@@ -127,8 +127,8 @@ class Key:
 
 REQUIRED = object()
 
-#: Every key, with its conversion, default and what it is (the README's
-#: table is made from the same facts; test_productconfig checks it).
+#: Every key, with its conversion, default and what it is (the add-on
+#: README's table lists the same keys; test_productconfig checks that).
 KEYS = {k.name: k for k in [
     Key('address', _address, REQUIRED,
         'zeotemp address: host:port, [ipv6]:port, or a unix socket path'),
@@ -210,10 +210,12 @@ def parse(mapping):
     problems = []
     values = {}
     given = {str(k).lower(): v for k, v in mapping.items()}
-    for name in sorted(given):
-        if name not in KEYS:
-            problems.append('unknown key %r (known keys: %s)' % (
-                name, ', '.join(sorted(KEYS))))
+    unknown = sorted(name for name in given if name not in KEYS)
+    if unknown:
+        problems.append('unknown key%s %s (known keys: %s)' % (
+            's' if len(unknown) > 1 else '',
+            ', '.join(repr(name) for name in unknown),
+            ', '.join(sorted(KEYS))))
     for name, key in KEYS.items():
         if name not in given:
             if key.default is REQUIRED:
