@@ -400,6 +400,21 @@ def test_zcml_registers_then_startup_mounts(zope_configuration, monkeypatch):
         conn.close()
 
 
+def test_zcml_included_twice(zope_configuration, monkeypatch):
+    """site.zcml's include and Plone's autoinclude of the same file: one
+    registration, no ZCML conflict."""
+    from zope.configuration import xmlconfig
+    monkeypatch.setattr(productconfig, 'ClientStorageFactory',
+                        MappingFactory)
+    xmlconfig.string('''
+        <configure xmlns="http://namespaces.zope.org/zope">
+          <include package="zope.component" file="meta.zcml" />
+          <include package="zeotemp.zoperecover" />
+          <include package="zeotemp.zoperecover" file="configure.zcml" />
+        </configure>''')
+    assert zope_configuration.dbtab.mount_paths['/temp_folder'] == 'temporary'
+
+
 def test_zcml_stops_on_a_bad_section(zope_configuration):
     from zope.configuration.config import ConfigurationExecutionError
     zope_configuration.product_config = {'zeotemp': {
