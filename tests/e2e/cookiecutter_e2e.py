@@ -8,11 +8,14 @@ option for a temporary storage and writes no free-form zope.conf text. This
 bakes two instances A and B with `cookiecutter --no-input --config-file
 instance.yaml`, whose `default_context` uses only the template's own keys:
 
+* the lines of config/cookiecutter-instance.yaml (the ones the README
+  shows; only zeotemp's port changed): `zcml_package_includes:
+  zeotemp.zoperecover` and `product_config: {zeotemp: {address: ...,
+  storage: 1}}`;
 * `db_storage: zeo` for the main database, on a stock ZEO server (runzeo,
   FileStorage) that both share;
-* `zcml_package_includes: zeotemp.zoperecover, zeotemp_e2e_views` (the
-  add-on, and the test-only session views);
-* `product_config: {zeotemp: {address: ..., storage: 1}}` for zeotemp.
+* `zcml_include_file_location` for a file that loads the test-only
+  session views (tests/e2e/zeotemp_e2e_views).
 
 and checks, through HTTP with cookies:
 
@@ -49,6 +52,26 @@ from e2e_common import restart_zeotemp, run, run_addon_tests, session_get
 from e2e_common import session_set, short, wait_port, wait_serving
 
 TEMPLATE = HERE / 'vendor' / 'cookiecutter-zope-instance'
+INSTANCE_YAML = REPO / 'config' / 'cookiecutter-instance.yaml'
+
+
+def documented_context(temp_port, extra_product_config=()):
+    """The default_context lines of config/cookiecutter-instance.yaml (the
+    ones the README shows), zeotemp's port changed; `extra_product_config`
+    lines are added to its product_config for zeotemp. Returns (text, the
+    top-level keys)."""
+    text = INSTANCE_YAML.read_text()
+    block = text.split('\ndefault_context:\n', 1)[1]
+    block, n = re.subn(r'(?m)^(\s*address:\s*)127\.0\.0\.1:8101\s*$',
+                       rf'\g<1>127.0.0.1:{temp_port}', block)
+    if n != 1:
+        raise RuntimeError(f'no `address: 127.0.0.1:8101` in {INSTANCE_YAML}')
+    for line in extra_product_config:
+        block = re.sub(r'(?m)^(\s*)(storage:.*)$',
+                       lambda m: f'{m.group(1)}{m.group(2)}\n'
+                                 f'{m.group(1)}{line}', block, count=1)
+    keys = re.findall(r'(?m)^    ([A-Za-z_]+):', block)
+    return block.rstrip('\n') + '\n', keys
 
 
 def yaml_value(value, indent):
@@ -70,8 +93,9 @@ class BakedZope(Instance):
 
     event_log_name = 'var/log/event.log'
 
-    def instance_yaml(self, main_port, product_config):
-        """The template's own keys only (cookiecutter.json)."""
+    def instance_yaml(self, main_port):
+        """The test's own default_context keys (the zeotemp ones come from
+        config/cookiecutter-instance.yaml); template keys only."""
         return {
             'target': self.home.name,
             'wsgi_listen': f'127.0.0.1:{self.port}',
@@ -86,25 +110,35 @@ class BakedZope(Instance):
             'log_file': True,
             'log_file_path': str(self.home / self.event_log_name),
             'access_log_enabled': False,   # its translogger needs Paste
-            'zcml_package_includes': 'zeotemp.zoperecover, '
-                                     'zeotemp_e2e_views',
-            'product_config': {'zeotemp': product_config},
+            # the test views (zcml_package_includes is the documented one's)
+            'zcml_include_file_location': str(self.home.parent /
+                                              'e2e-views.zcml'),
         }
 
-    def bake(self, cookiecutter, template, main_port, product_config):
-        """Write instance.yaml and bake; return (ok, detail)."""
-        context = self.instance_yaml(main_port, product_config)
+    def bake(self, cookiecutter, template, main_port, documented):
+        """Write instance.yaml (the test's keys, then the documented
+        ones) and bake; return (ok, detail)."""
+        documented_text, documented_keys = documented
+        own = self.instance_yaml(main_port)
         work = self.home.parent
+        (work / 'e2e-views.zcml').write_text(
+            '<configure xmlns="http://namespaces.zope.org/zope">\n'
+            '  <include package="zeotemp_e2e_views" />\n</configure>\n')
         config = work / f'{self.name}-instance.yaml'
         config.write_text(
             f'cookiecutters_dir: {json.dumps(str(work / "cookiecutters"))}\n'
             f'replay_dir: {json.dumps(str(work / "replay"))}\n'
-            'default_context:' + yaml_value(context, 4) + '\n')
+            'default_context:' + yaml_value(own, 4) + '\n'
+            + documented_text)
+        context = dict.fromkeys(list(own) + documented_keys)
+        if len(context) != len(own) + len(documented_keys):
+            return False, f'a key twice in {config.name}'
+        self.context = context
         r = subprocess.run([cookiecutter, '--no-input', '-f',
                             '--config-file', config, '--output-dir', work,
                             template], capture_output=True, text=True,
                            env=self.env)
-        self.config, self.context = config, context
+        self.config = config
         if r.returncode != 0:
             return False, short(r.stdout + r.stderr, 600)
         return True, f'{config.name} -> {self.home.relative_to(work)}/etc'
@@ -210,13 +244,13 @@ def main():
     a = BakedZope('A', work / 'A', venv, env)
     b = BakedZope('B', work / 'B', venv, env)
     zopes = (a, b)
-    product_config = {'address': f'127.0.0.1:{temp_port}', 'storage': 1}
+    documented = documented_context(temp_port)
 
     # ---- bake ------------------------------------------------------------
     for z in zopes:
         ok = check(f'[bake] cookiecutter bakes instance {z.name}',
                    *z.bake(args.cookiecutter, template, main_port,
-                           product_config))
+                           documented))
         if not ok:
             return
     for z in zopes:
@@ -295,7 +329,7 @@ def main():
     # ---- a mistake in the product-config --------------------------------
     c = BakedZope('C', work / 'C', venv, env)
     ok, detail = c.bake(args.cookiecutter, template, main_port,
-                        dict(product_config, **{'sever-sync': 'on'}))
+                        documented_context(temp_port, ['sever-sync: on']))
     if check('[bad key] cookiecutter bakes instance C with a typo in the '
              'product-config (sever-sync)', ok, detail):
         c.proc.start()
