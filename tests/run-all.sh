@@ -7,8 +7,9 @@
 # requirements file changes) under target/pyvenv; set ZEOTEMP_VENV to put
 # it elsewhere and PYTHON to choose the interpreter (3.9 or newer). A
 # Python 2.7 (PYTHON2) gets a second venv, for the Python 2 client tests.
-# Last, the real Zope end-to-end script (tests/e2e/zope.sh) for Zope 4, 5
-# and 6, each in its own venv.
+# Last, the real Zope end-to-end scripts, each Zope generation in its own
+# venv: tests/e2e/zope.sh (Zope 4, 5 and 6), then tests/e2e/cookiecutter.sh
+# (instances baked by Plone 6's generator; Zope 5 and 6).
 # Extra arguments go to pytest, e.g. `tests/run-all.sh -k conflict` (the
 # Zope end-to-end script is then not run).
 set -euo pipefail
@@ -85,6 +86,10 @@ ZEOTEMP_BIN="$PWD/target/debug/zeotemp" "$venv/bin/python" -m pytest tests/pytho
 # venv (target/e2e-venv-zopeN), a stock ZEO server for the main database,
 # zeotemp for /temp_folder, two Zope instances, sessions over HTTP, zeotemp
 # restarted with and without the companion add-on (zope/zeotemp.zoperecover).
+# For Zope 5 and 6 (Plone 6.x) also two instances baked by
+# cookiecutter-zope-instance, Plone 6's generator, that reach zeotemp through
+# the add-on's <product-config zeotemp> only (tests/e2e/cookiecutter.sh, same
+# venv; cookiecutter in target/e2e-cookiecutter-venv).
 # ZEOTEMP_E2E_ZOPES chooses the generations (default "4 5 6"). A generation
 # whose Python is not on the machine (tests/e2e/zope.sh --which-python) is
 # skipped, saying so, as the Python 2 tests are. Not run when arguments
@@ -111,6 +116,16 @@ if [ $# -eq 0 ] && [ "${ZEOTEMP_E2E:-1}" != 0 ]; then
         else
             echo "== Zope $zope end to end FAILED after $((SECONDS - t0)) s"
             e2e_failed="$e2e_failed $zope"
+        fi
+        [ "$zope" != 4 ] || continue  # Plone 5.2 makes instances with buildout
+        echo "== Zope $zope instances baked by cookiecutter-zope-instance (tests/e2e/cookiecutter.sh --zope $zope)"
+        t0=$SECONDS
+        if ZEOTEMP_BIN="$PWD/target/debug/zeotemp" tests/e2e/cookiecutter.sh --zope "$zope" \
+            --workdir "target/e2e-cookiecutter-run-zope$zope"; then
+            echo "== Zope $zope cookiecutter end to end passed in $((SECONDS - t0)) s"
+        else
+            echo "== Zope $zope cookiecutter end to end FAILED after $((SECONDS - t0)) s"
+            e2e_failed="$e2e_failed $zope(cookiecutter)"
         fi
     done
     [ -z "$e2e_skipped" ] || echo "== Zope end to end skipped for Zope$e2e_skipped (no interpreter)"

@@ -1,7 +1,8 @@
 """Test-only browser views for tests/e2e/zope.sh: set and read a session
 value through HTTP (``@@e2e-session-set?key=K&value=V``,
 ``@@e2e-session-get?key=K``) and tell what /temp_folder is
-(``@@e2e-status``). Loaded only by the e2e instances' ZCML (an
+(``@@e2e-status``), and which database each mount path of Zope's database
+table comes from (``@@e2e-dbtab``). Loaded only by the e2e instances' ZCML (an
 ``etc/package-includes`` file), never shipped."""
 
 from Products.Five import BrowserView
@@ -46,3 +47,24 @@ class Status(BrowserView):
         return 'temp_folder=%s mount_point=%s addon=%s' % (
             meta_type.replace(' ', '_'), 'yes' if mount_point else 'no',
             'yes' if addon else 'no')
+
+
+class DBTab(BrowserView):
+    """One line per mount path of Zope's database table: ``<path>
+    <database name> <product-config|zope.conf> <opened|not-opened>``;
+    ``product-config`` when zeotemp.zoperecover registered it from
+    ``<product-config zeotemp>``."""
+
+    def __call__(self):
+        from App.config import getConfiguration
+        dbtab = getConfiguration().dbtab
+        lines = []
+        for path, name in sorted(dbtab.listMountPaths()):
+            factory = dbtab.getDatabaseFactory(name=name)
+            source = ('product-config'
+                      if getattr(factory, 'zeotemp_settings', None)
+                      else 'zope.conf')
+            opened = 'opened' if name in dbtab.databases else 'not-opened'
+            lines.append(f'{path} {name} {source} {opened}')
+        self.request.response.setHeader('Content-Type', 'text/plain')
+        return '\n'.join(lines)

@@ -8,6 +8,6 @@ Loaded by ZCML (``<include package="zeotemp.zoperecover" />``), it
   answers POSKeyError until it is restarted (``remount``);
 * creates, at startup, the mount points of ``zope.conf``'s temporary
   databases (``container-class Products.TemporaryFolder.TemporaryContainer``)
-  that the main database does not have yet, which Zope 5 and 6 no longer do
+  that the main database does not have yet, which Zope 4, 5 and 6 no longer do
   by themselves (``startup``).
 """
