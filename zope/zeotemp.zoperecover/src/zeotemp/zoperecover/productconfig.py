@@ -37,6 +37,7 @@ typo would otherwise leave the site without sessions.
 """
 
 import io
+import os
 import logging
 import re
 
@@ -291,35 +292,34 @@ class ClientStorageFactory:
                              **self.client_storage_arguments())
 
 
-def _zodb_db_section(settings):
-    """The parsed ``<zodb_db>`` section (ZODB's own schema, so every
-    attribute the installed ZODB reads has its own default), holding the
-    db-* keys; its storage is replaced by ours."""
+def _zope_zodb_db(settings):
+    """The factory Zope's own schema (``Zope2/Startup/wsgischema.xml``)
+    makes of a hand-written ``<zodb_db>`` section with these settings, so
+    that every attribute the installed Zope and ZODB read has the default a
+    ``zope.conf`` section would give it (``class-factory`` differs between
+    Zope 4/5 and 6, for one); its storage is replaced by ours. The values
+    put into the text were checked by ``parse``."""
     import ZConfig
-    schema = ZConfig.loadSchemaFile(io.StringIO(
-        '<schema><import package="ZODB"/>'
-        '<section type="ZODB.database" name="*" attribute="database" '
-        'required="yes"/></schema>'))
-    text = ('<zodb %s>\n  cache-size %d\n  pool-size %d\n'
-            '  <mappingstorage/>\n</zodb>\n' % (
-                settings.database_name, settings.db_cache_size,
+    import Zope2.Startup
+    schema = ZConfig.loadSchema(os.path.join(
+        os.path.dirname(Zope2.Startup.__file__), 'wsgischema.xml'))
+    text = ('instancehome %s\n'
+            '<zodb_db %s>\n  <mappingstorage/>\n  mount-point %s\n'
+            '  container-class %s\n  cache-size %d\n  pool-size %d\n'
+            '</zodb_db>\n' % (
+                os.path.dirname(Zope2.Startup.__file__),
+                settings.database_name, settings.mount_point,
+                TEMPORARY_CONTAINER, settings.db_cache_size,
                 settings.db_pool_size))
     conf, _ = ZConfig.loadConfigFile(schema, io.StringIO(text))
-    return conf.database.config
+    return conf.databases[0]
 
 
 def database_factory(settings, storage_factory=None):
     """A ``Zope2.Startup.datatypes.ZopeDatabase``, the factory type of
     ``zope.conf``'s ``<zodb_db>`` sections, for the temporary database."""
-    from Zope2.Startup.datatypes import ZopeDatabase
-    section = _zodb_db_section(settings)
-    section.storage = storage_factory or ClientStorageFactory(settings)
-    section.mount_points = [settings.mount_point]
-    section.container_class = TEMPORARY_CONTAINER
-    if not hasattr(section, 'connection_class'):
-        section.connection_class = None
-    factory = ZopeDatabase(section)
-    factory.name = settings.database_name
+    factory = _zope_zodb_db(settings)
+    factory.config.storage = storage_factory or ClientStorageFactory(settings)
     factory.zeotemp_settings = settings
     return factory
 
