@@ -7,9 +7,10 @@
 # requirements file changes) under target/pyvenv; set ZEOTEMP_VENV to put
 # it elsewhere and PYTHON to choose the interpreter (3.9 or newer). A
 # Python 2.7 (PYTHON2) gets a second venv, for the Python 2 client tests.
-# Last, the real Zope end-to-end script (tests/e2e/zope.sh, its own venv).
+# Then the real Zope end-to-end script (tests/e2e/zope.sh, its own venv),
+# and last the Python packages (tests/packaging/wheel.sh, its own venvs).
 # Extra arguments go to pytest, e.g. `tests/run-all.sh -k conflict` (the
-# Zope end-to-end script is then not run).
+# Zope end-to-end and packaging scripts are then not run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -87,4 +88,16 @@ ZEOTEMP_BIN="$PWD/target/debug/zeotemp" "$venv/bin/python" -m pytest tests/pytho
 if [ $# -eq 0 ] && [ "${ZEOTEMP_E2E:-1}" != 0 ]; then
     echo "== Zope end to end (tests/e2e/zope.sh)"
     ZEOTEMP_BIN="$PWD/target/debug/zeotemp" tests/e2e/zope.sh
+fi
+
+# The Python packages (README, "Install for a Zope site";
+# tests/packaging/wheel.sh): the wheel (maturin --zig, manylinux2014) and
+# the sdist, built with the pinned tools of tests/packaging/requirements.txt
+# into target/packaging; `pip install "zeotemp[zope]"` in a fresh venv;
+# the glibc floor; the Zope end to end with the installed bin/zeotemp; the
+# sdist compiled by pip. Under the same switch as the Zope end to end, and
+# ZEOTEMP_PACKAGING=0 leaves out only this.
+if [ $# -eq 0 ] && [ "${ZEOTEMP_E2E:-1}" != 0 ] && [ "${ZEOTEMP_PACKAGING:-1}" != 0 ]; then
+    echo "== Python packages (tests/packaging/wheel.sh)"
+    tests/packaging/wheel.sh
 fi
