@@ -237,10 +237,11 @@ if [ "${ZEOTEMP_PACKAGING_SDIST:-1}" != 0 ]; then
     rm -rf "$svenv"
     "$python" -m venv "$svenv"
     # No pip cache: a wheel built from this sdist in an earlier run would
-    # be reused instead of compiling. The build's cargo target directory
-    # is kept (dependencies compile once); zeotemp itself is compiled
-    # from the unpacked sdist every time.
-    PIP_CONSTRAINT=$repo/$req CARGO_TARGET_DIR=$work/sdist-cargo \
+    # be reused instead of compiling. No kept cargo target directory either:
+    # the sdist's files all carry one fixed old mtime, so cargo would take
+    # an earlier run's binary as up to date even after the sources changed
+    # (seen: "Finished" with nothing compiled). Every run compiles it all.
+    PIP_CONSTRAINT=$repo/$req \
         "$svenv/bin/pip" install --disable-pip-version-check --no-cache-dir -v "$sdist" \
         > "$work/sdist-build.log" 2>&1 || {
         tail -n 40 "$work/sdist-build.log"
