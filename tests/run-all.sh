@@ -9,9 +9,10 @@
 # Python 2.7 (PYTHON2) gets a second venv, for the Python 2 client tests.
 # Last, the real Zope end-to-end scripts, each Zope generation in its own
 # venv: tests/e2e/zope.sh (Zope 4, 5 and 6), then tests/e2e/cookiecutter.sh
-# (instances baked by Plone 6's generator; Zope 5 and 6).
+# (instances baked by Plone 6's generator; Zope 5 and 6); last the Python
+# packages (tests/packaging/wheel.sh, its own venvs).
 # Extra arguments go to pytest, e.g. `tests/run-all.sh -k conflict` (the
-# Zope end-to-end script is then not run).
+# Zope end-to-end and packaging scripts are then not run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -133,4 +134,16 @@ if [ $# -eq 0 ] && [ "${ZEOTEMP_E2E:-1}" != 0 ]; then
         echo "== Zope end to end failed for Zope$e2e_failed"
         exit 1
     fi
+fi
+
+# The Python packages (README, "Install for a Zope site";
+# tests/packaging/wheel.sh): the wheel (maturin --zig, manylinux2014) and
+# the sdist, built with the pinned tools of tests/packaging/requirements.txt
+# into target/packaging; `pip install "zeotemp[zope]"` in a fresh venv;
+# the glibc floor; the Zope end to end with the installed bin/zeotemp; the
+# sdist compiled by pip. Under the same switch as the Zope end to end, and
+# ZEOTEMP_PACKAGING=0 leaves out only this.
+if [ $# -eq 0 ] && [ "${ZEOTEMP_E2E:-1}" != 0 ] && [ "${ZEOTEMP_PACKAGING:-1}" != 0 ]; then
+    echo "== Python packages (tests/packaging/wheel.sh)"
+    tests/packaging/wheel.sh
 fi
