@@ -87,6 +87,9 @@ def test_buildout_zodb_temporary_storage(server, make_db):
     parser.read(CONFIG_DIR / "buildout-zope2instance.cfg")
     part = parser["instance"]
     assert part["recipe"] == "plone.recipe.zope2instance"
+    # The add-on, as eggs and zcml lines of the part.
+    assert "zeotemp.zoperecover" in part["eggs"].split()
+    assert "zeotemp.zoperecover" in part["zcml"].split()
     # The recipe puts the option's lines into zope.conf as they are.
     text = textwrap.dedent(part["zodb-temporary-storage"])
     assert "server 127.0.0.1:8101" in text
