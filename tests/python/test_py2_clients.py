@@ -469,6 +469,9 @@ def test_btrees_conflict_resolved_across_pythons(server, py2_client, make_db,
     root["tree"]["k0057"] = -2
     tm.commit()
     py2.call("commit")
+    # py3 sees that commit before step 2 (its invalidation is pushed, not
+    # awaited by the committer), so each step conflicts with one commit.
+    py3_wait(tm, root, None, None, check=lambda: "k0055" in root["tree"])
 
     # 2. py3 reads and inserts, py2 commits first: py3's vote conflicts and
     #    py3's BTrees merges py2's state (pickled by Python 2).
