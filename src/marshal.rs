@@ -13,6 +13,19 @@
 //! server writes: `PROTO 3`, `MARK`, the four items, `TUPLE`, `STOP`. The
 //! msgid is echoed as the request carried it (a py2 client's `PyStr` stays
 //! `SHORT_BINSTRING`), and text follows the connection's [`Dialect`] (§12).
+//!
+//! Client generations, told apart by how a request is pickled
+//! ([`Message::dialect`]; the session keeps the first request's):
+//!
+//! * a pickle that does not begin with `PROTO` was written with protocol 0
+//!   or 1: ZEO 5.0/5.1 on Python 2 (Plone 5.1), whose `cPickle` cannot read
+//!   protocol 3 ⇒ [`Dialect::Py2Protocol1`], everything sent back in
+//!   protocol-1 opcodes;
+//! * else (`PROTO 2` or higher), a method name that is a py2 `str`
+//!   (`SHORT_BINSTRING`/`BINSTRING`): ZEO 5.2–5.4 on Python 2 (Plone 5.2)
+//!   ⇒ [`Dialect::Py2`];
+//! * else (`BINUNICODE`): Python 3 ⇒ [`Dialect::Py3`].
+//!
 //! With [`Encoding::Msgpack`] the same frames are a msgpack array of four
 //! written as the stock server's `packb(..., use_bin_type=True)` writes them
 //! ([`crate::msgpack`]).
@@ -53,8 +66,10 @@ pub struct Message {
     pub method: String,
     /// The arguments as sent; normally a tuple (the rpc layer checks).
     pub args: Value,
-    /// `Py2` if the method name was a py2 `str` (`SHORT_BINSTRING` /
-    /// `BINSTRING`), which is how a Python-2 ZEO client writes it.
+    /// `Py2Protocol1` if the pickle has no `PROTO` (protocol 0/1, as ZEO
+    /// 5.0/5.1 on Python 2 writes), else `Py2` if the method name was a
+    /// py2 `str` (`SHORT_BINSTRING` / `BINSTRING`, as ZEO ≥ 5.2 on Python 2
+    /// writes it), else `Py3` (see the module docs).
     pub dialect: Dialect,
 }
 
@@ -74,7 +89,14 @@ pub enum MarshalError {
 
 /// Decodes one frame payload (without the length prefix).
 pub fn decode_message(payload: &[u8], limits: &DecodeLimits) -> Result<Message, MarshalError> {
-    into_message(pickle::decode(payload, limits)?)
+    let protocol1 = is_protocol1(payload);
+    into_message(pickle::decode(payload, limits)?, protocol1)
+}
+
+/// A pickle without `PROTO` (its first opcode) was written with protocol 0
+/// or 1; every pickler writing protocol 2 or more starts with `PROTO`.
+fn is_protocol1(payload: &[u8]) -> bool {
+    payload.first() != Some(&crate::opcodes::PROTO)
 }
 
 /// Like [`decode_message`], but bytes values (e.g. `storea` records) are
@@ -83,7 +105,8 @@ pub fn decode_message_bytes(
     payload: &Bytes,
     limits: &DecodeLimits,
 ) -> Result<Message, MarshalError> {
-    into_message(pickle::decode_bytes(payload, limits)?)
+    let protocol1 = is_protocol1(payload);
+    into_message(pickle::decode_bytes(payload, limits)?, protocol1)
 }
 
 /// Decodes one msgpack (`M5`) frame payload. Arrays decode to tuples;
@@ -93,10 +116,10 @@ pub fn decode_msgpack_message(
     payload: &[u8],
     limits: &DecodeLimits,
 ) -> Result<Message, MarshalError> {
-    into_message(msgpack::decode(payload, limits)?)
+    into_message(msgpack::decode(payload, limits)?, false)
 }
 
-fn into_message(value: Value) -> Result<Message, MarshalError> {
+fn into_message(value: Value, protocol1: bool) -> Result<Message, MarshalError> {
     let items = match value {
         Value::Tuple(items) if items.len() == 4 => items,
         Value::Tuple(items) => {
@@ -117,6 +140,13 @@ fn into_message(value: Value) -> Result<Message, MarshalError> {
             Err(_) => return Err(MarshalError::BadMethodName("non-UTF-8 bytes")),
         },
         other => return Err(MarshalError::BadMethodName(other.type_name())),
+    };
+    // Only Python 2 ZEO clients pickle with protocol 1; whatever the name's
+    // opcode, such a peer reads protocol 1 at most.
+    let dialect = if protocol1 {
+        Dialect::Py2Protocol1
+    } else {
+        dialect
     };
     Ok(Message {
         msgid,
@@ -163,13 +193,14 @@ pub fn encode_error(
             });
         }
     };
-    encode_with(hint, |out| {
+    encode_with(dialect, hint, |out| {
         pickle::encode_into(out, msgid, dialect);
         pickle::encode_into(out, &Value::Int(2), dialect);
         pickle::encode_str_into(out, ".reply", dialect);
+        pickle::open_tuple(out, 2, dialect);
         pickle::encode_str_into(out, class_name, dialect);
         pickle::encode_into(out, state, dialect);
-        out.put_u8(TUPLE2);
+        pickle::close_tuple(out, 2, dialect);
     })
 }
 
@@ -212,7 +243,6 @@ pub fn encode_call(encoding: impl Into<Encoding>, method: &str, args: &Value) ->
 
 const MARK: u8 = b'(';
 const TUPLE: u8 = b't';
-const TUPLE2: u8 = 0x86;
 const STOP: u8 = b'.';
 
 /// `(msgid, flags, name, last)`, with `last` written by `write_last`
@@ -226,7 +256,7 @@ fn encode_frame(
     write_last: impl FnOnce(&mut BytesMut),
 ) -> Bytes {
     let hint = pickle::size_hint(msgid) + name.len() + hint;
-    encode_with(hint, |out| {
+    encode_with(dialect, hint, |out| {
         pickle::encode_into(out, msgid, dialect);
         pickle::encode_into(out, flags, dialect);
         pickle::encode_str_into(out, name, dialect);
@@ -248,12 +278,14 @@ pub fn put_frame(out: &mut BytesMut, payload: impl FnOnce(&mut BytesMut)) {
     out[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
-/// A frame of `PROTO 3 MARK`, the items written by `items`, `TUPLE STOP`.
-/// `hint` is about what the items take, so the buffer is allocated once.
-fn encode_with(hint: usize, items: impl FnOnce(&mut BytesMut)) -> Bytes {
+/// A frame of `PROTO 3 MARK` (no `PROTO` at protocol 1), the items written
+/// by `items`, `TUPLE STOP`. `hint` is about what the items take, so the
+/// buffer is allocated once.
+fn encode_with(dialect: Dialect, hint: usize, items: impl FnOnce(&mut BytesMut)) -> Bytes {
     let mut out = BytesMut::with_capacity(32 + hint);
     put_frame(&mut out, |out| {
-        out.put_slice(&[0x80, 3, MARK]);
+        pickle::put_proto(out, dialect);
+        out.put_u8(MARK);
         items(out);
         out.put_slice(&[TUPLE, STOP]);
     });
@@ -361,6 +393,81 @@ mod tests {
             payload(&reply),
             "8003285508000000000000000055080000000000000001864b0255062e7265706c79551d5a4f44\
              422e504f53457863657074696f6e2e504f534b65794572726f72550800000000000000008586742e"
+                .replace(' ', "")
+        );
+    }
+
+    /// ZEO 5.1.2 on Python 2 pickles with protocol 1 (captured between a
+    /// ZEO 5.1.2 client and a ZEO 5.1.2 server, both on Python 2.7).
+    #[test]
+    fn protocol1_requests_and_replies() {
+        // register('1', False): no PROTO, flags as INT 00, MARK ... TUPLE
+        let m = decode("284b014930300a55087265676973746572285501314b0074742e").unwrap();
+        assert_eq!(m.method, "register");
+        assert_eq!(m.dialect, Dialect::Py2Protocol1);
+        assert!(!m.oneway);
+        assert_eq!(
+            m.args,
+            Value::Tuple(vec![Value::PyStr(Bytes::from_static(b"1")), Value::Int(0)])
+        );
+        // Whatever the method name's opcode, no PROTO means protocol 1.
+        let m = decode("284b014930300a580400000070696e6729742e").unwrap();
+        assert_eq!(
+            (m.method.as_str(), m.dialect),
+            ("ping", Dialect::Py2Protocol1)
+        );
+        // A PROTO 2 pickle (any PROTO) is not protocol 1: the name decides.
+        let m = decode("8002284b01895504706e6f6729742e").unwrap();
+        assert_eq!((m.method.as_str(), m.dialect), ("pnog", Dialect::Py2));
+        // one-way: INT 01
+        let m = decode("284b004930310a5504696e666f29742e").unwrap();
+        assert!(m.oneway);
+
+        let p1 = Dialect::Py2Protocol1;
+        // The replies the ZEO 5.1.2 server wrote, byte for byte: register's
+        assert_eq!(
+            payload(&encode_reply(p1, &Value::Int(1), &oid(0))),
+            "284b014b0055062e7265706c7955080000000000000000742e"
+        );
+        // vote's empty list
+        assert_eq!(
+            payload(&encode_reply(p1, &Value::Int(3), &Value::List(vec![]))),
+            "284b034b0055062e7265706c795d742e"
+        );
+        // POSKeyError for a loadBefore whose msgid is (oid, tid)
+        let msgid = Value::Tuple(vec![
+            Value::PyStr(Bytes::from(vec![0; 8])),
+            Value::PyStr(Bytes::from(vec![0, 0, 0, 0, 0, 0, 0, 1])),
+        ]);
+        assert_eq!(
+            payload(&encode_error(
+                p1,
+                &msgid,
+                "ZODB.POSException.POSKeyError",
+                &Value::Tuple(vec![oid(0)])
+            )),
+            "28285508000000000000000055080000000000000001744b0255062e7265706c7928551d5a4f44\
+             422e504f53457863657074696f6e2e504f534b65794572726f7228550800000000000000007474742e"
+                .replace(' ', "")
+        );
+        // the info push
+        let info = Value::Tuple(vec![Value::Dict(vec![
+            (Value::str("length"), Value::Int(1)),
+            (Value::str("size"), Value::Int(211)),
+        ])]);
+        assert_eq!(
+            payload(&encode_call(p1, "info", &info)),
+            "284b004930310a5504696e666f287d2855066c656e6774684b01550473697a654bd37574742e"
+        );
+        // an invalidation (tid, [oid]): the list as EMPTY_LIST ... APPEND
+        let args = Value::Tuple(vec![
+            Value::bytes(unhex("040d45eb32fded33")),
+            Value::List(vec![oid(1)]),
+        ]);
+        assert_eq!(
+            payload(&encode_call(p1, "invalidateTransaction", &args)),
+            "284b004930310a5515696e76616c69646174655472616e73616374696f6e285508040d45eb32fd\
+             ed335d55080000000000000001617474 2e"
                 .replace(' ', "")
         );
     }

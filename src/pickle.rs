@@ -5,7 +5,10 @@
 //! module decodes those into [`Value`] and writes [`Value`]s back exactly as
 //! the stock server's pickler does (`zodbpickle.pickle.Pickler(f, 3)` with
 //! `fast = 1`: the C pickler, no memo), so replies are byte-identical to a
-//! Python ZEO server's.
+//! Python ZEO server's. For Python 2 clients that pickle with protocol 1
+//! (ZEO 5.0/5.1, whose `cPickle` cannot read protocol 3) the same values are
+//! written as `cPickle.Pickler(1)` with `fast = 1` writes them
+//! ([`Dialect::Py2Protocol1`]): protocol-0/1 opcodes only.
 //!
 //! Invariants:
 //!
@@ -118,15 +121,36 @@ pub enum Value {
     Opaque(Box<Value>),
 }
 
-/// Which Python a peer runs, for the encoding of bytes and text (§12).
+/// Which Python a peer runs and which pickle protocol it reads, for the
+/// encoding of bytes, text and everything else (protocol notes §3.2, §12).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
     /// Python 3 peers: bytes as `SHORT_BINBYTES`/`BINBYTES`, text as
     /// `BINUNICODE`.
     Py3,
-    /// Python 2 peers: bytes and ASCII text as py2 `str`
+    /// Python 2 peers (ZEO ≥ 5.2): bytes and ASCII text as py2 `str`
     /// (`SHORT_BINSTRING`/`BINSTRING`), other text as `BINUNICODE`.
     Py2,
+    /// Python 2 peers that pickle with protocol 1 (ZEO 5.0/5.1, Plone 5.1):
+    /// their `cPickle` reads no protocol above 2 ("unsupported pickle
+    /// protocol: 3"), so everything is written as a ZEO 5.1 Python-2 server
+    /// writes it: no `PROTO`; text and bytes as [`Dialect::Py2`];
+    /// booleans as `INT 01`/`INT 00`; ints beyond 32 bits as `INT`
+    /// decimal lines, beyond 64 bits as `LONG` (`L` suffix); every
+    /// non-empty tuple as `MARK ... TUPLE`. Only protocol-0/1 opcodes.
+    Py2Protocol1,
+}
+
+impl Dialect {
+    /// Writes only protocol-0/1 opcodes.
+    pub fn is_protocol1(self) -> bool {
+        self == Dialect::Py2Protocol1
+    }
+
+    /// Python 2 text conventions (bytes and ASCII text as py2 `str`).
+    pub fn is_py2(self) -> bool {
+        matches!(self, Dialect::Py2 | Dialect::Py2Protocol1)
+    }
 }
 
 /// Limits applied while decoding one pickle.
@@ -1256,7 +1280,13 @@ impl<'a> Decoder<'a> {
             op::REDUCE | op::NEWOBJ => {
                 let args = self.pop_item()?;
                 let callable = self.pop_item()?;
-                self.push_opaque(vec![callable, args])?;
+                if opcode == op::REDUCE
+                    && let Some(b) = zodbpickle_binary(&callable.value, &args.value)
+                {
+                    self.push_scalar(Value::Bytes(b))?;
+                } else {
+                    self.push_opaque(vec![callable, args])?;
+                }
             }
             op::NEWOBJ_EX => {
                 let kwargs = self.pop_item()?;
@@ -1327,6 +1357,37 @@ impl<'a> Decoder<'a> {
             }
         }
         Ok(())
+    }
+}
+
+/// The bytes of a `zodbpickle.binary` written below protocol 3, where
+/// that `str` subclass (what ZODB 5 on Python 2 has for oids read from
+/// references in protocol-3 records) cannot be `SHORT_BINBYTES`: a ZEO 5.1
+/// client on Python 2 pickles it as `GLOBAL zodbpickle binary` applied to
+/// a py2 `str` (`REDUCE`), or as copy_reg's default reduction
+/// `copy_reg._reconstructor(zodbpickle.binary, __builtin__.str, data)`.
+/// Both only ever build plain bytes, so they decode to [`Value::Bytes`]
+/// (the stock server's `server_find_global` allows exactly these modules);
+/// any other callable stays [`Value::Opaque`], nothing is resolved.
+fn zodbpickle_binary(callable: &Value, args: &Value) -> Option<Bytes> {
+    let is = |v: &Value, m: &str, n: &str| matches!(v, Value::Global { module, name } if module == m && name == n);
+    let Value::Tuple(args) = args else {
+        return None;
+    };
+    let data = match args.as_slice() {
+        [data] if is(callable, "zodbpickle", "binary") => data,
+        [class, base, data]
+            if is(callable, "copy_reg", "_reconstructor")
+                && is(class, "zodbpickle", "binary")
+                && is(base, "__builtin__", "str") =>
+        {
+            data
+        }
+        _ => return None,
+    };
+    match data {
+        Value::PyStr(b) | Value::Bytes(b) => Some(b.clone()),
+        _ => None,
     }
 }
 
@@ -1517,10 +1578,11 @@ fn raw_unicode_escape(line: &[u8]) -> Result<String, &'static str> {
 // Encoder
 // ---------------------------------------------------------------------------
 
-/// A whole protocol-3 pickle of `v`: `PROTO 3`, the value, `STOP`.
+/// A whole pickle of `v`: `PROTO 3` (none for [`Dialect::Py2Protocol1`]),
+/// the value, `STOP`.
 pub fn encode(v: &Value, dialect: Dialect) -> Bytes {
     let mut out = BytesMut::new();
-    out.put_slice(&[op::PROTO, 3]);
+    put_proto(&mut out, dialect);
     encode_into(&mut out, v, dialect);
     out.put_u8(op::STOP);
     out.freeze()
@@ -1534,7 +1596,9 @@ enum Task<'a> {
 /// Appends the opcodes for `v` (no `PROTO`, no `STOP`) exactly as the stock
 /// server's pickler writes them: zodbpickle's C `Pickler(f, 3)` with
 /// `fast = 1` (no memo), including the C pickler's batching of lists and
-/// dicts (`batch_list_exact`, `batch_dict_exact`).
+/// dicts (`batch_list_exact`, `batch_dict_exact`); in
+/// [`Dialect::Py2Protocol1`], as cPickle 2.7's `Pickler(1)` does (the same
+/// batching, protocol-1 scalars and tuples).
 ///
 /// [`Value::Global`] and [`Value::Opaque`] are written as `None`: the
 /// server never sends them, and writing them would mean emitting `GLOBAL`.
@@ -1550,10 +1614,11 @@ pub fn encode_into(out: &mut BytesMut, v: &Value, dialect: Dialect) {
         && (1..=3).contains(&items.len())
         && items.iter().all(Value::is_scalar)
     {
+        open_tuple(out, items.len(), dialect);
         for item in items {
             encode_scalar(out, item, dialect);
         }
-        out.put_u8(op::TUPLE1 + (items.len() as u8 - 1));
+        close_tuple(out, items.len(), dialect);
         return;
     }
     let mut tasks: Vec<Task<'_>> = vec![Task::Save(v)];
@@ -1571,11 +1636,13 @@ pub fn encode_into(out: &mut BytesMut, v: &Value, dialect: Dialect) {
         match v {
             Value::Tuple(items) => match items.len() {
                 0 => out.put_u8(op::EMPTY_TUPLE),
-                n @ 1..=3 => {
+                n @ 1..=3 if !dialect.is_protocol1() => {
                     tasks.push(Task::Op(op::TUPLE1 + (n as u8 - 1)));
                     tasks.extend(items.iter().rev().map(Task::Save));
                 }
                 _ => {
+                    // Protocol 1 has only MARK ... TUPLE (cPickle's
+                    // save_tuple below protocol 2).
                     out.put_u8(op::MARK);
                     tasks.push(Task::Op(op::TUPLE));
                     tasks.extend(items.iter().rev().map(Task::Save));
@@ -1632,9 +1699,14 @@ pub fn encode_into(out: &mut BytesMut, v: &Value, dialect: Dialect) {
 fn encode_scalar(out: &mut BytesMut, v: &Value, dialect: Dialect) -> bool {
     match v {
         Value::None | Value::Global { .. } | Value::Opaque(_) => out.put_u8(op::NONE),
+        // cPickle's save_bool below protocol 2.
+        Value::Bool(true) if dialect.is_protocol1() => out.put_slice(b"I01\n"),
+        Value::Bool(false) if dialect.is_protocol1() => out.put_slice(b"I00\n"),
         Value::Bool(true) => out.put_u8(op::NEWTRUE),
         Value::Bool(false) => out.put_u8(op::NEWFALSE),
+        Value::Int(i) if dialect.is_protocol1() => put_int_protocol1(out, *i),
         Value::Int(i) => put_int(out, *i),
+        Value::BigInt(b) if dialect.is_protocol1() => put_long_text(out, b),
         Value::BigInt(b) => put_long(out, b),
         Value::Float(f) => {
             out.put_u8(op::BINFLOAT);
@@ -1653,7 +1725,33 @@ fn encode_scalar(out: &mut BytesMut, v: &Value, dialect: Dialect) -> bool {
 pub fn encode_bytes_into(out: &mut BytesMut, b: &[u8], dialect: Dialect) {
     match dialect {
         Dialect::Py3 => put_binbytes(out, b),
-        Dialect::Py2 => put_binstring(out, b),
+        Dialect::Py2 | Dialect::Py2Protocol1 => put_binstring(out, b),
+    }
+}
+
+/// Appends `PROTO 3`, unless `dialect` is [`Dialect::Py2Protocol1`]
+/// (protocol 0/1 pickles have no `PROTO`).
+pub fn put_proto(out: &mut BytesMut, dialect: Dialect) {
+    if !dialect.is_protocol1() {
+        out.put_slice(&[op::PROTO, 3]);
+    }
+}
+
+/// Begins a tuple of `n` items that are written next, ended by
+/// [`close_tuple`]: a `MARK`, unless `TUPLE1`..`TUPLE3` or `EMPTY_TUPLE`
+/// will do (protocol 3, as the C pickler's `save_tuple`).
+pub fn open_tuple(out: &mut BytesMut, n: usize, dialect: Dialect) {
+    if n > 3 || (n > 0 && dialect.is_protocol1()) {
+        out.put_u8(op::MARK);
+    }
+}
+
+/// Ends a tuple begun by [`open_tuple`] after its `n` items.
+pub fn close_tuple(out: &mut BytesMut, n: usize, dialect: Dialect) {
+    match n {
+        0 => out.put_u8(op::EMPTY_TUPLE),
+        1..=3 if !dialect.is_protocol1() => out.put_u8(op::TUPLE1 + (n as u8 - 1)),
+        _ => out.put_u8(op::TUPLE),
     }
 }
 
@@ -1680,7 +1778,7 @@ pub fn size_hint(v: &Value) -> usize {
 /// Appends text as [`Value::Str`] is written (without building a `Value`).
 pub fn encode_str_into(out: &mut BytesMut, s: &str, dialect: Dialect) {
     match dialect {
-        Dialect::Py2 if s.is_ascii() => put_binstring(out, s.as_bytes()),
+        Dialect::Py2 | Dialect::Py2Protocol1 if s.is_ascii() => put_binstring(out, s.as_bytes()),
         _ => put_binunicode(out, s),
     }
 }
@@ -1698,6 +1796,77 @@ fn put_int(out: &mut BytesMut, i: i64) {
         // Python's encode_long: minimal two's complement, little-endian.
         put_long(out, minimal_twos(&i.to_le_bytes()));
     }
+}
+
+/// An int as cPickle 2.7 writes a Python 2 `int` (64-bit) below protocol
+/// 2: `BININT1`/`BININT2`/`BININT` within 32 bits, else an `INT` decimal
+/// line.
+fn put_int_protocol1(out: &mut BytesMut, i: i64) {
+    if i32::try_from(i).is_ok() {
+        put_int(out, i);
+    } else {
+        out.put_u8(op::INT);
+        out.put_slice(i.to_string().as_bytes());
+        out.put_u8(b'\n');
+    }
+}
+
+/// An integer beyond 64 bits (minimal two's-complement little-endian) as
+/// cPickle writes a `long` below protocol 2: `LONG` decimal digits, `L`,
+/// newline.
+fn put_long_text(out: &mut BytesMut, b: &[u8]) {
+    out.put_u8(op::LONG);
+    out.put_slice(twos_to_decimal(b).as_bytes());
+    out.put_slice(b"L\n");
+}
+
+/// Decimal text of a little-endian two's-complement integer of any size.
+fn twos_to_decimal(b: &[u8]) -> String {
+    let negative = b.last().is_some_and(|&x| x & 0x80 != 0);
+    // Magnitude, little-endian.
+    let mut mag: Vec<u8> = b.to_vec();
+    if negative {
+        let mut carry = true;
+        for x in mag.iter_mut() {
+            let (v, c) = (!*x).overflowing_add(u8::from(carry));
+            *x = v;
+            carry = c;
+        }
+    }
+    // Repeated division by 10^9 over big-endian 32-bit limbs.
+    let mut limbs: Vec<u32> = mag
+        .chunks(4)
+        .rev()
+        .map(|c| {
+            let mut w = [0u8; 4];
+            w[..c.len()].copy_from_slice(c);
+            u32::from_le_bytes(w)
+        })
+        .collect();
+    let mut parts: Vec<u32> = Vec::new();
+    while limbs.iter().any(|&l| l != 0) {
+        let mut rem = 0u64;
+        for l in limbs.iter_mut() {
+            let cur = (rem << 32) | u64::from(*l);
+            *l = (cur / 1_000_000_000) as u32;
+            rem = cur % 1_000_000_000;
+        }
+        parts.push(rem as u32);
+    }
+    let mut text = String::new();
+    if negative {
+        text.push('-');
+    }
+    match parts.split_last() {
+        None => text.push('0'),
+        Some((top, rest)) => {
+            text.push_str(&top.to_string());
+            for p in rest.iter().rev() {
+                text.push_str(&format!("{p:09}"));
+            }
+        }
+    }
+    text
 }
 
 fn put_long(out: &mut BytesMut, b: &[u8]) {
@@ -2590,6 +2759,157 @@ mod tests {
             Value::Float(0.5),
         ]);
         assert_eq!(enc2(&v), enc(&v));
+    }
+
+    fn enc1(v: &Value) -> String {
+        hex(&encode(v, Dialect::Py2Protocol1))
+    }
+
+    /// The protocol-1 writer against CPython 2.7's `cPickle.Pickler(1)`
+    /// with `fast = 1` (what a ZEO 5.1 server and client write): each
+    /// expected pickle is what cPickle 2.7.18 wrote for the Python 2 value
+    /// in the comment. Only protocol-0/1 opcodes: no PROTO, NEWTRUE,
+    /// TUPLE1-3, LONG1, SHORT_BINBYTES.
+    #[test]
+    fn protocol1_writes_what_cpickle_2_7_writes() {
+        let cases: &[(Value, &str)] = &[
+            (Value::Bool(true), "4930310a2e"),  // True
+            (Value::Bool(false), "4930300a2e"), // False
+            (int(5), "4b052e"),
+            (int(300), "4d2c012e"),
+            (int(70000), "4a701101002e"),
+            (int(-1), "4affffffff2e"),
+            (int(1 << 40), "49313039393531313632373737360a2e"), // 2**40 (int)
+            (int(-(1 << 40)), "492d313039393531313632373737360a2e"),
+            // 2**70, -2**70, 2**63 (long)
+            (
+                Value::BigInt(vec![0, 0, 0, 0, 0, 0, 0, 0, 0x40]),
+                "4c313138303539313632303731373431313330333432344c0a2e",
+            ),
+            (
+                Value::BigInt(vec![0, 0, 0, 0, 0, 0, 0, 0, 0xc0]),
+                "4c2d313138303539313632303731373431313330333432344c0a2e",
+            ),
+            (
+                Value::BigInt(vec![0, 0, 0, 0, 0, 0, 0, 0x80, 0]),
+                "4c393232333337323033363835343737353830384c0a2e",
+            ),
+            // -2**63 - 1
+            (
+                Value::BigInt(vec![0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 0xff]),
+                "4c2d393232333337323033363835343737353830394c0a2e",
+            ),
+            (Value::Float(1.5), "473ff80000000000002e"),
+            (Value::None, "4e2e"),
+            (Value::bytes(&b"\x00\x01"[..]), "550200012e"), // '\x00\x01'
+            (pystr(b"\x00\x01"), "550200012e"),
+            (s("ab"), "550261622e"),      // 'ab'
+            (s("é"), "5802000000c3a92e"), // u'\xe9'
+            (tuple(vec![]), "292e"),
+            (tuple(vec![int(1)]), "284b01742e"),
+            (tuple(vec![int(1), int(2)]), "284b014b02742e"),
+            (tuple(vec![int(1), int(2), int(3)]), "284b014b024b03742e"),
+            (
+                tuple(vec![int(1), int(2), int(3), int(4)]),
+                "284b014b024b034b04742e",
+            ),
+            (list(vec![]), "5d2e"),
+            (list(vec![Value::None]), "5d4e612e"),
+            (list(vec![Value::None, Value::None]), "5d284e4e652e"),
+            (Value::Dict(vec![]), "7d2e"),
+            (Value::Dict(vec![(s("k"), int(1))]), "7d55016b4b01732e"),
+            (
+                Value::Dict(vec![(s("a"), int(1)), (s("b"), int(2))]),
+                "7d285501614b015501624b02752e",
+            ),
+            // ((1,), [(2, 'x')]): tuples inside containers too
+            (
+                tuple(vec![
+                    tuple(vec![int(1)]),
+                    list(vec![tuple(vec![int(2), s("x")])]),
+                ]),
+                "28284b01745d284b025501787461742e",
+            ),
+        ];
+        for (v, want) in cases {
+            assert_eq!(enc1(v), *want, "{v:?}");
+        }
+        // 'x' * 300: BINSTRING
+        assert!(enc1(&s(&"x".repeat(300))).starts_with("542c0100007878"));
+        // i64::MAX is a py2 int on 64-bit Pythons: INT, not LONG.
+        assert_eq!(
+            enc1(&int(i64::MAX)),
+            "49393232333337323033363835343737353830370a2e"
+        );
+        assert_eq!(
+            enc1(&int(i64::MIN)),
+            "492d393232333337323033363835343737353830380a2e"
+        );
+        assert_eq!(enc1(&Value::BigInt(vec![0])), "4c304c0a2e");
+    }
+
+    #[test]
+    fn protocol1_round_trips() {
+        // Text comes back as py2 str (as a Python 2 peer reads it).
+        let v = tuple(vec![
+            Value::Bool(true),
+            Value::Bool(false),
+            int(i64::MIN),
+            int(i64::MAX),
+            Value::BigInt(vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 0x80]),
+            Value::Float(-0.25),
+            list(vec![int(1); 1001]),
+            Value::Dict(vec![(pystr(b"k"), tuple(vec![pystr(b"x")])); 3]),
+            pystr(&[7; 300]),
+            s("\u{2603}"),
+        ]);
+        let p = encode(&v, Dialect::Py2Protocol1);
+        assert_ne!(p[0], op::PROTO);
+        assert_eq!(dec(&p), Ok(v));
+        assert_eq!(
+            dec(&encode(&s("ascii"), Dialect::Py2Protocol1)),
+            Ok(pystr(b"ascii"))
+        );
+        for n in [1usize, 8, 9, 17, 40] {
+            for sign in [0u8, 0xff] {
+                let mut b = vec![0x5a; n];
+                b.push(sign ^ 0x01);
+                let big = int_from_le_twos(&b);
+                assert_eq!(dec(&encode(&big, Dialect::Py2Protocol1)), Ok(big.clone()));
+                assert_eq!(dec(&encode(&big, Dialect::Py3)), Ok(big));
+            }
+        }
+    }
+
+    /// `zodbpickle.binary` below protocol 3, as a ZEO 5.1 client on Python 2
+    /// pickles an oid it read from a protocol-3 record: plain bytes, never a
+    /// global to refuse. Other reductions stay opaque.
+    #[test]
+    fn zodbpickle_binary_below_protocol_3() {
+        let oid = Value::bytes(vec![0, 0, 0, 0, 0, 0, 0, 1]);
+        // cPickle 2.7 with zodbpickle 1.0: copy_reg's default reduction.
+        let p = b"(ccopy_reg\n_reconstructor\n(czodbpickle\nbinary\nc__builtin__\nstr\n\
+                  U\x08\x00\x00\x00\x00\x00\x00\x00\x01tRt.";
+        let p: Vec<u8> = p.iter().copied().filter(|&c| c != b' ').collect();
+        assert_eq!(dec(&p), Ok(tuple(vec![oid.clone()])));
+        // GLOBAL zodbpickle binary applied to a str
+        let p = b"czodbpickle\nbinary\n(U\x08\x00\x00\x00\x00\x00\x00\x00\x01tR.";
+        assert_eq!(dec(p), Ok(oid.clone()));
+        // not binary, or not a str argument: opaque, and refused upstream
+        for p in [
+            &b"czodbpickle\nbinary\n(K\x01tR."[..],
+            b"czodbpickle\nbinary\n(U\x01aU\x01btR.",
+            b"ccopy_reg\n_reconstructor\n(cos\nsystem\nc__builtin__\nstr\nU\x01atR.",
+            b"ccopy_reg\n_reconstructor\n(czodbpickle\nbinary\nc__builtin__\nlist\nU\x01atR.",
+            b"cbuiltins\nbytes\n(U\x01atR.",
+        ] {
+            let v = dec(p).unwrap();
+            assert!(matches!(v, Value::Opaque(_)), "{v:?}");
+            assert!(v.forbidden_global().is_some());
+        }
+        // NEWOBJ is not REDUCE
+        let v = dec(b"\x80\x02czodbpickle\nbinary\nU\x01a\x85\x81.").unwrap();
+        assert!(matches!(v, Value::Opaque(_)), "{v:?}");
     }
 
     /// CPython's C pickler (zodbpickle `_pickle_33.c`, what the stock server

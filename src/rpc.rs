@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::{BufMut, Bytes};
+use bytes::Bytes;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
@@ -496,15 +496,16 @@ struct Registered {
 }
 
 /// A storage's latest `invalidateTransaction` frame, encoded once per
-/// encoding (pickle for Python 3, pickle for Python 2, msgpack) and shared (a cheap `Bytes` clone) by every subscriber. Before,
+/// encoding (pickle for Python 3, for Python 2, protocol 1 for older Python 2, msgpack) and shared (a cheap `Bytes` clone) by every subscriber. Before,
 /// each subscriber encoded its own copy, under the storage's write lock: a
 /// commit with 64 clients connected encoded the same frame 63 times, and
 /// `commit` throughput at 64 connections was a third of that at 16.
 #[derive(Default)]
 struct InvalidationFrames {
-    /// Indexed by encoding (pickle Python 3, pickle Python 2, msgpack):
+    /// Indexed by encoding (pickle Python 3, pickle Python 2, pickle
+    /// protocol 1 for older Python 2 clients, msgpack):
     /// `(tid, frame)`.
-    last: std::sync::Mutex<[Option<(Tid, Bytes)>; 3]>,
+    last: std::sync::Mutex<[Option<(Tid, Bytes)>; 4]>,
 }
 
 impl InvalidationFrames {
@@ -513,7 +514,8 @@ impl InvalidationFrames {
         let slot = match encoding {
             Encoding::Pickle(Dialect::Py3) => 0,
             Encoding::Pickle(Dialect::Py2) => 1,
-            Encoding::Msgpack => 2,
+            Encoding::Pickle(Dialect::Py2Protocol1) => 2,
+            Encoding::Msgpack => 3,
         };
         // Poisoning cannot leave a half-written slot (one assignment).
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
@@ -816,13 +818,14 @@ impl Session {
                     let Some(l) = loaded else {
                         return pickle::encode_into(out, &Value::None, dialect);
                     };
+                    pickle::open_tuple(out, 3, dialect);
                     pickle::encode_bytes_into(out, l.data, dialect);
                     pickle::encode_bytes_into(out, &l.start.to_bytes(), dialect);
                     match l.end {
                         Some(end) => pickle::encode_bytes_into(out, &end.to_bytes(), dialect),
                         None => pickle::encode_into(out, &Value::None, dialect),
                     }
-                    out.put_u8(crate::opcodes::TUPLE3);
+                    pickle::close_tuple(out, 3, dialect);
                 });
                 self.outbox.push(frame);
                 Ok(Outcome::Sent)

@@ -118,3 +118,109 @@ async fn py2_extension_strs_reach_py3_history_as_text_or_bytes() {
     );
     srv.stop().await;
 }
+
+/// Sends `(msgid, False, method, args)` pickled with protocol 1 (no
+/// `PROTO`), as ZEO 5.1 on Python 2 does, and returns the raw reply frame.
+async fn p1_call(c: &mut Client, msgid: Value, method: &str, args: Vec<Value>) -> Bytes {
+    let msg = t(vec![
+        msgid,
+        Value::Bool(false),
+        py2(method.as_bytes()),
+        t(args),
+    ]);
+    c.send_frame(&pickle::encode(&msg, Dialect::Py2Protocol1))
+        .await;
+    c.frame().await.expect("a reply")
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The next frame that is not an `info` push (checking that those are
+/// protocol 1 too: `(0, True as INT 01, 'info', ...)`).
+async fn next_but_info(c: &mut Client) -> Bytes {
+    loop {
+        let f = c.frame().await.expect("a frame");
+        if !hex(&f).contains(&hex(b"U\x04info(")) {
+            return f;
+        }
+        assert!(
+            hex(&f).starts_with(&hex(b"(K\x00I01\nU\x04info(")),
+            "{}",
+            hex(&f)
+        );
+    }
+}
+
+/// A ZEO 5.1 client (protocol 1) next to a Python 3 one: everything it gets
+/// (replies, the invalidation push, a loadBefore result) is a protocol-1
+/// pickle, with tids and oids as py2 `str`; its `zodbpickle.binary` oid
+/// (copy_reg's reduction, as cPickle writes it) is read as bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol1_client_gets_protocol1_frames() {
+    let srv = Server::start(cfg()).await;
+    let mut p1 = Client::handshaken(srv.addr).await;
+    let f = p1_call(
+        &mut p1,
+        Value::Int(1),
+        "register",
+        vec![py2(b"1"), Value::Bool(false)],
+    )
+    .await;
+    // (1, 0, '.reply', <tid as str>) exactly as a ZEO 5.1 server writes it
+    let h = hex(&f);
+    assert!(h.starts_with("284b014b0055062e7265706c795508"), "{h}");
+    assert!(h.ends_with("742e") && f.len() == 15 + 8 + 2, "{h}");
+
+    // A Python 3 client commits; the protocol-1 client gets the push in
+    // protocol 1: (0, True as INT 01, 'invalidateTransaction', (tid, [oid]))
+    let mut p3 = Client::registered(srv.addr).await;
+    let (oid3, tid3) = p3.commit_new(b"record", 7).await;
+    let push = next_but_info(&mut p1).await;
+    let mut want = hex(b"(K\x00I01\nU\x15invalidateTransaction(U\x08");
+    want += &hex(tid3.as_bytes().unwrap());
+    want += &hex(b"]U\x08");
+    want += &hex(oid3.as_bytes().unwrap());
+    want += &hex(b"att.");
+    assert_eq!(hex(&push), want);
+
+    // loadBefore with the oid as cPickle writes a zodbpickle.binary below
+    // protocol 3; the (oid, tid) msgid is echoed as (str, str), and the
+    // result is MARK data start None TUPLE.
+    let o = oid3.as_bytes().unwrap();
+    let mut binary =
+        b"ccopy_reg\n_reconstructor\n(czodbpickle\nbinary\nc__builtin__\nstr\nU\x08".to_vec();
+    binary.extend_from_slice(o);
+    binary.extend_from_slice(b"tR");
+    let maxtid = b"U\x08\x7f\xff\xff\xff\xff\xff\xff\xff";
+    let mut req = b"((".to_vec();
+    for part in [
+        &binary[..],
+        maxtid,
+        b"tI00\nU\nloadBefore(",
+        &binary[..],
+        maxtid,
+        b"tt.",
+    ] {
+        req.extend_from_slice(part);
+    }
+    p1.send_frame(&req).await;
+    let f = next_but_info(&mut p1).await;
+    let mut want = b"((U\x08".to_vec();
+    want.extend_from_slice(o);
+    want.extend_from_slice(maxtid);
+    want.extend_from_slice(b"tK\x00U\x06.reply(U\x06record");
+    want.extend_from_slice(b"U\x08");
+    want.extend_from_slice(tid3.as_bytes().unwrap());
+    want.extend_from_slice(b"Ntt.");
+    assert_eq!(hex(&f), hex(&want));
+
+    // The Python 3 client is unaffected: protocol 3 replies.
+    let f = {
+        p3.send(false, "lastTransaction", vec![]).await;
+        p3.frame().await.unwrap()
+    };
+    assert_eq!(&f[..2], &[0x80, 3]);
+    srv.stop().await;
+}

@@ -6,7 +6,8 @@
 # The Python venv is created on first use (and again whenever the
 # requirements file changes) under target/pyvenv; set ZEOTEMP_VENV to put
 # it elsewhere and PYTHON to choose the interpreter (3.9 or newer). A
-# Python 2.7 (PYTHON2) gets a second venv, for the Python 2 client tests.
+# Python 2.7 (PYTHON2) gets three more venvs, one per Python 2 client
+# generation, for the Python 2 client tests.
 # Last, the real Zope end-to-end scripts, each Zope generation in its own
 # venv: tests/e2e/zope.sh (Zope 4, 5 and 6), then tests/e2e/cookiecutter.sh
 # (instances baked by Plone 6's generator; Zope 5 and 6); last the Python
@@ -29,16 +30,20 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.requirements.sha256" 2>/dev/n
 fi
 
 # -- Python 2 clients (tests/python/test_py2_clients.py) ----------------------
-# A second venv, target/py2venv (ZEOTEMP_PY2VENV), with the stock ZEO 5
-# client on Python 2.7 (tests/python/requirements-py2.txt), made like the one
-# above. Python 2.7 is looked for in $PYTHON2, `python2.7` on PATH, then
-# pyenv's ~/.pyenv/versions/2.7.18. Without one, nothing fails: the py2 tests
-# skip, with the reason in ZEOTEMP_PY2_SKIP. 2.7 has no `venv` module, so
+# One venv per Python 2 client generation, each with the stock ZEO 5 client
+# on Python 2.7 pinned in its own requirements file, made like the one
+# above (again when its requirements file changes):
+#   target/py2venv       (ZEOTEMP_PY2VENV)        requirements-py2.txt        ZEO 5.4.1
+#   target/py2venv-zeo52 (ZEOTEMP_PY2VENV_ZEO52)  requirements-py2-zeo52.txt  ZEO 5.2.1, Plone 5.2
+#   target/py2venv-zeo51 (ZEOTEMP_PY2VENV_ZEO51)  requirements-py2-zeo51.txt  ZEO 5.1.2, Plone 5.1
+# Python 2.7 is looked for in $PYTHON2, `python2.7` on PATH, then pyenv's
+# ~/.pyenv/versions/2.7.18. Without one, nothing fails: the py2 tests skip,
+# with the reason in ZEOTEMP_PY2_SKIP. 2.7 has no `venv` module, so
 # virtualenv 20.15.1 (it still makes 2.7 venvs) is used, installed into
 # target/py2tools when the interpreter lacks it.
 export ZEOTEMP_PY2VENV=${ZEOTEMP_PY2VENV:-target/py2venv}
-py2req=tests/python/requirements-py2.txt
-py2want=$(sha256sum "$py2req" | cut -d' ' -f1)
+export ZEOTEMP_PY2VENV_ZEO52=${ZEOTEMP_PY2VENV_ZEO52:-target/py2venv-zeo52}
+export ZEOTEMP_PY2VENV_ZEO51=${ZEOTEMP_PY2VENV_ZEO51:-target/py2venv-zeo51}
 python2=
 for p in "${PYTHON2:-}" python2.7 "$HOME/.pyenv/versions/2.7.18/bin/python"; do
     if [ -n "$p" ] && "$p" -c 'import sys; assert sys.version_info[:2] == (2, 7)' >/dev/null 2>&1; then
@@ -47,27 +52,39 @@ for p in "${PYTHON2:-}" python2.7 "$HOME/.pyenv/versions/2.7.18/bin/python"; do
     fi
 done
 py2tools=target/py2tools
+
+# make_py2_venv VENV REQUIREMENTS: (re)creates VENV from REQUIREMENTS with
+# $python2 unless it is there and made from the same file.
+make_py2_venv() {
+    local venv=$1 req=$2 want
+    want=$(sha256sum "$req" | cut -d' ' -f1)
+    if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" = "$want" ]; then
+        return
+    fi
+    rm -rf "$venv"
+    echo "== creating the Python 2 test venv in $venv ($python2, $req)"
+    if ! PYTHONPATH="$py2tools" "$python2" -m virtualenv --version >/dev/null 2>&1; then
+        rm -rf "$py2tools"
+        "$python2" -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+            --target "$py2tools" virtualenv==20.15.1
+    fi
+    PYTHONPATH="$py2tools" "$python2" -m virtualenv --quiet --no-download \
+        --app-data "$py2tools/app-data" "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-python-version-warning -r "$req"
+    echo "$want" > "$venv/.requirements.sha256"
+}
+
 if [ -z "$python2" ]; then
     export ZEOTEMP_PY2_SKIP="no Python 2.7 interpreter found (PYTHON2, python2.7 on PATH, ~/.pyenv/versions/2.7.18/bin/python)"
     echo "== $ZEOTEMP_PY2_SKIP: the Python 2 client tests will skip"
-elif [ ! -x "$ZEOTEMP_PY2VENV/bin/python" ] || [ "$(cat "$ZEOTEMP_PY2VENV/.requirements.sha256" 2>/dev/null)" != "$py2want" ]; then
-    rm -rf "$ZEOTEMP_PY2VENV"
-    if PYTHONPATH="$py2tools" "$python2" -m virtualenv --version >/dev/null 2>&1 ||
-        "$python2" -m pip --version >/dev/null 2>&1; then
-        echo "== creating the Python 2 test venv in $ZEOTEMP_PY2VENV ($python2, pinned stock ZEO 5)"
-        if ! PYTHONPATH="$py2tools" "$python2" -m virtualenv --version >/dev/null 2>&1; then
-            rm -rf "$py2tools"
-            "$python2" -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
-                --target "$py2tools" virtualenv==20.15.1
-        fi
-        PYTHONPATH="$py2tools" "$python2" -m virtualenv --quiet --no-download \
-            --app-data "$py2tools/app-data" "$ZEOTEMP_PY2VENV"
-        "$ZEOTEMP_PY2VENV/bin/pip" install --quiet --disable-pip-version-check --no-python-version-warning -r "$py2req"
-        echo "$py2want" > "$ZEOTEMP_PY2VENV/.requirements.sha256"
-    else
-        export ZEOTEMP_PY2_SKIP="$python2 has neither virtualenv nor pip to make a venv with (python2.7 -m ensurepip --user adds pip)"
-        echo "== $ZEOTEMP_PY2_SKIP: the Python 2 client tests will skip"
-    fi
+elif ! PYTHONPATH="$py2tools" "$python2" -m virtualenv --version >/dev/null 2>&1 &&
+    ! "$python2" -m pip --version >/dev/null 2>&1; then
+    export ZEOTEMP_PY2_SKIP="$python2 has neither virtualenv nor pip to make a venv with (python2.7 -m ensurepip --user adds pip)"
+    echo "== $ZEOTEMP_PY2_SKIP: the Python 2 client tests will skip"
+else
+    make_py2_venv "$ZEOTEMP_PY2VENV" tests/python/requirements-py2.txt
+    make_py2_venv "$ZEOTEMP_PY2VENV_ZEO52" tests/python/requirements-py2-zeo52.txt
+    make_py2_venv "$ZEOTEMP_PY2VENV_ZEO51" tests/python/requirements-py2-zeo51.txt
 fi
 
 echo "== Rust tests (unit, golden fixtures, wire, hostile input)"
