@@ -38,17 +38,15 @@ exits 1 on any failure. Every process it starts it stops.
 
 import argparse
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 from e2e_common import HERE, REPO, TIMES
-from e2e_common import Browser, Instance, Proc
-from e2e_common import check, cross_instance, free_port, log, many_sessions
-from e2e_common import restart_zeotemp, run, run_addon_tests, session_get
+from e2e_common import Browser, Instance
+from e2e_common import check, cross_instance, log, many_sessions
+from e2e_common import prepare, restart_zeotemp, run, session_get
 from e2e_common import session_set, short, wait_port, wait_serving
 
 TEMPLATE = HERE / 'vendor' / 'cookiecutter-zope-instance'
@@ -222,25 +220,11 @@ def main():
     p.add_argument('--workers', type=int, default=8)
     args = p.parse_args()
 
-    venv = Path(args.venv).resolve()
     template = Path(args.template).resolve()
-    work = Path(args.workdir).resolve()
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    env = dict(os.environ, PYTHONPATH=str(HERE), NO_COLOR='1')
-    env.pop('PYTHONHOME', None)
-
-    log(f'work directory {work}; template {template}')
-    check('add-on unit tests', *run_addon_tests(venv))
-
-    main_port, temp_port = free_port(), free_port()
-    runzeo = Proc('runzeo (main)', [venv / 'bin' / 'runzeo', '-a',
-                                    f'127.0.0.1:{main_port}', '-f',
-                                    work / 'Data.fs'],
-                  work / 'runzeo.log', cwd=work, env=env)
-    zeotemp = Proc('zeotemp', [Path(args.zeotemp).resolve(), '--address',
-                               f'127.0.0.1:{temp_port}', '--storage', '1'],
-                   work / 'zeotemp.log', cwd=work, env=env)
+    s = prepare(args, f'; template {template}')
+    venv, work, env = s.venv, s.work, s.env
+    main_port, temp_port = s.main_port, s.temp_port
+    runzeo, zeotemp = s.runzeo, s.zeotemp
     a = BakedZope('A', work / 'A', venv, env)
     b = BakedZope('B', work / 'B', venv, env)
     zopes = (a, b)

@@ -7,9 +7,12 @@ restart, under load); PASS/FAIL lines and the closing `N passed, M failed`.
 
 import concurrent.futures
 import http.cookiejar
+import os
+import shutil
 import signal
 import socket
 import subprocess
+import types
 import sys
 import threading
 import time
@@ -319,6 +322,34 @@ def restart_zeotemp(zeotemp, port):
     wait_port(zeotemp, port, 30)
     up = time.monotonic()
     return up, up - t
+
+
+def prepare(args, note=''):
+    """What both drivers start from: the venv (``--venv``), a fresh work
+    directory (``--workdir``), the environment of the processes they start,
+    the add-on's unit tests, and (not started yet) a stock ZEO server for
+    the main database and zeotemp (``--zeotemp``) on free ports."""
+    venv = Path(args.venv).resolve()
+    work = Path(args.workdir).resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    env = dict(os.environ, PYTHONPATH=str(HERE), NO_COLOR='1')
+    env.pop('PYTHONHOME', None)
+
+    log(f'work directory {work}{note}')
+    check('add-on unit tests', *run_addon_tests(venv))
+
+    main_port, temp_port = free_port(), free_port()
+    runzeo = Proc('runzeo (main)', [venv / 'bin' / 'runzeo', '-a',
+                                    f'127.0.0.1:{main_port}', '-f',
+                                    work / 'Data.fs'],
+                  work / 'runzeo.log', cwd=work, env=env)
+    zeotemp = Proc('zeotemp', [Path(args.zeotemp).resolve(), '--address',
+                               f'127.0.0.1:{temp_port}', '--storage', '1'],
+                   work / 'zeotemp.log', cwd=work, env=env)
+    return types.SimpleNamespace(venv=venv, work=work, env=env,
+                                 main_port=main_port, temp_port=temp_port,
+                                 runzeo=runzeo, zeotemp=zeotemp)
 
 
 def zope_version(venv):

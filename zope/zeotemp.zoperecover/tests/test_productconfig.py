@@ -25,6 +25,8 @@ from zeotemp.zoperecover import startup
 from zeotemp.zoperecover.productconfig import ProductConfigError
 from zeotemp.zoperecover.productconfig import parse
 
+import zopedbconfig
+
 
 README = os.path.join(os.path.dirname(__file__), '..', 'README.md')
 
@@ -177,28 +179,10 @@ class MappingFactory:
         return self.storage
 
 
-class Section:
+class Section(zopedbconfig.DBConfig):
     def __init__(self, name, mount_points, container_class=None):
-        self.name = name
-        self.database_name = None
-        self.mount_points = mount_points
-        self.storage = MappingFactory()
-        self.container_class = container_class
-        self.cache_size = 5000
-        self.cache_size_bytes = 0
-        self.class_factory = None
-        self.connection_class = None
-        self.historical_pool_size = 3
-        self.historical_cache_size = 1000
-        self.historical_cache_size_bytes = 0
-        self.historical_timeout = 300
-        self.pool_size = 7
-        self.pool_timeout = 1 << 31
-        self.allow_implicit_cross_references = False
-        self.large_record_size = 1 << 24
-
-    def getSectionName(self):
-        return self.name
+        super().__init__(name, mount_points, MappingFactory(),
+                         container_class)
 
 
 def make_dbtab(temporary=None):

@@ -25,6 +25,8 @@ from Zope2.Startup.datatypes import ZopeDatabase
 from zeotemp.zoperecover import remount
 from zeotemp.zoperecover import startup
 
+import zopedbconfig
+
 
 TEMPORARY = 'Products.TemporaryFolder.TemporaryContainer'
 
@@ -65,30 +67,10 @@ class Factory:
         return self.storage
 
 
-class DBConfig:
-    """The attributes Zope2.Startup.datatypes.ZopeDatabase reads."""
-
+class DBConfig(zopedbconfig.DBConfig):
     def __init__(self, name, mount_points, storage, container_class=None):
-        self.name = name
-        self.database_name = None
-        self.mount_points = mount_points
-        self.storage = Factory(storage)
-        self.container_class = container_class
-        self.cache_size = 5000
-        self.cache_size_bytes = 0
-        self.class_factory = None
-        self.connection_class = None
-        self.historical_pool_size = 3
-        self.historical_cache_size = 1000
-        self.historical_cache_size_bytes = 0
-        self.historical_timeout = 300
-        self.pool_size = 7
-        self.pool_timeout = 1 << 31
-        self.allow_implicit_cross_references = False
-        self.large_record_size = 1 << 24
-
-    def getSectionName(self):
-        return self.name
+        super().__init__(name, mount_points, Factory(storage),
+                         container_class)
 
 
 @pytest.fixture
