@@ -76,6 +76,13 @@ pub const MAX_COPY_WEIGHT: usize = 1 << 20;
 /// Python-2 transaction ids of about 15 digits.
 const MAX_INT_DIGITS: usize = 1000;
 
+/// Longest `LONG4` payload accepted, in bytes: about as large as
+/// [`MAX_INT_DIGITS`] decimal digits (2^3328 > 10^1000). A connection in the
+/// protocol-1 dialect gets its msgid back as decimal text (`LONG`), which
+/// costs time quadratic in the length: without this bound a 64 MiB `LONG4`
+/// msgid held a runtime worker for hours. (`LONG1` holds 255 bytes at most.)
+const MAX_LONG_BYTES: usize = 416;
+
 /// Highest pickle protocol number accepted in `PROTO` (as CPython 3.8+).
 const HIGHEST_PROTOCOL: u8 = 5;
 
@@ -1109,6 +1116,9 @@ impl<'a> Decoder<'a> {
             }
             op::LONG4 => {
                 let n = self.i32_len()?;
+                if n > MAX_LONG_BYTES {
+                    return Err(self.invalid("LONG4 integer too long"));
+                }
                 let b = self.take(n)?;
                 self.push_scalar(int_from_le_twos(b))?;
             }
@@ -2197,6 +2207,23 @@ mod tests {
         long.extend(std::iter::repeat_n(b'9', MAX_INT_DIGITS + 1));
         long.extend(b"\n.");
         assert!(is_invalid(dec(&long), "INT"));
+        // LONG4 has a bound of the same size: 416 bytes pass, 417 do not (a
+        // protocol-1 reply writes the msgid back in decimal, which is
+        // quadratic in its length).
+        for (n, ok) in [
+            (MAX_LONG_BYTES, true),
+            (MAX_LONG_BYTES + 1, false),
+            (1 << 20, false),
+        ] {
+            let mut p = vec![op::LONG4];
+            p.extend((n as i32).to_le_bytes());
+            p.extend(std::iter::repeat_n(0x11, n));
+            p.push(op::STOP);
+            assert_eq!(dec(&p).is_ok(), ok, "LONG4 of {n} bytes");
+            if !ok {
+                assert!(is_invalid(dec(&p), "LONG4"));
+            }
+        }
         // A big one survives a round trip through LONG1.
         let mut big = b"I".to_vec();
         big.extend(std::iter::repeat_n(b'7', 300));

@@ -920,6 +920,32 @@ async fn big_integer_arguments_get_a_clear_error() {
     srv.stop().await;
 }
 
+/// A protocol-1 client (no `PROTO`: the server answers it in decimal text
+/// for big ints) with a 1 MiB `LONG4` msgid is closed at once, not answered:
+/// writing that msgid back as `LONG` text would take the worker hours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_long4_msgid_of_a_protocol1_client_is_refused() {
+    let srv = Server::start(cfg()).await;
+    let mut by = Bystander::start(srv.addr).await;
+    for register in [false, true] {
+        let mut h = if register {
+            Client::registered(srv.addr).await
+        } else {
+            Client::handshaken(srv.addr).await
+        };
+        let n: usize = 1 << 20;
+        let mut p = vec![b'(', b'\x8b'];
+        p.extend((n as i32).to_le_bytes());
+        p.extend(std::iter::repeat_n(0x5a, n));
+        p.extend(b"K\x00U\x04ping)t.");
+        h.try_send_frame(&p).await;
+        h.expect_closed("1 MiB LONG4 msgid").await;
+        by.works().await;
+    }
+    drop(by);
+    srv.stop().await;
+}
+
 // ---- 6. wrong argument types and counts, every method -----------------------
 
 enum Want {
