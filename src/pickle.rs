@@ -153,11 +153,6 @@ impl Dialect {
     pub fn is_protocol1(self) -> bool {
         self == Dialect::Py2Protocol1
     }
-
-    /// Python 2 text conventions (bytes and ASCII text as py2 `str`).
-    pub fn is_py2(self) -> bool {
-        matches!(self, Dialect::Py2 | Dialect::Py2Protocol1)
-    }
 }
 
 /// Limits applied while decoding one pickle.

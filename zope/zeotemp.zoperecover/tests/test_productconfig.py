@@ -5,7 +5,7 @@ database table, the ZCML directive, and the README's key table.
 The storage is a MappingStorage in place of the ZEO client (no server);
 tests/e2e/cookiecutter.sh runs the real thing.
 
-Run with the e2e venv:  target/e2e-venv/bin/python -m pytest zope/zeotemp.zoperecover/tests
+Run with the e2e venv:  target/e2e-venv-zope6/bin/python -m pytest zope/zeotemp.zoperecover/tests
 """
 
 import os
@@ -99,6 +99,7 @@ def test_address_is_required():
 @pytest.mark.parametrize('key,value', [
     ('address', 'localhost'),
     ('address', 'localhost:http'),
+    ('address', 'localhost:'),
     ('server-sync', 'maybe'),
     ('cache-size', 'lots'),
     ('wait-timeout', '0'),
@@ -310,6 +311,12 @@ def test_a_database_name_zope_conf_has_is_an_error():
     with pytest.raises(ProductConfigError,
                        match="already has a database named 'temporary'"):
         productconfig.register(dbtab, parse({'address': '127.0.0.1:8101'}))
+    # zope.conf's names are lower case (ZConfig lowers section names): the
+    # same name in other letters is the same database
+    with pytest.raises(ProductConfigError,
+                       match="already has a database named 'temporary'"):
+        productconfig.register(dbtab, parse({'address': '127.0.0.1:8101',
+                                             'database-name': 'Temporary'}))
     # another name and path is fine next to it
     productconfig.register(dbtab, parse({'address': '127.0.0.1:8101',
                                          'database-name': 'zeotemp'}),

@@ -78,7 +78,10 @@ def _address(value):
     # host:port, [ipv6]:port, or the path of a unix socket (with a '/').
     if '/' not in value and ':' not in value:
         raise ValueError('no port (host:port, or a unix socket path)')
-    return _stock('socket-connection-address')(value).address
+    address = _stock('socket-connection-address')(value).address
+    if isinstance(address, tuple) and not address[1]:
+        raise ValueError('no port (host:port, or a unix socket path)')
+    return address
 
 
 def _existing_file(value):
@@ -115,7 +118,10 @@ def _mount_point(value):
 def _database_name(value):
     if not _ID.match(value):
         raise ValueError('letters, digits, "_", ".", "-" and "~" only')
-    return value
+    # zope.conf's section names (<zodb_db NAME>) are lower case: ZConfig
+    # lowers them, and so the factory names them; the same here, so that
+    # the clash check against zope.conf's databases compares like with like.
+    return value.lower()
 
 
 class Key:
@@ -390,6 +396,10 @@ def configure(configuration=None, storage_factory=None):
         factory = register(dbtab, settings, storage_factory)
     except ProductConfigError as e:
         LOG.error('%s', e)
+        raise
+    except Exception:
+        LOG.exception('<product-config %s>: could not register the '
+                      'temporary database', SECTION)
         raise
     if settings.database_name in getattr(dbtab, 'databases', {}):
         return factory  # opened already (ZCML loaded again)
