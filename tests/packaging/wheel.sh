@@ -36,16 +36,21 @@
 #     --ignored, before and after).
 #
 # Any failed step or check fails the script (exit 1). It needs python3
-# (3.9 or newer; the e2e pins are for 3.11) with venv, cargo, objdump, and
-# network access to PyPI. PYTHON chooses the interpreter.
+# (3.8 or newer; PYTHON chooses it) with venv for the build tools, the
+# Python that tests/e2e/requirements-zope6.txt is pinned for (found as
+# tests/e2e/zope.sh finds it: PYTHON_ZOPE6, PYTHON, python3.11, pyenv) for
+# the fresh venvs, cargo, objdump, and network access to PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. tests/e2e/lib.sh
 repo=$PWD
 python=${PYTHON:-python3}
 work=$repo/target/packaging
 tools=$work/tools
 req=tests/packaging/requirements.txt
 e2ereq=tests/e2e/requirements-zope6.txt
+# The site's Python: the one the Zope 6 pins are for.
+sitepython=$(e2e_python "$e2ereq" 6)
 
 passed=0
 step() { echo "== [${SECONDS}s] $*"; }
@@ -75,8 +80,9 @@ version=$(cargo metadata --no-deps --locked --format-version 1 |
 step "zeotemp $version (Cargo.toml)"
 
 # glibc_floor BINARY: the highest GLIBC_x.y symbol version BINARY needs.
+# Empty (and checked by the caller) when there is none.
 glibc_floor() {
-    objdump -T "$1" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n 1
+    objdump -T "$1" | { grep -o 'GLIBC_[0-9][0-9.]*' || true; } | sed 's/GLIBC_//' | sort -uV | tail -n 1
 }
 command -v objdump >/dev/null || fail "objdump (binutils) is needed for the glibc check"
 
@@ -167,7 +173,7 @@ ok "$(basename "${addon_wheels[0]}")"
 venv=$work/venv
 step "fresh venv $venv: pip install --find-links target/packaging/wheels \"zeotemp[zope]\""
 rm -rf "$venv"
-"$python" -m venv "$venv"
+"$sitepython" -m venv "$venv"
 # The constraints pin the add-on's dependencies (Zope, ZEO, ...) to the
 # versions the e2e test is made for; the command itself is the README's.
 "$venv/bin/pip" install "${pip_quiet[@]}" -c "$e2ereq" \
@@ -178,7 +184,7 @@ ok "pip check"
 
 found=$(PATH="$venv/bin:$PATH" command -v zeotemp) || fail "no zeotemp on the venv's PATH"
 [ "$found" = "$venv/bin/zeotemp" ] || fail "first zeotemp on the venv's PATH is $found, not $venv/bin/zeotemp"
-got=$("$venv/bin/zeotemp" --version)
+got=$("$venv/bin/zeotemp" --version) || fail "$venv/bin/zeotemp --version failed"
 [ "$got" = "zeotemp $version" ] || fail "zeotemp --version printed '$got', expected 'zeotemp $version'"
 ok "$found --version: $got"
 "$python" - "$wheel" "$version" "$venv/bin/zeotemp" <<'EOF' || fail "installed binary is not the wheel's"
@@ -235,7 +241,7 @@ if [ "${ZEOTEMP_PACKAGING_SDIST:-1}" != 0 ]; then
     svenv=$work/sdist-venv
     step "fresh venv $svenv: pip install $(basename "$sdist") (compiles with cargo)"
     rm -rf "$svenv"
-    "$python" -m venv "$svenv"
+    "$sitepython" -m venv "$svenv"
     # No pip cache: a wheel built from this sdist in an earlier run would
     # be reused instead of compiling. No kept cargo target directory either:
     # the sdist's files all carry one fixed old mtime, so cargo would take
@@ -251,7 +257,7 @@ if [ "${ZEOTEMP_PACKAGING_SDIST:-1}" != 0 ]; then
         fail "cargo did not compile zeotemp from the sdist (log: $work/sdist-build.log)"
     ok "pip compiled zeotemp from the sdist"
     grep -E '^ *(Finished|Built wheel|Successfully installed)' "$work/sdist-build.log" || true
-    got=$("$svenv/bin/zeotemp" --version)
+    got=$("$svenv/bin/zeotemp" --version) || fail "$svenv/bin/zeotemp --version failed"
     [ "$got" = "zeotemp $version" ] || fail "sdist-built zeotemp --version printed '$got'"
     ok "$svenv/bin/zeotemp --version: $got (needs GLIBC_$(glibc_floor "$svenv/bin/zeotemp"): built for this machine)"
     served=$("$svenv/bin/python" tests/packaging/serve_check.py "$svenv/bin/zeotemp") || {
