@@ -344,6 +344,10 @@ async fn accept_loop(
             stop.clone(),
         ));
     }
+    // Closed before the connections: a client that reconnects at once is
+    // refused (and retries) instead of landing in the backlog of a
+    // listener nobody accepts from any more.
+    drop(l);
     let grace = shared.config.shutdown_grace;
     let _ = tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
 }
