@@ -89,9 +89,10 @@ pub const DEFAULT_THREADS: usize = 1;
 
 /// Default `shutdown-grace` in seconds: at a stop, how long a commit in
 /// progress may take to finish, and then how long each connection may take
-/// to receive what is queued for it, before it is closed anyway. (A
-/// connection that ends by itself gets the same time to take its last
-/// replies.)
+/// to receive what is queued for it and to close its own side (what it
+/// still sends meanwhile is read and dropped, so that it sees a clean close,
+/// not a reset), before it is closed anyway. (A connection that ends by
+/// itself, or that the server closes, gets the same time.)
 pub const SHUTDOWN_GRACE_SECS: u64 = 5;
 
 #[derive(Debug, Clone, PartialEq)]

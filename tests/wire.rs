@@ -1329,3 +1329,58 @@ async fn stop_gives_a_stuck_commit_the_grace_then_closes_without_replies() {
     holder.expect_closed("the stuck holder at stop").await;
     waiter.expect_closed("the waiting voter at stop").await;
 }
+
+/// At a stop, a client that keeps sending requests sees a clean close (its
+/// replies, then EOF), never a reset: the server reads and drops what still
+/// comes until the client closes (a lingering close, within
+/// `shutdown-grace`). Closing with requests unread made the kernel answer
+/// with RST; the stock client then failed a send with EPIPE mid-burst, and
+/// on CPython 3.12/3.13 its reconnect could strand for good (gh-136234).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_closes_cleanly_while_the_client_keeps_sending() {
+    use tokio::io::AsyncWriteExt;
+    let srv = Server::start(cfg()).await;
+    let c = Client::registered(srv.addr).await;
+    let (mut rd, mut wr) = tokio::io::split(c.into_stream());
+    let ping = framed(&request(Value::Int(7), false, "ping", &t(vec![])));
+    let burst = ping.repeat(200);
+    // Requests in flight all the time, until the connection ends.
+    let writer = tokio::spawn(async move {
+        while wr.write_all(&burst).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+        wr
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    // Replies come while the server runs.
+    let n = rd.read(&mut buf).await.expect("replies before the stop");
+    assert!(n > 0, "the server answered the pings");
+    let stopping = tokio::spawn(srv.stop());
+    let t0 = std::time::Instant::now();
+    let mut got = 0usize;
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(10), rd.read(&mut buf)).await {
+            Ok(Ok(0)) => break Ok(()),
+            Ok(Ok(n)) => got += n,
+            Ok(Err(e)) => break Err(e),
+            Err(_) => panic!("neither replies nor a close within 10 s of the stop"),
+        }
+    };
+    assert!(
+        end.is_ok(),
+        "the stop reset the connection instead of closing it: {:?} after {:?} and {got} bytes",
+        end.err(),
+        t0.elapsed()
+    );
+    // Requests the client still sends after the close are read and dropped,
+    // not answered with a reset: its sends go on failing-free until it
+    // closes its own side (the ZEO client does at once when it reads EOF).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !writer.is_finished(),
+        "a send after the server's close failed (the server reset the connection)"
+    );
+    writer.abort();
+    drop(rd);
+    stopping.await.unwrap();
+}
