@@ -43,11 +43,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from e2e_common import HERE, REPO, TIMES
+from e2e_common import HERE, REPO
 from e2e_common import Browser, Instance
 from e2e_common import check, cross_instance, log, many_sessions
-from e2e_common import prepare, restart_zeotemp, run, session_get
-from e2e_common import session_set, short, wait_port, wait_serving
+from e2e_common import prepare, restart_and_recover, run
+from e2e_common import short, wait_port
 
 TEMPLATE = HERE / 'vendor' / 'cookiecutter-zope-instance'
 INSTANCE_YAML = REPO / 'config' / 'cookiecutter-instance.yaml'
@@ -273,23 +273,12 @@ def main():
           'addon=yes' in body, f'{st} {short(body)}')
     sessions_cross(a, b, 'product-config', args)
 
-    old = Browser()
-    session_set(old, a, 'old', 'before-restart')
-    log('restarting zeotemp')
-    up, down = restart_zeotemp(zeotemp, temp_port)
-    recovered, last, errors = wait_serving(zopes, up, args.bound)
-    times = ', '.join(f'{n} {s:.1f} s' for n, s in sorted(recovered.items()))
-    ok = len(recovered) == len(zopes)
-    TIMES['product-config instances'] = (
-        f'{times} after zeotemp listened again (down {down:.1f} s)'
-        if ok else f'not within {args.bound:.0f} s ({times or "none"})')
-    check('[zeotemp restarted] both instances serve new sessions by '
-          'themselves', ok,
-          TIMES['product-config instances'] + ('' if ok else
-                                              f'; last: {last}'))
-    got, resp = session_get(old, b, 'old')
-    check('[zeotemp restarted] sessions from before the restart are gone',
-          got == 'MISSING', resp)
+    restart_and_recover(zeotemp, temp_port, zopes, args.bound,
+                        'product-config instances',
+                        '[zeotemp restarted] both instances serve new '
+                        'sessions by themselves',
+                        '[zeotemp restarted] sessions from before the '
+                        'restart are gone')
     sessions_cross(a, b, 'zeotemp restarted', args)
 
     log('restarting both Zope instances (the mount point exists now)')

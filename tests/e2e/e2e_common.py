@@ -352,6 +352,28 @@ def prepare(args, note=''):
                                  runzeo=runzeo, zeotemp=zeotemp)
 
 
+def restart_and_recover(zeotemp, temp_port, zopes, bound, label,
+                        serve_check, gone_check):
+    """Restarts zeotemp under ``zopes`` (a session written through the first
+    before), and checks that each serves new sessions again by itself within
+    ``bound`` seconds (``serve_check``; the times go to ``TIMES[label]``) and
+    that the session from before is gone (``gone_check``)."""
+    a, b = zopes[0], zopes[-1]
+    old = Browser()
+    session_set(old, a, 'old', 'before-restart')
+    log('restarting zeotemp')
+    up, down = restart_zeotemp(zeotemp, temp_port)
+    recovered, last, _errors = wait_serving(zopes, up, bound)
+    times = ', '.join(f'{n} {s:.1f} s' for n, s in sorted(recovered.items()))
+    ok = len(recovered) == len(zopes)
+    TIMES[label] = (
+        f'{times} after zeotemp listened again (down {down:.1f} s)'
+        if ok else f'not within {bound:.0f} s ({times or "none"})')
+    check(serve_check, ok, TIMES[label] + ('' if ok else f'; last: {last}'))
+    got, resp = session_get(old, b, 'old')
+    check(gone_check, got == 'MISSING', resp)
+
+
 def zope_version(venv):
     """The version of Zope installed in ``venv``."""
     r = subprocess.run([Path(venv) / 'bin' / 'python', '-c',

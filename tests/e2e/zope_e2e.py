@@ -32,10 +32,10 @@ import subprocess
 import time
 
 from e2e_common import REPO, TIMES
-from e2e_common import Browser, Instance
+from e2e_common import Instance
 from e2e_common import check, cross_instance, free_port, log, many_sessions
-from e2e_common import prepare, restart_zeotemp, run, session_get
-from e2e_common import session_set, short, wait_port, wait_serving, Load
+from e2e_common import prepare, restart_and_recover, restart_zeotemp, run
+from e2e_common import short, wait_port, wait_serving, Load
 from e2e_common import zope_version
 
 STANZA = REPO / 'config' / 'zope-temp-clientstorage.conf'
@@ -189,22 +189,11 @@ def main():
     check('[add-on] many sessions alternating A/B keep their last write',
           *many_sessions(a, b, args.sessions, args.rounds, args.workers))
 
-    old = Browser()
-    session_set(old, a, 'old', 'before-restart')
-    log('restarting zeotemp')
-    up, down = restart_zeotemp(zeotemp, temp_port)
-    recovered, last, errors = wait_serving(zopes, up, args.bound)
-    times = ', '.join(f'{n} {s:.1f} s' for n, s in sorted(recovered.items()))
-    ok = len(recovered) == len(zopes)
-    TIMES['with the add-on'] = (
-        f'{times} after zeotemp listened again (down {down:.1f} s)'
-        if ok else f'not within {args.bound:.0f} s ({times or "none"})')
-    check('[add-on] after a zeotemp restart both instances serve new '
-          'sessions by themselves', ok,
-          TIMES['with the add-on'] + ('' if ok else f'; last: {last}'))
-    got, resp = session_get(old, b, 'old')
-    check('[add-on] sessions from before the restart are gone',
-          got == 'MISSING', resp)
+    restart_and_recover(zeotemp, temp_port, zopes, args.bound,
+                        'with the add-on',
+                        '[add-on] after a zeotemp restart both instances '
+                        'serve new sessions by themselves',
+                        '[add-on] sessions from before the restart are gone')
     check('[add-on] after the restart: session set through A is read '
           'through B', *cross_instance(a, b))
     check('[add-on] after the restart: many sessions alternating A/B keep '
