@@ -19,7 +19,7 @@ from ZEO.Exceptions import ServerException
 from ZODB.POSException import StorageError
 
 from zeotemp_testobjects import MergingCounter
-from zeotemp_util import open_conn
+from zeotemp_util import open_conn, wait_until
 
 LIMIT = 1000
 # The counter's record is a little over PAD bytes: one fits in LIMIT, two
@@ -106,5 +106,12 @@ def test_resolved_store_over_the_limit_fails_the_vote_and_commits_nothing(
     assert counter2._p_serial == serial1
     counter2.value += 2
     tm2.commit()
-    tm1.begin()
-    assert conn1.root()["counter"].value == 3
+
+    # Client 1 (no server-sync) sees it once the invalidation has arrived,
+    # which may be a moment after client 2's commit returned.
+    def client1_value():
+        tm1.begin()
+        return conn1.root()["counter"].value
+
+    wait_until(lambda: client1_value() == 3, 10,
+               message="client 1 sees client 2's retried commit")
