@@ -47,7 +47,7 @@ from e2e_common import HERE, REPO
 from e2e_common import Browser, Instance
 from e2e_common import check, cross_instance, log, many_sessions
 from e2e_common import prepare, restart_and_recover, run
-from e2e_common import short, wait_port
+from e2e_common import short, start_servers
 
 TEMPLATE = HERE / 'vendor' / 'cookiecutter-zope-instance'
 INSTANCE_YAML = REPO / 'config' / 'cookiecutter-instance.yaml'
@@ -224,7 +224,7 @@ def main():
     s = prepare(args, f'; template {template}')
     venv, work, env = s.venv, s.work, s.env
     main_port, temp_port = s.main_port, s.temp_port
-    runzeo, zeotemp = s.runzeo, s.zeotemp
+    zeotemp = s.zeotemp
     a = BakedZope('A', work / 'A', venv, env)
     b = BakedZope('B', work / 'B', venv, env)
     zopes = (a, b)
@@ -242,12 +242,7 @@ def main():
               'product-config for zeotemp',
               *generated_config_check(z, temp_port, template))
 
-    runzeo.start()
-    wait_port(runzeo, main_port, 60)
-    zeotemp.start()
-    wait_port(zeotemp, temp_port, 30)
-    log(f'runzeo on {main_port}, zeotemp on {temp_port}; '
-        f'Zope A on {a.port}, B on {b.port}')
+    start_servers(s, zopes)
 
     # ---- run -------------------------------------------------------------
     for z in zopes:

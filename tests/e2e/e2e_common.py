@@ -352,6 +352,18 @@ def prepare(args, note=''):
                                  runzeo=runzeo, zeotemp=zeotemp)
 
 
+def start_servers(s, zopes):
+    """Starts what ``prepare`` made (runzeo, then zeotemp) and waits until
+    both listen."""
+    s.runzeo.start()
+    wait_port(s.runzeo, s.main_port, 60)
+    s.zeotemp.start()
+    wait_port(s.zeotemp, s.temp_port, 30)
+    a, b = zopes
+    log(f'runzeo on {s.main_port}, zeotemp on {s.temp_port}; '
+        f'Zope A on {a.port}, B on {b.port}')
+
+
 def restart_and_recover(zeotemp, temp_port, zopes, bound, label,
                         serve_check, gone_check):
     """Restarts zeotemp under ``zopes`` (a session written through the first

@@ -35,7 +35,7 @@ from e2e_common import REPO, TIMES
 from e2e_common import Instance
 from e2e_common import check, cross_instance, free_port, log, many_sessions
 from e2e_common import prepare, restart_and_recover, restart_zeotemp, run
-from e2e_common import short, wait_port, wait_serving, Load
+from e2e_common import short, start_servers, wait_port, wait_serving, Load
 from e2e_common import zope_version
 
 STANZA = REPO / 'config' / 'zope-temp-clientstorage.conf'
@@ -162,12 +162,7 @@ def main():
     b = Zope('B', work / 'B', venv, env)
     zopes = (a, b)
 
-    runzeo.start()
-    wait_port(runzeo, main_port, 60)
-    zeotemp.start()
-    wait_port(zeotemp, temp_port, 30)
-    log(f'runzeo on {main_port}, zeotemp on {temp_port}; '
-        f'Zope A on {a.port}, B on {b.port}')
+    start_servers(s, zopes)
     for z in zopes:
         z.create()
 
