@@ -17,17 +17,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# e2e_venv, the venv maker the end-to-end and packaging scripts share.
+. tests/e2e/lib.sh
 venv=${ZEOTEMP_VENV:-target/pyvenv}
-python=${PYTHON:-python3}
-req=tests/python/requirements.txt
-want=$(sha256sum "$req" | cut -d' ' -f1)
-if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
-    echo "== creating the test venv in $venv (pinned stock ZEO/ZODB)"
-    rm -rf "$venv"
-    "$python" -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req"
-    echo "$want" > "$venv/.requirements.sha256"
-fi
+e2e_venv "$venv" tests/python/requirements.txt "${PYTHON:-python3}"
 
 # -- Python 2 clients (tests/python/test_py2_clients.py) ----------------------
 # One venv per Python 2 client generation, each with the stock ZEO 5 client

@@ -87,14 +87,7 @@ glibc_floor() {
 command -v objdump >/dev/null || fail "objdump (binutils) is needed for the glibc check"
 
 # -- 1. build tools -----------------------------------------------------------
-want=$(sha256sum "$req" | cut -d' ' -f1)
-if [ ! -x "$tools/bin/python" ] || [ "$(cat "$tools/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
-    step "creating the build-tools venv in $tools ($req)"
-    rm -rf "$tools"
-    "$python" -m venv "$tools"
-    "$tools/bin/pip" install "${pip_quiet[@]}" -r "$req"
-    echo "$want" > "$tools/.requirements.sha256"
-fi
+e2e_venv "$tools" "$req" "$python"
 echo "maturin $("$tools/bin/maturin" --version | cut -d' ' -f2), zig $("$tools/bin/python" -m ziglang version)"
 
 # -- 2. the wheel -------------------------------------------------------------
