@@ -39,8 +39,8 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::Instant;
 
-use crate::marshal;
-use crate::pickle::{self, DecodeLimits, Dialect, Value};
+use crate::protocol::envelope;
+use crate::protocol::pickle::{self, DecodeLimits, Dialect, Value};
 use crate::rng::XorShift64;
 
 /// What each connection does in the measured window.
@@ -448,7 +448,7 @@ impl Conn {
     /// write buffer, byte for byte as `marshal` encodes a call: `PROTO 3`,
     /// `MARK`, the four items, `TUPLE`, `STOP`.
     fn push(&mut self, msgid: &Value, oneway: bool, method: &str, args: Vec<Value>) {
-        marshal::put_frame(&mut self.wbuf, |out| {
+        envelope::put_frame(&mut self.wbuf, |out| {
             out.extend_from_slice(&[0x80, 3, b'(']);
             pickle::encode_into(out, msgid, Dialect::Py3);
             out.put_u8(if oneway { 0x88 } else { 0x89 }); // NEWTRUE / NEWFALSE
@@ -481,7 +481,7 @@ impl Conn {
 
     /// A frame already buffered, if any.
     fn buffered_frame(&mut self) -> Result<Option<Bytes>, BenchError> {
-        crate::frame::parse(&mut self.rbuf, usize::MAX)
+        crate::protocol::frame::parse(&mut self.rbuf, usize::MAX)
             .map_err(|e| BenchError::Protocol(e.to_string()))
     }
 
@@ -566,7 +566,7 @@ fn store_args(oid: &Bytes, serial: &[u8; 8], data: &Bytes, txn: &Value) -> Vec<V
 /// `Some((msgid, reply))` for a reply, `None` for a server push
 /// (invalidations, `info`).
 fn decode_reply(frame: &Bytes) -> Result<Option<(Value, Reply)>, BenchError> {
-    let m = marshal::decode_message_bytes(frame, &DecodeLimits::default())
+    let m = envelope::decode_message_bytes(frame, &DecodeLimits::default())
         .map_err(|e| BenchError::Protocol(e.to_string()))?;
     if m.method != ".reply" {
         return Ok(None);

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use crate::frame::DEFAULT_MAX_FRAME_SIZE;
-pub use crate::outbox::{DEFAULT_MAX_OUTBOX_BYTES, READ_PAUSE_BYTES};
-pub use crate::pickle::{MAX_MESSAGE_ITEMS, MAX_NESTING_DEPTH};
+pub use crate::protocol::frame::DEFAULT_MAX_FRAME_SIZE;
+pub use crate::protocol::pickle::{MAX_MESSAGE_ITEMS, MAX_NESTING_DEPTH};
+pub use crate::session::outbox::{DEFAULT_MAX_OUTBOX_BYTES, READ_PAUSE_BYTES};
 pub use crate::storage::{DEFAULT_INVALIDATION_QUEUE_SIZE, DEFAULT_RETENTION_SECS};
 
 /// Smallest `max-nesting-depth` accepted: stock ZEO messages nest up to
@@ -414,7 +414,7 @@ impl Config {
             human_bytes(self.max_frame_size),
             human_bytes(self.max_transaction_bytes),
             human_bytes(self.max_outbox_bytes),
-            human_bytes(crate::outbox::effective_read_pause(
+            human_bytes(crate::session::outbox::effective_read_pause(
                 self.max_outbox_bytes,
                 self.read_pause_bytes
             )),

@@ -45,18 +45,10 @@
 //! object refers to.
 pub mod bench;
 pub mod config;
-pub mod frame;
-pub mod marshal;
-pub mod metrics;
-pub mod msgpack;
-pub mod oidhash;
-pub mod opcodes;
-pub mod outbox;
-pub mod pickle;
-pub mod refs;
+pub mod monitor;
+pub mod protocol;
 pub mod rng;
-pub mod rpc;
 pub mod server;
+pub mod session;
+pub mod state;
 pub mod storage;
-pub mod tls;
-pub mod types;

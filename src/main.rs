@@ -237,7 +237,7 @@ fn settings(cli: &Cli) -> Result<(Config, Option<String>), config::ConfigError> 
     cfg.validate()?;
     // Read and check the TLS files now, so a bad one is reported before
     // anything is bound (the server reads them again when it starts).
-    zeotemp::tls::load(&cfg).map_err(|e| config::ConfigError::Invalid(e.to_string()))?;
+    zeotemp::server::tls::load(&cfg).map_err(|e| config::ConfigError::Invalid(e.to_string()))?;
     Ok((cfg, overrides.log_level.or(file.log_level)))
 }
 
@@ -266,7 +266,7 @@ fn main() -> ExitCode {
             "zeotemp {}: configuration OK: listen on {}{}; {}",
             env!("CARGO_PKG_VERSION"),
             cfg.addresses.join(" and "),
-            zeotemp::tls::describe(&cfg),
+            zeotemp::server::tls::describe(&cfg),
             cfg.summary()
         );
         return ExitCode::SUCCESS;
@@ -311,7 +311,7 @@ fn main() -> ExitCode {
             .map(|l| l.describe())
             .collect::<Vec<_>>()
             .join(" and ");
-        let tls = zeotemp::tls::describe(&cfg);
+        let tls = zeotemp::server::tls::describe(&cfg);
         info!(
             "zeotemp {} on {on}{tls}: {}",
             env!("CARGO_PKG_VERSION"),

@@ -54,7 +54,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{Storage, StorageState};
-use crate::types::{Oid, Tid};
+use crate::protocol::ids::{Oid, Tid};
 
 /// Objects marked per read-lock hold.
 pub const MARK_CHUNK: usize = 20_000;
@@ -518,9 +518,9 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::pickle::Value;
+    use crate::protocol::ids::Tid;
+    use crate::protocol::pickle::Value;
     use crate::storage::{LockAttempt, StorageError, StorageLimits, TxnMeta, TxnOp};
-    use crate::types::Tid;
 
     fn storage() -> Storage {
         Storage::new("1", Tid::now(), StorageLimits::default())

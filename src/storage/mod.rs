@@ -38,11 +38,13 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use crate::oidhash::OidMap;
-use crate::pickle::Value;
-use crate::types::{Clock, Oid, Tid};
+use crate::protocol::ids::{Clock, Oid, Tid};
+use crate::protocol::pickle::Value;
+use crate::storage::oidhash::OidMap;
 
 pub mod gc;
+pub mod oidhash;
+pub mod refs;
 mod revisions;
 pub use gc::GcOutcome;
 
@@ -100,14 +102,14 @@ pub struct TxnMeta {
     pub extension: Value,
 }
 
-/// The persistent references of a record, found by [`crate::refs`];
+/// The persistent references of a record, found by [`crate::storage::refs`];
 /// `None` when the record looks like a pickle but could not be scanned
 /// (the collector then keeps everything).
 pub type Refs = Option<Box<[Oid]>>;
 
 /// The references of `record`, for a revision.
 pub fn scan_refs(record: &[u8]) -> Refs {
-    crate::refs::references(record)
+    crate::storage::refs::references(record)
         .ok()
         .map(Vec::into_boxed_slice)
 }

@@ -80,8 +80,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::protocol::ids::Tid;
     use crate::storage::TxnMeta;
-    use crate::types::Tid;
 
     fn rev(t: u64) -> Revision {
         Revision {
@@ -91,7 +91,7 @@ mod tests {
             meta: Arc::new(TxnMeta {
                 user: bytes::Bytes::new(),
                 description: bytes::Bytes::new(),
-                extension: crate::pickle::Value::Dict(Vec::new()),
+                extension: crate::protocol::pickle::Value::Dict(Vec::new()),
             }),
         }
     }

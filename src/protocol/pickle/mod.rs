@@ -90,7 +90,8 @@ const HIGHEST_PROTOCOL: u8 = 5;
 /// `BATCHSIZE`.
 const BATCH_SIZE: usize = 1000;
 
-use crate::opcodes as op;
+pub mod opcodes;
+use opcodes as op;
 
 /// A decoded pickle value (plain data; nothing is evaluated).
 #[derive(Debug, Clone, PartialEq)]

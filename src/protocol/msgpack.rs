@@ -7,7 +7,7 @@
 //! `str`, tuples and lists are arrays, dicts maps, ints the smallest msgpack
 //! int, floats `float64`; no extension types. Exceptions in error replies
 //! are already plain data here (`(class_name, state)`, see
-//! [`crate::marshal::encode_error`]), as the stock server's `server_default`
+//! [`crate::protocol::envelope::encode_error`]), as the stock server's `server_default`
 //! makes them.
 //!
 //! Decoding maps into the same [`Value`]s as the pickle decoder: arrays
@@ -18,7 +18,7 @@
 //! byte as the Python `msgpack` packer does (`msgpack/fallback.py
 //! Packer._pack`, identical to its C extension).
 //!
-//! Hardening, as in [`crate::pickle`]: bad input is an error, never a panic
+//! Hardening, as in [`crate::protocol::pickle`]: bad input is an error, never a panic
 //! or an unbounded cost. The decoder is iterative; every length is checked
 //! against the bytes left before anything is read or allocated; containers
 //! nest at most [`DecodeLimits::max_depth`] levels (the envelope array is
@@ -32,7 +32,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::pickle::{DecodeLimits, Value};
+use crate::protocol::pickle::{DecodeLimits, Value};
 
 /// Why a msgpack message could not be decoded. Offsets are byte offsets
 /// into the payload (of the value at fault).
@@ -536,7 +536,7 @@ pub fn encode(v: &Value) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pickle::testhex::{hex, unhex};
+    use crate::protocol::pickle::testhex::{hex, unhex};
     use crate::rng::XorShift64;
 
     fn dec(h: &str) -> Result<Value, MsgpackError> {

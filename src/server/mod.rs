@@ -5,9 +5,11 @@
 //! connection's [`Outbox`] out, in order. The server knows nothing about
 //! pickles beyond the handshake.
 //!
-//! With TLS configured ([`crate::tls`]), each connection's task first does
+//! With TLS configured ([`tls`]), each connection's task first does
 //! the TLS handshake (within `frame-timeout`), then serves the decrypted
 //! stream exactly as a plain one; the accept loop never waits on a client.
+
+pub mod tls;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -24,14 +26,15 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, STATS_LOG_INTERVAL_SECS};
-use crate::frame;
-use crate::marshal;
-use crate::metrics::StorageFigures;
-use crate::outbox::Outbox;
-use crate::pickle::DecodeLimits;
-use crate::rpc::{Flow, Session, Shared};
+use crate::monitor::status::log_summary;
+use crate::protocol::envelope;
+use crate::protocol::frame;
+use crate::protocol::pickle::DecodeLimits;
+use crate::session::outbox::Outbox;
+use crate::session::{Flow, Session};
+use crate::state::Shared;
 use crate::storage::{LockAttempt, SHUTDOWN_HOLDER};
-use crate::tls::{HandshakeFailure, Tls};
+use tls::{HandshakeFailure, Tls};
 
 /// The protocol we announce: ZEO 5, pickle encoding.
 pub const PROTOCOL: &[u8] = b"Z5";
@@ -139,21 +142,25 @@ pub async fn run_shared(
     shared: Arc<Shared>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let tls = crate::tls::load(&shared.config)
+    let tls = tls::load(&shared.config)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
         .map(Arc::new);
-    let tls_note = crate::tls::describe(&shared.config);
+    let tls_note = tls::describe(&shared.config);
     let (stop_tx, stop_rx) = watch::channel(false);
     let next_id = Arc::new(AtomicU64::new(1));
     let mut tasks = tokio::task::JoinSet::new();
     let mut unix_paths = Vec::new();
     if let Some(addr) = &shared.config.metrics_address {
-        let l = crate::metrics::bind(addr).await?;
+        let l = crate::monitor::prometheus::bind(addr).await?;
         match l.local_addr() {
             Ok(a) => info!("metrics on http://{a}/metrics"),
             Err(_) => info!("metrics on http://{addr}/metrics"),
         }
-        tasks.spawn(crate::metrics::serve(l, shared.clone(), stop_rx.clone()));
+        tasks.spawn(crate::monitor::prometheus::serve(
+            l,
+            shared.clone(),
+            stop_rx.clone(),
+        ));
     }
     for l in listeners {
         if let Listener::Unix(_, p) = &l {
@@ -281,23 +288,6 @@ async fn gc_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
         }
     }
-}
-
-/// One line with a storage's figures.
-pub fn log_summary(s: &crate::storage::Storage) {
-    let f = StorageFigures::of(s);
-    info!(
-        storage = s.name(),
-        objects = f.objects,
-        revisions = f.revisions,
-        retained_bytes = f.retained_bytes,
-        accounted_bytes = f.accounted_bytes,
-        commits = f.commits,
-        collections = f.gc_collections,
-        freed_objects = f.gc_freed_objects,
-        longest_pause_ms = f.gc_longest_pause_us as f64 / 1000.0,
-        "storage summary"
-    );
 }
 
 async fn accept_loop(
@@ -603,7 +593,9 @@ impl Conn<'_> {
         // (as the stock server's `finish_connection`).
         let msgpack = match &first[..] {
             b"ruok" => {
-                outbox.push(frame::encode(self.shared.ruok().as_bytes()));
+                outbox.push(frame::encode(
+                    crate::monitor::status::ruok(self.shared).as_bytes(),
+                ));
                 return Ok("answered ruok".into());
             }
             b"Z5" => false,
@@ -627,7 +619,7 @@ impl Conn<'_> {
         if msgpack {
             session.use_msgpack();
         }
-        let mut lock_wait: Option<crate::rpc::LockWait> = None;
+        let mut lock_wait: Option<crate::session::LockWait> = None;
         let timeout = self.shared.config.transaction_timeout;
         // Since when the buffer has held the start of a frame that is not
         // complete yet (reset whenever a whole frame arrives); the timer
@@ -649,9 +641,9 @@ impl Conn<'_> {
                 };
                 progressed = true;
                 let decoded = if msgpack {
-                    marshal::decode_msgpack_message(&payload, &limits)
+                    envelope::decode_msgpack_message(&payload, &limits)
                 } else {
-                    marshal::decode_message(&payload, &limits)
+                    envelope::decode_message(&payload, &limits)
                 };
                 let msg = match decoded {
                     Ok(m) => m,

@@ -28,14 +28,15 @@
 //!
 //! With [`Encoding::Msgpack`] the same frames are a msgpack array of four
 //! written as the stock server's `packb(..., use_bin_type=True)` writes them
-//! ([`crate::msgpack`]).
+//! ([`crate::protocol::msgpack`]).
 //!
 //! This module does no I/O and knows nothing of methods or storages.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::msgpack::{self, MsgpackError};
-use crate::pickle::{self, DecodeLimits, Dialect, PickleError, Value};
+use crate::protocol::ids::{Oid, Tid};
+use crate::protocol::msgpack::{self, MsgpackError};
+use crate::protocol::pickle::{self, DecodeLimits, Dialect, PickleError, Value};
 
 /// How a connection's frames are encoded, chosen by the client's handshake
 /// answer (`Z5` or `M5`). A [`Dialect`] converts into the pickle encoding,
@@ -96,7 +97,7 @@ pub fn decode_message(payload: &[u8], limits: &DecodeLimits) -> Result<Message, 
 /// A pickle without `PROTO` (its first opcode) was written with protocol 0
 /// or 1; every pickler writing protocol 2 or more starts with `PROTO`.
 fn is_protocol1(payload: &[u8]) -> bool {
-    payload.first() != Some(&crate::opcodes::PROTO)
+    payload.first() != Some(&crate::protocol::pickle::opcodes::PROTO)
 }
 
 /// Like [`decode_message`], but bytes values (e.g. `storea` records) are
@@ -318,10 +319,20 @@ fn encode_msgpack_with(hint: usize, items: impl FnOnce(&mut BytesMut)) -> Bytes 
     out.freeze()
 }
 
+/// An oid as ZEO sends it: an 8-byte string.
+pub fn oid_value(oid: Oid) -> Value {
+    Value::Bytes(Bytes::copy_from_slice(&oid.to_bytes()))
+}
+
+/// A tid as ZEO sends it: an 8-byte string.
+pub fn tid_value(tid: Tid) -> Value {
+    Value::Bytes(Bytes::copy_from_slice(&tid.to_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pickle::testhex::{hex, unhex};
+    use crate::protocol::pickle::testhex::{hex, unhex};
 
     fn decode(h: &str) -> Result<Message, MarshalError> {
         decode_message(&unhex(h), &DecodeLimits::default())

@@ -19,152 +19,26 @@
 //! and commits enqueue invalidations under the write lock, so each client
 //! sees replies and invalidations in commit order.
 
-use std::collections::HashMap;
+pub mod outbox;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
-use crate::marshal::{self, Encoding, Message};
-use crate::metrics::StorageFigures;
-use crate::msgpack;
-use crate::outbox::Outbox;
-use crate::pickle::{self, Dialect, Value};
+use crate::monitor::status;
+use crate::protocol::envelope::{self, Encoding, Message, oid_value, tid_value};
+use crate::protocol::ids::{Oid, Tid};
+use crate::protocol::msgpack;
+use crate::protocol::pickle::{self, Dialect, Value};
+use crate::session::outbox::Outbox;
+use crate::state::{InvalidationFrames, Shared};
 use crate::storage::{
-    Conflict, ConnId, LockAttempt, Storage, StorageError, StorageLimits, Subscriber, TxnMeta,
-    TxnOp, VotedTxn,
+    Conflict, ConnId, LockAttempt, Storage, StorageError, Subscriber, TxnMeta, TxnOp, VotedTxn,
 };
-use crate::types::{Oid, Tid};
-
-/// Everything the connections of one server share.
-pub struct Shared {
-    pub config: Config,
-    /// Storages by name, and the names in configured order (for messages).
-    pub storages: HashMap<String, Arc<Storage>>,
-    pub storage_names: Vec<String>,
-    /// Per storage, its latest commit's invalidation frame (shared by all
-    /// the storage's subscribers).
-    invalidation_frames: HashMap<String, Arc<InvalidationFrames>>,
-    pub connections: AtomicUsize,
-    pub started: SystemTime,
-}
-
-impl Shared {
-    pub fn new(config: Config) -> Shared {
-        let start = Tid::now();
-        let storages = config
-            .storages
-            .iter()
-            .map(|name| {
-                let limits = StorageLimits {
-                    retention: config.history_retention,
-                    invalidation_queue_size: config.invalidation_queue_size,
-                    memory_limit: config.memory_limit,
-                };
-                let s = Storage::new(name, start, limits);
-                (name.clone(), Arc::new(s))
-            })
-            .collect();
-        Shared {
-            storage_names: config.storages.clone(),
-            invalidation_frames: config
-                .storages
-                .iter()
-                .map(|name| (name.clone(), Arc::default()))
-                .collect(),
-            storages,
-            config,
-            connections: AtomicUsize::new(0),
-            started: SystemTime::now(),
-        }
-    }
-
-    /// `server_status()` of one storage: the keys the stock server returns
-    /// (`StorageServer.server_status`), plus zeotemp's own figures.
-    pub fn server_status(&self, storage: &Storage) -> serde_json::Value {
-        let f = StorageFigures::of(storage);
-        let start = self
-            .started
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        serde_json::json!({
-            "connections": f.connections,
-            "loads": f.loads,
-            "stores": f.stores,
-            "commits": f.commits,
-            "aborts": f.aborts,
-            "active_txns": f.active_transactions,
-            "lock_time": f.lock_held_seconds.map(|age| now_secs() - age),
-            "conflicts": f.conflicts,
-            "conflicts_resolved": f.conflicts_resolved,
-            "start": crate::types::ctime(start),
-            "waiting": f.lock_waiters,
-            "timeout-thread-is-alive": true,
-            "last-transaction": f.last_tid.to_string(),
-            "objects": f.objects,
-            "size": f.current_bytes,
-            "revisions": f.revisions,
-            "retained-bytes": f.retained_bytes,
-            "accounted-bytes": f.accounted_bytes,
-            "memory-limit": f.memory_limit,
-            "unscannable-records": f.unscannable_records,
-            "collections": f.gc_collections,
-            "freed-objects": f.gc_freed_objects,
-            "longest-pause-ms": f.gc_longest_pause_us as f64 / 1000.0,
-            "last-collection-ms": f.gc_last_collection_us as f64 / 1000.0,
-        })
-    }
-
-    /// The `ruok` answer: every storage's status, as JSON in ASCII (as
-    /// the stock server's `json.dumps`): `zeo-nagios` decodes the answer
-    /// as ASCII, so a storage named in UTF-8 must come escaped.
-    pub fn ruok(&self) -> String {
-        let map: serde_json::Map<String, serde_json::Value> = self
-            .storage_names
-            .iter()
-            .filter_map(|n| {
-                self.storages
-                    .get(n)
-                    .map(|s| (n.clone(), self.server_status(s)))
-            })
-            .collect();
-        ascii_json(&serde_json::Value::Object(map).to_string())
-    }
-}
-
-/// JSON text with every non-ASCII character written as a `\uXXXX` escape
-/// (UTF-16 surrogate pairs beyond the BMP), as Python's `json.dumps` does
-/// by default. Outside strings JSON text is ASCII already, so escaping
-/// character by character is exact.
-pub fn ascii_json(json: &str) -> String {
-    if json.is_ascii() {
-        return json.to_string();
-    }
-    let mut out = String::with_capacity(json.len() + 16);
-    for c in json.chars() {
-        if c.is_ascii() {
-            out.push(c);
-        } else {
-            let mut units = [0u16; 2];
-            for u in c.encode_utf16(&mut units) {
-                out.push_str(&format!("\\u{u:04x}"));
-            }
-        }
-    }
-    out
-}
-
-fn now_secs() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
 
 /// JSON (from `server_status`) to a pickle value for the reply.
 fn json_to_value(v: &serde_json::Value) -> Value {
@@ -288,14 +162,6 @@ fn conflict_state(
             }),
         ),
     ])
-}
-
-fn oid_value(oid: Oid) -> Value {
-    Value::Bytes(Bytes::copy_from_slice(&oid.to_bytes()))
-}
-
-fn tid_value(tid: Tid) -> Value {
-    Value::Bytes(Bytes::copy_from_slice(&tid.to_bytes()))
 }
 
 type Res<T> = Result<T, ZeoError>;
@@ -495,45 +361,6 @@ struct Registered {
     read_only: bool,
 }
 
-/// A storage's latest `invalidateTransaction` frame, encoded once per
-/// encoding (pickle for Python 3, for Python 2, protocol 1 for older Python 2, msgpack) and shared (a cheap `Bytes` clone) by every subscriber. Before,
-/// each subscriber encoded its own copy, under the storage's write lock: a
-/// commit with 64 clients connected encoded the same frame 63 times, and
-/// `commit` throughput at 64 connections was a third of that at 16.
-#[derive(Default)]
-struct InvalidationFrames {
-    /// Indexed by encoding (pickle Python 3, pickle Python 2, pickle
-    /// protocol 1 for older Python 2 clients, msgpack):
-    /// `(tid, frame)`.
-    last: std::sync::Mutex<[Option<(Tid, Bytes)>; 4]>,
-}
-
-impl InvalidationFrames {
-    fn frame(&self, encoding: impl Into<Encoding>, tid: Tid, oids: &[Oid]) -> Bytes {
-        let encoding = encoding.into();
-        let slot = match encoding {
-            Encoding::Pickle(Dialect::Py3) => 0,
-            Encoding::Pickle(Dialect::Py2) => 1,
-            Encoding::Pickle(Dialect::Py2Protocol1) => 2,
-            Encoding::Msgpack => 3,
-        };
-        // Poisoning cannot leave a half-written slot (one assignment).
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((t, f)) = &last[slot]
-            && *t == tid
-        {
-            return f.clone();
-        }
-        let args = Value::Tuple(vec![
-            tid_value(tid),
-            Value::List(oids.iter().map(|o| oid_value(*o)).collect()),
-        ]);
-        let f = marshal::encode_call(encoding, "invalidateTransaction", &args);
-        last[slot] = Some((tid, f.clone()));
-        f
-    }
-}
-
 /// Pushes a storage's commits to one client.
 struct ConnSubscriber {
     outbox: Arc<Outbox>,
@@ -561,7 +388,7 @@ impl Subscriber for ConnSubscriber {
     }
 
     fn info(&self, length: usize, size: usize) {
-        self.outbox.push(marshal::encode_call(
+        self.outbox.push(envelope::encode_call(
             self.encoding,
             "info",
             &info_value(length, size),
@@ -656,13 +483,17 @@ impl Session {
 
     fn reply(&self, msgid: &Value, result: &Value) {
         self.outbox
-            .push(marshal::encode_reply(self.encoding(), msgid, result));
+            .push(envelope::encode_reply(self.encoding(), msgid, result));
     }
 
     fn reply_error(&self, msgid: &Value, err: &ZeoError) {
         let (class, state) = err.to_wire();
-        self.outbox
-            .push(marshal::encode_error(self.encoding(), msgid, class, &state));
+        self.outbox.push(envelope::encode_error(
+            self.encoding(),
+            msgid,
+            class,
+            &state,
+        ));
     }
 
     /// When the transaction's hold on the commit lock began, if it holds it.
@@ -796,7 +627,7 @@ impl Session {
                 let hint = loaded.as_ref().map_or(1, |l| l.data.len() + 32);
                 if self.msgpack {
                     // The same, as msgpack: [data, start, end] or nil.
-                    let frame = marshal::encode_msgpack_reply_with(&msg.msgid, hint, |out| {
+                    let frame = envelope::encode_msgpack_reply_with(&msg.msgid, hint, |out| {
                         let Some(l) = loaded else {
                             return msgpack::put_nil(out);
                         };
@@ -814,7 +645,7 @@ impl Session {
                 let dialect = self.dialect;
                 // (data, start, end) or None, written straight from the
                 // stored record.
-                let frame = marshal::encode_reply_with(dialect, &msg.msgid, hint, |out| {
+                let frame = envelope::encode_reply_with(dialect, &msg.msgid, hint, |out| {
                     let Some(l) = loaded else {
                         return pickle::encode_into(out, &Value::None, dialect);
                     };
@@ -883,7 +714,7 @@ impl Session {
             }
             "server_status" => {
                 a.count(0, 0)?;
-                let status = self.shared.server_status(&self.storage()?.storage);
+                let status = status::server_status(&self.shared, &self.storage()?.storage);
                 reply(json_to_value(&status))
             }
             "set_client_label" => {
@@ -1297,12 +1128,12 @@ impl Session {
         let n = voted.oids().count();
         let (outbox, encoding, msgid) = (&self.outbox, self.encoding(), &msg.msgid);
         let tid = storage.finish(self.id, voted, meta, |tid, length, size| {
-            outbox.push(marshal::encode_call(
+            outbox.push(envelope::encode_call(
                 encoding,
                 "info",
                 &info_value(length, size),
             ));
-            outbox.push(marshal::encode_reply(encoding, msgid, &tid_value(tid)));
+            outbox.push(envelope::encode_reply(encoding, msgid, &tid_value(tid)));
             tid
         });
         storage.unlock(self.id);
@@ -1430,7 +1261,8 @@ fn history_entry(e: crate::storage::HistoryEntry) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pickle::DecodeLimits;
+    use crate::config::Config;
+    use crate::protocol::pickle::DecodeLimits;
 
     #[test]
     fn one_invalidation_frame_per_commit_and_dialect() {
@@ -1440,7 +1272,7 @@ mod tests {
         let b = frames.frame(Dialect::Py3, Tid(10), &oids);
         // The same allocation, not an equal copy.
         assert_eq!(a.as_ptr(), b.as_ptr());
-        let want = marshal::encode_call(
+        let want = envelope::encode_call(
             Dialect::Py3,
             "invalidateTransaction",
             &Value::Tuple(vec![
@@ -1517,7 +1349,7 @@ mod tests {
         let limits = DecodeLimits::default();
         frames
             .iter()
-            .map(|f| marshal::decode_message(&f[4..], &limits).expect("a message"))
+            .map(|f| envelope::decode_message(&f[4..], &limits).expect("a message"))
             .filter(|m| m.method == ".reply")
             .map(|m| (m.msgid, m.oneway))
             .collect()
@@ -1610,22 +1442,5 @@ mod tests {
         );
         assert!(storage.read().load_before(Oid(0x107), Tid::MAX).is_err());
         assert_eq!(storage.lock_status(), (None, 0), "the lock is free");
-    }
-
-    #[test]
-    fn ruok_is_ascii_json_like_json_dumps() {
-        // What Python's json.dumps writes for these names.
-        assert_eq!(ascii_json(r#"{"temp":1}"#), r#"{"temp":1}"#);
-        assert_eq!(ascii_json(r#"{"tëmp":1}"#), r#"{"t\u00ebmp":1}"#);
-        assert_eq!(ascii_json("\"\u{1F600}\""), r#""\ud83d\ude00""#);
-        let shared = Shared::new(Config {
-            storages: vec!["1".into(), "tëmp\u{1F600}".into()],
-            ..Config::default()
-        });
-        let text = shared.ruok();
-        assert!(text.is_ascii(), "{text}");
-        let back: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert!(back.get("tëmp\u{1F600}").is_some(), "{text}");
-        assert_eq!(back["1"]["commits"], 0);
     }
 }

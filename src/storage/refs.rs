@@ -47,7 +47,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::types::Oid;
+use crate::protocol::ids::Oid;
 
 /// Why a record that looks like a pickle could not be scanned. Offsets are
 /// the position in the record of the opcode that failed.
@@ -178,7 +178,7 @@ fn dedup_in_order(refs: &mut Vec<Oid>) {
     }
 }
 
-use crate::opcodes as op;
+use crate::protocol::pickle::opcodes as op;
 
 /// Highest pickle protocol the walker knows the opcodes of.
 const HIGHEST_PROTOCOL: u8 = 5;

@@ -1,4 +1,4 @@
-//! A fast hasher for maps keyed by [`Oid`](crate::types::Oid).
+//! A fast hasher for maps keyed by [`Oid`](crate::protocol::ids::Oid).
 //!
 //! The storage's object map is looked up once per `loadBefore`; with the
 //! standard library's SipHash that lookup was 7 % of the server's time under
@@ -80,7 +80,7 @@ impl Hasher for OidHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::Oid;
+    use crate::protocol::ids::Oid;
 
     #[test]
     fn sequential_oids_spread_over_buckets() {

@@ -27,9 +27,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::rpc::Shared;
+use crate::protocol::ids::Tid;
+use crate::state::Shared;
 use crate::storage::Storage;
-use crate::types::Tid;
 
 /// Bytes of request head (request line and headers) a scraper may send; a
 /// longer head is answered 431 and the connection closed. Prometheus sends

@@ -1,0 +1,100 @@
+//! The state every connection of one server shares: the configuration, the
+//! storages by name, each storage's cached invalidation frame, and the
+//! connection count. A leaf above `storage`: `monitor`, `session` and
+//! `server` read it; it depends on none of them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use crate::config::Config;
+use crate::protocol::envelope::{self, Encoding, oid_value, tid_value};
+use crate::protocol::ids::{Oid, Tid};
+use crate::protocol::pickle::{Dialect, Value};
+use crate::storage::{Storage, StorageLimits};
+
+/// Everything the connections of one server share.
+pub struct Shared {
+    pub config: Config,
+    /// Storages by name, and the names in configured order (for messages).
+    pub storages: HashMap<String, Arc<Storage>>,
+    pub storage_names: Vec<String>,
+    /// Per storage, its latest commit's invalidation frame (shared by all
+    /// the storage's subscribers).
+    pub invalidation_frames: HashMap<String, Arc<InvalidationFrames>>,
+    pub connections: AtomicUsize,
+    pub started: SystemTime,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Shared {
+        let start = Tid::now();
+        let storages = config
+            .storages
+            .iter()
+            .map(|name| {
+                let limits = StorageLimits {
+                    retention: config.history_retention,
+                    invalidation_queue_size: config.invalidation_queue_size,
+                    memory_limit: config.memory_limit,
+                };
+                let s = Storage::new(name, start, limits);
+                (name.clone(), Arc::new(s))
+            })
+            .collect();
+        Shared {
+            storage_names: config.storages.clone(),
+            invalidation_frames: config
+                .storages
+                .iter()
+                .map(|name| (name.clone(), Arc::default()))
+                .collect(),
+            storages,
+            config,
+            connections: AtomicUsize::new(0),
+            started: SystemTime::now(),
+        }
+    }
+}
+
+/// A storage's latest `invalidateTransaction` frame, encoded once per
+/// encoding (pickle for Python 3, for Python 2, protocol 1 for older Python 2, msgpack) and shared (a cheap `Bytes` clone) by every subscriber. Before,
+/// each subscriber encoded its own copy, under the storage's write lock: a
+/// commit with 64 clients connected encoded the same frame 63 times, and
+/// `commit` throughput at 64 connections was a third of that at 16.
+#[derive(Default)]
+pub struct InvalidationFrames {
+    /// Indexed by encoding (pickle Python 3, pickle Python 2, pickle
+    /// protocol 1 for older Python 2 clients, msgpack):
+    /// `(tid, frame)`.
+    last: std::sync::Mutex<[Option<(Tid, Bytes)>; 4]>,
+}
+
+impl InvalidationFrames {
+    pub fn frame(&self, encoding: impl Into<Encoding>, tid: Tid, oids: &[Oid]) -> Bytes {
+        let encoding = encoding.into();
+        let slot = match encoding {
+            Encoding::Pickle(Dialect::Py3) => 0,
+            Encoding::Pickle(Dialect::Py2) => 1,
+            Encoding::Pickle(Dialect::Py2Protocol1) => 2,
+            Encoding::Msgpack => 3,
+        };
+        // Poisoning cannot leave a half-written slot (one assignment).
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((t, f)) = &last[slot]
+            && *t == tid
+        {
+            return f.clone();
+        }
+        let args = Value::Tuple(vec![
+            tid_value(tid),
+            Value::List(oids.iter().map(|o| oid_value(*o)).collect()),
+        ]);
+        let f = envelope::encode_call(encoding, "invalidateTransaction", &args);
+        last[slot] = Some((tid, f.clone()));
+        f
+    }
+}
