@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use zeotemp::pickle::Value;
+use zeotemp::protocol::ids::{Oid, Tid};
+use zeotemp::protocol::pickle::Value;
 use zeotemp::storage::{GcOutcome, LockAttempt, Storage, StorageLimits, TxnMeta, TxnOp};
-use zeotemp::types::{Oid, Tid};
 
 fn store(oid: u64, serial: Tid, refs: Vec<u64>) -> TxnOp {
     TxnOp::Store {

@@ -43,6 +43,8 @@
 //! records are opaque bytes, never unpickled; garbage is collected without
 //! an operator, and never an object that a retained revision of a reachable
 //! object refers to.
+#![forbid(unsafe_code)]
+
 pub mod bench;
 pub mod config;
 pub mod monitor;

@@ -1,6 +1,8 @@
 //! The `zeotemp` binary: parses the command line and config file, sets up
 //! logging, binds, and runs the library's server until SIGINT/SIGTERM.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

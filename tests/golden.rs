@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use common::{fixtures_dir, hex_decode};
 
-use zeotemp::marshal::{self, Message};
-use zeotemp::pickle::{self, DecodeLimits, Dialect, Value};
+use zeotemp::protocol::envelope::{self, Message};
+use zeotemp::protocol::pickle::{self, DecodeLimits, Dialect, Value};
 
 /// One captured frame.
 struct Frame {
@@ -168,7 +168,7 @@ fn round_trip(folder: &str) -> RoundTrip {
         not_messages: Vec::new(),
     };
     for f in pickle_frames(folder) {
-        let msg: Message = match marshal::decode_message(&f.payload, &limits) {
+        let msg: Message = match envelope::decode_message(&f.payload, &limits) {
             Ok(m) => m,
             Err(e) => {
                 println!("{} seq {}: not a message: {e}", f.file, f.seq);
@@ -179,7 +179,7 @@ fn round_trip(folder: &str) -> RoundTrip {
         // The zero-copy variant agrees.
         let shared = bytes::Bytes::from(f.payload.clone());
         assert_eq!(
-            marshal::decode_message_bytes(&shared, &limits).expect("zero-copy decode"),
+            envelope::decode_message_bytes(&shared, &limits).expect("zero-copy decode"),
             msg
         );
         let value = pickle::decode(&f.payload, &limits).expect("decoded above");
@@ -422,7 +422,7 @@ fn error_replies_match_protocol_doc() {
         ),
     ];
     for (msgid, class, state, doc_hex) in &cases {
-        let frame = marshal::encode_error(Dialect::Py3, msgid, class, state);
+        let frame = envelope::encode_error(Dialect::Py3, msgid, class, state);
         assert_frame(&frame, &hex_decode(doc_hex));
     }
     // The doc quotes the captures; check against the captured frames too.
@@ -434,7 +434,7 @@ fn error_replies_match_protocol_doc() {
         (("07-", 59), &cases[3]),
         (("10-read-only.", 32), &cases[4]),
     ] {
-        let frame = marshal::encode_error(Dialect::Py3, msgid, class, state);
+        let frame = envelope::encode_error(Dialect::Py3, msgid, class, state);
         assert_frame(&frame, &find(&py3, file, seq).payload);
     }
 }
@@ -458,7 +458,7 @@ fn py2_server_conflict_error_shape() {
     let [class, state] = parts.as_slice() else {
         panic!("{parts:?}")
     };
-    let frame = marshal::encode_error(Dialect::Py2, &msgid, &class.as_text().unwrap(), state);
+    let frame = envelope::encode_error(Dialect::Py2, &msgid, &class.as_text().unwrap(), state);
     let class_name = hex(b"persistent.mapping.PersistentMapping");
     let theirs = hex(&f.payload).replace(
         &format!("5824000000{class_name}"),
@@ -472,7 +472,7 @@ fn py2_server_conflict_error_shape() {
 #[test]
 fn register_reply_matches_capture() {
     let frames = pickle_frames("zeo5-py3");
-    let frame = marshal::encode_reply(Dialect::Py3, &Value::Int(1), &bytes("0000000000000000"));
+    let frame = envelope::encode_reply(Dialect::Py3, &Value::Int(1), &bytes("0000000000000000"));
     assert_frame(&frame, &find(&frames, "01-", 8).payload);
 }
 
@@ -513,7 +513,7 @@ fn pushes_match_capture() {
         ),
     ];
     for (seq, method, args) in &cases {
-        let frame = marshal::encode_call(Dialect::Py3, method, args);
+        let frame = envelope::encode_call(Dialect::Py3, method, args);
         assert_frame(&frame, &find(&frames, "02-", *seq).payload);
     }
 }
@@ -695,7 +695,7 @@ fn serde_pickle_reads_our_frames() {
         Value::str("unicode é ☃"),
     ] {
         for dialect in [Dialect::Py3, Dialect::Py2] {
-            let frame = marshal::encode_reply(dialect, &Value::Int(7), &v);
+            let frame = envelope::encode_reply(dialect, &Value::Int(7), &v);
             let theirs = serde_pickle::value_from_slice(&frame[4..], opts()).unwrap();
             let expected = Value::Tuple(vec![
                 Value::Int(7),
@@ -748,7 +748,7 @@ fn corrupted_frames_never_panic() {
                         p.remove(i);
                     }
                 }
-                if marshal::decode_message(&p, &limits).is_ok() {
+                if envelope::decode_message(&p, &limits).is_ok() {
                     decoded += 1;
                 }
                 let _ = pickle::decode(&p, &limits);

@@ -35,7 +35,7 @@ use common::client::{
 };
 use common::{Server, cfg};
 use zeotemp::config::Config;
-use zeotemp::pickle::Value;
+use zeotemp::protocol::pickle::Value;
 use zeotemp::rng::XorShift64;
 
 const TYPE_ERROR: &str = "builtins.TypeError";
@@ -477,7 +477,7 @@ async fn deeply_nested_pickles_are_refused_without_stack_overflow() {
     // The limit itself: an envelope, an args tuple, and lists nested to
     // exactly the maximum depth decode (ping then refuses the argument);
     // one level more is refused.
-    let max = zeotemp::pickle::MAX_NESTING_DEPTH;
+    let max = zeotemp::protocol::pickle::MAX_NESTING_DEPTH;
     let mut h = Client::registered(srv.addr).await;
     let mut args = nested_lists(max - 2);
     args.push(0x85);
@@ -763,7 +763,7 @@ async fn client_text_cannot_forge_log_lines() {
     .await
     .expect("the server starts");
 
-    let forged = "\n2026-01-01T00:00:00.000000Z  WARN zeotemp::rpc: FORGED";
+    let forged = "\n2026-01-01T00:00:00.000000Z  WARN zeotemp::session: FORGED";
     let mut h = Client::handshaken(addr).await;
     h.expect_err(
         "register",

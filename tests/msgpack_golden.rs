@@ -9,9 +9,9 @@ mod common;
 
 use common::{fixtures_dir, hex_decode};
 
-use zeotemp::marshal::{self, Encoding, MarshalError};
-use zeotemp::msgpack;
-use zeotemp::pickle::{DecodeLimits, Value};
+use zeotemp::protocol::envelope::{self, Encoding, MarshalError};
+use zeotemp::protocol::msgpack;
+use zeotemp::protocol::pickle::{DecodeLimits, Value};
 
 struct Frame {
     file: String,
@@ -86,7 +86,7 @@ fn every_captured_msgpack_frame_round_trips() {
 fn captured_requests_decode_to_messages() {
     let mut n = 0;
     for f in msgpack_frames().iter().filter(|f| f.dir == "c2s") {
-        let m = marshal::decode_msgpack_message(&f.payload, &DecodeLimits::default());
+        let m = envelope::decode_msgpack_message(&f.payload, &DecodeLimits::default());
         if f.file.starts_with("py2-") {
             // A Python-2 client sends its method names as bin; the stock
             // Python-3 server refuses them ("Invalid method"), as we do.
@@ -141,16 +141,16 @@ fn captured_server_frames_are_what_we_write() {
                     panic!("seq {}: error without (class, state)", f.seq)
                 };
                 let class = parts[0].as_text().expect("class name");
-                marshal::encode_error(Encoding::Msgpack, &msgid, &class, &parts[1])
+                envelope::encode_error(Encoding::Msgpack, &msgid, &class, &parts[1])
             }
             (Value::Int(0), ".reply") => {
                 kinds[0] += 1;
-                marshal::encode_reply(Encoding::Msgpack, &msgid, &last)
+                envelope::encode_reply(Encoding::Msgpack, &msgid, &last)
             }
             (Value::Bool(true), method) => {
                 kinds[2] += 1;
                 assert_eq!(msgid, Value::Int(0));
-                marshal::encode_call(Encoding::Msgpack, method, &last)
+                envelope::encode_call(Encoding::Msgpack, method, &last)
             }
             other => panic!("seq {}: unexpected {other:?}", f.seq),
         };

@@ -8,7 +8,7 @@ mod common;
 use bytes::Bytes;
 use common::client::{Client, Reply, Z64, b, s, t};
 use common::{Server, cfg};
-use zeotemp::pickle::{self, Dialect, Value};
+use zeotemp::protocol::pickle::{self, Dialect, Value};
 
 fn py2(x: &[u8]) -> Value {
     Value::PyStr(Bytes::copy_from_slice(x))

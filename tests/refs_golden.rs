@@ -1,4 +1,4 @@
-//! Golden tests for the reference scanner (`zeotemp::refs`) against records
+//! Golden tests for the reference scanner (`zeotemp::storage::refs`) against records
 //! written by real ZODB (`fixtures/refs/`, made by
 //! `tests/python/gen_ref_fixtures.py`; format in `fixtures/refs/README.md`).
 //!
@@ -13,9 +13,9 @@ use std::collections::BTreeSet;
 use common::{fixtures_dir, hex_decode};
 use std::time::Instant;
 
-use zeotemp::refs::{self, RefError};
+use zeotemp::protocol::ids::Oid;
 use zeotemp::rng::XorShift64;
-use zeotemp::types::Oid;
+use zeotemp::storage::refs::{self, RefError};
 
 /// The categories the Python 3 fixture must cover with ZODB's own writer.
 const PY3_CATEGORIES: &[&str] = &[

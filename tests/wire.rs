@@ -13,8 +13,8 @@ use common::{Server, cfg};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use zeotemp::config::Config;
-use zeotemp::marshal;
-use zeotemp::pickle::{DecodeLimits, Value};
+use zeotemp::protocol::envelope;
+use zeotemp::protocol::pickle::{DecodeLimits, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_register_and_root() {
@@ -116,7 +116,7 @@ async fn bad_handshake_and_probe_close_harmlessly() {
 
 /// A msgpack (`M5`) request frame.
 fn mp_request(msgid: i64, oneway: bool, method: &str, args: Vec<Value>) -> Vec<u8> {
-    zeotemp::msgpack::encode(&t(vec![
+    zeotemp::protocol::msgpack::encode(&t(vec![
         Value::Int(msgid),
         Value::Bool(oneway),
         s(method),
@@ -128,7 +128,7 @@ fn mp_request(msgid: i64, oneway: bool, method: &str, args: Vec<Value>) -> Vec<u
 /// The next frame, decoded as msgpack: `[msgid, flags, name, value]`.
 async fn mp_message(c: &mut Client) -> Vec<Value> {
     let f = c.frame().await.expect("a frame, not a close");
-    match zeotemp::msgpack::decode(&f, &DecodeLimits::default()) {
+    match zeotemp::protocol::msgpack::decode(&f, &DecodeLimits::default()) {
         Ok(Value::Tuple(items)) if items.len() == 4 => items,
         other => panic!("not a msgpack message: {other:?} from {f:?}"),
     }
@@ -214,7 +214,7 @@ async fn msgpack_answer_to_z5_gets_msgpack_in_commit_order() {
             t(vec![tid2.clone(), t(vec![o2.clone()])]),
         ]
     );
-    m.send_frame(&zeotemp::msgpack::encode(&t(vec![
+    m.send_frame(&zeotemp::protocol::msgpack::encode(&t(vec![
         t(vec![o2.clone(), b(&MAXTID)]),
         Value::Bool(false),
         s("loadBefore"),
@@ -284,7 +284,7 @@ async fn msgpack_setting_announces_m5_and_z5_answers_get_pickle() {
     let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
     z.read_exact(&mut payload).await.unwrap();
     assert_eq!(payload[..2], [0x80, 3], "a pickle");
-    let reply = marshal::decode_message(&payload, &DecodeLimits::default()).unwrap();
+    let reply = envelope::decode_message(&payload, &DecodeLimits::default()).unwrap();
     assert_eq!(
         (reply.msgid, reply.method.as_str()),
         (Value::Int(1), ".reply")
@@ -1108,7 +1108,7 @@ async fn client_that_never_reads_is_disconnected_and_others_are_not_slowed() {
     let (mut loads, mut invalidations) = (0, 0);
     let mut last_tid: Option<Vec<u8>> = None;
     while let Some(f) = sleeper.frame().await {
-        let m = marshal::decode_message(&f, &DecodeLimits::default()).unwrap();
+        let m = envelope::decode_message(&f, &DecodeLimits::default()).unwrap();
         if m.method == ".reply" {
             // Replies come in request order, none skipped. (They may follow
             // some invalidations: the server resumes reading the sleeper's

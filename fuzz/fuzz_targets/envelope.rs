@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use zeotemp::pickle::{self, DecodeLimits, Dialect};
+use zeotemp::protocol::pickle::{self, DecodeLimits, Dialect};
 
 fuzz_target!(|data: &[u8]| {
     let limits = DecodeLimits::default();
@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     let full = pickle::decode_full(data, &limits);
     // Compared as text: NaN is not equal to itself, but prints the same.
     assert_eq!(format!("{fast:?}"), format!("{full:?}"));
-    if let Ok(m) = zeotemp::marshal::decode_message(data, &limits) {
+    if let Ok(m) = zeotemp::protocol::envelope::decode_message(data, &limits) {
         let _ = m.args.forbidden_global();
         let _ = m.msgid.forbidden_global();
         if !unencodable(&m.args) {

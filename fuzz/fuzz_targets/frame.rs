@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     for chunk in rest.chunks(usize::from(cut % 16) + 1) {
         buf.extend_from_slice(chunk);
         loop {
-            match zeotemp::frame::parse(&mut buf, max) {
+            match zeotemp::protocol::frame::parse(&mut buf, max) {
                 Ok(Some(f)) => {
                     assert!(f.len() <= max);
                     taken += 4 + f.len();

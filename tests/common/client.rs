@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use zeotemp::marshal::{self, Message};
-use zeotemp::pickle::{self, DecodeLimits, Dialect, Value};
+use zeotemp::protocol::envelope::{self, Message};
+use zeotemp::protocol::pickle::{self, DecodeLimits, Dialect, Value};
 
 /// Longest wait for any one frame from the server (or its close).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -209,7 +209,8 @@ impl Client {
     ) -> Result<Option<Bytes>, tokio::time::error::Elapsed> {
         tokio::time::timeout(limit, async {
             loop {
-                if let Some(f) = zeotemp::frame::parse(&mut self.buf, usize::MAX).unwrap() {
+                if let Some(f) = zeotemp::protocol::frame::parse(&mut self.buf, usize::MAX).unwrap()
+                {
                     return Some(f);
                 }
                 match self.stream.read_buf(&mut self.buf).await {
@@ -232,7 +233,7 @@ impl Client {
     /// The next message (reply or push), or None once the server closed.
     pub async fn message(&mut self) -> Option<Message> {
         let f = self.frame().await?;
-        Some(marshal::decode_message(&f, &DecodeLimits::default()).unwrap())
+        Some(envelope::decode_message(&f, &DecodeLimits::default()).unwrap())
     }
 
     // ---- requests and replies ----
@@ -355,7 +356,7 @@ impl Client {
                 Err(_) => return,
                 Ok(None) => panic!("{what}: connection closed"),
                 Ok(Some(f)) => {
-                    let m = marshal::decode_message(&f, &DecodeLimits::default()).unwrap();
+                    let m = envelope::decode_message(&f, &DecodeLimits::default()).unwrap();
                     assert_ne!(m.method, ".reply", "{what}: unexpected reply {:?}", m.args);
                 }
             }
