@@ -1,29 +1,13 @@
-//! Server settings: every limit is a named constant with a default here,
-//! overridable by the TOML config file and then by the command line.
+//! Server settings, declared once: [`Settings`] is the command line's
+//! options and the TOML config file's keys (with `--help` text), and
+//! [`Settings::resolve`] turns them, with every default (the `DEFAULT_*`
+//! constants here), into the [`Config`] the rest of the crate reads. A leaf:
+//! it imports nothing from the crate.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-
-pub use crate::protocol::frame::DEFAULT_MAX_FRAME_SIZE;
-pub use crate::protocol::pickle::{MAX_MESSAGE_ITEMS, MAX_NESTING_DEPTH};
-pub use crate::session::outbox::{DEFAULT_MAX_OUTBOX_BYTES, READ_PAUSE_BYTES};
-pub use crate::storage::{DEFAULT_INVALIDATION_QUEUE_SIZE, DEFAULT_RETENTION_SECS};
-
-/// Smallest `max-nesting-depth` accepted: stock ZEO messages nest up to
-/// four levels (envelope, arguments, a `tpc_begin` extension dict, a value
-/// in it); below eight a client's odd but harmless message would close its
-/// connection.
-pub const MIN_NESTING_DEPTH: usize = 8;
-
-/// Smallest `max-message-items` accepted: far above any stock client's
-/// message, so a setting cannot lock clients out by accident.
-pub const MIN_MESSAGE_ITEMS: usize = 1_000;
-
-/// Smallest `read-pause-bytes` accepted: a few replies must fit before a
-/// connection's requests pause.
-pub const MIN_READ_PAUSE_BYTES: usize = 64 * 1024;
 
 /// Default listen address: loopback, next to the main ZEO server's usual
 /// 8100 and never on it.
@@ -48,14 +32,28 @@ pub const DEFAULT_TRANSACTION_TIMEOUT_SECS: u64 = 30;
 /// objects over a slow link.
 pub const DEFAULT_FRAME_TIMEOUT_SECS: u64 = 60;
 
-/// Default bound on the bytes one transaction may buffer before its vote
-/// (`max-transaction-bytes`). Over it, the vote fails with an error naming
-/// the limit.
-pub const DEFAULT_MAX_TRANSACTION_BYTES: usize = 512 * 1024 * 1024;
+/// Default `shutdown-grace` in seconds: at a stop, how long a commit in
+/// progress may take to finish, and then how long each connection may take
+/// to receive what is queued for it and to close its own side (what it
+/// still sends meanwhile is read and dropped, so that it sees a clean close,
+/// not a reset), before it is closed anyway. (A connection that ends by
+/// itself, or that the server closes, gets the same time.)
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 5;
 
-/// Default number of simultaneous client connections (`max-connections`);
-/// further ones are closed at once with a log line.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default `invalidation-queue-size`: recent transactions remembered for
+/// `getInvalidations` (ZEO's default).
+pub const DEFAULT_INVALIDATION_QUEUE_SIZE: usize = 100;
+
+/// Default `history-retention` in seconds: how long a non-current revision
+/// is kept after it was replaced. Long enough for a Zope request that
+/// opened a snapshot (requests that run longer are rare and retried on
+/// ReadConflictError), and for client-side conflict resolution, which reads
+/// the revision the client started from within its own transaction; the
+/// same 60 s as Python tempstorage's conflict cache. It also bounds how
+/// long an unlinked object is kept, so under a steady session churn memory
+/// levels off about a minute after the churn starts (600 s, the default
+/// before, took over ten: BENCHMARKS.md, "Memory under churn").
+pub const DEFAULT_HISTORY_RETENTION_SECS: u64 = 60;
 
 /// Default `gc-interval` in seconds: how often each storage drops expired
 /// non-current revisions and, if anything was committed since the last
@@ -68,15 +66,65 @@ pub const DEFAULT_GC_INTERVAL_SECS: u64 = 10;
 /// per-revision overheads), not to its RSS, which is somewhat higher.
 pub const DEFAULT_MEMORY_LIMIT_FRACTION: f64 = 0.5;
 
-/// Default `metrics-address`: none, so the Prometheus endpoint is off. Set
-/// to `HOST:PORT` (port 0 picks a free port and logs it) to serve
-/// `GET /metrics` in the Prometheus text format there (`src/metrics.rs`).
-/// Plain HTTP without authentication: keep it on loopback or a private
-/// network, as the ZEO port.
-pub const DEFAULT_METRICS_ADDRESS: Option<&str> = None;
+/// Default `max-frame-size`: the largest frame a client may send. 64 MiB
+/// holds any real session object (ZEO's own blob chunks are 59 000 bytes; a
+/// 20 MB object record is the largest the tests send).
+pub const DEFAULT_MAX_FRAME_SIZE: usize = 64 * 1024 * 1024;
 
-/// How often a summary line per storage is logged, in seconds.
-pub const STATS_LOG_INTERVAL_SECS: u64 = 300;
+/// Default `max-outbox-bytes`: the bound on the bytes queued for one
+/// client. A 20 MB object reply fits with room for the invalidations that
+/// follow it.
+pub const DEFAULT_MAX_OUTBOX_BYTES: usize = 256 * 1024 * 1024;
+
+/// Default `read-pause-bytes`: queued bytes past which a connection's own
+/// requests are no longer read (until the queue drains below it again),
+/// when less than half of `max-outbox-bytes` ([`effective_read_pause`]).
+/// Before, the pause came at half the bound: a client that pipelined 50,000
+/// loads of a 4 KiB object and never read made the server queue 128 MiB for
+/// it (by default) and keep it as long as the connection lasted; four such
+/// clients, half a GiB. A client that reads never gets near this (the
+/// kernel's socket buffers take megabytes first); one reply bigger than
+/// this is still queued whole.
+pub const DEFAULT_READ_PAUSE_BYTES: usize = 1024 * 1024;
+
+/// Smallest `read-pause-bytes` accepted: a few replies must fit before a
+/// connection's requests pause.
+pub const MIN_READ_PAUSE_BYTES: usize = 64 * 1024;
+
+/// Default bound on the bytes one transaction may buffer before its vote
+/// (`max-transaction-bytes`). Over it, the vote fails with an error naming
+/// the limit.
+pub const DEFAULT_MAX_TRANSACTION_BYTES: usize = 512 * 1024 * 1024;
+
+/// Default number of simultaneous client connections (`max-connections`);
+/// further ones are closed at once with a log line.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// Default `max-nesting-depth`: how deeply containers may nest in one
+/// message. ZEO messages nest at most four levels (envelope tuple, args
+/// tuple, e.g. a `tpc_begin` extension dict, a value inside it); 64 leaves
+/// room for odd clients while keeping recursion over decoded values
+/// shallow.
+pub const DEFAULT_MAX_NESTING_DEPTH: usize = 64;
+
+/// Smallest `max-nesting-depth` accepted: stock ZEO messages nest up to
+/// four levels (envelope, arguments, a `tpc_begin` extension dict, a value
+/// in it); below eight a client's odd but harmless message would close its
+/// connection.
+pub const MIN_NESTING_DEPTH: usize = 8;
+
+/// Default `max-message-items`: how many values (scalars and containers)
+/// one message may decode to. Each decoded value takes about a hundred
+/// bytes while it is built (the value and its stack slot), so without a
+/// bound a 64 MiB frame of one-byte items (`N N N ...`) took ~7 GB and
+/// seconds of a worker thread (found by `tests/hostile.rs`). Stock clients
+/// send a few dozen values per message; 100,000 bounds a message's decoding
+/// to ~10 MB.
+pub const DEFAULT_MAX_MESSAGE_ITEMS: usize = 100_000;
+
+/// Smallest `max-message-items` accepted: far above any stock client's
+/// message, so a setting cannot lock clients out by accident.
+pub const MIN_MESSAGE_ITEMS: usize = 1_000;
 
 /// Default `threads`: runtime worker threads serving connections. One is
 /// enough for a session store and the cheapest per transaction: on the
@@ -87,13 +135,202 @@ pub const STATS_LOG_INTERVAL_SECS: u64 = 300;
 /// own thread either way. Raise it for many busy clients on a big machine.
 pub const DEFAULT_THREADS: usize = 1;
 
-/// Default `shutdown-grace` in seconds: at a stop, how long a commit in
-/// progress may take to finish, and then how long each connection may take
-/// to receive what is queued for it and to close its own side (what it
-/// still sends meanwhile is read and dropped, so that it sees a clean close,
-/// not a reset), before it is closed anyway. (A connection that ends by
-/// itself, or that the server closes, gets the same time.)
-pub const SHUTDOWN_GRACE_SECS: u64 = 5;
+/// Default `metrics-address`: none, so the Prometheus endpoint is off. Set
+/// to `HOST:PORT` (port 0 picks a free port and logs it) to serve
+/// `GET /metrics` in the Prometheus text format there
+/// (`src/monitor/prometheus.rs`). Plain HTTP without authentication: keep
+/// it on loopback or a private network, as the ZEO port.
+pub const DEFAULT_METRICS_ADDRESS: Option<&str> = None;
+
+/// How often a summary line per storage is logged, in seconds (not a
+/// setting).
+pub const STATS_LOG_INTERVAL_SECS: u64 = 300;
+
+/// The queued bytes over which a connection's requests are not read, for
+/// an outbox bound of `max_outbox_bytes` and a `read-pause-bytes` of
+/// `read_pause_bytes`: the smaller of that and half the bound.
+pub fn effective_read_pause(max_outbox_bytes: usize, read_pause_bytes: usize) -> usize {
+    read_pause_bytes.min(max_outbox_bytes / 2)
+}
+
+/// An on/off setting: `true` or `false` in the config file; on the command
+/// line a flag that can only turn it on (absent, it is unset, so the file's
+/// value or the default stands).
+pub type Switch = Option<bool>;
+
+/// Parses a [`Switch`] flag: clap gives `"true"` when the flag is present
+/// and `"false"` when it is absent, which is unset.
+fn switch(given: &str) -> Result<Switch, String> {
+    match given {
+        "true" => Ok(Some(true)),
+        "false" => Ok(None),
+        _ => Err(format!("{given:?} is not true or false")),
+    }
+}
+
+/// Every setting, each optional: the command line's options (the doc
+/// comments are their `--help` text and the manual page's) and the TOML
+/// config file's keys (the same names, without `--`; see
+/// `config/zeotemp.toml`). Unset ones take their default in
+/// [`Settings::resolve`].
+#[derive(clap::Args, Deserialize, Debug, Default, Clone, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Settings {
+    /// Where to listen: HOST:PORT for TCP (port 0 picks a free port), or a
+    /// path for a unix-domain socket. Repeat for several listeners.
+    /// [default: 127.0.0.1:8101]
+    #[arg(short, long = "address", value_name = "ADDR")]
+    pub address: Option<Vec<String>>,
+
+    /// A storage name to serve (what clients give as `storage`). Repeat for
+    /// several fully isolated storages. [default: 1]
+    #[arg(short, long = "storage", value_name = "NAME")]
+    pub storage: Option<Vec<String>>,
+
+    /// Serve every storage read-only: writable registrations are refused
+    /// with ReadOnlyError (clients with read-only-fallback connect
+    /// read-only).
+    #[arg(long, action = clap::ArgAction::SetTrue, value_parser = switch)]
+    pub read_only: Switch,
+
+    /// Announce ZEO protocol M5 (msgpack) instead of Z5 (pickle), as the
+    /// stock server's `msgpack true`; stock clients then speak msgpack
+    /// (they need the `msgpack` package). Whatever is announced, a client
+    /// answering M5 gets msgpack and one answering Z5 pickle.
+    /// [default: off]
+    #[arg(long, action = clap::ArgAction::SetTrue, value_parser = switch)]
+    pub msgpack: Switch,
+
+    /// Seconds one transaction may hold a storage's commit lock (from vote,
+    /// through client-side conflict resolution, to tpc_finish) before it is
+    /// aborted and its connection closed. [default: 30]
+    #[arg(long, value_name = "SECS")]
+    pub transaction_timeout: Option<u64>,
+
+    /// Seconds a client may take to send one message once its first byte
+    /// arrived (and its handshake after connecting); over it the connection
+    /// is closed with a log line. [default: 60]
+    #[arg(long, value_name = "SECS")]
+    pub frame_timeout: Option<u64>,
+
+    /// Seconds a stop (SIGTERM, Ctrl-C) gives a commit in progress to
+    /// finish, and then each connection to receive what is queued for it.
+    /// [default: 5]
+    #[arg(long, value_name = "SECS")]
+    pub shutdown_grace: Option<u64>,
+
+    /// File mode of unix-domain sockets, in octal (e.g. 0660); default: the
+    /// process umask's.
+    #[arg(long, value_name = "MODE")]
+    pub unix_socket_mode: Option<String>,
+
+    /// Recent transactions remembered for reconnecting clients' quick cache
+    /// verification (getInvalidations). [default: 100]
+    #[arg(long, value_name = "N")]
+    pub invalidation_queue_size: Option<usize>,
+
+    /// Seconds a non-current object revision is kept after it was replaced,
+    /// for open snapshots (MVCC) and client-side conflict resolution. A
+    /// load of a revision older than that is answered with a retryable
+    /// conflict. [default: 600]
+    #[arg(long, value_name = "SECS")]
+    pub history_retention: Option<u64>,
+
+    /// Seconds between background passes that drop expired history and,
+    /// if anything was committed, collect objects unreachable from the
+    /// root. [default: 10]
+    #[arg(long, value_name = "SECS")]
+    pub gc_interval: Option<u64>,
+
+    /// Bytes each storage may hold (records, references and bookkeeping,
+    /// as accounted by zeotemp; RSS is somewhat higher). A commit that would
+    /// cross it first drops the oldest history and collects garbage; if
+    /// still over, its vote fails with an error naming this limit. 0 means
+    /// no limit. [default: half of the machine's memory]
+    #[arg(long, value_name = "BYTES")]
+    pub memory_limit: Option<usize>,
+
+    /// Largest frame (message) a client may send, in bytes; a larger one
+    /// closes that connection with a log line. [default: 67108864 = 64 MiB]
+    #[arg(long, value_name = "BYTES")]
+    pub max_frame_size: Option<usize>,
+
+    /// Bytes of replies and invalidations queued for one client; a client
+    /// that does not read them is disconnected (it reconnects and verifies
+    /// its cache), never sent a partial stream. [default: 268435456 = 256 MiB]
+    #[arg(long, value_name = "BYTES")]
+    pub max_outbox_bytes: Option<usize>,
+
+    /// Bytes of object data one transaction may send before its vote; over
+    /// it the vote fails with an error naming this limit.
+    /// [default: 536870912 = 512 MiB]
+    #[arg(long, value_name = "BYTES")]
+    pub max_transaction_bytes: Option<usize>,
+
+    /// Simultaneous client connections; further ones are closed at once
+    /// with a log line. [default: 10000]
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Bytes queued for a client past which its own requests are not read
+    /// until it reads its replies (a client that pipelines and never reads
+    /// holds about this much of the server's memory). [default: 1 MiB]
+    #[arg(long, value_name = "BYTES")]
+    pub read_pause_bytes: Option<usize>,
+
+    /// How deeply containers may nest in one message; a deeper one closes
+    /// its connection with a log line. [default: 64]
+    #[arg(long, value_name = "N")]
+    pub max_nesting_depth: Option<usize>,
+
+    /// Values (scalars and containers) one message may decode to; more
+    /// close its connection with a log line (bounds decoding to about 100
+    /// bytes per value). [default: 100000]
+    #[arg(long, value_name = "N")]
+    pub max_message_items: Option<usize>,
+
+    /// Worker threads serving connections. One is the leanest and steadiest
+    /// for a session store; more help only many busy clients on a machine
+    /// with cores to spare. [default: 1]
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+
+    /// Accepted for familiarity with ZEO's option of the same name, and
+    /// always on: zeotemp never unpickles application data, so conflicts
+    /// are handed to the clients to resolve (BTrees, Length, Transience
+    /// resolve theirs as with a stock server in this mode).
+    #[arg(long, action = clap::ArgAction::SetTrue, value_parser = switch)]
+    pub client_conflict_resolution: Switch,
+
+    /// Serve every listener (unix sockets too) with TLS, using this PEM
+    /// certificate chain (the server's certificate first, then any
+    /// intermediates); needs --tls-key. Clients use ZEO's <ssl> section or
+    /// ClientStorage(ssl=...). [default: no TLS]
+    #[arg(long, value_name = "FILE")]
+    pub tls_certificate: Option<PathBuf>,
+
+    /// The PEM private key of --tls-certificate (unencrypted).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM file of CA certificates: clients must present a certificate
+    /// signed by one of them, or the TLS handshake fails (the stock
+    /// server's <ssl> authenticate). Needs --tls-certificate.
+    /// [default: no client certificate asked for]
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Serve Prometheus metrics (GET /metrics, plain HTTP) on HOST:PORT;
+    /// port 0 picks a free port and logs it. [default: off]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_address: Option<String>,
+
+    /// Log filter: error, warn, info, debug (commits are logged at debug),
+    /// or a tracing filter like `zeotemp=debug`. Overrides RUST_LOG.
+    /// [default: info]
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -102,7 +339,7 @@ pub struct Config {
     /// Storage names served; each is a separate, isolated database.
     pub storages: Vec<String>,
     pub read_only: bool,
-    /// `msgpack`: announce `M5` (msgpack) instead of `Z5` (pickle) at the
+    /// `msgpack`: announce `M5` (msgpack) instead of `Z5` (pickle), at the
     /// handshake, as the stock server's `msgpack true`. Stock clients
     /// answer with the letter announced; whatever was announced, a client
     /// answering `M5` is spoken msgpack, one answering `Z5` pickle. Off by
@@ -112,7 +349,7 @@ pub struct Config {
     pub transaction_timeout: Duration,
     /// See [`DEFAULT_FRAME_TIMEOUT_SECS`].
     pub frame_timeout: Duration,
-    /// `shutdown-grace` ([`SHUTDOWN_GRACE_SECS`]).
+    /// `shutdown-grace` ([`DEFAULT_SHUTDOWN_GRACE_SECS`]).
     pub shutdown_grace: Duration,
     /// File mode of unix-domain sockets (e.g. `0o660`); `None` leaves the
     /// process umask's.
@@ -120,16 +357,16 @@ pub struct Config {
     pub invalidation_queue_size: usize,
     pub max_frame_size: usize,
     pub max_outbox_bytes: usize,
-    /// `read-pause-bytes` ([`READ_PAUSE_BYTES`]; at most half of
+    /// `read-pause-bytes` ([`DEFAULT_READ_PAUSE_BYTES`]; at most half of
     /// `max_outbox_bytes` takes effect).
     pub read_pause_bytes: usize,
     pub max_transaction_bytes: usize,
     pub max_connections: usize,
     /// `max-nesting-depth`: how deeply containers may nest in one message
-    /// ([`MAX_NESTING_DEPTH`]; at least [`MIN_NESTING_DEPTH`]).
+    /// ([`DEFAULT_MAX_NESTING_DEPTH`]; at least [`MIN_NESTING_DEPTH`]).
     pub max_nesting_depth: usize,
     /// `max-message-items`: values one message may decode to
-    /// ([`MAX_MESSAGE_ITEMS`]; at least [`MIN_MESSAGE_ITEMS`]).
+    /// ([`DEFAULT_MAX_MESSAGE_ITEMS`]; at least [`MIN_MESSAGE_ITEMS`]).
     pub max_message_items: usize,
     /// Runtime worker threads (at least 1).
     pub threads: usize,
@@ -140,7 +377,7 @@ pub struct Config {
     /// `tls-certificate`: the server's certificate chain (PEM: its own
     /// certificate first, then any intermediates). With `tls-key`, every
     /// listener speaks TLS (the stock server's `<ssl> certificate`); see
-    /// `src/tls.rs`.
+    /// `src/server/tls.rs`.
     pub tls_certificate: Option<PathBuf>,
     /// `tls-key`: the private key of `tls-certificate` (PEM, unencrypted;
     /// the stock server's `<ssl> key`).
@@ -167,75 +404,13 @@ pub fn default_memory_limit() -> Option<usize> {
     physical_memory().map(|m| (m as f64 * DEFAULT_MEMORY_LIMIT_FRACTION) as usize)
 }
 
+/// Every setting at its default.
 impl Default for Config {
     fn default() -> Config {
-        Config {
-            addresses: vec![DEFAULT_ADDRESS.to_string()],
-            storages: vec![DEFAULT_STORAGE.to_string()],
-            read_only: false,
-            msgpack: false,
-            transaction_timeout: Duration::from_secs(DEFAULT_TRANSACTION_TIMEOUT_SECS),
-            frame_timeout: Duration::from_secs(DEFAULT_FRAME_TIMEOUT_SECS),
-            shutdown_grace: Duration::from_secs(SHUTDOWN_GRACE_SECS),
-            unix_socket_mode: None,
-            invalidation_queue_size: DEFAULT_INVALIDATION_QUEUE_SIZE,
-            max_frame_size: DEFAULT_MAX_FRAME_SIZE,
-            max_outbox_bytes: DEFAULT_MAX_OUTBOX_BYTES,
-            read_pause_bytes: READ_PAUSE_BYTES,
-            max_transaction_bytes: DEFAULT_MAX_TRANSACTION_BYTES,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            max_nesting_depth: MAX_NESTING_DEPTH,
-            max_message_items: MAX_MESSAGE_ITEMS,
-            threads: DEFAULT_THREADS,
-            history_retention: Duration::from_secs(DEFAULT_RETENTION_SECS),
-            gc_interval: Duration::from_secs(DEFAULT_GC_INTERVAL_SECS),
-            memory_limit: default_memory_limit(),
-            tls_certificate: None,
-            tls_key: None,
-            tls_client_ca: None,
-            metrics_address: DEFAULT_METRICS_ADDRESS.map(String::from),
-        }
+        Settings::default()
+            .resolve()
+            .expect("unset settings take their defaults")
     }
-}
-
-/// The TOML config file: the same settings as the command line, each
-/// optional (see `config/zeotemp.toml`).
-#[derive(Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct FileConfig {
-    pub address: Option<Vec<String>>,
-    pub storage: Option<Vec<String>>,
-    pub read_only: Option<bool>,
-    pub msgpack: Option<bool>,
-    pub transaction_timeout: Option<u64>,
-    pub frame_timeout: Option<u64>,
-    pub shutdown_grace: Option<u64>,
-    /// Octal digits, e.g. `"0660"`.
-    pub unix_socket_mode: Option<String>,
-    pub invalidation_queue_size: Option<usize>,
-    pub max_frame_size: Option<usize>,
-    pub max_outbox_bytes: Option<usize>,
-    pub read_pause_bytes: Option<usize>,
-    pub max_transaction_bytes: Option<usize>,
-    pub max_connections: Option<usize>,
-    pub max_nesting_depth: Option<usize>,
-    pub max_message_items: Option<usize>,
-    pub threads: Option<usize>,
-    pub history_retention: Option<u64>,
-    pub gc_interval: Option<u64>,
-    /// Bytes; 0 means no limit.
-    pub memory_limit: Option<usize>,
-    /// Accepted for familiarity with ZEO's `client-conflict-resolution`:
-    /// zeotemp always lets clients resolve conflicts; `false` is refused.
-    pub client_conflict_resolution: Option<bool>,
-    /// Log filter, e.g. `info` or `zeotemp=debug`.
-    pub log_level: Option<String>,
-    /// Paths; relative ones are relative to the working directory.
-    pub tls_certificate: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub tls_client_ca: Option<PathBuf>,
-    /// `HOST:PORT` of the Prometheus endpoint (off when unset).
-    pub metrics_address: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -265,8 +440,9 @@ fn parse_mode(s: &str) -> Result<u32, ConfigError> {
     }
 }
 
-impl FileConfig {
-    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+impl Settings {
+    /// The settings of a TOML config file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
@@ -277,80 +453,49 @@ impl FileConfig {
         })
     }
 
-    /// Applies the file's settings on top of `cfg`.
-    pub fn apply(&self, cfg: &mut Config) -> Result<(), ConfigError> {
-        if let Some(v) = &self.address {
-            cfg.addresses = v.clone();
+    /// Each setting from `self` where set there, else from `lower`: the
+    /// command line's `.or(` the config file's `)`.
+    pub fn or(self, lower: Settings) -> Settings {
+        Settings {
+            address: self.address.or(lower.address),
+            storage: self.storage.or(lower.storage),
+            read_only: self.read_only.or(lower.read_only),
+            msgpack: self.msgpack.or(lower.msgpack),
+            transaction_timeout: self.transaction_timeout.or(lower.transaction_timeout),
+            frame_timeout: self.frame_timeout.or(lower.frame_timeout),
+            shutdown_grace: self.shutdown_grace.or(lower.shutdown_grace),
+            unix_socket_mode: self.unix_socket_mode.or(lower.unix_socket_mode),
+            invalidation_queue_size: self
+                .invalidation_queue_size
+                .or(lower.invalidation_queue_size),
+            history_retention: self.history_retention.or(lower.history_retention),
+            gc_interval: self.gc_interval.or(lower.gc_interval),
+            memory_limit: self.memory_limit.or(lower.memory_limit),
+            max_frame_size: self.max_frame_size.or(lower.max_frame_size),
+            max_outbox_bytes: self.max_outbox_bytes.or(lower.max_outbox_bytes),
+            max_transaction_bytes: self.max_transaction_bytes.or(lower.max_transaction_bytes),
+            max_connections: self.max_connections.or(lower.max_connections),
+            read_pause_bytes: self.read_pause_bytes.or(lower.read_pause_bytes),
+            max_nesting_depth: self.max_nesting_depth.or(lower.max_nesting_depth),
+            max_message_items: self.max_message_items.or(lower.max_message_items),
+            threads: self.threads.or(lower.threads),
+            client_conflict_resolution: self
+                .client_conflict_resolution
+                .or(lower.client_conflict_resolution),
+            tls_certificate: self.tls_certificate.or(lower.tls_certificate),
+            tls_key: self.tls_key.or(lower.tls_key),
+            tls_client_ca: self.tls_client_ca.or(lower.tls_client_ca),
+            metrics_address: self.metrics_address.or(lower.metrics_address),
+            log_level: self.log_level.or(lower.log_level),
         }
-        if let Some(v) = &self.storage {
-            cfg.storages = v.clone();
-        }
-        if let Some(v) = self.read_only {
-            cfg.read_only = v;
-        }
-        if let Some(v) = self.msgpack {
-            cfg.msgpack = v;
-        }
-        if let Some(v) = self.shutdown_grace {
-            cfg.shutdown_grace = Duration::from_secs(v);
-        }
-        if let Some(v) = self.frame_timeout {
-            cfg.frame_timeout = Duration::from_secs(v);
-        }
-        if let Some(v) = &self.unix_socket_mode {
-            cfg.unix_socket_mode = Some(parse_mode(v)?);
-        }
-        if let Some(v) = self.transaction_timeout {
-            cfg.transaction_timeout = Duration::from_secs(v);
-        }
-        if let Some(v) = self.invalidation_queue_size {
-            cfg.invalidation_queue_size = v;
-        }
-        if let Some(v) = self.max_frame_size {
-            cfg.max_frame_size = v;
-        }
-        if let Some(v) = self.max_outbox_bytes {
-            cfg.max_outbox_bytes = v;
-        }
-        if let Some(v) = self.read_pause_bytes {
-            cfg.read_pause_bytes = v;
-        }
-        if let Some(v) = self.max_transaction_bytes {
-            cfg.max_transaction_bytes = v;
-        }
-        if let Some(v) = self.max_connections {
-            cfg.max_connections = v;
-        }
-        if let Some(v) = self.max_nesting_depth {
-            cfg.max_nesting_depth = v;
-        }
-        if let Some(v) = self.max_message_items {
-            cfg.max_message_items = v;
-        }
-        if let Some(v) = self.threads {
-            cfg.threads = v;
-        }
-        if let Some(v) = self.history_retention {
-            cfg.history_retention = Duration::from_secs(v);
-        }
-        if let Some(v) = self.gc_interval {
-            cfg.gc_interval = Duration::from_secs(v);
-        }
-        if let Some(v) = self.memory_limit {
-            cfg.memory_limit = (v > 0).then_some(v);
-        }
-        if let Some(v) = &self.tls_certificate {
-            cfg.tls_certificate = Some(v.clone());
-        }
-        if let Some(v) = &self.tls_key {
-            cfg.tls_key = Some(v.clone());
-        }
-        if let Some(v) = &self.tls_client_ca {
-            cfg.tls_client_ca = Some(v.clone());
-        }
-        if let Some(v) = &self.metrics_address {
-            cfg.metrics_address = Some(v.clone());
-        }
+    }
+
+    /// The [`Config`] these settings make, each unset one at its default
+    /// (`log-level` is the binary's, not in it). Refuses what cannot be
+    /// read (a `unix-socket-mode` that is no octal mode,
+    /// `client-conflict-resolution = false`); [`Config::validate`] checks
+    /// the values together.
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
         if self.client_conflict_resolution == Some(false) {
             return Err(ConfigError::Invalid(
                 "client-conflict-resolution = false is not possible: zeotemp never unpickles \
@@ -358,7 +503,54 @@ impl FileConfig {
                     .into(),
             ));
         }
-        Ok(())
+        let secs = |v: Option<u64>, default| Duration::from_secs(v.unwrap_or(default));
+        Ok(Config {
+            addresses: self
+                .address
+                .clone()
+                .unwrap_or_else(|| vec![DEFAULT_ADDRESS.to_string()]),
+            storages: self
+                .storage
+                .clone()
+                .unwrap_or_else(|| vec![DEFAULT_STORAGE.to_string()]),
+            read_only: self.read_only.unwrap_or(false),
+            msgpack: self.msgpack.unwrap_or(false),
+            transaction_timeout: secs(self.transaction_timeout, DEFAULT_TRANSACTION_TIMEOUT_SECS),
+            frame_timeout: secs(self.frame_timeout, DEFAULT_FRAME_TIMEOUT_SECS),
+            shutdown_grace: secs(self.shutdown_grace, DEFAULT_SHUTDOWN_GRACE_SECS),
+            unix_socket_mode: self
+                .unix_socket_mode
+                .as_deref()
+                .map(parse_mode)
+                .transpose()?,
+            invalidation_queue_size: self
+                .invalidation_queue_size
+                .unwrap_or(DEFAULT_INVALIDATION_QUEUE_SIZE),
+            max_frame_size: self.max_frame_size.unwrap_or(DEFAULT_MAX_FRAME_SIZE),
+            max_outbox_bytes: self.max_outbox_bytes.unwrap_or(DEFAULT_MAX_OUTBOX_BYTES),
+            read_pause_bytes: self.read_pause_bytes.unwrap_or(DEFAULT_READ_PAUSE_BYTES),
+            max_transaction_bytes: self
+                .max_transaction_bytes
+                .unwrap_or(DEFAULT_MAX_TRANSACTION_BYTES),
+            max_connections: self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            max_nesting_depth: self.max_nesting_depth.unwrap_or(DEFAULT_MAX_NESTING_DEPTH),
+            max_message_items: self.max_message_items.unwrap_or(DEFAULT_MAX_MESSAGE_ITEMS),
+            threads: self.threads.unwrap_or(DEFAULT_THREADS),
+            history_retention: secs(self.history_retention, DEFAULT_HISTORY_RETENTION_SECS),
+            gc_interval: secs(self.gc_interval, DEFAULT_GC_INTERVAL_SECS),
+            // 0 means no limit.
+            memory_limit: match self.memory_limit {
+                Some(bytes) => (bytes > 0).then_some(bytes),
+                None => default_memory_limit(),
+            },
+            tls_certificate: self.tls_certificate.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_client_ca: self.tls_client_ca.clone(),
+            metrics_address: self
+                .metrics_address
+                .clone()
+                .or(DEFAULT_METRICS_ADDRESS.map(String::from)),
+        })
     }
 }
 
@@ -414,7 +606,7 @@ impl Config {
             human_bytes(self.max_frame_size),
             human_bytes(self.max_transaction_bytes),
             human_bytes(self.max_outbox_bytes),
-            human_bytes(crate::session::outbox::effective_read_pause(
+            human_bytes(effective_read_pause(
                 self.max_outbox_bytes,
                 self.read_pause_bytes
             )),
@@ -427,98 +619,97 @@ impl Config {
             if self.threads == 1 { "" } else { "s" },
         )
     }
-
-    /// Checks settings that would make the server useless or unsafe.
+    /// Checks settings that would make the server useless or unsafe; the
+    /// first problem found is the error.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.addresses.is_empty() {
-            return Err(ConfigError::Invalid("no address to listen on".into()));
-        }
-        if self.storages.is_empty() {
-            return Err(ConfigError::Invalid("no storage to serve".into()));
-        }
         let mut names = self.storages.clone();
         names.sort();
         names.dedup();
-        if names.len() != self.storages.len() {
-            return Err(ConfigError::Invalid("a storage name is given twice".into()));
-        }
-        if self.threads == 0 {
-            return Err(ConfigError::Invalid("threads must be at least 1".into()));
-        }
-        if self.max_frame_size < 1024 {
-            return Err(ConfigError::Invalid(
-                "max-frame-size must be at least 1024 bytes".into(),
-            ));
-        }
-        if self.max_outbox_bytes < self.max_frame_size {
-            return Err(ConfigError::Invalid(
-                "max-outbox-bytes must be at least max-frame-size (a reply must fit)".into(),
-            ));
-        }
-        if self.max_nesting_depth < MIN_NESTING_DEPTH {
-            return Err(ConfigError::Invalid(format!(
-                "max-nesting-depth must be at least {MIN_NESTING_DEPTH} (stock clients' messages nest up to 4 levels)"
-            )));
-        }
-        if self.max_message_items < MIN_MESSAGE_ITEMS {
-            return Err(ConfigError::Invalid(format!(
-                "max-message-items must be at least {MIN_MESSAGE_ITEMS} (a stock client's message has a few dozen values; \
-                 a tpc_begin extension or a getInvalidations list more)"
-            )));
-        }
-        if self.read_pause_bytes < MIN_READ_PAUSE_BYTES {
-            return Err(ConfigError::Invalid(format!(
-                "read-pause-bytes must be at least {MIN_READ_PAUSE_BYTES} (a few replies must fit)"
-            )));
-        }
-        if self.gc_interval.is_zero() {
-            return Err(ConfigError::Invalid(
-                "gc-interval must be at least 1 second".into(),
-            ));
-        }
-        if self.transaction_timeout.is_zero() {
-            return Err(ConfigError::Invalid(
-                "transaction-timeout must be at least 1 second".into(),
-            ));
-        }
-        if self.frame_timeout.is_zero() {
-            return Err(ConfigError::Invalid(
-                "frame-timeout must be at least 1 second".into(),
-            ));
-        }
-        // The files themselves are read and checked at startup
-        // (`tls::load`).
-        match (&self.tls_certificate, &self.tls_key) {
-            (Some(_), None) => {
-                return Err(ConfigError::Invalid(
-                    "tls-certificate needs tls-key (the certificate's private key)".into(),
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::Invalid(
-                    "tls-key needs tls-certificate (the certificate it belongs to)".into(),
-                ));
-            }
-            _ => {}
-        }
-        if let Some(a) = &self.metrics_address {
+        let metrics_address_ok = self.metrics_address.as_ref().is_none_or(|a| {
             let port_ok = a
                 .rsplit_once(':')
                 .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !port_ok || a.contains('/') {
-                return Err(ConfigError::Invalid(format!(
-                    "metrics-address {a:?} is not HOST:PORT (e.g. 127.0.0.1:9101; TCP only)"
-                )));
-            }
-        }
-        if self.tls_client_ca.is_some() && self.tls_certificate.is_none() {
-            return Err(ConfigError::Invalid(
+            port_ok && !a.contains('/')
+        });
+        // The TLS files themselves are read and checked at startup
+        // (`server::tls::load`).
+        let (cert, key) = (self.tls_certificate.is_some(), self.tls_key.is_some());
+        let problems = [
+            (self.addresses.is_empty(), "no address to listen on".into()),
+            (self.storages.is_empty(), "no storage to serve".into()),
+            (
+                names.len() != self.storages.len(),
+                "a storage name is given twice".into(),
+            ),
+            (self.threads == 0, "threads must be at least 1".into()),
+            (
+                self.max_frame_size < 1024,
+                "max-frame-size must be at least 1024 bytes".into(),
+            ),
+            (
+                self.max_outbox_bytes < self.max_frame_size,
+                "max-outbox-bytes must be at least max-frame-size (a reply must fit)".into(),
+            ),
+            (
+                self.max_nesting_depth < MIN_NESTING_DEPTH,
+                format!(
+                    "max-nesting-depth must be at least {MIN_NESTING_DEPTH} (stock clients' \
+                     messages nest up to 4 levels)"
+                ),
+            ),
+            (
+                self.max_message_items < MIN_MESSAGE_ITEMS,
+                format!(
+                    "max-message-items must be at least {MIN_MESSAGE_ITEMS} (a stock client's \
+                     message has a few dozen values; a tpc_begin extension or a \
+                     getInvalidations list more)"
+                ),
+            ),
+            (
+                self.read_pause_bytes < MIN_READ_PAUSE_BYTES,
+                format!(
+                    "read-pause-bytes must be at least {MIN_READ_PAUSE_BYTES} (a few replies \
+                     must fit)"
+                ),
+            ),
+            (
+                self.gc_interval.is_zero(),
+                "gc-interval must be at least 1 second".into(),
+            ),
+            (
+                self.transaction_timeout.is_zero(),
+                "transaction-timeout must be at least 1 second".into(),
+            ),
+            (
+                self.frame_timeout.is_zero(),
+                "frame-timeout must be at least 1 second".into(),
+            ),
+            (
+                cert && !key,
+                "tls-certificate needs tls-key (the certificate's private key)".into(),
+            ),
+            (
+                key && !cert,
+                "tls-key needs tls-certificate (the certificate it belongs to)".into(),
+            ),
+            (
+                !metrics_address_ok,
+                format!(
+                    "metrics-address {:?} is not HOST:PORT (e.g. 127.0.0.1:9101; TCP only)",
+                    self.metrics_address.as_deref().unwrap_or_default()
+                ),
+            ),
+            (
+                self.tls_client_ca.is_some() && !cert,
                 "tls-client-ca needs tls-certificate and tls-key (client certificates are \
                  checked in the TLS handshake)"
                     .into(),
-            ));
+            ),
+        ];
+        match problems.into_iter().find(|(found, _)| *found) {
+            Some((_, problem)) => Err(ConfigError::Invalid(problem)),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -529,9 +720,8 @@ mod tests {
     #[test]
     fn example_config_file_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/zeotemp.toml");
-        let file = FileConfig::load(&path).unwrap();
-        let mut cfg = Config::default();
-        file.apply(&mut cfg).unwrap();
+        let file = Settings::load(&path).unwrap();
+        let cfg = file.resolve().unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.addresses, vec!["127.0.0.1:8101".to_string()]);
         assert_eq!(cfg.storages, vec!["1".to_string()]);
@@ -540,59 +730,90 @@ mod tests {
             Duration::from_secs(DEFAULT_GC_INTERVAL_SECS)
         );
         assert_eq!(cfg.threads, DEFAULT_THREADS);
-        // Every setting is explained in the example (memory-limit commented out).
-        let text = std::fs::read_to_string(&path).unwrap();
-        for key in [
-            "address",
-            "storage",
-            "read-only",
-            "msgpack",
-            "transaction-timeout",
-            "invalidation-queue-size",
-            "history-retention",
-            "gc-interval",
-            "memory-limit",
-            "max-frame-size",
-            "max-outbox-bytes",
-            "max-transaction-bytes",
-            "max-connections",
-            "read-pause-bytes",
-            "shutdown-grace",
-            "max-nesting-depth",
-            "max-message-items",
-            "threads",
-            "frame-timeout",
-            "unix-socket-mode",
-            "client-conflict-resolution",
-            "log-level",
-            "tls-certificate",
-            "tls-key",
-            "tls-client-ca",
-            "metrics-address",
-        ] {
-            assert!(
-                text.contains(&format!("{key} =")),
-                "{key} is in config/zeotemp.toml"
-            );
+        // Its values are the defaults (memory-limit is commented out).
+        assert_eq!(cfg, Config::default());
+    }
+
+    /// Every setting's name (`--NAME`, and `NAME =` in the config file),
+    /// from its one declaration.
+    fn setting_names() -> Vec<String> {
+        let cmd = <Settings as clap::Args>::augment_args(clap::Command::new("zeotemp"));
+        let names: Vec<String> = cmd
+            .get_arguments()
+            .filter_map(|arg| arg.get_long())
+            .map(String::from)
+            .collect();
+        assert!(
+            names.contains(&"history-retention".to_string()),
+            "{names:?}"
+        );
+        names
+    }
+
+    /// The names `name_in` finds in the lines of `text`, sorted; none may be
+    /// found twice.
+    fn names_listed(text: &str, name_in: impl Fn(&str) -> Option<&str>) -> Vec<String> {
+        let mut names: Vec<String> = text.lines().filter_map(name_in).map(String::from).collect();
+        names.sort();
+        let count = names.len();
+        names.dedup();
+        assert_eq!(names.len(), count, "a setting is listed twice: {names:?}");
+        names
+    }
+
+    /// `config/zeotemp.toml` explains every setting (as `name = value`, or
+    /// `# name = value` when commented out) and the README's table of
+    /// options lists every one, and no other: a new setting fails here
+    /// until both document it.
+    #[test]
+    fn example_config_and_readme_list_every_setting() {
+        let mut settings = setting_names();
+        settings.sort();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+
+        let example = std::fs::read_to_string(root.join("config/zeotemp.toml")).unwrap();
+        let in_example = names_listed(&example, |line| {
+            let (key, _) = line.trim_start_matches("# ").split_once(" = ")?;
+            key.chars()
+                .all(|c| c.is_ascii_lowercase() || c == '-')
+                .then_some(key)
+        });
+        assert_eq!(in_example, settings, "config/zeotemp.toml vs Settings");
+
+        // The table's rows start with the option: "| `--name VALUE` ...".
+        // Besides the settings it lists the command line's own options.
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let table = readme
+            .split_once("\n## Options\n")
+            .and_then(|(_, rest)| rest.split("\n## ").next())
+            .expect("README.md has an Options section");
+        let command_line_only = ["check-config", "config", "version"];
+        let in_readme = names_listed(table, |line| {
+            let option = line.strip_prefix("| `--")?;
+            let end = option.find([' ', '`'])?;
+            Some(&option[..end]).filter(|name| !command_line_only.contains(name))
+        });
+        assert_eq!(in_readme, settings, "README.md's Options table vs Settings");
+        for option in command_line_only {
+            assert!(table.contains(&format!("| `--{option}")), "--{option}");
         }
     }
 
     #[test]
     fn decode_limits_have_floors() {
-        let file: FileConfig =
+        let file: Settings =
             toml::from_str("max-nesting-depth = 16\nmax-message-items = 5000").unwrap();
-        let mut cfg = Config::default();
-        file.apply(&mut cfg).unwrap();
+        let cfg = file.resolve().unwrap();
         assert_eq!((cfg.max_nesting_depth, cfg.max_message_items), (16, 5000));
         cfg.validate().unwrap();
         for (depth, items, complaint) in [
             (
                 MIN_NESTING_DEPTH - 1,
-                MAX_MESSAGE_ITEMS,
+                DEFAULT_MAX_MESSAGE_ITEMS,
                 "max-nesting-depth",
             ),
             (
-                MAX_NESTING_DEPTH,
+                DEFAULT_MAX_NESTING_DEPTH,
                 MIN_MESSAGE_ITEMS - 1,
                 "max-message-items",
             ),
@@ -647,53 +868,49 @@ mod tests {
     #[test]
     fn msgpack_is_off_by_default() {
         assert!(!Config::default().msgpack);
-        let file: FileConfig = toml::from_str("msgpack = true").unwrap();
-        let mut cfg = Config::default();
-        file.apply(&mut cfg).unwrap();
+        let file: Settings = toml::from_str("msgpack = true").unwrap();
+        let cfg = file.resolve().unwrap();
         assert!(cfg.msgpack);
         cfg.validate().unwrap();
-        let file: FileConfig = toml::from_str("msgpack = false").unwrap();
-        file.apply(&mut cfg).unwrap();
+        let file: Settings = toml::from_str("msgpack = false").unwrap();
+        let cfg = file.resolve().unwrap();
         assert!(!cfg.msgpack);
     }
 
     #[test]
     fn memory_limit_zero_means_none() {
-        let file: FileConfig = toml::from_str("memory-limit = 0").unwrap();
-        let mut cfg = Config::default();
-        file.apply(&mut cfg).unwrap();
+        let file: Settings = toml::from_str("memory-limit = 0").unwrap();
+        let cfg = file.resolve().unwrap();
         assert_eq!(cfg.memory_limit, None);
-        let file: FileConfig = toml::from_str("memory-limit = 1000000").unwrap();
-        file.apply(&mut cfg).unwrap();
+        let file: Settings = toml::from_str("memory-limit = 1000000").unwrap();
+        let cfg = file.resolve().unwrap();
         assert_eq!(cfg.memory_limit, Some(1_000_000));
     }
 
     #[test]
     fn unknown_key_refused() {
-        let err = toml::from_str::<FileConfig>("adress = ['x']").unwrap_err();
+        let err = toml::from_str::<Settings>("adress = ['x']").unwrap_err();
         assert!(err.to_string().contains("adress"), "{err}");
     }
 
     #[test]
     fn unix_socket_mode_is_octal() {
         for (text, want) in [("0660", 0o660), ("660", 0o660), ("0o600", 0o600)] {
-            let file: FileConfig = toml::from_str(&format!("unix-socket-mode = {text:?}")).unwrap();
-            let mut cfg = Config::default();
-            file.apply(&mut cfg).unwrap();
+            let file: Settings = toml::from_str(&format!("unix-socket-mode = {text:?}")).unwrap();
+            let cfg = file.resolve().unwrap();
             assert_eq!(cfg.unix_socket_mode, Some(want));
         }
         for bad in ["rw-rw----", "0999", "1777777"] {
-            let file: FileConfig = toml::from_str(&format!("unix-socket-mode = {bad:?}")).unwrap();
-            assert!(file.apply(&mut Config::default()).is_err(), "{bad}");
+            let file: Settings = toml::from_str(&format!("unix-socket-mode = {bad:?}")).unwrap();
+            assert!(file.resolve().is_err(), "{bad}");
         }
     }
 
     #[test]
     fn metrics_address_is_off_by_default_and_host_port() {
         assert_eq!(Config::default().metrics_address, None);
-        let file: FileConfig = toml::from_str("metrics-address = '127.0.0.1:9101'").unwrap();
-        let mut cfg = Config::default();
-        file.apply(&mut cfg).unwrap();
+        let file: Settings = toml::from_str("metrics-address = '127.0.0.1:9101'").unwrap();
+        let cfg = file.resolve().unwrap();
         assert_eq!(cfg.metrics_address.as_deref(), Some("127.0.0.1:9101"));
         cfg.validate().unwrap();
         for good in ["[::1]:0", "localhost:9101"] {
@@ -721,8 +938,8 @@ mod tests {
 
     #[test]
     fn ccr_false_refused() {
-        let file: FileConfig = toml::from_str("client-conflict-resolution = false").unwrap();
-        assert!(file.apply(&mut Config::default()).is_err());
+        let file: Settings = toml::from_str("client-conflict-resolution = false").unwrap();
+        assert!(file.resolve().is_err());
     }
 
     #[test]
@@ -747,12 +964,11 @@ mod tests {
 
     #[test]
     fn tls_certificate_and_key_go_together() {
-        let file: FileConfig = toml::from_str(
+        let file: Settings = toml::from_str(
             "tls-certificate = 'c.pem'\ntls-key = 'k.pem'\ntls-client-ca = 'ca.pem'",
         )
         .unwrap();
-        let mut cfg = Config::default();
-        file.apply(&mut cfg).unwrap();
+        let cfg = file.resolve().unwrap();
         assert_eq!(cfg.tls_certificate, Some(PathBuf::from("c.pem")));
         assert_eq!(cfg.tls_key, Some(PathBuf::from("k.pem")));
         assert_eq!(cfg.tls_client_ca, Some(PathBuf::from("ca.pem")));

@@ -310,7 +310,7 @@ fn rss_mib() -> u64 {
 /// stack slot): 4 MiB of `NONE` inside `ping`'s arguments peaked at about
 /// +430 MiB, and a 64 MiB frame would take ~7 GB and seconds of the
 /// (single, by default) worker thread. Now a message may decode to at most
-/// `MAX_MESSAGE_ITEMS` values: this one is refused (its connection closed)
+/// `DEFAULT_MAX_MESSAGE_ITEMS` values: this one is refused (its connection closed)
 /// without the memory growing much, and the bystander is not disturbed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_of_millions_of_values_is_refused_without_the_memory() {
@@ -337,7 +337,7 @@ async fn a_frame_of_millions_of_values_is_refused_without_the_memory() {
         })
     };
     h.try_send_frame(&payload).await;
-    // Over MAX_MESSAGE_ITEMS values: refused, the connection closed.
+    // Over DEFAULT_MAX_MESSAGE_ITEMS values: refused, the connection closed.
     let reply = h.next_reply().await;
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let grown = sampler.join().unwrap().saturating_sub(base);
@@ -477,7 +477,7 @@ async fn deeply_nested_pickles_are_refused_without_stack_overflow() {
     // The limit itself: an envelope, an args tuple, and lists nested to
     // exactly the maximum depth decode (ping then refuses the argument);
     // one level more is refused.
-    let max = zeotemp::protocol::pickle::MAX_NESTING_DEPTH;
+    let max = zeotemp::config::DEFAULT_MAX_NESTING_DEPTH;
     let mut h = Client::registered(srv.addr).await;
     let mut args = nested_lists(max - 2);
     args.push(0x85);

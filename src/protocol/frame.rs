@@ -7,11 +7,6 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 
-/// Default for the largest frame a client may send (`max-frame-size`).
-/// 64 MiB holds any real session object (ZEO's own blob chunks are 59 000
-/// bytes; a 20 MB object record is the largest the tests send).
-pub const DEFAULT_MAX_FRAME_SIZE: usize = 64 * 1024 * 1024;
-
 /// The length prefix of a frame.
 pub const HEADER_LEN: usize = 4;
 

@@ -10,7 +10,7 @@
 //! marked for closing (never dropping a frame in the middle: a client that
 //! cannot keep up is disconnected and verifies its cache on reconnect, which
 //! is how ZEO recovers from a lost connection). A connection's own requests
-//! are not read while its outbox holds more than [`READ_PAUSE_BYTES`] (or
+//! are not read while its outbox holds more than `read-pause-bytes` (or
 //! half the bound, if that is less), so a client that pipelines requests
 //! and never reads replies only stalls itself, and holds about that much
 //! of the server's memory, not the whole bound: a queue fed by the
@@ -23,27 +23,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-/// Default bound on the bytes queued for one client (`max-outbox-bytes`).
-/// A 20 MB object reply fits with room for the invalidations that follow it.
-pub const DEFAULT_MAX_OUTBOX_BYTES: usize = 256 * 1024 * 1024;
-
-/// Default `read-pause-bytes`: queued bytes past which a connection's own
-/// requests are no longer read
-/// (until the queue drains below it again), when less than half of
-/// `max-outbox-bytes`. Before, the pause came at half the bound: a client
-/// that pipelined 50,000 loads of a 4 KiB object and never read made the
-/// server queue 128 MiB for it (by default) and keep it as long as the
-/// connection lasted; four such clients, half a GiB. A client that reads
-/// never gets near this (the kernel's socket buffers take megabytes first);
-/// one reply bigger than this is still queued whole.
-pub const READ_PAUSE_BYTES: usize = 1024 * 1024;
-
-/// The queued bytes over which a connection's requests are not read, for
-/// an outbox bound of `max_bytes` and a `read-pause-bytes` of
-/// `read_pause`: the smaller of that and half the bound.
-pub fn effective_read_pause(max_bytes: usize, read_pause: usize) -> usize {
-    read_pause.min(max_bytes / 2)
-}
+use crate::config::{DEFAULT_READ_PAUSE_BYTES, effective_read_pause};
 
 #[derive(Debug, Default)]
 struct State {
@@ -67,9 +47,9 @@ pub struct Outbox {
 
 impl Outbox {
     /// A queue bounded at `max_bytes` whose connection pauses reading at
-    /// [`READ_PAUSE_BYTES`].
+    /// [`DEFAULT_READ_PAUSE_BYTES`].
     pub fn new(max_bytes: usize) -> Outbox {
-        Outbox::with_read_pause(max_bytes, READ_PAUSE_BYTES)
+        Outbox::with_read_pause(max_bytes, DEFAULT_READ_PAUSE_BYTES)
     }
 
     /// A queue bounded at `max_bytes` whose connection stops reading its
@@ -275,17 +255,17 @@ mod tests {
         assert!(ob.is_backlogged());
         // A big bound: the pause size, far below half of it; the queue may
         // still grow to the bound (pushes) without closing.
-        let ob = Outbox::new(DEFAULT_MAX_OUTBOX_BYTES);
-        let chunk = READ_PAUSE_BYTES / 4;
+        let ob = Outbox::new(crate::config::DEFAULT_MAX_OUTBOX_BYTES);
+        let chunk = DEFAULT_READ_PAUSE_BYTES / 4;
         for _ in 0..4 {
             assert!(ob.push(Bytes::from(vec![0u8; chunk])));
         }
         assert!(!ob.is_backlogged());
         assert!(ob.push(Bytes::from(vec![0u8; 1])));
         assert!(ob.is_backlogged());
-        assert!(ob.push(Bytes::from(vec![0u8; 8 * READ_PAUSE_BYTES])));
+        assert!(ob.push(Bytes::from(vec![0u8; 8 * DEFAULT_READ_PAUSE_BYTES])));
         assert!(ob.closed_reason().is_none());
-        ob.written(ob.queued_bytes() - READ_PAUSE_BYTES);
+        ob.written(ob.queued_bytes() - DEFAULT_READ_PAUSE_BYTES);
         assert!(!ob.is_backlogged());
     }
 

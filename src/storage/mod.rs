@@ -48,21 +48,6 @@ pub mod refs;
 mod revisions;
 pub use gc::GcOutcome;
 
-/// Default for how long a non-current revision is kept after it was
-/// replaced (`history-retention`, seconds). Long enough for a Zope request
-/// that opened a snapshot (requests that run longer are rare and retried on
-/// ReadConflictError), and for client-side conflict resolution, which reads
-/// the revision the client started from within its own transaction; the
-/// same 60 s as Python tempstorage's conflict cache. It also bounds how
-/// long an unlinked object is kept, so under a steady session churn memory
-/// levels off about a minute after the churn starts (600 s, the default
-/// before, took over ten: BENCHMARKS.md, "Memory under churn").
-pub const DEFAULT_RETENTION_SECS: u64 = 60;
-
-/// Default number of recent transactions remembered for `getInvalidations`
-/// (`invalidation-queue-size`, ZEO's default).
-pub const DEFAULT_INVALIDATION_QUEUE_SIZE: usize = 100;
-
 /// Bytes accounted for each retained revision beyond its record: the
 /// revision entry itself, the record's allocation and its reference list.
 pub const REVISION_OVERHEAD: usize = 80;
@@ -330,8 +315,8 @@ pub struct StorageLimits {
 impl Default for StorageLimits {
     fn default() -> StorageLimits {
         StorageLimits {
-            retention: Duration::from_secs(DEFAULT_RETENTION_SECS),
-            invalidation_queue_size: DEFAULT_INVALIDATION_QUEUE_SIZE,
+            retention: Duration::from_secs(crate::config::DEFAULT_HISTORY_RETENTION_SECS),
+            invalidation_queue_size: crate::config::DEFAULT_INVALIDATION_QUEUE_SIZE,
             memory_limit: None,
         }
     }

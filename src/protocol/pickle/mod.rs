@@ -44,23 +44,6 @@ use std::rc::Rc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-/// Default for [`DecodeLimits::max_depth`]: how deeply containers may nest.
-///
-/// ZEO messages nest at most four levels (envelope tuple, args tuple, e.g. a
-/// `tpc_begin` extension dict, a value inside it); 64 leaves room for odd
-/// clients while keeping recursion over decoded values shallow.
-pub const MAX_NESTING_DEPTH: usize = 64;
-
-/// Default for [`DecodeLimits::max_items`]: how many values (scalars and
-/// containers) one message may decode to.
-///
-/// Each decoded value takes about a hundred bytes while it is built (the
-/// value and its stack slot), so without a bound a 64 MiB frame of one-byte
-/// items (`N N N ...`) took ~7 GB and seconds of a worker thread (found by
-/// `tests/hostile.rs`). Stock clients send a few dozen values per message;
-/// 100,000 bounds a message's decoding to ~10 MB.
-pub const MAX_MESSAGE_ITEMS: usize = 100_000;
-
 /// Budget for copies made while decoding one pickle by memo `GET`s, `DUP`
 /// and memo snapshots, in "weight" units: one per value node, plus the byte
 /// length of each copied text (`Str`), big integer and global name. `Bytes`
@@ -169,8 +152,8 @@ pub struct DecodeLimits {
 impl Default for DecodeLimits {
     fn default() -> Self {
         DecodeLimits {
-            max_depth: MAX_NESTING_DEPTH,
-            max_items: MAX_MESSAGE_ITEMS,
+            max_depth: crate::config::DEFAULT_MAX_NESTING_DEPTH,
+            max_items: crate::config::DEFAULT_MAX_MESSAGE_ITEMS,
         }
     }
 }
@@ -2532,9 +2515,9 @@ mod tests {
             p.push(b'.');
             p
         }
-        assert!(dec(&nested(MAX_NESTING_DEPTH)).is_ok());
+        assert!(dec(&nested(crate::config::DEFAULT_MAX_NESTING_DEPTH)).is_ok());
         assert!(matches!(
-            dec(&nested(MAX_NESTING_DEPTH + 1)),
+            dec(&nested(crate::config::DEFAULT_MAX_NESTING_DEPTH + 1)),
             Err(PickleError::TooDeep { max_depth: 64, .. })
         ));
         // The limit also applies to MARK-built containers and tuples.
