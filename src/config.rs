@@ -232,7 +232,7 @@ pub struct Settings {
     /// Seconds a non-current object revision is kept after it was replaced,
     /// for open snapshots (MVCC) and client-side conflict resolution. A
     /// load of a revision older than that is answered with a retryable
-    /// conflict. [default: 600]
+    /// conflict. [default: 60]
     #[arg(long, value_name = "SECS")]
     pub history_retention: Option<u64>,
 
@@ -797,6 +797,44 @@ mod tests {
         for option in command_line_only {
             assert!(table.contains(&format!("| `--{option}")), "--{option}");
         }
+    }
+
+    /// The `[default: ...]` of each option's `--help` is the value the
+    /// example config file gives it (which are the defaults, as
+    /// `example_config_file_parses` checks), where both have one.
+    #[test]
+    fn help_defaults_are_the_example_configs_values() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/zeotemp.toml");
+        let example: toml::Table = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let cmd = <Settings as clap::Args>::augment_args(clap::Command::new("zeotemp"));
+        let mut compared = 0;
+        for arg in cmd.get_arguments() {
+            let name = arg.get_long().unwrap();
+            let help = arg.get_long_help().or(arg.get_help()).unwrap().to_string();
+            let Some((_, default)) = help.split_once("[default: ") else {
+                continue;
+            };
+            let mut words = default.split([' ', ']']);
+            let first = words.next().unwrap();
+            let in_help = match (first.parse::<i64>(), words.next()) {
+                (Ok(n), Some("MiB")) => (n << 20).to_string(),
+                _ => first.to_string(),
+            };
+            let in_example = match example.get(name) {
+                Some(toml::Value::Integer(n)) => n.to_string(),
+                Some(toml::Value::String(s)) => s.clone(),
+                Some(toml::Value::Array(values)) if values.len() == 1 => {
+                    values[0].as_str().unwrap().to_string()
+                }
+                _ => continue,
+            };
+            assert_eq!(
+                in_help, in_example,
+                "--{name}: --help vs config/zeotemp.toml"
+            );
+            compared += 1;
+        }
+        assert!(compared >= 15, "{compared} compared");
     }
 
     #[test]
