@@ -151,12 +151,12 @@ pub async fn run_shared(
     let mut tasks = tokio::task::JoinSet::new();
     let mut unix_paths = Vec::new();
     if let Some(addr) = &shared.config.metrics_address {
-        let l = crate::monitor::prometheus::bind(addr).await?;
+        let l = crate::monitor::http::bind(addr).await?;
         match l.local_addr() {
             Ok(a) => info!("metrics on http://{a}/metrics"),
             Err(_) => info!("metrics on http://{addr}/metrics"),
         }
-        tasks.spawn(crate::monitor::prometheus::serve(
+        tasks.spawn(crate::monitor::http::serve(
             l,
             shared.clone(),
             stop_rx.clone(),
