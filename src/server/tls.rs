@@ -8,7 +8,7 @@
 //! Once configured, TLS applies to every listener, unix-domain sockets
 //! included, as the stock server hands its SSL context to each listener
 //! (`ZEO.asyncio.server.Acceptor`). The handshake runs in the connection's
-//! own task (`server::serve`), within `frame-timeout`, and before the server
+//! own task (`server::connection::serve`), within `frame-timeout`, and before the server
 //! sends its protocol frame (`Z5`): a client that is slow or silent in the
 //! handshake ties up only its own connection.
 //!
