@@ -54,7 +54,10 @@ pub async fn run_shared(
     let tls = tls::load(&shared.config)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
         .map(Arc::new);
-    let tls_note = tls::describe(&shared.config);
+    let tls_note = match tls::describe(&shared.config) {
+        Some(tls) => format!(" ({tls})"),
+        None => String::new(),
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let next_id = Arc::new(AtomicU64::new(1));
     let mut tasks = tokio::task::JoinSet::new();
