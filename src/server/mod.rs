@@ -1,6 +1,6 @@
-//! The network side: listeners ([`listener`]), one task per connection
-//! ([`connection`]: handshake, frame loop, timers, writing), TLS ([`tls`]),
-//! the background collector and the shutdown sequence ([`shutdown`]).
+//! The network side: listeners (`listener`), one task per connection
+//! (`connection`: handshake, frame loop, timers, writing), TLS ([`tls`]),
+//! the background collector and the shutdown sequence (`shutdown`).
 //! Depends on `session`, `monitor`, `state`, `storage`, `protocol` and
 //! `config`; only the binary and the tests depend on it.
 //!
