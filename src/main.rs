@@ -79,7 +79,9 @@ fn main() -> ExitCode {
             "zeotemp {}: configuration OK: listen on {}{}; {}",
             env!("CARGO_PKG_VERSION"),
             cfg.addresses.join(" and "),
-            zeotemp::server::tls::describe(&cfg),
+            zeotemp::server::tls::describe(&cfg)
+                .map(|tls| format!(" ({tls})"))
+                .unwrap_or_default(),
             cfg.summary()
         );
         return ExitCode::SUCCESS;
@@ -124,7 +126,9 @@ fn main() -> ExitCode {
             .map(|l| l.describe())
             .collect::<Vec<_>>()
             .join(" and ");
-        let tls = zeotemp::server::tls::describe(&cfg);
+        let tls = zeotemp::server::tls::describe(&cfg)
+            .map(|tls| format!(" ({tls})"))
+            .unwrap_or_default();
         info!(
             "zeotemp {} on {on}{tls}: {}",
             env!("CARGO_PKG_VERSION"),

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Runs every zeotemp test: the Rust unit, golden and wire tests, then the
-# real-client suite (stock ZEO/ZODB from PyPI, pinned in
-# tests/python/requirements.txt) against the built binary.
+# Runs every zeotemp test. First the checks of the code itself: `cargo fmt
+# --check` (the crate and the fuzz/ crate, its own workspace) and `cargo
+# clippy --all-targets -D warnings`, with and without the fault-injection
+# feature; any finding fails the run, and so does a missing rustfmt or
+# clippy (rustup component add rustfmt clippy): they are never skipped.
+# Then the Rust unit, golden and wire tests, then the real-client suite
+# (stock ZEO/ZODB from PyPI, pinned in tests/python/requirements.txt)
+# against the built binary.
 #
 # The Python venv is created on first use (and again whenever the
 # requirements file changes) under target/pyvenv; set ZEOTEMP_VENV to put
@@ -16,6 +21,20 @@
 # Zope end-to-end and packaging scripts are then not run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+echo "== format and lints (cargo fmt --check, cargo clippy -D warnings)"
+if ! cargo fmt --version >/dev/null 2>&1; then
+    echo "== cargo fmt is missing: install it (rustup component add rustfmt)" >&2
+    exit 1
+fi
+if ! cargo clippy --version >/dev/null 2>&1; then
+    echo "== cargo clippy is missing: install it (rustup component add clippy)" >&2
+    exit 1
+fi
+cargo fmt --all --check
+cargo fmt --check --manifest-path fuzz/Cargo.toml
+cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --all-targets --features fault-injection -- -D warnings
 
 # e2e_venv, the venv maker the end-to-end and packaging scripts share.
 . tests/e2e/lib.sh

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::info;
 
-use crate::monitor::prometheus::StorageFigures;
+use crate::monitor::figures::StorageFigures;
 use crate::state::Shared;
 use crate::storage::Storage;
 

@@ -8,7 +8,7 @@
 //! Once configured, TLS applies to every listener, unix-domain sockets
 //! included, as the stock server hands its SSL context to each listener
 //! (`ZEO.asyncio.server.Acceptor`). The handshake runs in the connection's
-//! own task (`server::serve`), within `frame-timeout`, and before the server
+//! own task (`server::connection::serve`), within `frame-timeout`, and before the server
 //! sends its protocol frame (`Z5`): a client that is slow or silent in the
 //! handshake ties up only its own connection.
 //!
@@ -132,13 +132,14 @@ pub enum TlsError {
     Setup(String),
 }
 
-/// What to log about TLS after a listener's address: `" (TLS)"`, `" (TLS,
-/// client certificate required)"`, or nothing without TLS.
-pub fn describe(cfg: &Config) -> &'static str {
+/// The TLS that `cfg` sets up, as the logs name it after a listener's
+/// address: `TLS`, `TLS, client certificate required`, or `None` without
+/// TLS.
+pub fn describe(cfg: &Config) -> Option<&'static str> {
     match (&cfg.tls_certificate, &cfg.tls_client_ca) {
-        (None, _) => "",
-        (Some(_), None) => " (TLS)",
-        (Some(_), Some(_)) => " (TLS, client certificate required)",
+        (None, _) => None,
+        (Some(_), None) => Some("TLS"),
+        (Some(_), Some(_)) => Some("TLS, client certificate required"),
     }
 }
 
@@ -279,7 +280,7 @@ mod tests {
     #[test]
     fn no_tls_without_certificate() {
         assert!(load(&Config::default()).unwrap().is_none());
-        assert_eq!(describe(&Config::default()), "");
+        assert_eq!(describe(&Config::default()), None);
     }
 
     #[test]
