@@ -36,7 +36,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::protocol::ids::{Oid, Tid};
 use crate::protocol::msgpack::{self, MsgpackError};
-use crate::protocol::pickle::{self, DecodeLimits, Dialect, PickleError, Value};
+use crate::protocol::pickle::{self, Dialect, PickleError};
+use crate::protocol::value::{DecodeLimits, Value};
 
 /// How a connection's frames are encoded, chosen by the client's handshake
 /// answer (`Z5` or `M5`). A [`Dialect`] converts into the pickle encoding,
@@ -332,7 +333,7 @@ pub fn tid_value(tid: Tid) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::pickle::testhex::{hex, unhex};
+    use crate::protocol::testhex::{hex, unhex};
 
     fn decode(h: &str) -> Result<Message, MarshalError> {
         decode_message(&unhex(h), &DecodeLimits::default())
