@@ -144,6 +144,13 @@ impl<'a> Decoder<'a> {
         }
     }
 
+    fn unsupported(&self, opcode: u8) -> PickleError {
+        PickleError::UnsupportedOpcode {
+            opcode,
+            offset: self.op_offset,
+        }
+    }
+
     // -- input --------------------------------------------------------------
 
     /// The next `n` bytes; checks `n` against the remaining input first, so a
@@ -681,7 +688,75 @@ impl<'a> Decoder<'a> {
         Ok(slot.value)
     }
 
+    /// Executes one opcode (read by [`Self::run_full`]), in the method of
+    /// its family.
     fn step(&mut self, opcode: u8) -> Result<(), PickleError> {
+        match opcode {
+            op::PROTO | op::FRAME | op::MARK | op::POP | op::POP_MARK | op::DUP => {
+                self.step_stack(opcode)
+            }
+            op::NONE
+            | op::NEWTRUE
+            | op::NEWFALSE
+            | op::INT
+            | op::LONG
+            | op::BININT
+            | op::BININT1
+            | op::BININT2
+            | op::LONG1
+            | op::LONG4
+            | op::FLOAT
+            | op::BINFLOAT => self.step_scalar(opcode),
+            op::SHORT_BINBYTES
+            | op::BINBYTES
+            | op::BINBYTES8
+            | op::SHORT_BINSTRING
+            | op::BINSTRING
+            | op::STRING
+            | op::SHORT_BINUNICODE
+            | op::BINUNICODE
+            | op::BINUNICODE8
+            | op::UNICODE => self.step_string(opcode),
+            op::EMPTY_TUPLE
+            | op::EMPTY_LIST
+            | op::EMPTY_DICT
+            | op::EMPTY_SET
+            | op::TUPLE
+            | op::LIST
+            | op::FROZENSET
+            | op::TUPLE1
+            | op::TUPLE2
+            | op::TUPLE3
+            | op::DICT
+            | op::APPEND
+            | op::APPENDS
+            | op::ADDITEMS
+            | op::SETITEM
+            | op::SETITEMS => self.step_container(opcode),
+            op::PUT
+            | op::BINPUT
+            | op::LONG_BINPUT
+            | op::MEMOIZE
+            | op::GET
+            | op::BINGET
+            | op::LONG_BINGET => self.step_memo(opcode),
+            op::GLOBAL
+            | op::STACK_GLOBAL
+            | op::REDUCE
+            | op::NEWOBJ
+            | op::NEWOBJ_EX
+            | op::BUILD
+            | op::INST
+            | op::OBJ
+            | op::PERSID
+            | op::BINPERSID => self.step_object(opcode),
+            _ => Err(self.unsupported(opcode)),
+        }
+    }
+
+    /// `PROTO`, `FRAME`, `MARK`, `POP`, `POP_MARK`, `DUP`: the stack and the
+    /// pickle's framing.
+    fn step_stack(&mut self, opcode: u8) -> Result<(), PickleError> {
         match opcode {
             op::PROTO => {
                 let proto = self.u8()?;
@@ -724,8 +799,14 @@ impl<'a> Decoder<'a> {
                     top.shared = true;
                 }
             }
+            _ => return Err(self.unsupported(opcode)),
+        }
+        Ok(())
+    }
 
-            // -- scalars ----------------------------------------------------
+    /// `None`, booleans, integers and floats.
+    fn step_scalar(&mut self, opcode: u8) -> Result<(), PickleError> {
+        match opcode {
             op::NONE => self.push_scalar(Value::None)?,
             op::NEWTRUE => self.push_scalar(Value::Bool(true))?,
             op::NEWFALSE => self.push_scalar(Value::Bool(false))?,
@@ -782,8 +863,14 @@ impl<'a> Decoder<'a> {
                 let v = f64::from_be_bytes(self.array()?);
                 self.push_scalar(Value::Float(v))?;
             }
+            _ => return Err(self.unsupported(opcode)),
+        }
+        Ok(())
+    }
 
-            // -- bytes and strings ------------------------------------------
+    /// Bytes, py2 `str` and text.
+    fn step_string(&mut self, opcode: u8) -> Result<(), PickleError> {
+        match opcode {
             op::SHORT_BINBYTES => {
                 let n = usize::from(self.u8()?);
                 let b = self.take(n)?;
@@ -837,8 +924,15 @@ impl<'a> Decoder<'a> {
                 let s = raw_unicode_escape(line).map_err(|e| self.invalid(e))?;
                 self.push_scalar(Value::Str(s))?;
             }
+            _ => return Err(self.unsupported(opcode)),
+        }
+        Ok(())
+    }
 
-            // -- containers -------------------------------------------------
+    /// Tuples, lists, dicts and sets: built empty or from the stack,
+    /// then filled.
+    fn step_container(&mut self, opcode: u8) -> Result<(), PickleError> {
+        match opcode {
             op::EMPTY_TUPLE => self.push(Value::Tuple(Vec::new()), 1, 1)?,
             op::EMPTY_LIST => self.push(Value::List(Vec::new()), 1, 1)?,
             op::EMPTY_DICT => self.push(Value::Dict(Vec::new()), 1, 1)?,
@@ -885,8 +979,14 @@ impl<'a> Decoder<'a> {
                 let items = self.pop_mark_items()?;
                 self.extend_dict(items, "SETITEMS")?;
             }
+            _ => return Err(self.unsupported(opcode)),
+        }
+        Ok(())
+    }
 
-            // -- memo -------------------------------------------------------
+    /// Memo `PUT`s and `GET`s.
+    fn step_memo(&mut self, opcode: u8) -> Result<(), PickleError> {
+        match opcode {
             op::PUT => {
                 let key = self.memo_key_text()?;
                 self.memo_put(key)?;
@@ -915,8 +1015,15 @@ impl<'a> Decoder<'a> {
                 let key = u32::from_le_bytes(self.array()?);
                 self.memo_get(u64::from(key))?;
             }
+            _ => return Err(self.unsupported(opcode)),
+        }
+        Ok(())
+    }
 
-            // -- objects: recorded, never evaluated -------------------------
+    /// Globals and everything that would call or build an object:
+    /// recorded, never evaluated; persistent ids are refused.
+    fn step_object(&mut self, opcode: u8) -> Result<(), PickleError> {
+        match opcode {
             op::GLOBAL => {
                 let module = self.line_utf8()?.to_owned();
                 let name = self.line_utf8()?.to_owned();
@@ -1007,12 +1114,7 @@ impl<'a> Decoder<'a> {
                     offset: self.op_offset,
                 });
             }
-            _ => {
-                return Err(PickleError::UnsupportedOpcode {
-                    opcode,
-                    offset: self.op_offset,
-                });
-            }
+            _ => return Err(self.unsupported(opcode)),
         }
         Ok(())
     }
