@@ -127,8 +127,10 @@ fn encode_scalar(out: &mut BytesMut, v: &Value, dialect: Dialect) -> bool {
     match v {
         Value::None | Value::Global { .. } | Value::Opaque(_) => out.put_u8(op::NONE),
         // cPickle's save_bool below protocol 2.
-        Value::Bool(true) if dialect.is_protocol1() => out.put_slice(b"I01\n"),
-        Value::Bool(false) if dialect.is_protocol1() => out.put_slice(b"I00\n"),
+        Value::Bool(b) if dialect.is_protocol1() => {
+            out.put_u8(op::INT);
+            out.put_slice(if *b { b"01\n" } else { b"00\n" });
+        }
         Value::Bool(true) => out.put_u8(op::NEWTRUE),
         Value::Bool(false) => out.put_u8(op::NEWFALSE),
         Value::Int(i) if dialect.is_protocol1() => put_int_protocol1(out, *i),
