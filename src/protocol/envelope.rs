@@ -68,7 +68,7 @@ pub struct Message {
     pub oneway: bool,
     /// The method name (or `.reply`), as text.
     pub method: String,
-    /// The arguments as sent; normally a tuple (the rpc layer checks).
+    /// The arguments as sent; normally a tuple (the session checks).
     pub args: Value,
     /// `Py2Protocol1` if the pickle has no `PROTO` (protocol 0/1, as ZEO
     /// 5.0/5.1 on Python 2 writes), else `Py2` if the method name was a
@@ -533,11 +533,11 @@ mod tests {
 
     #[test]
     fn args_are_returned_as_sent() {
-        // the rpc layer, not this one, insists on a tuple
+        // the session, not this layer, insists on a tuple
         let m = decode("8003284b0189580400000070696e674b05742e").unwrap();
         assert_eq!(m.method, "ping");
         assert_eq!(m.args, Value::Int(5));
-        // globals pass through for the rpc layer to refuse
+        // globals pass through for the session to refuse
         let m = decode("8003284b0189580100000078636275696c74696e730a6576616c0a85742e").unwrap();
         assert_eq!(m.args.forbidden_global().as_deref(), Some("builtins.eval"));
     }
