@@ -1,4 +1,8 @@
-//! A restricted pickle codec for ZEO messages: plain data only.
+//! A restricted pickle codec for ZEO messages: plain data only. Here: the
+//! entry points, [`Dialect`] and [`PickleError`]; the decoder in
+//! `decode.rs`, the writer in `encode.rs`, the opcode bytes in [`opcodes`].
+//! Depends only on [`crate::protocol::value`] (the values, shared with
+//! msgpack).
 //!
 //! ZEO 5 frames are pickles (protocol 3 from every ZEO ≥ 5.2 writer, Python 2
 //! and 3 alike) of plain data: ints, bytes, text, tuples, lists, dicts. This
@@ -37,11 +41,6 @@
 //! Python 2 `str` (`SHORT_BINSTRING`/`BINSTRING`/`STRING`) stays raw bytes
 //! ([`Value::PyStr`]); callers convert to text where ZEO expects text
 //! (protocol doc §3.2 "Decoder requirements", §12).
-//!
-//! Here: the entry points, [`Dialect`] and [`PickleError`]; the decoder's
-//! stack machine is in `decode.rs`, the writer in `encode.rs`, the opcode
-//! bytes in [`opcodes`]. The values are [`crate::protocol::value`]'s,
-//! shared with the msgpack codec.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
