@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Writes the fuzzers' seed corpora from the repository's fixtures:
 
-    python3 fuzz/seed.py        # -> fuzz/corpus/{frame,envelope,refs}/
+    python3 fuzz/seed.py        # -> fuzz/corpus/{frame,envelope,msgpack,refs}/
 
 envelope: every captured pickle frame payload (Python 3 and Python 2
-clients and servers, fixtures/zeo5-*); frame: the same frames with their
-length prefixes, several per file; refs: every record of fixtures/refs/.
+clients and servers, fixtures/zeo5-*); msgpack: every captured msgpack
+frame payload (a 4-item array, 0x94, in the M5 captures); frame: the
+same frames with their length prefixes, several per file; refs: every
+record of fixtures/refs/.
 Stdlib only. The corpus directories are not committed (they are derived).
 """
 import hashlib
@@ -23,7 +25,7 @@ def put(target, data):
 
 
 def main():
-    n = {"frame": 0, "envelope": 0, "refs": 0}
+    n = {"frame": 0, "envelope": 0, "msgpack": 0, "refs": 0}
     for folder in ("zeo5-py3", "zeo5-py2"):
         for f in sorted((ROOT / "fixtures" / folder).glob("*.jsonl")):
             stream = b""
@@ -37,6 +39,9 @@ def main():
                 if payload[:1] == b"\x80":
                     put("envelope", payload)
                     n["envelope"] += 1
+                elif payload[:1] == b"\x94":
+                    put("msgpack", payload)
+                    n["msgpack"] += 1
                 if len(stream) < 4096:
                     stream += framed
             # first byte: the frame target's cut/limit selector

@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use common::{fixtures_dir, hex_decode};
 
 use zeotemp::protocol::envelope::{self, Message};
-use zeotemp::protocol::pickle::{self, DecodeLimits, Dialect, Value};
+use zeotemp::protocol::pickle::{self, Dialect};
+use zeotemp::protocol::value::{DecodeLimits, Value};
 
 /// One captured frame.
 struct Frame {

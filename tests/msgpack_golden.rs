@@ -11,7 +11,7 @@ use common::{fixtures_dir, hex_decode};
 
 use zeotemp::protocol::envelope::{self, Encoding, MarshalError};
 use zeotemp::protocol::msgpack;
-use zeotemp::protocol::pickle::{DecodeLimits, Value};
+use zeotemp::protocol::value::{DecodeLimits, Value};
 
 struct Frame {
     file: String,

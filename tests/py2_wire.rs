@@ -8,7 +8,8 @@ mod common;
 use bytes::Bytes;
 use common::client::{Client, Reply, Z64, b, s, t};
 use common::{Server, cfg};
-use zeotemp::protocol::pickle::{self, Dialect, Value};
+use zeotemp::protocol::pickle::{self, Dialect};
+use zeotemp::protocol::value::Value;
 
 fn py2(x: &[u8]) -> Value {
     Value::PyStr(Bytes::copy_from_slice(x))

@@ -5,7 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use zeotemp::protocol::pickle::{self, DecodeLimits, Dialect};
+use zeotemp::protocol::pickle::{self, Dialect};
+use zeotemp::protocol::value::{DecodeLimits, Value};
 
 fuzz_target!(|data: &[u8]| {
     let limits = DecodeLimits::default();
@@ -29,8 +30,8 @@ fuzz_target!(|data: &[u8]| {
 
 /// Values that cannot come back equal: globals and opaque values (written
 /// as `None`; the server never sends them) and NaN (not equal to itself).
-fn unencodable(v: &pickle::Value) -> bool {
-    use pickle::Value::*;
+fn unencodable(v: &Value) -> bool {
+    use Value::*;
     match v {
         Opaque(_) | Global { .. } => true,
         Float(f) => f.is_nan(),

@@ -34,9 +34,12 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::protocol::frame;
 use crate::protocol::ids::{Oid, Tid};
 use crate::protocol::msgpack::{self, MsgpackError};
-use crate::protocol::pickle::{self, DecodeLimits, Dialect, PickleError, Value};
+use crate::protocol::pickle::opcodes as op;
+use crate::protocol::pickle::{self, Dialect, PickleError};
+use crate::protocol::value::{DecodeLimits, Value};
 
 /// How a connection's frames are encoded, chosen by the client's handshake
 /// answer (`Z5` or `M5`). A [`Dialect`] converts into the pickle encoding,
@@ -65,7 +68,7 @@ pub struct Message {
     pub oneway: bool,
     /// The method name (or `.reply`), as text.
     pub method: String,
-    /// The arguments as sent; normally a tuple (the rpc layer checks).
+    /// The arguments as sent; normally a tuple (the session checks).
     pub args: Value,
     /// `Py2Protocol1` if the pickle has no `PROTO` (protocol 0/1, as ZEO
     /// 5.0/5.1 on Python 2 writes), else `Py2` if the method name was a
@@ -97,7 +100,7 @@ pub fn decode_message(payload: &[u8], limits: &DecodeLimits) -> Result<Message, 
 /// A pickle without `PROTO` (its first opcode) was written with protocol 0
 /// or 1; every pickler writing protocol 2 or more starts with `PROTO`.
 fn is_protocol1(payload: &[u8]) -> bool {
-    payload.first() != Some(&crate::protocol::pickle::opcodes::PROTO)
+    payload.first() != Some(&op::PROTO)
 }
 
 /// Like [`decode_message`], but bytes values (e.g. `storea` records) are
@@ -242,10 +245,6 @@ pub fn encode_call(encoding: impl Into<Encoding>, method: &str, args: &Value) ->
     )
 }
 
-const MARK: u8 = b'(';
-const TUPLE: u8 = b't';
-const STOP: u8 = b'.';
-
 /// `(msgid, flags, name, last)`, with `last` written by `write_last`
 /// (about `hint` bytes).
 fn encode_frame(
@@ -265,30 +264,20 @@ fn encode_frame(
     })
 }
 
-/// Appends one frame to `out`: a 4-byte big-endian length prefix, then the
-/// payload written by `payload`; the length is patched in place afterwards
-/// (no copy). Every frame zeotemp writes (and the bench client's requests)
-/// goes through here.
-pub fn put_frame(out: &mut BytesMut, payload: impl FnOnce(&mut BytesMut)) {
-    let at = out.len();
-    out.put_u32(0);
-    payload(out);
-    // A payload over 4 GiB cannot be framed; frame limits stop replies long
-    // before that, so saturating here only keeps this function panic-free.
-    let len = u32::try_from(out.len() - at - 4).unwrap_or(u32::MAX);
-    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
-}
+/// The frame writer's former name here ([`frame::put`] owns it now); kept
+/// so callers outside `protocol` compile until they are moved over.
+pub use crate::protocol::frame::put as put_frame;
 
 /// A frame of `PROTO 3 MARK` (no `PROTO` at protocol 1), the items written
 /// by `items`, `TUPLE STOP`. `hint` is about what the items take, so the
 /// buffer is allocated once.
 fn encode_with(dialect: Dialect, hint: usize, items: impl FnOnce(&mut BytesMut)) -> Bytes {
     let mut out = BytesMut::with_capacity(32 + hint);
-    put_frame(&mut out, |out| {
+    frame::put(&mut out, |out| {
         pickle::put_proto(out, dialect);
-        out.put_u8(MARK);
+        out.put_u8(op::MARK);
         items(out);
-        out.put_slice(&[TUPLE, STOP]);
+        out.put_slice(&[op::TUPLE, op::STOP]);
     });
     out.freeze()
 }
@@ -312,7 +301,7 @@ pub fn encode_msgpack_reply_with(
 /// written by `items`.
 fn encode_msgpack_with(hint: usize, items: impl FnOnce(&mut BytesMut)) -> Bytes {
     let mut out = BytesMut::with_capacity(16 + hint);
-    put_frame(&mut out, |out| {
+    frame::put(&mut out, |out| {
         msgpack::put_array_header(out, 4);
         items(out);
     });
@@ -332,7 +321,7 @@ pub fn tid_value(tid: Tid) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::pickle::testhex::{hex, unhex};
+    use crate::protocol::testhex::{hex, unhex};
 
     fn decode(h: &str) -> Result<Message, MarshalError> {
         decode_message(&unhex(h), &DecodeLimits::default())
@@ -544,11 +533,11 @@ mod tests {
 
     #[test]
     fn args_are_returned_as_sent() {
-        // the rpc layer, not this one, insists on a tuple
+        // the session, not this layer, insists on a tuple
         let m = decode("8003284b0189580400000070696e674b05742e").unwrap();
         assert_eq!(m.method, "ping");
         assert_eq!(m.args, Value::Int(5));
-        // globals pass through for the rpc layer to refuse
+        // globals pass through for the session to refuse
         let m = decode("8003284b0189580100000078636275696c74696e730a6576616c0a85742e").unwrap();
         assert_eq!(m.args.forbidden_global().as_deref(), Some("builtins.eval"));
     }

@@ -1,11 +1,12 @@
 //! ZEO framing: every message is a 4-byte big-endian payload length followed
 //! by the payload (`ZEO/asyncio/smp.py`).
 //!
-//! This layer only splits a byte stream into payloads and refuses a length
-//! over the configured maximum; it knows nothing about pickles. ZEO itself has
-//! no maximum; we do, so one client cannot make the server buffer 4 GiB.
+//! This layer splits a byte stream into payloads ([`parse`]), refusing a
+//! length over the configured maximum, and writes frames ([`put`] is the
+//! one writer); it knows nothing about pickles. ZEO itself has no maximum;
+//! we do, so one client cannot make the server buffer 4 GiB.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// The length prefix of a frame.
 pub const HEADER_LEN: usize = 4;
@@ -45,11 +46,23 @@ pub fn parse(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, FrameError
     Ok(Some(buf.split_to(len).freeze()))
 }
 
+/// Appends one frame to `out`: the length prefix, then the payload written
+/// by `payload`, straight into `out`; the length is patched in place
+/// afterwards (no copy). Every frame zeotemp writes goes through here.
+pub fn put(out: &mut BytesMut, payload: impl FnOnce(&mut BytesMut)) {
+    let at = out.len();
+    out.put_u32(0);
+    payload(out);
+    // A payload over 4 GiB cannot be framed; frame limits stop replies long
+    // before that, so saturating here only keeps this function panic-free.
+    let len = u32::try_from(out.len() - at - HEADER_LEN).unwrap_or(u32::MAX);
+    out[at..at + HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+}
+
 /// A whole frame (length prefix and payload) for `payload`.
 pub fn encode(payload: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(payload);
+    put(&mut out, |out| out.extend_from_slice(payload));
     out.freeze()
 }
 
@@ -88,6 +101,14 @@ mod tests {
             Bytes::from_static(b"abcdef")
         );
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn put_appends_a_frame_after_what_is_there() {
+        let mut out = BytesMut::from(&b"xy"[..]);
+        put(&mut out, |out| out.extend_from_slice(b"abc"));
+        put(&mut out, |_| {});
+        assert_eq!(&out[..], b"xy\0\0\0\x03abc\0\0\0\0");
     }
 
     #[test]

@@ -32,7 +32,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::protocol::pickle::{DecodeLimits, Value};
+use crate::protocol::value::{DecodeLimits, Value};
 
 /// Why a msgpack message could not be decoded. Offsets are byte offsets
 /// into the payload (of the value at fault).
@@ -536,7 +536,7 @@ pub fn encode(v: &Value) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::pickle::testhex::{hex, unhex};
+    use crate::protocol::testhex::{hex, unhex};
     use crate::rng::XorShift64;
 
     fn dec(h: &str) -> Result<Value, MsgpackError> {

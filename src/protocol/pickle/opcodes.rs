@@ -1,6 +1,6 @@
 //! Pickle opcodes, protocols 0 to 5 (CPython `Lib/pickle.py`), shared by
 //! the message codec ([`crate::protocol::pickle`]) and the reference scanner
-//! ([`crate::storage::refs`]).
+//! (`storage::refs`, which reads object records with it).
 
 pub const MARK: u8 = b'(';
 pub const STOP: u8 = b'.';
