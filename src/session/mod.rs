@@ -22,7 +22,6 @@
 pub mod outbox;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -37,7 +36,8 @@ use crate::protocol::pickle::{self, Dialect, Value};
 use crate::session::outbox::Outbox;
 use crate::state::{InvalidationFrames, Shared};
 use crate::storage::{
-    Conflict, ConnId, LockAttempt, Storage, StorageError, Subscriber, TxnMeta, TxnOp, VotedTxn,
+    Conflict, ConnId, LockAttempt, Storage, StorageError, Subscriber, Transaction, TxnMeta, TxnOp,
+    Vote, VotedTxn,
 };
 
 /// JSON (from `server_status`) to a pickle value for the reply.
@@ -346,13 +346,14 @@ enum TxnState {
 struct Txn {
     id: Value,
     meta: TxnMeta,
-    ops: Vec<TxnOp>,
+    /// The storage's side: the buffered operations and the claim on the
+    /// commit lock (dropping it aborts and releases the lock).
+    commit: Transaction,
+    /// Bytes of data stored so far (for `max-transaction-bytes`).
     bytes: usize,
     /// Set by a one-way call we cannot honour; the vote fails with it.
     refused: Option<ZeoError>,
     state: TxnState,
-    /// Conflicts handed back in the last resolution round.
-    resolving: usize,
     locked_at: Option<Instant>,
 }
 
@@ -618,55 +619,52 @@ impl Session {
             "loadBefore" => {
                 a.count(2, 2)?;
                 let (oid, tid) = (a.oid(0)?, a.tid(1, "tid")?);
-                let storage = &self.storage()?.storage;
-                storage.stats.loads.fetch_add(1, Ordering::Relaxed);
                 // Reply inside the read lock: a commit cannot slip its
                 // invalidation in ahead of this (older) data.
-                let st = storage.read();
-                let loaded = st.load_before(oid, tid)?;
-                let hint = loaded.as_ref().map_or(1, |l| l.data.len() + 32);
-                if self.msgpack {
-                    // The same, as msgpack: [data, start, end] or nil.
-                    let frame = envelope::encode_msgpack_reply_with(&msg.msgid, hint, |out| {
+                self.storage()?.storage.load_before(oid, tid, |loaded| {
+                    let loaded = loaded?;
+                    let hint = loaded.as_ref().map_or(1, |l| l.data.len() + 32);
+                    if self.msgpack {
+                        // The same, as msgpack: [data, start, end] or nil.
+                        let frame = envelope::encode_msgpack_reply_with(&msg.msgid, hint, |out| {
+                            let Some(l) = loaded else {
+                                return msgpack::put_nil(out);
+                            };
+                            msgpack::put_array_header(out, 3);
+                            msgpack::put_bin(out, l.data);
+                            msgpack::put_bin(out, &l.start.to_bytes());
+                            match l.end {
+                                Some(end) => msgpack::put_bin(out, &end.to_bytes()),
+                                None => msgpack::put_nil(out),
+                            }
+                        });
+                        self.outbox.push(frame);
+                        return Ok(Outcome::Sent);
+                    }
+                    let dialect = self.dialect;
+                    // (data, start, end) or None, written straight from the
+                    // stored record.
+                    let frame = envelope::encode_reply_with(dialect, &msg.msgid, hint, |out| {
                         let Some(l) = loaded else {
-                            return msgpack::put_nil(out);
+                            return pickle::encode_into(out, &Value::None, dialect);
                         };
-                        msgpack::put_array_header(out, 3);
-                        msgpack::put_bin(out, l.data);
-                        msgpack::put_bin(out, &l.start.to_bytes());
+                        pickle::open_tuple(out, 3, dialect);
+                        pickle::encode_bytes_into(out, l.data, dialect);
+                        pickle::encode_bytes_into(out, &l.start.to_bytes(), dialect);
                         match l.end {
-                            Some(end) => msgpack::put_bin(out, &end.to_bytes()),
-                            None => msgpack::put_nil(out),
+                            Some(end) => pickle::encode_bytes_into(out, &end.to_bytes(), dialect),
+                            None => pickle::encode_into(out, &Value::None, dialect),
                         }
+                        pickle::close_tuple(out, 3, dialect);
                     });
                     self.outbox.push(frame);
-                    return Ok(Outcome::Sent);
-                }
-                let dialect = self.dialect;
-                // (data, start, end) or None, written straight from the
-                // stored record.
-                let frame = envelope::encode_reply_with(dialect, &msg.msgid, hint, |out| {
-                    let Some(l) = loaded else {
-                        return pickle::encode_into(out, &Value::None, dialect);
-                    };
-                    pickle::open_tuple(out, 3, dialect);
-                    pickle::encode_bytes_into(out, l.data, dialect);
-                    pickle::encode_bytes_into(out, &l.start.to_bytes(), dialect);
-                    match l.end {
-                        Some(end) => pickle::encode_bytes_into(out, &end.to_bytes(), dialect),
-                        None => pickle::encode_into(out, &Value::None, dialect),
-                    }
-                    pickle::close_tuple(out, 3, dialect);
-                });
-                self.outbox.push(frame);
-                Ok(Outcome::Sent)
+                    Ok(Outcome::Sent)
+                })
             }
             "loadSerial" => {
                 a.count(2, 2)?;
                 let (oid, serial) = (a.oid(0)?, a.tid(1, "serial")?);
-                let storage = &self.storage()?.storage;
-                storage.stats.loads.fetch_add(1, Ordering::Relaxed);
-                let data = storage.read().load_serial(oid, serial)?;
+                let data = self.storage()?.storage.load_serial(oid, serial)?;
                 reply(Value::Bytes(data))
             }
             "getTid" => {
@@ -761,7 +759,7 @@ impl Session {
                             }
                             TxnState::Open | TxnState::Resolving => {
                                 txn.refused.get_or_insert(err);
-                                txn.ops.clear();
+                                txn.commit.discard_ops();
                                 reply(Value::None)
                             }
                         }
@@ -892,18 +890,13 @@ impl Session {
                     .into(),
             )
         });
-        reg.storage
-            .stats
-            .active_txns
-            .fetch_add(1, Ordering::Relaxed);
         self.txn = Some(Txn {
             id,
             meta,
-            ops: Vec::new(),
+            commit: reg.storage.begin(self.id),
             bytes: 0,
             refused,
             state: TxnState::Open,
-            resolving: 0,
             locked_at: None,
         });
         Ok(Outcome::Reply(Value::None))
@@ -952,7 +945,6 @@ impl Session {
             }
         };
         let max = self.shared.config.max_transaction_bytes;
-        let storage = self.storage()?.storage.clone();
         let txn = self.txn_for(method, a.get(n))?;
         if !matches!(txn.state, TxnState::Open | TxnState::Resolving) {
             return Err(ZeoError::Transaction(format!("{method}() after vote")));
@@ -961,24 +953,22 @@ impl Session {
             return Ok(Outcome::Reply(Value::None));
         }
         if let TxnOp::Store { data, .. } = &op {
-            storage.stats.stores.fetch_add(1, Ordering::Relaxed);
             txn.bytes += data.len();
-            if txn.bytes > max {
-                txn.ops = Vec::new();
-                txn.refused = Some(ZeoError::Storage(StorageError::Storage(format!(
-                    "transaction too large: more than {max} bytes of data (max-transaction-bytes)"
-                ))));
-                return Ok(Outcome::Reply(Value::None));
-            }
         }
-        txn.ops.push(op);
+        // (Counted as a store even when it takes the transaction too far.)
+        txn.commit.buffer(op);
+        if txn.bytes > max {
+            txn.commit.discard_ops();
+            txn.refused = Some(ZeoError::Storage(StorageError::Storage(format!(
+                "transaction too large: more than {max} bytes of data (max-transaction-bytes)"
+            ))));
+        }
         Ok(Outcome::Reply(Value::None))
     }
 
     fn vote(&mut self, msg: &Message, a: &Args) -> Res<Outcome> {
         a.count(1, 1)?;
         let storage = self.storage()?.storage.clone();
-        let id = self.id;
         // The number this vote waits as, if it must wait for the lock.
         let wait = {
             self.waits += 1;
@@ -1000,7 +990,7 @@ impl Session {
             // `run_vote` fails it, without waiting for the lock first.
             return Ok(self.run_vote(&msg.msgid));
         }
-        match storage.try_lock(id) {
+        match txn.commit.lock() {
             LockAttempt::Acquired => {
                 txn.locked_at = Some(Instant::now());
                 Ok(self.run_vote(&msg.msgid))
@@ -1043,10 +1033,6 @@ impl Session {
     /// what is left would commit an incomplete transaction and report
     /// success.
     fn run_vote(&mut self, msgid: &Value) -> Outcome {
-        let Some(reg) = &self.registered else {
-            return Outcome::Sent;
-        };
-        let storage = reg.storage.clone();
         let Some(txn) = self.txn.as_mut() else {
             return Outcome::Sent;
         };
@@ -1056,47 +1042,27 @@ impl Session {
             self.reply_error(msgid, &err);
             return Outcome::Sent;
         }
-        let ops = &txn.ops;
-        let voted = if storage.short_of_room(ops) {
+        let commit = &mut txn.commit;
+        let voted = if commit.short_of_room() {
             // Making room may run a whole collection (tens of ms at 200k
             // objects): off this runtime worker, so that the connections
             // it serves (all of them with the default `threads = 1`) go on.
-            blocking(|| storage.vote(ops))
+            blocking(|| commit.vote())
         } else {
-            storage.vote(ops)
+            commit.vote()
         };
         match voted {
-            Ok(Ok(voted)) => {
-                if txn.resolving > 0 {
-                    storage
-                        .stats
-                        .conflicts_resolved
-                        .fetch_add(txn.resolving as u64, Ordering::Relaxed);
-                }
+            Ok(Vote::Voted(voted)) => {
                 txn.state = TxnState::Voted(voted);
-                // The voted transaction holds its records now; dropping
-                // these leaves it the only reference (no copy at finish).
-                txn.ops = Vec::new();
                 self.reply(msgid, &Value::List(vec![]));
             }
-            Ok(Err(conflicts)) => {
-                txn.resolving = conflicts.len();
+            Ok(Vote::Conflicts(conflicts)) => {
                 txn.state = TxnState::Resolving;
-                storage
-                    .stats
-                    .conflicts
-                    .fetch_add(conflicts.len() as u64, Ordering::Relaxed);
                 debug!(peer = %self.label(), n = conflicts.len(), "vote: conflicts handed to the client");
                 let list = conflicts.into_iter().map(conflict_value).collect();
                 self.reply(msgid, &Value::List(list));
             }
             Err(err) => {
-                if matches!(
-                    err,
-                    StorageError::Conflict { .. } | StorageError::ReadConflict { .. }
-                ) {
-                    storage.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-                }
                 debug!(peer = %self.label(), err = %err.to_string().escape_debug(), "vote failed");
                 self.abort_txn(true);
                 self.reply_error(msgid, &ZeoError::Storage(err));
@@ -1118,6 +1084,7 @@ impl Session {
         let Some(Txn {
             state: TxnState::Voted(voted),
             meta,
+            commit,
             ..
         }) = self.txn.take()
         else {
@@ -1127,7 +1094,8 @@ impl Session {
         };
         let n = voted.oids().count();
         let (outbox, encoding, msgid) = (&self.outbox, self.encoding(), &msg.msgid);
-        let tid = storage.finish(self.id, voted, meta, |tid, length, size| {
+        // Commits, then releases the commit lock.
+        let tid = commit.finish(voted, meta, |tid, length, size| {
             outbox.push(envelope::encode_call(
                 encoding,
                 "info",
@@ -1136,8 +1104,6 @@ impl Session {
             outbox.push(envelope::encode_reply(encoding, msgid, &tid_value(tid)));
             tid
         });
-        storage.unlock(self.id);
-        storage.stats.active_txns.fetch_sub(1, Ordering::Relaxed);
         debug!(peer = %self.label(), storage = storage.name(), %tid, objects = n, "committed");
         Ok(Outcome::Sent)
     }
@@ -1156,16 +1122,13 @@ impl Session {
     /// still waiting for the lock gets an error reply if `reply_to_waiter`
     /// (not when the connection is going away: see `Drop`).
     fn abort_txn(&mut self, reply_to_waiter: bool) {
-        let Some(txn) = self.txn.take() else { return };
-        if let Some(reg) = &self.registered {
-            reg.storage.unlock(self.id);
-            reg.storage
-                .stats
-                .active_txns
-                .fetch_sub(1, Ordering::Relaxed);
-            reg.storage.stats.aborts.fetch_add(1, Ordering::Relaxed);
-        }
-        if let TxnState::Waiting { msgid, .. } = txn.state
+        let Some(Txn { state, commit, .. }) = self.txn.take() else {
+            return;
+        };
+        // The storage's transaction ends: out of the lock's line, or the
+        // lock released.
+        drop(commit);
+        if let TxnState::Waiting { msgid, .. } = state
             && reply_to_waiter
         {
             self.reply_error(
