@@ -190,7 +190,7 @@ impl Transaction {
         self.storage.short_of_room(&self.ops)
     }
 
-    /// Votes the buffered operations (see [`Storage::vote`]). Call with the
+    /// Votes the buffered operations (see `Storage::vote`). Call with the
     /// commit lock held. After a successful vote the write set holds the
     /// records, and the buffer is dropped (so `finish` copies nothing).
     pub fn vote(&mut self) -> Result<Vote, StorageError> {
@@ -219,7 +219,7 @@ impl Transaction {
         vote
     }
 
-    /// Commits what the vote produced (see [`Storage::finish`]: `then`
+    /// Commits what the vote produced (see `Storage::finish`: `then`
     /// runs inside the commit's write-locked section), then releases the
     /// commit lock.
     pub fn finish<R>(
@@ -256,7 +256,7 @@ impl Storage {
         self.ask_lock(id, false)
     }
 
-    /// Like [`Storage::try_lock`], but ahead of every waiter. At shutdown the
+    /// Like [`Transaction::lock`], but ahead of every waiter. At shutdown the
     /// server takes each commit lock this way (as [`SHUTDOWN_HOLDER`]) and
     /// keeps it: the transaction holding it finishes or aborts, no other
     /// one votes, and every commit acknowledged before the connections
