@@ -347,135 +347,17 @@ impl Storage {
             self.ensure_room(incoming, limit)?;
         }
         let st = self.read();
-        let mut conflicts: Vec<Conflict> = Vec::new();
-        let mut writes: Vec<(Oid, Option<Bytes>, Refs)> = Vec::new();
-        let mut index: HashMap<Oid, usize> = HashMap::new();
-        for op in ops {
-            match op {
-                TxnOp::Store {
-                    oid,
-                    serial,
-                    data,
-                    refs,
-                } => {
-                    if st.condemned(*oid) {
-                        // Garbage the collector is freeing: the client's
-                        // view is older than anything retained.
-                        return Err(StorageError::Conflict {
-                            oid: *oid,
-                            committed: Tid::ZERO,
-                            read: *serial,
-                            class_name: class_name_of(data),
-                            reason: Some(GONE.into()),
-                        });
-                    }
-                    let current = st.current_tid(*oid);
-                    if current.unwrap_or(Tid::ZERO) != *serial {
-                        if current.is_none() {
-                            // Storing on top of a revision this storage never
-                            // had (an object from before a restart, or one
-                            // that was deleted): nothing to resolve against.
-                            return Err(StorageError::Conflict {
-                                oid: *oid,
-                                committed: Tid::ZERO,
-                                read: *serial,
-                                class_name: class_name_of(data),
-                                reason: Some(GONE.into()),
-                            });
-                        }
-                        conflicts.retain(|c| c.oid != *oid);
-                        conflicts.push(Conflict {
-                            oid: *oid,
-                            committed: current.unwrap_or(Tid::ZERO),
-                            read: *serial,
-                            data: data.clone(),
-                        });
-                        continue;
-                    }
-                    conflicts.retain(|c| c.oid != *oid);
-                    set_write(
-                        &mut writes,
-                        &mut index,
-                        *oid,
-                        Some(data.clone()),
-                        refs.clone(),
-                    );
-                }
-                TxnOp::CheckCurrent { oid, serial } => {
-                    let current = st.current_tid(*oid).unwrap_or(Tid::ZERO);
-                    if current != *serial {
-                        return Err(StorageError::ReadConflict {
-                            oid: *oid,
-                            committed: current,
-                            read: *serial,
-                        });
-                    }
-                }
-                TxnOp::Delete { oid, serial } => {
-                    let current = st.current_tid(*oid).unwrap_or(Tid::ZERO);
-                    if current != *serial || st.condemned(*oid) {
-                        return Err(StorageError::Conflict {
-                            oid: *oid,
-                            committed: current,
-                            read: *serial,
-                            class_name: None,
-                            reason: None,
-                        });
-                    }
-                    set_write(&mut writes, &mut index, *oid, None, Some(Box::new([])));
-                }
-            }
-        }
+        let CheckedOps {
+            writes,
+            index,
+            conflicts,
+        } = st.check_ops(ops)?;
         // A conflicting store that was never superseded must not also commit
         // an older store of the same oid from earlier in the transaction.
         if !conflicts.is_empty() {
             return Ok(Vote::Conflicts(conflicts));
         }
-        let mut pinned = Vec::new();
-        let mut unscannable = Vec::new();
-        for (oid, data, refs) in &writes {
-            pinned.push(*oid);
-            let Some(refs) = refs else {
-                if st.gc_sweeping() {
-                    tracing::info!(%oid, "refused a record that cannot be scanned while garbage is being freed");
-                    return Err(StorageError::Conflict {
-                        oid: *oid,
-                        committed: st.current_tid(*oid).unwrap_or(Tid::ZERO),
-                        read: st.current_tid(*oid).unwrap_or(Tid::ZERO),
-                        class_name: data.as_deref().and_then(class_name_of),
-                        reason: Some(
-                            "zeotemp cannot scan this record for references while it frees \
-                             garbage (it might link a freed object): retry"
-                                .into(),
-                        ),
-                    });
-                }
-                unscannable.push(*oid);
-                continue;
-            };
-            pinned.extend(refs.iter().copied().filter(|r| !index.contains_key(r)));
-            // A reference must name an object that exists after this
-            // transaction: one it writes, or one whose current revision is
-            // not a deletion (pruning removes a deleted object, which would
-            // leave the reference dangling) and that is not being freed.
-            if let Some(missing) = refs.iter().find(|r| match index.get(r) {
-                Some(&i) => writes[i].1.is_none(),
-                None => st.current_tid(**r).is_none() || st.condemned(**r),
-            }) {
-                tracing::info!(%oid, %missing, "refused a record that references an object this storage does not hold (deleted, or being freed)");
-                return Err(StorageError::Conflict {
-                    oid: *oid,
-                    committed: st.current_tid(*oid).unwrap_or(Tid::ZERO),
-                    read: st.current_tid(*oid).unwrap_or(Tid::ZERO),
-                    class_name: data.as_deref().and_then(class_name_of),
-                    reason: Some(format!(
-                        "the record references {missing}, which this storage no longer holds \
-                         (deleted, freed as garbage, or from before a server restart): the \
-                         transaction read an outdated view; retry"
-                    )),
-                });
-            }
-        }
+        let (pinned, unscannable) = st.check_references(&writes, &index)?;
         // Until this transaction ends, no cycle condemns what it writes or
         // links to (nor anything, if a record's references are unknown).
         st.pin(pinned, unscannable);
@@ -597,6 +479,169 @@ fn set_write(
             index.insert(oid, writes.len());
             writes.push((oid, data, refs));
         }
+    }
+}
+
+/// A vote's write set: `(oid, record or None for a deletion, references)`.
+type WriteSet = Vec<(Oid, Option<Bytes>, Refs)>;
+
+/// What the first step of a vote found.
+struct CheckedOps {
+    writes: WriteSet,
+    /// Each written oid's index in `writes`.
+    index: HashMap<Oid, usize>,
+    /// Stores to hand back for resolution.
+    conflicts: Vec<Conflict>,
+}
+
+impl StorageState {
+    /// The first step of a vote: each operation checked against the
+    /// current state. Returns the write set (a later store of an oid
+    /// replaces an earlier one) and the conflicts to hand back.
+    fn check_ops(&self, ops: &[TxnOp]) -> Result<CheckedOps, StorageError> {
+        let st = self;
+        let mut conflicts: Vec<Conflict> = Vec::new();
+        let mut writes: WriteSet = Vec::new();
+        let mut index: HashMap<Oid, usize> = HashMap::new();
+        for op in ops {
+            match op {
+                TxnOp::Store {
+                    oid,
+                    serial,
+                    data,
+                    refs,
+                } => {
+                    if st.condemned(*oid) {
+                        // Garbage the collector is freeing: the client's
+                        // view is older than anything retained.
+                        return Err(StorageError::Conflict {
+                            oid: *oid,
+                            committed: Tid::ZERO,
+                            read: *serial,
+                            class_name: class_name_of(data),
+                            reason: Some(GONE.into()),
+                        });
+                    }
+                    let current = st.current_tid(*oid);
+                    if current.unwrap_or(Tid::ZERO) != *serial {
+                        if current.is_none() {
+                            // Storing on top of a revision this storage never
+                            // had (an object from before a restart, or one
+                            // that was deleted): nothing to resolve against.
+                            return Err(StorageError::Conflict {
+                                oid: *oid,
+                                committed: Tid::ZERO,
+                                read: *serial,
+                                class_name: class_name_of(data),
+                                reason: Some(GONE.into()),
+                            });
+                        }
+                        conflicts.retain(|c| c.oid != *oid);
+                        conflicts.push(Conflict {
+                            oid: *oid,
+                            committed: current.unwrap_or(Tid::ZERO),
+                            read: *serial,
+                            data: data.clone(),
+                        });
+                        continue;
+                    }
+                    conflicts.retain(|c| c.oid != *oid);
+                    set_write(
+                        &mut writes,
+                        &mut index,
+                        *oid,
+                        Some(data.clone()),
+                        refs.clone(),
+                    );
+                }
+                TxnOp::CheckCurrent { oid, serial } => {
+                    let current = st.current_tid(*oid).unwrap_or(Tid::ZERO);
+                    if current != *serial {
+                        return Err(StorageError::ReadConflict {
+                            oid: *oid,
+                            committed: current,
+                            read: *serial,
+                        });
+                    }
+                }
+                TxnOp::Delete { oid, serial } => {
+                    let current = st.current_tid(*oid).unwrap_or(Tid::ZERO);
+                    if current != *serial || st.condemned(*oid) {
+                        return Err(StorageError::Conflict {
+                            oid: *oid,
+                            committed: current,
+                            read: *serial,
+                            class_name: None,
+                            reason: None,
+                        });
+                    }
+                    set_write(&mut writes, &mut index, *oid, None, Some(Box::new([])));
+                }
+            }
+        }
+        Ok(CheckedOps {
+            writes,
+            index,
+            conflicts,
+        })
+    }
+
+    /// The second step of a vote: every record's references name objects
+    /// that exist after the transaction. Returns what the vote pins
+    /// against the collector: the oids written and referenced, and those
+    /// whose records could not be scanned.
+    fn check_references(
+        &self,
+        writes: &WriteSet,
+        index: &HashMap<Oid, usize>,
+    ) -> Result<(Vec<Oid>, Vec<Oid>), StorageError> {
+        let st = self;
+        let mut pinned = Vec::new();
+        let mut unscannable = Vec::new();
+        for (oid, data, refs) in writes {
+            pinned.push(*oid);
+            let Some(refs) = refs else {
+                if st.gc_sweeping() {
+                    tracing::info!(%oid, "refused a record that cannot be scanned while garbage is being freed");
+                    return Err(StorageError::Conflict {
+                        oid: *oid,
+                        committed: st.current_tid(*oid).unwrap_or(Tid::ZERO),
+                        read: st.current_tid(*oid).unwrap_or(Tid::ZERO),
+                        class_name: data.as_deref().and_then(class_name_of),
+                        reason: Some(
+                            "zeotemp cannot scan this record for references while it frees \
+                             garbage (it might link a freed object): retry"
+                                .into(),
+                        ),
+                    });
+                }
+                unscannable.push(*oid);
+                continue;
+            };
+            pinned.extend(refs.iter().copied().filter(|r| !index.contains_key(r)));
+            // A reference must name an object that exists after this
+            // transaction: one it writes, or one whose current revision is
+            // not a deletion (pruning removes a deleted object, which would
+            // leave the reference dangling) and that is not being freed.
+            if let Some(missing) = refs.iter().find(|r| match index.get(r) {
+                Some(&i) => writes[i].1.is_none(),
+                None => st.current_tid(**r).is_none() || st.condemned(**r),
+            }) {
+                tracing::info!(%oid, %missing, "refused a record that references an object this storage does not hold (deleted, or being freed)");
+                return Err(StorageError::Conflict {
+                    oid: *oid,
+                    committed: st.current_tid(*oid).unwrap_or(Tid::ZERO),
+                    read: st.current_tid(*oid).unwrap_or(Tid::ZERO),
+                    class_name: data.as_deref().and_then(class_name_of),
+                    reason: Some(format!(
+                        "the record references {missing}, which this storage no longer holds \
+                         (deleted, freed as garbage, or from before a server restart): the \
+                         transaction read an outdated view; retry"
+                    )),
+                });
+            }
+        }
+        Ok((pinned, unscannable))
     }
 }
 
