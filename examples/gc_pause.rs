@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use zeotemp::protocol::ids::{Oid, Tid};
 use zeotemp::protocol::pickle::Value;
-use zeotemp::storage::{GcOutcome, LockAttempt, Storage, StorageLimits, TxnMeta, TxnOp};
+use zeotemp::storage::{GcOutcome, LockAttempt, Storage, StorageLimits, TxnMeta, TxnOp, Vote};
 
 fn store(oid: u64, serial: Tid, refs: Vec<u64>) -> TxnOp {
     TxnOp::Store {
@@ -27,22 +27,27 @@ fn store(oid: u64, serial: Tid, refs: Vec<u64>) -> TxnOp {
     }
 }
 
-fn commit(s: &Storage, conn: u64, ops: Vec<TxnOp>) -> Tid {
-    if let LockAttempt::Wait(mut rx) = s.try_lock(conn) {
+fn commit(s: &Arc<Storage>, conn: u64, ops: Vec<TxnOp>) -> Tid {
+    let mut txn = s.begin(conn);
+    for op in ops {
+        txn.buffer(op);
+    }
+    if let LockAttempt::Wait(mut rx) = txn.lock() {
         // The lock is handed over when the holder finishes.
         while rx.try_recv().is_err() {
             std::thread::yield_now();
         }
     }
-    let voted = s.vote(&ops).expect("vote").expect("no conflicts");
+    let Vote::Voted(voted) = txn.vote().expect("vote") else {
+        panic!("no conflicts")
+    };
     let meta = TxnMeta {
         user: Bytes::new(),
         description: Bytes::new(),
         extension: Value::None,
     };
-    let tid = s.finish(conn, voted, meta, |tid, _, _| tid);
-    s.unlock(conn);
-    tid
+    // Commits, then releases the commit lock.
+    txn.finish(voted, meta, |tid, _, _| tid)
 }
 
 fn main() {

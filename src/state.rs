@@ -98,3 +98,62 @@ impl InvalidationFrames {
         f
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_invalidation_frame_per_commit_and_dialect() {
+        let frames = InvalidationFrames::default();
+        let oids = [Oid(1), Oid(2)];
+        let a = frames.frame(Dialect::Py3, Tid(10), &oids);
+        let b = frames.frame(Dialect::Py3, Tid(10), &oids);
+        // The same allocation, not an equal copy.
+        assert_eq!(a.as_ptr(), b.as_ptr());
+        let want = envelope::encode_call(
+            Dialect::Py3,
+            "invalidateTransaction",
+            &Value::Tuple(vec![
+                tid_value(Tid(10)),
+                Value::List(vec![oid_value(Oid(1)), oid_value(Oid(2))]),
+            ]),
+        );
+        assert_eq!(a, want);
+        // A Python-2 subscriber of the same commit gets its own dialect...
+        let py2 = frames.frame(Dialect::Py2, Tid(10), &oids);
+        assert_ne!(py2, a);
+        // ...without evicting the Python-3 frame.
+        assert_eq!(
+            frames.frame(Dialect::Py3, Tid(10), &oids).as_ptr(),
+            a.as_ptr()
+        );
+        // The next commit gets a new frame.
+        let c = frames.frame(Dialect::Py3, Tid(11), &[Oid(3)]);
+        assert_ne!(c, a);
+    }
+
+    #[test]
+    fn msgpack_invalidation_frame_has_its_own_slot() {
+        let frames = InvalidationFrames::default();
+        let oids = [Oid(1)];
+        let py3 = frames.frame(Dialect::Py3, Tid(10), &oids);
+        let a = frames.frame(Encoding::Msgpack, Tid(10), &oids);
+        let b = frames.frame(Encoding::Msgpack, Tid(10), &oids);
+        // Shared by every msgpack subscriber of the commit...
+        assert_eq!(a.as_ptr(), b.as_ptr());
+        // ...msgpack, as the stock server writes it...
+        assert_eq!(
+            &a[4..],
+            b"\x94\x00\xc3\xb5invalidateTransaction\x92\xc4\x08\x00\x00\x00\x00\x00\x00\x00\x0a\
+              \x91\xc4\x08\x00\x00\x00\x00\x00\x00\x00\x01"
+        );
+        // ...and neither evicts nor replaces the pickle frame.
+        assert_eq!(
+            frames.frame(Dialect::Py3, Tid(10), &oids).as_ptr(),
+            py3.as_ptr()
+        );
+        assert_ne!(py3, a);
+        assert_ne!(frames.frame(Encoding::Msgpack, Tid(11), &oids), a);
+    }
+}

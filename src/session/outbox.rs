@@ -1,8 +1,10 @@
 //! The per-connection outbound FIFO.
 //!
 //! Replies and server pushes (`invalidateTransaction`, `info`) for one client
-//! all go through one `Outbox`, written by one writer task, so the client sees
-//! them in the order they were enqueued. Enqueueing never blocks: the storage
+//! all go through one `Outbox`, emptied by the connection's own task (the
+//! server's `Conn`, which also reads the client's requests: it takes the
+//! queued frames in batches and writes them to the socket), so the client
+//! sees them in the order they were enqueued. Enqueueing never blocks: the storage
 //! enqueues invalidations while it holds its lock (that is what keeps commit
 //! order equal to delivery order), so it must not wait for a slow socket.
 //!
@@ -35,11 +37,10 @@ struct State {
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<State>,
-    /// Wakes the writer task: frames queued, or closed.
+    /// Wakes the connection's task to write: frames queued, or closed.
     wake_writer: Notify,
-    /// Wakes the reader side: frames were written (queue shrank), or the
-    /// outbox closed.
-    drained: Notify,
+    /// Wakes [`Outbox::wait_closed`]: the outbox closed.
+    wake_closed: Notify,
     max_bytes: usize,
     /// Queued bytes over which the connection's requests are not read.
     read_pause: usize,
@@ -58,7 +59,7 @@ impl Outbox {
         Outbox {
             state: Mutex::new(State::default()),
             wake_writer: Notify::new(),
-            drained: Notify::new(),
+            wake_closed: Notify::new(),
             max_bytes,
             read_pause: effective_read_pause(max_bytes, read_pause),
         }
@@ -86,7 +87,7 @@ impl Outbox {
             st.closed = Some("client is not reading: outbound queue over max-outbox-bytes");
             drop(st);
             self.wake_writer.notify_one();
-            self.drained.notify_waiters();
+            self.wake_closed.notify_waiters();
             return false;
         }
         st.bytes += frame.len();
@@ -105,7 +106,7 @@ impl Outbox {
         }
         drop(st);
         self.wake_writer.notify_one();
-        self.drained.notify_waiters();
+        self.wake_closed.notify_waiters();
     }
 
     /// Waits until the outbox is closed (by an overflow, a failed write or
@@ -113,7 +114,7 @@ impl Outbox {
     /// client sends nothing.
     pub async fn wait_closed(&self) -> &'static str {
         loop {
-            let notified = self.drained.notified();
+            let notified = self.wake_closed.notified();
             if let Some(reason) = self.lock().closed {
                 return reason;
             }
@@ -132,20 +133,6 @@ impl Outbox {
     /// True while the reader side should stop taking new requests.
     pub fn is_backlogged(&self) -> bool {
         self.lock().bytes > self.read_pause
-    }
-
-    /// Waits until the queue is no longer backlogged (or closed).
-    pub async fn wait_drained(&self) {
-        loop {
-            let notified = self.drained.notified();
-            {
-                let st = self.lock();
-                if st.bytes <= self.read_pause || st.closed.is_some() {
-                    return;
-                }
-            }
-            notified.await;
-        }
     }
 
     /// For the connection's writer: moves every queued frame to `into` (they
@@ -172,7 +159,7 @@ impl Outbox {
         }
     }
 
-    /// For the writer task: waits for frames and takes all queued ones.
+    /// For tests: waits for frames and takes all queued ones.
     /// Returns `Err(reason)` once the outbox is closed and empty.
     #[cfg(test)]
     async fn next_batch(&self, batch: &mut VecDeque<Bytes>) -> Result<(), &'static str> {
@@ -183,12 +170,10 @@ impl Outbox {
         Err(self.closed_reason().unwrap_or("closed"))
     }
 
-    /// For the writer task: `n` bytes were written to the socket.
+    /// For the connection's writer: `n` bytes were written to the socket.
     pub fn written(&self, n: usize) {
         let mut st = self.lock();
         st.bytes = st.bytes.saturating_sub(n);
-        drop(st);
-        self.drained.notify_waiters();
     }
 }
 

@@ -520,7 +520,7 @@ mod tests {
     use super::*;
     use crate::protocol::ids::Tid;
     use crate::protocol::pickle::Value;
-    use crate::storage::{LockAttempt, StorageError, StorageLimits, TxnMeta, TxnOp};
+    use crate::storage::{LockAttempt, StorageError, StorageLimits, TxnMeta, TxnOp, Vote};
 
     fn storage() -> Storage {
         Storage::new("1", Tid::now(), StorageLimits::default())
@@ -543,7 +543,7 @@ mod tests {
     /// A commit, or the error its vote gave.
     fn try_commit(s: &Storage, ops: Vec<TxnOp>) -> Result<Tid, crate::storage::StorageError> {
         assert!(matches!(s.try_lock(1), LockAttempt::Acquired));
-        let voted = s.vote(&ops).map(|v| v.unwrap());
+        let voted = s.vote(&ops).map(|v| v.into_result().unwrap());
         let meta = TxnMeta {
             user: Bytes::new(),
             description: Bytes::new(),
@@ -654,6 +654,7 @@ mod tests {
         assert!(
             s.vote(&[store(0, root, &[77]), store(77, Tid::ZERO, &[])])
                 .unwrap()
+                .into_result()
                 .is_ok()
         );
     }
@@ -669,7 +670,11 @@ mod tests {
         s.write().prune_until(Tid(t2.0 + 1));
         // A client links it again; its vote sees that 5 exists...
         assert!(matches!(s.try_lock(1), LockAttempt::Acquired));
-        let voted = s.vote(&[store(0, t2, &[5])]).unwrap().unwrap();
+        let voted = s
+            .vote(&[store(0, t2, &[5])])
+            .unwrap()
+            .into_result()
+            .unwrap();
         // ...and a whole collection runs before its tpc_finish.
         assert!(matches!(
             s.collect(Tid::MAX),
@@ -769,7 +774,7 @@ mod tests {
         on_gc_step(&s, move |s, step| {
             if step == GcStep::Candidates {
                 assert!(matches!(s.try_lock(1), LockAttempt::Acquired));
-                voted = Some(s.vote(&[store(1, t, &[])]).unwrap().unwrap());
+                voted = Some(s.vote(&[store(1, t, &[])]).unwrap().into_result().unwrap());
             } else if let Some(voted) = voted.take() {
                 let meta = TxnMeta {
                     user: Bytes::new(),
@@ -805,7 +810,7 @@ mod tests {
         on_gc_step(&s, move |s, step| {
             if step == GcStep::Candidates {
                 assert!(matches!(s.try_lock(1), LockAttempt::Acquired));
-                voted = Some(s.vote(&[unscannable(9)]).unwrap().unwrap());
+                voted = Some(s.vote(&[unscannable(9)]).unwrap().into_result().unwrap());
             } else if let Some(voted) = voted.take() {
                 let meta = TxnMeta {
                     user: Bytes::new(),
@@ -887,7 +892,7 @@ mod tests {
             assert!(matches!(s.try_lock(1), LockAttempt::Acquired));
             let result = s.vote(&[store(0, root, &refs), big(next, Tid::ZERO, &[], 1000)]);
             match result {
-                Ok(Ok(voted)) => {
+                Ok(Vote::Voted(voted)) => {
                     let meta = TxnMeta {
                         user: Bytes::new(),
                         description: Bytes::new(),
@@ -897,7 +902,7 @@ mod tests {
                     s.unlock(1);
                     linked.push(next);
                 }
-                Ok(Err(c)) => panic!("unexpected conflicts {c:?}"),
+                Ok(Vote::Conflicts(c)) => panic!("unexpected conflicts {c:?}"),
                 Err(e) => {
                     s.unlock(1);
                     break e;

@@ -18,35 +18,37 @@
 //! * commit order is delivery order: a commit becomes visible and its
 //!   invalidations are handed to every subscriber inside one write-locked
 //!   section, and loads compute and enqueue their reply inside a read-locked
-//!   one (see `rpc`).
-//!
+//!   one (see [`Storage::load_before`] and `crate::session`);
 //! * garbage is collected without an operator ([`gc`]): an object is freed
-//!   only when no retained revision of any reachable object refers to it.
+//!   only when no retained revision of any reachable object refers to it;
+//! * the commit lock is always released: a [`Transaction`] holds it, and
+//!   dropping the transaction releases it ([`commit`]).
 //!
-//! Two-phase commit: the connection layer buffers a transaction's
-//! operations; [`Storage::vote`] checks them against the current state while
-//! the caller holds the storage's commit lock ([`CommitLock`]), and
-//! [`Storage::finish`] applies them. Conflicts on stores are returned to the
-//! client for resolution (ZEO 5's client-conflict-resolution); the commit
-//! lock stays with the transaction through its resolution round.
+//! Here: the objects and their revisions, loads, oids, subscribers,
+//! retention and memory accounting; [`commit`] has the two-phase commit and
+//! the commit lock, [`gc`] the collector, [`stats`] the counters. Depends on
+//! `protocol` (ids, and plain values for transaction metadata) only.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::oneshot;
 
 use crate::protocol::ids::{Clock, Oid, Tid};
 use crate::protocol::pickle::Value;
 use crate::storage::oidhash::OidMap;
 
+pub mod commit;
 pub mod gc;
 pub mod oidhash;
 pub mod refs;
 mod revisions;
+pub mod stats;
+pub use commit::{Conflict, LockAttempt, SHUTDOWN_HOLDER, Transaction, TxnOp, Vote, VotedTxn};
 pub use gc::GcOutcome;
+pub use stats::Stats;
 
 /// Bytes accounted for each retained revision beyond its record: the
 /// revision entry itself, the record's allocation and its reference list.
@@ -72,10 +74,6 @@ pub const EMPTY_ROOT_RECORD: &[u8] = b"\x80\x03cpersistent.mapping\nPersistentMa
 
 /// Connection id, used as the commit lock's owner and subscriber key.
 pub type ConnId = u64;
-
-/// The commit-lock holder id of the server itself at shutdown (connection
-/// ids count up from 1).
-pub const SHUTDOWN_HOLDER: ConnId = u64::MAX;
 
 /// What a transaction's metadata says (`tpc_begin` arguments).
 #[derive(Debug, Clone)]
@@ -137,61 +135,9 @@ struct Object {
     mark: AtomicU32,
 }
 
-/// An operation buffered in a transaction, checked at vote.
-#[derive(Debug, Clone)]
-pub enum TxnOp {
-    Store {
-        oid: Oid,
-        serial: Tid,
-        data: Bytes,
-        refs: Refs,
-    },
-    CheckCurrent {
-        oid: Oid,
-        serial: Tid,
-    },
-    Delete {
-        oid: Oid,
-        serial: Tid,
-    },
-}
-
-impl TxnOp {
-    /// A store; its record is scanned for references here, on the
-    /// connection's own task, outside every lock.
-    pub fn store(oid: Oid, serial: Tid, data: Bytes) -> TxnOp {
-        let refs = scan_refs(&data);
-        TxnOp::Store {
-            oid,
-            serial,
-            data,
-            refs,
-        }
-    }
-
-    /// Bytes this operation will add to the storage if committed.
-    fn accounted(&self) -> usize {
-        match self {
-            TxnOp::Store { data, refs, .. } => accounted_size(Some(data), refs),
-            TxnOp::Delete { .. } => accounted_size(None, &Some(Box::new([]))),
-            TxnOp::CheckCurrent { .. } => 0,
-        }
-    }
-}
-
 /// The reason of a ConflictError for an object this storage no longer has.
 const GONE: &str = "the object is gone from this storage (freed as garbage, or from before a \
                     server restart): the transaction read an outdated view; retry";
-
-/// A write conflict handed back to the client from `vote`, for it to
-/// resolve (`{'oid', 'serials': (committed, read), 'data'}`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Conflict {
-    pub oid: Oid,
-    pub committed: Tid,
-    pub read: Tid,
-    pub data: Bytes,
-}
 
 /// The errors ZODB clients rebuild (ZODB.POSException and friends).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -238,18 +184,6 @@ pub struct HistoryEntry {
 pub trait Subscriber: Send + Sync {
     fn invalidate(&self, tid: Tid, oids: &[Oid]);
     fn info(&self, length: usize, size: usize);
-}
-
-/// Counters reported by `server_status` and `ruok`.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub loads: AtomicU64,
-    pub stores: AtomicU64,
-    pub commits: AtomicU64,
-    pub aborts: AtomicU64,
-    pub conflicts: AtomicU64,
-    pub conflicts_resolved: AtomicU64,
-    pub active_txns: AtomicU64,
 }
 
 /// The state behind the storage's read/write lock.
@@ -322,19 +256,10 @@ impl Default for StorageLimits {
     }
 }
 
-/// The commit lock of one storage: at most one transaction between its
-/// `vote` and its `tpc_finish`/`tpc_abort`; other voters wait in line.
-#[derive(Debug, Default)]
-pub struct CommitLock {
-    holder: Option<ConnId>,
-    since: Option<Instant>,
-    waiters: VecDeque<(ConnId, oneshot::Sender<()>)>,
-}
-
 pub struct Storage {
     name: String,
     state: RwLock<StorageState>,
-    lock: Mutex<CommitLock>,
+    lock: Mutex<commit::CommitLock>,
     next_oid: AtomicU64,
     /// One collection at a time (background cycle, pack, memory pressure).
     collecting: Mutex<()>,
@@ -347,30 +272,10 @@ pub struct Storage {
     oids_ahead_logged: std::sync::atomic::AtomicBool,
     pub stats: Stats,
     pub gc_stats: gc::GcStats,
-    pub started: SystemTime,
     /// Called by a collection cycle between two of its lock holds: tests
     /// commit there to interleave with the collector deterministically.
     #[cfg(test)]
     gc_hook: Mutex<Option<gc::GcHook>>,
-}
-
-/// What [`Storage::try_lock`] gives back.
-pub enum LockAttempt {
-    Acquired,
-    /// Wait for this to fire; the lock is then already ours.
-    Wait(oneshot::Receiver<()>),
-}
-
-/// The write set a successful vote produced, applied by `finish`.
-#[derive(Debug, Default)]
-pub struct VotedTxn {
-    writes: Vec<(Oid, Option<Bytes>, Refs)>,
-}
-
-impl VotedTxn {
-    pub fn oids(&self) -> impl Iterator<Item = Oid> + '_ {
-        self.writes.iter().map(|(oid, _, _)| *oid)
-    }
 }
 
 impl Storage {
@@ -424,7 +329,7 @@ impl Storage {
                 },
                 gc: gc::GcState::default(),
             }),
-            lock: Mutex::new(CommitLock::default()),
+            lock: Mutex::new(commit::CommitLock::default()),
             // Oids are drawn from the TimeStamp line (see `new_oids`).
             next_oid: AtomicU64::new(start.0.max(1)),
             collecting: Mutex::new(()),
@@ -433,7 +338,6 @@ impl Storage {
             oids_ahead_logged: Default::default(),
             stats: Stats::default(),
             gc_stats: gc::GcStats::default(),
-            started: SystemTime::now(),
             #[cfg(test)]
             gc_hook: Mutex::new(None),
         }
@@ -446,13 +350,33 @@ impl Storage {
     /// Shared access for loads. Keep the guard while enqueueing the reply.
     pub fn read(&self) -> RwLockReadGuard<'_, StorageState> {
         // The state is only mutated in short sections that do not panic
-        // half-way on any input (the rpc layer validates first), so a
+        // half-way on any input (the session validates first), so a
         // poisoned lock still guards consistent data.
         self.state.read().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn write(&self) -> RwLockWriteGuard<'_, StorageState> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `loadBefore(oid, tid)` (see [`StorageState::load_before`]), counted.
+    /// `then` gets the answer while the read lock is held: a reply enqueued
+    /// there reaches the client before the invalidation of any later commit.
+    pub fn load_before<R>(
+        &self,
+        oid: Oid,
+        tid: Tid,
+        then: impl FnOnce(Result<Option<Loaded<'_>>, StorageError>) -> R,
+    ) -> R {
+        self.stats.loads.fetch_add(1, Ordering::Relaxed);
+        then(self.read().load_before(oid, tid))
+    }
+
+    /// `loadSerial(oid, serial)` (see [`StorageState::load_serial`]),
+    /// counted.
+    pub fn load_serial(&self, oid: Oid, serial: Tid) -> Result<Bytes, StorageError> {
+        self.stats.loads.fetch_add(1, Ordering::Relaxed);
+        self.read().load_serial(oid, serial)
     }
 
     /// Hands out `n` (1..=100) new oids.
@@ -499,338 +423,6 @@ impl Storage {
         self.write().subscribers.retain(|(sid, _)| *sid != id);
     }
 
-    // ---- commit lock -------------------------------------------------
-
-    fn commit_lock(&self) -> std::sync::MutexGuard<'_, CommitLock> {
-        self.lock.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Asks for the commit lock for connection `id`.
-    pub fn try_lock(&self, id: ConnId) -> LockAttempt {
-        self.ask_lock(id, false)
-    }
-
-    /// Like [`Storage::try_lock`], but ahead of every waiter. At shutdown the
-    /// server takes each commit lock this way (as [`SHUTDOWN_HOLDER`]) and
-    /// keeps it: the transaction holding it finishes or aborts, no other
-    /// one votes, and every commit acknowledged before the connections
-    /// close was announced to every client still connected.
-    pub fn lock_ahead(&self, id: ConnId) -> LockAttempt {
-        self.ask_lock(id, true)
-    }
-
-    fn ask_lock(&self, id: ConnId, ahead: bool) -> LockAttempt {
-        let mut lk = self.commit_lock();
-        if lk.holder.is_none() || lk.holder == Some(id) {
-            lk.holder = Some(id);
-            lk.since = Some(Instant::now());
-            return LockAttempt::Acquired;
-        }
-        let (tx, rx) = oneshot::channel();
-        if ahead {
-            lk.waiters.push_front((id, tx));
-        } else {
-            lk.waiters.push_back((id, tx));
-        }
-        LockAttempt::Wait(rx)
-    }
-
-    /// Releases the lock if `id` holds it, and drops `id` from the waiters;
-    /// the next live waiter gets the lock. Safe to call more than once.
-    pub fn unlock(&self, id: ConnId) {
-        // The holder's transaction ends: release what its vote pinned. (Not
-        // under the commit-lock mutex: server_status takes the two locks in
-        // the other order.)
-        if self.commit_lock().holder == Some(id) {
-            self.read().unpin();
-        }
-        let mut lk = self.commit_lock();
-        lk.waiters.retain(|(wid, _)| *wid != id);
-        if lk.holder != Some(id) {
-            return;
-        }
-        lk.holder = None;
-        lk.since = None;
-        while let Some((wid, tx)) = lk.waiters.pop_front() {
-            // A waiter whose connection is gone has dropped its receiver.
-            if tx.send(()).is_ok() {
-                lk.holder = Some(wid);
-                lk.since = Some(Instant::now());
-                break;
-            }
-        }
-    }
-
-    /// (holder's lock age in seconds, number of waiters), for server_status.
-    pub fn lock_status(&self) -> (Option<f64>, usize) {
-        let lk = self.commit_lock();
-        (
-            lk.since.map(|s| s.elapsed().as_secs_f64()),
-            lk.waiters.len(),
-        )
-    }
-
-    // ---- two-phase commit --------------------------------------------
-
-    /// Checks a transaction's operations against the current state. Call
-    /// with the commit lock held, so nothing changes until `finish`.
-    ///
-    /// Returns the write set, or the conflicts for the client to resolve
-    /// (a store whose serial is not the current tid; a later store of the
-    /// same oid in the same transaction supersedes an earlier conflicting
-    /// one, which is how resolved data comes back). A failed
-    /// `checkCurrentSerialInTransaction` is a ReadConflictError, a
-    /// conflicting delete a ConflictError: neither can be resolved.
-    ///
-    /// A record that references an object this storage does not have (and
-    /// that the transaction does not create) is refused with a
-    /// ConflictError: it comes from a view older than the retention window,
-    /// and committing it would leave a dangling reference. The client
-    /// retries from a fresh snapshot. An object the collector has condemned
-    /// counts as gone already (referencing, storing on or deleting it is a
-    /// ConflictError): what it references may be freed, see [`gc`]. While
-    /// the collector frees, a record that cannot be scanned is refused the
-    /// same way, as it might reference a condemned object.
-    ///
-    /// If the transaction would take the storage over its memory limit,
-    /// old history is dropped and garbage collected first; if that is not
-    /// enough the vote fails with an error naming the limit.
-    pub fn vote(&self, ops: &[TxnOp]) -> Result<Result<VotedTxn, Vec<Conflict>>, StorageError> {
-        let incoming: usize = ops.iter().map(TxnOp::accounted).sum();
-        // (Bound first: a guard in the `if let` would live through the block.)
-        let limit = self.read().limits.memory_limit;
-        if let Some(limit) = limit {
-            self.ensure_room(incoming, limit)?;
-        }
-        let st = self.read();
-        let mut conflicts: Vec<Conflict> = Vec::new();
-        let mut writes: Vec<(Oid, Option<Bytes>, Refs)> = Vec::new();
-        let mut index: HashMap<Oid, usize> = HashMap::new();
-        for op in ops {
-            match op {
-                TxnOp::Store {
-                    oid,
-                    serial,
-                    data,
-                    refs,
-                } => {
-                    if st.condemned(*oid) {
-                        // Garbage the collector is freeing: the client's
-                        // view is older than anything retained.
-                        return Err(StorageError::Conflict {
-                            oid: *oid,
-                            committed: Tid::ZERO,
-                            read: *serial,
-                            class_name: class_name_of(data),
-                            reason: Some(GONE.into()),
-                        });
-                    }
-                    let current = st.current_tid(*oid);
-                    if current.unwrap_or(Tid::ZERO) != *serial {
-                        if current.is_none() {
-                            // Storing on top of a revision this storage never
-                            // had (an object from before a restart, or one
-                            // that was deleted): nothing to resolve against.
-                            return Err(StorageError::Conflict {
-                                oid: *oid,
-                                committed: Tid::ZERO,
-                                read: *serial,
-                                class_name: class_name_of(data),
-                                reason: Some(GONE.into()),
-                            });
-                        }
-                        conflicts.retain(|c| c.oid != *oid);
-                        conflicts.push(Conflict {
-                            oid: *oid,
-                            committed: current.unwrap_or(Tid::ZERO),
-                            read: *serial,
-                            data: data.clone(),
-                        });
-                        continue;
-                    }
-                    conflicts.retain(|c| c.oid != *oid);
-                    set_write(
-                        &mut writes,
-                        &mut index,
-                        *oid,
-                        Some(data.clone()),
-                        refs.clone(),
-                    );
-                }
-                TxnOp::CheckCurrent { oid, serial } => {
-                    let current = st.current_tid(*oid).unwrap_or(Tid::ZERO);
-                    if current != *serial {
-                        return Err(StorageError::ReadConflict {
-                            oid: *oid,
-                            committed: current,
-                            read: *serial,
-                        });
-                    }
-                }
-                TxnOp::Delete { oid, serial } => {
-                    let current = st.current_tid(*oid).unwrap_or(Tid::ZERO);
-                    if current != *serial || st.condemned(*oid) {
-                        return Err(StorageError::Conflict {
-                            oid: *oid,
-                            committed: current,
-                            read: *serial,
-                            class_name: None,
-                            reason: None,
-                        });
-                    }
-                    set_write(&mut writes, &mut index, *oid, None, Some(Box::new([])));
-                }
-            }
-        }
-        // A conflicting store that was never superseded must not also commit
-        // an older store of the same oid from earlier in the transaction.
-        if !conflicts.is_empty() {
-            return Ok(Err(conflicts));
-        }
-        let mut pinned = Vec::new();
-        let mut unscannable = Vec::new();
-        for (oid, data, refs) in &writes {
-            pinned.push(*oid);
-            let Some(refs) = refs else {
-                if st.gc_sweeping() {
-                    tracing::info!(%oid, "refused a record that cannot be scanned while garbage is being freed");
-                    return Err(StorageError::Conflict {
-                        oid: *oid,
-                        committed: st.current_tid(*oid).unwrap_or(Tid::ZERO),
-                        read: st.current_tid(*oid).unwrap_or(Tid::ZERO),
-                        class_name: data.as_deref().and_then(class_name_of),
-                        reason: Some(
-                            "zeotemp cannot scan this record for references while it frees \
-                             garbage (it might link a freed object): retry"
-                                .into(),
-                        ),
-                    });
-                }
-                unscannable.push(*oid);
-                continue;
-            };
-            pinned.extend(refs.iter().copied().filter(|r| !index.contains_key(r)));
-            // A reference must name an object that exists after this
-            // transaction: one it writes, or one whose current revision is
-            // not a deletion (pruning removes a deleted object, which would
-            // leave the reference dangling) and that is not being freed.
-            if let Some(missing) = refs.iter().find(|r| match index.get(r) {
-                Some(&i) => writes[i].1.is_none(),
-                None => st.current_tid(**r).is_none() || st.condemned(**r),
-            }) {
-                tracing::info!(%oid, %missing, "refused a record that references an object this storage does not hold (deleted, or being freed)");
-                return Err(StorageError::Conflict {
-                    oid: *oid,
-                    committed: st.current_tid(*oid).unwrap_or(Tid::ZERO),
-                    read: st.current_tid(*oid).unwrap_or(Tid::ZERO),
-                    class_name: data.as_deref().and_then(class_name_of),
-                    reason: Some(format!(
-                        "the record references {missing}, which this storage no longer holds \
-                         (deleted, freed as garbage, or from before a server restart): the \
-                         transaction read an outdated view; retry"
-                    )),
-                });
-            }
-        }
-        // Until this transaction ends, no cycle condemns what it writes or
-        // links to (nor anything, if a record's references are unknown).
-        st.pin(pinned, unscannable);
-        Ok(Ok(VotedTxn { writes }))
-    }
-
-    /// True if `ops` do not fit under the memory limit as things are: their
-    /// vote will drop history and may run a whole collection, a job for a
-    /// thread that serves no other connection (the caller's `blocking`).
-    pub fn short_of_room(&self, ops: &[TxnOp]) -> bool {
-        let st = self.read();
-        st.limits.memory_limit.is_some_and(|limit| {
-            st.accounted + ops.iter().map(TxnOp::accounted).sum::<usize>() > limit
-        })
-    }
-
-    /// Makes room for `incoming` accounted bytes under `limit`: drops the
-    /// oldest non-current revisions first, then collects garbage, unless
-    /// nothing was committed or dropped since the last collection under
-    /// pressure (it could free nothing more).
-    fn ensure_room(&self, incoming: usize, limit: usize) -> Result<(), StorageError> {
-        let over = |st: &StorageState| (st.accounted + incoming).saturating_sub(limit);
-        let need = over(&self.read());
-        if need == 0 {
-            return Ok(());
-        }
-        let dropped = self.write().drop_oldest_history(need);
-        // Still over, and something changed since the last collection
-        // under pressure: collect, and remember where this one started.
-        let collect_at = {
-            let st = self.read();
-            (over(&st) > 0 && st.pressure_collected_at != Some(st.changes)).then_some(st.changes)
-        };
-        if let Some(changes) = collect_at {
-            // Under memory pressure, even recently written unreachable
-            // objects go.
-            self.collect(Tid::MAX);
-            self.write().pressure_collected_at = Some(changes);
-        }
-        let st = self.read();
-        if over(&st) == 0 {
-            tracing::info!(storage = %self.name, dropped, "memory limit: made room by dropping old revisions and collecting");
-            return Ok(());
-        }
-        let msg = format!(
-            "zeotemp storage {:?} is full: this transaction needs {incoming} bytes, {} of the memory limit of {limit} bytes \
-             (memory-limit) are in use by reachable objects and their current revisions",
-            self.name, st.accounted
-        );
-        tracing::warn!("{msg}");
-        Err(StorageError::Storage(msg))
-    }
-
-    /// Makes a voted transaction visible under a new tid. Inside the same
-    /// write-locked section it hands the invalidation to every subscriber
-    /// but `committer`, then calls `then(tid, length, size)` (which enqueues
-    /// the committer's `info` and reply). Call with the commit lock held.
-    pub fn finish<R>(
-        &self,
-        committer: ConnId,
-        txn: VotedTxn,
-        meta: TxnMeta,
-        then: impl FnOnce(Tid, usize, usize) -> R,
-    ) -> R {
-        let mut st = self.write();
-        let tid = self.clock.next_tid_after(st.last_tid);
-        let meta = Arc::new(meta);
-        let mut oids = Vec::with_capacity(txn.writes.len());
-        for (oid, data, refs) in txn.writes {
-            st.put_revision(
-                oid,
-                Revision {
-                    tid,
-                    data: data.map(into_record),
-                    refs,
-                    meta: meta.clone(),
-                },
-            );
-            oids.push(oid);
-        }
-        st.gc_barrier(&oids);
-        st.unpin();
-        self.dirty.fetch_add(1, Ordering::Relaxed);
-        st.changes += 1;
-        st.last_tid = tid;
-        st.invalidations.push_front((tid, Some(oids.clone())));
-        while st.invalidations.len() > st.limits.invalidation_queue_size {
-            st.invalidations.pop_back();
-        }
-        for (sid, sub) in &st.subscribers {
-            if *sid != committer {
-                sub.invalidate(tid, &oids);
-            }
-        }
-        self.stats.commits.fetch_add(1, Ordering::Relaxed);
-        let (length, size) = (st.objects.len(), st.current_bytes);
-        then(tid, length, size)
-    }
-
     /// `pack(t)`: drops every non-current revision older than `t`
     /// (keeping, for each object, the newest revision at or before `t`),
     /// then frees what is unreachable and was last written before `t`.
@@ -857,30 +449,6 @@ impl Storage {
     pub fn prune_expired(&self) -> usize {
         let cutoff = self.retention_cutoff();
         self.write().prune_until(Tid(cutoff.0.saturating_sub(1)))
-    }
-}
-
-/// A stored record from the bytes a client sent. Without a copy when the
-/// transaction holds the only reference (the session drops its buffered
-/// operations once the vote succeeded), so `finish` costs no memcpy under
-/// the lock even for a large object.
-fn into_record(data: Bytes) -> Box<[u8]> {
-    Vec::from(data).into_boxed_slice()
-}
-
-fn set_write(
-    writes: &mut Vec<(Oid, Option<Bytes>, Refs)>,
-    index: &mut HashMap<Oid, usize>,
-    oid: Oid,
-    data: Option<Bytes>,
-    refs: Refs,
-) {
-    match index.get(&oid) {
-        Some(&i) => writes[i] = (oid, data, refs),
-        None => {
-            index.insert(oid, writes.len());
-            writes.push((oid, data, refs));
-        }
     }
 }
 
@@ -1244,7 +812,7 @@ pub fn class_name_of(record: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn storage() -> Storage {
+    pub(super) fn storage() -> Storage {
         Storage::new("1", Tid::now(), StorageLimits::default())
     }
 
@@ -1256,9 +824,9 @@ mod tests {
         }
     }
 
-    fn commit(s: &Storage, ops: Vec<TxnOp>) -> Tid {
+    pub(super) fn commit(s: &Storage, ops: Vec<TxnOp>) -> Tid {
         assert!(matches!(s.try_lock(1), LockAttempt::Acquired));
-        let voted = s.vote(&ops).unwrap().unwrap();
+        let voted = s.vote(&ops).unwrap().into_result().unwrap();
         let meta = TxnMeta {
             user: Bytes::new(),
             description: Bytes::new(),
@@ -1269,7 +837,7 @@ mod tests {
         tid
     }
 
-    fn store(oid: u64, serial: Tid, data: &'static [u8]) -> TxnOp {
+    pub(super) fn store(oid: u64, serial: Tid, data: &'static [u8]) -> TxnOp {
         TxnOp::store(Oid(oid), serial, Bytes::from_static(data))
     }
 
@@ -1350,74 +918,6 @@ mod tests {
     }
 
     #[test]
-    fn write_conflict_returned_for_resolution() {
-        let s = storage();
-        let t1 = commit(&s, vec![store(5, Tid::ZERO, b"one")]);
-        let t2 = commit(&s, vec![store(5, t1, b"two")]);
-        // A client that read t1 stores again: conflict, handed back.
-        let ops = vec![store(5, t1, b"mine")];
-        let conflicts = s.vote(&ops).unwrap().unwrap_err();
-        assert_eq!(
-            conflicts,
-            vec![Conflict {
-                oid: Oid(5),
-                committed: t2,
-                read: t1,
-                data: Bytes::from_static(b"mine")
-            }]
-        );
-        // The client resolves and stores on top of t2: the re-vote succeeds.
-        let mut ops = ops;
-        ops.push(store(5, t2, b"resolved"));
-        let voted = s.vote(&ops).unwrap().unwrap();
-        assert_eq!(voted.oids().collect::<Vec<_>>(), vec![Oid(5)]);
-    }
-
-    #[test]
-    fn new_object_on_existing_oid_conflicts() {
-        let s = storage();
-        commit(&s, vec![store(5, Tid::ZERO, b"one")]);
-        let r = s.vote(&[store(5, Tid::ZERO, b"again")]).unwrap();
-        assert!(r.is_err());
-    }
-
-    #[test]
-    fn store_on_unknown_revision_is_conflict_error() {
-        let s = storage();
-        let err = s.vote(&[store(77, Tid(12345), b"x")]).unwrap_err();
-        assert!(matches!(err, StorageError::Conflict { oid: Oid(77), .. }));
-    }
-
-    #[test]
-    fn check_current_serial() {
-        let s = storage();
-        let t1 = commit(&s, vec![store(5, Tid::ZERO, b"one")]);
-        let ok = s.vote(&[
-            TxnOp::CheckCurrent {
-                oid: Oid(5),
-                serial: t1,
-            },
-            store(6, Tid::ZERO, b"n"),
-        ]);
-        assert!(ok.unwrap().is_ok());
-        let t2 = commit(&s, vec![store(5, t1, b"two")]);
-        let err = s
-            .vote(&[TxnOp::CheckCurrent {
-                oid: Oid(5),
-                serial: t1,
-            }])
-            .unwrap_err();
-        assert_eq!(
-            err,
-            StorageError::ReadConflict {
-                oid: Oid(5),
-                committed: t2,
-                read: t1
-            }
-        );
-    }
-
-    #[test]
     fn delete_object() {
         let s = storage();
         let t1 = commit(&s, vec![store(5, Tid::ZERO, b"one")]);
@@ -1486,29 +986,6 @@ mod tests {
         let st = s.read();
         assert_eq!(st.invalidations_since(start), None, "sentinel fell off");
         assert_eq!(st.invalidations_since(t1), Some((t2, vec![Oid(5)])));
-    }
-
-    #[test]
-    fn commit_lock_queue() {
-        let s = storage();
-        assert!(matches!(s.try_lock(1), LockAttempt::Acquired));
-        let LockAttempt::Wait(mut w2) = s.try_lock(2) else {
-            panic!("2 must wait")
-        };
-        let LockAttempt::Wait(w3) = s.try_lock(3) else {
-            panic!("3 must wait")
-        };
-        assert_eq!(s.lock_status().1, 2);
-        // 2 goes away while waiting: 3 is next.
-        drop(w3);
-        s.unlock(1);
-        assert!(w2.try_recv().is_ok());
-        s.unlock(2);
-        assert_eq!(s.lock_status(), (None, 0));
-        assert!(matches!(s.try_lock(4), LockAttempt::Acquired));
-        // unlock by a non-holder changes nothing.
-        s.unlock(9);
-        assert!(matches!(s.try_lock(5), LockAttempt::Wait(_)));
     }
 
     #[test]
