@@ -1307,10 +1307,10 @@ fn raw_unicode_escape(line: &[u8]) -> Result<String, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DEFAULT_MAX_NESTING_DEPTH as MAX_NESTING_DEPTH;
     use crate::protocol::pickle::testing::*;
     use crate::protocol::pickle::{Dialect, decode, decode_bytes, decode_full, encode};
     use crate::protocol::testhex::{hex, unhex};
-    use crate::config::DEFAULT_MAX_NESTING_DEPTH as MAX_NESTING_DEPTH;
 
     /// Found by the `envelope` fuzzer (its first run): a NaN float made the
     /// two decoders' results look different, because NaN != NaN; they agree
