@@ -173,6 +173,8 @@ fn switch(given: &str) -> Result<Switch, String> {
 /// config file's keys (the same names, without `--`; see
 /// `config/zeotemp.toml`). Unset ones take their default in
 /// [`Settings::resolve`].
+// The field docs are `--help` text, where `<ssl>` is ZEO's section name, not HTML.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(clap::Args, Deserialize, Debug, Default, Clone, PartialEq)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Settings {

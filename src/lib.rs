@@ -1,56 +1,51 @@
 //! zeotemp: a ZEO 5 server for temporary (in-memory) ZODB storages.
 //!
-//! The path of one request:
+//! The path of one request, one folder per step:
 //!
 //! ```text
-//! socket ──> frame ──> marshal ──> rpc ──> storage
-//!  (TCP or    4-byte     pickle      Session   MVCC object store,
-//!   unix)     BE size    envelope    dispatch  commit lock
-//!                  <── replies and server pushes go back through one
-//!                      per-connection FIFO (outbox), written by the
-//!                      connection's own task ──<
+//! socket ─> server ──────> protocol ─────────> session ─────────> storage
+//!  (TCP,    connection     frame, envelope     dispatch, args,    MVCC, commit
+//!   unix,   task: read,    (pickle or          two-phase commit   (lock guard,
+//!   TLS)    wait, write    msgpack, no I/O)    (no I/O)           Vote), GC
+//!     <── replies and invalidations: one FIFO per connection (session::outbox),
+//!         written by the connection's own task ──<
 //! ```
 //!
 //! | module | job |
 //! | --- | --- |
-//! | [`types`] | `Oid`, `Tid` and ZODB TimeStamps |
-//! | [`frame`] | split a byte stream into sized messages; refuse an oversized one |
-//! | [`pickle`] | a restricted pickle codec: plain data only, no global is ever resolved |
-//! | [`refs`] | the persistent references of an object record (for GC), by an opcode walk that evaluates nothing |
-//! | [`rng`] | a tiny deterministic pseudo-random generator (load generator, randomized tests) |
-//! | [`marshal`] | ZEO's `(msgid, flags, name, args)` envelope, replies, errors, pushes |
-//! | [`msgpack`] | the msgpack codec of the `M5` protocol: the same plain data as [`pickle`], hardened alike |
-//! | [`rpc`] | the per-connection session: register, method whitelist, two-phase commit, error replies |
-//! | [`oidhash`] | a fast keyed hasher for the maps keyed by oid |
-//! | [`storage`] | objects and revisions, tids and oids, conflicts, retention, the commit lock, the memory limit; [`storage::gc`] frees unreachable objects |
-//! | [`outbox`] | the per-connection outbound FIFO, bounded in bytes |
-//! | [`server`] | listeners, connection tasks, shutdown |
-//! | [`metrics`] | the Prometheus endpoint (`metrics-address`): a minimal HTTP server for `GET /metrics` |
-//! | [`tls`] | the TLS setup (rustls) from `tls-certificate`, `tls-key` and `tls-client-ca`; the handshake and its retry delay |
-//! | [`config`] | settings and their defaults (every limit is a named constant there) |
-//! | [`bench`] | a ZEO 5 load generator (the `zeotemp-bench` binary) for comparing servers |
+//! | [`config`] | every setting declared once (command line, TOML, `--help`), its `DEFAULT_*`, validation; a leaf |
+//! | [`protocol`] | the wire format, both directions, no I/O: `frame`, `value`, `pickle/` (decode, encode, opcodes), `msgpack`, `envelope` (requests, replies, errors, pushes), `ids` (`Oid`, `Tid`, the tid clock) |
+//! | [`storage`] | one in-memory multi-version object store: `commit` (the commit lock as a guard, `Vote`), `revisions`, `gc` and its reference scanner `refs`, `stats`, `oidhash` |
+//! | `state` | what all connections share: configuration, storages, each storage's cached invalidation frame, the connection count |
+//! | `monitor` | `server_status`/`ruok` and the summary line (`status`), one reading of the figures (`figures`), Prometheus text (`prometheus`) and its endpoint (`http`) |
+//! | `session` | one client's ZEO semantics, no I/O: `dispatch`, `args`, `txn` (two-phase commit), `errors` (POSException wire form), `replies`, `push` (invalidations), `outbox` |
+//! | [`server`] | listeners, one task per connection (handshake, frame loop, timers, `enum Close`), TLS, the collector's loop, shutdown |
+//! | [`rng`] | a tiny deterministic generator for randomized tests and the load generator (`bench/zeotemp-bench`, a crate of its own) |
 //!
-//! `frame`, `pickle` and `marshal` are pure functions over byte buffers;
-//! `storage` is synchronous Rust behind locks. The binary only parses the
-//! command line and calls [`server::run`], as the tests do on port 0.
+//! Imports go one way: `config`, `protocol` → `storage` → `state` →
+//! `monitor` → `session` → `server`; the binary (`main.rs`) only turns the
+//! command line into a [`config::Config`] and calls [`server::run`], as the
+//! tests do on port 0. Only what the binary, the tests, the fuzz targets
+//! and the load generator use is public. ARCHITECTURE.md walks a newcomer
+//! through the same path.
 //!
 //! Invariants: commit order is delivery order (replies that expose storage
 //! state are enqueued under the storage lock that produced them; commits
 //! enqueue invalidations under the write lock); no invalidation is dropped
 //! (a client that cannot keep up is disconnected); the commit lock is always
-//! released (finish, abort, disconnect, timeout, and `Session`'s `Drop`);
-//! tids only grow and oids never repeat, also across restarts; object
-//! records are opaque bytes, never unpickled; garbage is collected without
-//! an operator, and never an object that a retained revision of a reachable
-//! object refers to.
+//! released (it is a guard the transaction owns: finish, abort, disconnect,
+//! timeout and `Session`'s `Drop` all drop it); tids only grow and oids
+//! never repeat, also across restarts; object records are opaque bytes,
+//! never unpickled; garbage is collected without an operator, and never an
+//! object that a retained revision of a reachable object refers to.
 #![forbid(unsafe_code)]
 
 pub mod bench;
 pub mod config;
-pub mod monitor;
+mod monitor;
 pub mod protocol;
 pub mod rng;
 pub mod server;
-pub mod session;
-pub mod state;
+mod session;
+mod state;
 pub mod storage;

@@ -4,7 +4,7 @@
 //! Depends on `session`, `monitor`, `state`, `storage`, `protocol` and
 //! `config`; only the binary and the tests depend on it.
 //!
-//! Each connection runs one task: frames in, [`Session`](crate::session::Session)
+//! Each connection runs one task: frames in, `Session`
 //! handling, commit-lock waits, the transaction timeout, and the
 //! connection's outbox out, in order. The server knows nothing about
 //! pickles beyond the handshake.

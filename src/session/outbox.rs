@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::config::{DEFAULT_READ_PAUSE_BYTES, effective_read_pause};
+use crate::config::effective_read_pause;
 
 #[derive(Debug, Default)]
 struct State {
@@ -48,9 +48,11 @@ pub struct Outbox {
 
 impl Outbox {
     /// A queue bounded at `max_bytes` whose connection pauses reading at
-    /// [`DEFAULT_READ_PAUSE_BYTES`].
+    /// [`crate::config::DEFAULT_READ_PAUSE_BYTES`] (tests; connections use
+    /// [`Outbox::with_read_pause`] with the configured pause).
+    #[cfg(test)]
     pub fn new(max_bytes: usize) -> Outbox {
-        Outbox::with_read_pause(max_bytes, DEFAULT_READ_PAUSE_BYTES)
+        Outbox::with_read_pause(max_bytes, crate::config::DEFAULT_READ_PAUSE_BYTES)
     }
 
     /// A queue bounded at `max_bytes` whose connection stops reading its
@@ -126,6 +128,8 @@ impl Outbox {
         self.lock().closed
     }
 
+    /// Bytes queued and not yet written (tests).
+    #[cfg(test)]
     pub fn queued_bytes(&self) -> usize {
         self.lock().bytes
     }
@@ -180,6 +184,7 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DEFAULT_READ_PAUSE_BYTES;
 
     #[tokio::test]
     async fn fifo_and_batches() {
