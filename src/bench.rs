@@ -40,7 +40,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::Instant;
 
 use crate::protocol::envelope;
-use crate::protocol::pickle::{self, DecodeLimits, Dialect, Value};
+use crate::protocol::pickle::{DecodeLimits, Dialect, Value};
 use crate::rng::XorShift64;
 
 /// What each connection does in the measured window.
@@ -445,17 +445,10 @@ impl Conn {
     }
 
     /// Appends one framed request `(msgid, oneway, method, args)` to the
-    /// write buffer, byte for byte as `marshal` encodes a call: `PROTO 3`,
-    /// `MARK`, the four items, `TUPLE`, `STOP`.
+    /// write buffer, as a Python 3 client pickles it.
     fn push(&mut self, msgid: &Value, oneway: bool, method: &str, args: Vec<Value>) {
-        envelope::put_frame(&mut self.wbuf, |out| {
-            out.extend_from_slice(&[0x80, 3, b'(']);
-            pickle::encode_into(out, msgid, Dialect::Py3);
-            out.put_u8(if oneway { 0x88 } else { 0x89 }); // NEWTRUE / NEWFALSE
-            pickle::encode_str_into(out, method, Dialect::Py3);
-            pickle::encode_into(out, &Value::Tuple(args), Dialect::Py3);
-            out.extend_from_slice(b"t.");
-        });
+        let args = Value::Tuple(args);
+        envelope::put_request(&mut self.wbuf, Dialect::Py3, msgid, oneway, method, &args);
     }
 
     /// Pushes a call with the next integer msgid and returns the msgid.
