@@ -17,7 +17,7 @@
 //! | [`frame`] | split a byte stream into sized messages; refuse an oversized one |
 //! | [`pickle`] | a restricted pickle codec: plain data only, no global is ever resolved |
 //! | [`refs`] | the persistent references of an object record (for GC), by an opcode walk that evaluates nothing |
-//! | [`rng`] | a tiny deterministic pseudo-random generator (load generator, randomized tests) |
+//! | [`rng`] | a tiny deterministic pseudo-random generator (randomized tests, and the `zeotemp-bench` load generator in `bench/zeotemp-bench`) |
 //! | [`marshal`] | ZEO's `(msgid, flags, name, args)` envelope, replies, errors, pushes |
 //! | [`msgpack`] | the msgpack codec of the `M5` protocol: the same plain data as [`pickle`], hardened alike |
 //! | [`rpc`] | the per-connection session: register, method whitelist, two-phase commit, error replies |
@@ -28,7 +28,6 @@
 //! | [`metrics`] | the Prometheus endpoint (`metrics-address`): a minimal HTTP server for `GET /metrics` |
 //! | [`tls`] | the TLS setup (rustls) from `tls-certificate`, `tls-key` and `tls-client-ca`; the handshake and its retry delay |
 //! | [`config`] | settings and their defaults (every limit is a named constant there) |
-//! | [`bench`] | a ZEO 5 load generator (the `zeotemp-bench` binary) for comparing servers |
 //!
 //! `frame`, `pickle` and `marshal` are pure functions over byte buffers;
 //! `storage` is synchronous Rust behind locks. The binary only parses the
@@ -45,7 +44,6 @@
 //! object refers to.
 #![forbid(unsafe_code)]
 
-pub mod bench;
 pub mod config;
 pub mod monitor;
 pub mod protocol;

@@ -1,6 +1,9 @@
-//! A load generator that speaks ZEO 5 itself, for comparing zeotemp with
-//! the stock Python server (the `zeotemp-bench` binary is a thin CLI over
-//! [`run`]).
+//! `zeotemp-bench`: a load generator that speaks ZEO 5 itself, for
+//! comparing zeotemp with the stock Python server (the binary,
+//! `src/main.rs`, is a thin CLI over [`run`]). A crate of zeotemp's
+//! workspace outside the server: it uses only the server library's wire
+//! protocol (`zeotemp::protocol`: requests, replies, frames) and its
+//! deterministic generator (`zeotemp::rng`).
 //!
 //! Each connection is one tokio task over the two halves of a
 //! `TCP_NODELAY` socket: it keeps up to `in_flight` requests outstanding,
@@ -26,6 +29,7 @@
 //! operation and its latency (request written → reply parsed) is kept;
 //! requests still outstanding at the deadline are dropped with the
 //! connection (both servers abort an unfinished transaction on disconnect).
+#![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
 use std::io;
@@ -39,9 +43,9 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::Instant;
 
-use crate::protocol::envelope;
-use crate::protocol::pickle::{DecodeLimits, Dialect, Value};
-use crate::rng::XorShift64;
+use zeotemp::protocol::envelope;
+use zeotemp::protocol::pickle::{DecodeLimits, Dialect, Value};
+use zeotemp::rng::XorShift64;
 
 /// What each connection does in the measured window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -164,7 +168,7 @@ pub async fn run(opts: &Options) -> Result<Report, BenchError> {
         Workload::Load | Workload::Session => setup(opts, &data).await?,
         Workload::Commit | Workload::Echo => Objects::default(),
     };
-    let shared = Arc::new(Shared {
+    let plan = Arc::new(Plan {
         workload: opts.workload,
         in_flight: opts.in_flight,
         data,
@@ -172,7 +176,7 @@ pub async fn run(opts: &Options) -> Result<Report, BenchError> {
     });
     let mut conns = Vec::with_capacity(opts.connections);
     for _ in 0..opts.connections {
-        conns.push(Conn::open(&opts.address, &opts.storage).await?.0);
+        conns.push(ClientConn::open(&opts.address, &opts.storage).await?.0);
     }
 
     let cpu_before = opts.server_pid.map(server_cpu_ticks).transpose()?;
@@ -182,7 +186,7 @@ pub async fn run(opts: &Options) -> Result<Report, BenchError> {
         .into_iter()
         .enumerate()
         .map(|(i, conn)| {
-            let w = Worker::new(conn, shared.clone(), i as u64);
+            let w = Worker::new(conn, plan.clone(), i as u64);
             tokio::spawn(w.run(deadline))
         })
         .collect();
@@ -308,9 +312,11 @@ struct Objects {
     serials: Vec<[u8; 8]>,
 }
 
-struct Shared {
+/// What every connection of a run does and works on.
+struct Plan {
     workload: Workload,
     in_flight: usize,
+    /// The record every store writes (`object_size` filler bytes).
     data: Bytes,
     objects: Objects,
 }
@@ -319,7 +325,7 @@ struct Shared {
 /// per transaction, then rewrites the root to refer to all of them (else
 /// zeotemp's collector would free them as garbage during the run).
 async fn setup(opts: &Options, data: &Bytes) -> Result<Objects, BenchError> {
-    let (mut c, _) = Conn::open(&opts.address, &opts.storage).await?;
+    let (mut c, _) = ClientConn::open(&opts.address, &opts.storage).await?;
     let mut oids = Vec::with_capacity(opts.objects);
     while oids.len() < opts.objects {
         let Value::List(more) = c.call("new_oids", vec![]).await? else {
@@ -401,8 +407,9 @@ fn tid_of(v: &Value) -> Result<[u8; 8], BenchError> {
 /// A reply: the result, or an error reply's `(class name, state)`.
 type Reply = Result<Value, (String, Value)>;
 
-/// One registered connection: buffers and the request encoder.
-struct Conn {
+/// One registered client connection: its socket halves, buffers and
+/// next msgid.
+struct ClientConn {
     rd: OwnedReadHalf,
     wr: OwnedWriteHalf,
     rbuf: BytesMut,
@@ -410,16 +417,16 @@ struct Conn {
     next_id: i64,
 }
 
-impl Conn {
+impl ClientConn {
     /// Connects, answers the server's `Z5` handshake and registers
     /// (writable); returns the connection and the last tid.
-    async fn open(address: &str, storage: &str) -> Result<(Conn, Value), BenchError> {
+    async fn open(address: &str, storage: &str) -> Result<(ClientConn, Value), BenchError> {
         let s = TcpStream::connect(address).await?;
         // As stock clients (asyncio) do; else Nagle and delayed ACKs add
         // 40 ms to round trips that follow one-way calls.
         s.set_nodelay(true)?;
         let (rd, wr) = s.into_split();
-        let mut c = Conn {
+        let mut c = ClientConn {
             rd,
             wr,
             rbuf: BytesMut::with_capacity(64 * 1024),
@@ -474,7 +481,7 @@ impl Conn {
 
     /// A frame already buffered, if any.
     fn buffered_frame(&mut self) -> Result<Option<Bytes>, BenchError> {
-        crate::protocol::frame::parse(&mut self.rbuf, usize::MAX)
+        zeotemp::protocol::frame::parse(&mut self.rbuf, usize::MAX)
             .map_err(|e| BenchError::Protocol(e.to_string()))
     }
 
@@ -635,8 +642,8 @@ struct Stats {
 }
 
 struct Worker {
-    conn: Conn,
-    shared: Arc<Shared>,
+    conn: ClientConn,
+    plan: Arc<Plan>,
     rng: XorShift64,
     pending: VecDeque<Pending>,
     txn: Option<Txn>,
@@ -649,12 +656,12 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(conn: Conn, shared: Arc<Shared>, n: u64) -> Worker {
-        let hot = shared.objects.oids.len().min(HOT_SET);
-        let serials = shared.objects.serials[..hot].to_vec();
+    fn new(conn: ClientConn, plan: Arc<Plan>, n: u64) -> Worker {
+        let hot = plan.objects.oids.len().min(HOT_SET);
+        let serials = plan.objects.serials[..hot].to_vec();
         Worker {
             conn,
-            shared,
+            plan,
             rng: XorShift64::new(
                 0x9e37_79b9_7f4a_7c15 ^ (n + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9),
             ),
@@ -708,8 +715,8 @@ impl Worker {
 
     /// Starts requests until `in_flight` are outstanding.
     fn refill(&mut self) {
-        let k = self.shared.in_flight;
-        match self.shared.workload {
+        let k = self.plan.in_flight;
+        match self.plan.workload {
             Workload::Echo => {
                 for _ in self.pending.len()..k {
                     let id = self.conn.push_call("ping", vec![]);
@@ -718,7 +725,7 @@ impl Worker {
             }
             Workload::Load => {
                 for _ in self.pending.len()..k {
-                    let n = self.below(self.shared.objects.oids.len());
+                    let n = self.below(self.plan.objects.oids.len());
                     self.load(n);
                 }
             }
@@ -752,7 +759,7 @@ impl Worker {
     /// `loadBefore(oid, maxtid)` with the `(oid, maxtid)` msgid of the
     /// stock client.
     fn load(&mut self, n: usize) {
-        let oid = self.shared.objects.oids[n].clone();
+        let oid = self.plan.objects.oids[n].clone();
         let key = Key::Load(u64::from_be_bytes(oid[..].try_into().unwrap_or(Z64)));
         let maxtid = b(Bytes::from_static(&MAXTID));
         let msgid = Value::Tuple(vec![b(oid.clone()), maxtid.clone()]);
@@ -779,10 +786,10 @@ impl Worker {
     fn start_session_txn(&mut self) {
         let hot = self.serials.len();
         let first = self.below(hot);
-        let mut stores = vec![(self.shared.objects.oids[first].clone(), Some(first))];
+        let mut stores = vec![(self.plan.objects.oids[first].clone(), Some(first))];
         if hot > 1 && self.below(2) == 0 {
             let second = (first + 1 + self.below(hot - 1)) % hot;
-            stores.push((self.shared.objects.oids[second].clone(), Some(second)));
+            stores.push((self.plan.objects.oids[second].clone(), Some(second)));
         }
         self.begin(stores);
     }
@@ -793,7 +800,7 @@ impl Worker {
         self.conn.push_oneway("tpc_begin", begin_args(&txn));
         for (oid, n) in &stores {
             let serial = n.map_or(Z64, |n| self.serials[n]);
-            let args = store_args(oid, &serial, &self.shared.data, &txn);
+            let args = store_args(oid, &serial, &self.plan.data, &txn);
             self.conn.push_oneway("storea", args);
         }
         self.txn = Some(Txn { stores, votes: 0 });
@@ -904,7 +911,7 @@ impl Worker {
         self.stats.conflicts_resolved += conflicts.len() as u64;
         let txn = self.txn_id.clone();
         for (oid, committed) in conflicts {
-            let args = store_args(&oid, &committed, &self.shared.data, &txn);
+            let args = store_args(&oid, &committed, &self.plan.data, &txn);
             self.conn.push_oneway("storea", args);
         }
         self.vote();
