@@ -387,6 +387,33 @@ pub fn put_request(
     }
 }
 
+/// From the client's side, a reply's outcome: the result, or an error
+/// reply's `(class_name, state)`.
+pub type Reply = Result<Value, (String, Value)>;
+
+impl Message {
+    /// From the client's side: `Some((msgid, outcome))` for a reply
+    /// (`.reply`; truthy flags mark an error reply, §4.2), `None` for a
+    /// server push (invalidations, `info`). An error reply that is not a
+    /// `(class_name, state)` pair with a text class name gives the class
+    /// name `""` and the whole value as its state.
+    pub fn into_reply(self) -> Option<(Value, Reply)> {
+        if self.method != ".reply" {
+            return None;
+        }
+        let outcome = match (self.oneway, self.args) {
+            (false, result) => Ok(result),
+            (true, Value::Tuple(mut pair)) if pair.len() == 2 && pair[0].as_text().is_some() => {
+                let state = pair.pop().unwrap_or(Value::None);
+                let class = pair.pop().and_then(|c| c.as_text().map(|c| c.into_owned()));
+                Err((class.unwrap_or_default(), state))
+            }
+            (true, other) => Err((String::new(), other)),
+        };
+        Some((self.msgid, outcome))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -943,6 +970,38 @@ mod tests {
             p(mp, &load, "loadBefore", &load),
             "9492c4080000000000000000c4080000000000000001c2aa6c6f61644265666f726592c408\
              0000000000000000c4080000000000000001"
+        );
+    }
+
+    /// Replies, error replies and pushes as a client tells them apart.
+    #[test]
+    fn replies_from_the_clients_side() {
+        let limits = DecodeLimits::default();
+        let msg = |frame: Bytes, enc: Encoding| match enc {
+            Encoding::Pickle(_) => decode_message(&frame[4..], &limits).unwrap(),
+            Encoding::Msgpack => decode_msgpack_message(&frame[4..], &limits).unwrap(),
+        };
+        let state = Value::Tuple(vec![Value::Int(5)]);
+        let load = Value::Tuple(vec![oid(0), oid(1)]);
+        for enc in [Dialect::Py3.into(), Dialect::Py2.into(), Encoding::Msgpack] {
+            let m = msg(encode_reply(enc, &Value::Int(3), &Value::None), enc);
+            assert_eq!(m.into_reply(), Some((Value::Int(3), Ok(Value::None))));
+            let m = msg(encode_error(enc, &load, "POSKeyError", &state), enc);
+            let (msgid, outcome) = m.into_reply().unwrap();
+            assert_eq!(outcome, Err(("POSKeyError".to_string(), state.clone())));
+            // The msgid echoed (as py2 str to a Python 2 client).
+            assert!(
+                matches!(&msgid, Value::Tuple(t) if t.len() == 2),
+                "{msgid:?}"
+            );
+            let m = msg(encode_call(enc, "info", &Value::Tuple(vec![])), enc);
+            assert_eq!(m.into_reply(), None);
+        }
+        // Malformed error replies: the class name "", the value as state.
+        let m = decode("8003284b014b0258060000002e7265706c794b05742e").unwrap();
+        assert_eq!(
+            m.into_reply(),
+            Some((Value::Int(1), Err((String::new(), Value::Int(5)))))
         );
     }
 }

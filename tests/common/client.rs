@@ -92,7 +92,7 @@ pub fn request(msgid: Value, oneway: bool, method: &str, args: &Value) -> Vec<u8
 
 /// A sync call's outcome: `Ok(result)`, or `Err((exception class, state))`
 /// for an error reply.
-pub type Reply = Result<Value, (String, Value)>;
+pub use zeotemp::protocol::envelope::Reply;
 
 /// The message text of an error reply's state (`(message,)`).
 pub fn err_text(state: &Value) -> String {
@@ -275,20 +275,13 @@ impl Client {
     /// server closed.
     pub async fn next_reply(&mut self) -> Option<(Value, Reply)> {
         loop {
-            let m = self.message().await?;
-            if m.method != ".reply" {
-                continue;
-            }
-            let reply = match (m.oneway, m.args) {
-                (false, v) => Ok(v),
-                (true, Value::Tuple(mut e)) if e.len() == 2 => {
-                    let state = e.pop().unwrap();
-                    let class = e.pop().unwrap().as_text().unwrap().into_owned();
-                    Err((class, state))
-                }
-                (true, other) => panic!("malformed error reply {other:?}"),
+            let Some((msgid, reply)) = self.message().await?.into_reply() else {
+                continue; // a push
             };
-            return Some((m.msgid, reply));
+            if let Err((class, state)) = &reply {
+                assert!(!class.is_empty(), "malformed error reply {state:?}");
+            }
+            return Some((msgid, reply));
         }
     }
 

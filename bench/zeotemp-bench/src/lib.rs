@@ -43,7 +43,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::Instant;
 
-use zeotemp::protocol::envelope;
+use zeotemp::protocol::envelope::{self, Reply};
 use zeotemp::protocol::pickle::{DecodeLimits, Dialect, Value};
 use zeotemp::rng::XorShift64;
 
@@ -404,9 +404,6 @@ fn tid_of(v: &Value) -> Result<[u8; 8], BenchError> {
         .ok_or_else(|| BenchError::Protocol(format!("not a tid: {v:?}")))
 }
 
-/// A reply: the result, or an error reply's `(class name, state)`.
-type Reply = Result<Value, (String, Value)>;
-
 /// One registered client connection: its socket halves, buffers and
 /// next msgid.
 struct ClientConn {
@@ -568,22 +565,7 @@ fn store_args(oid: &Bytes, serial: &[u8; 8], data: &Bytes, txn: &Value) -> Vec<V
 fn decode_reply(frame: &Bytes) -> Result<Option<(Value, Reply)>, BenchError> {
     let m = envelope::decode_message_bytes(frame, &DecodeLimits::default())
         .map_err(|e| BenchError::Protocol(e.to_string()))?;
-    if m.method != ".reply" {
-        return Ok(None);
-    }
-    let reply = match (m.oneway, m.args) {
-        (false, v) => Ok(v),
-        (true, Value::Tuple(mut t)) if t.len() == 2 => {
-            let state = t.pop().unwrap_or(Value::None);
-            let class = t
-                .pop()
-                .and_then(|c| c.as_text().map(|c| c.into_owned()))
-                .unwrap_or_default();
-            Err((class, state))
-        }
-        (true, other) => Err(("?".to_string(), other)),
-    };
-    Ok(Some((m.msgid, reply)))
+    Ok(m.into_reply())
 }
 
 /// How a reply is matched to its request: integer msgids, and
