@@ -13,8 +13,9 @@
 //! stock Python server writes: `PROTO 3`, `MARK`, the four items, `TUPLE`,
 //! `STOP`. The msgid is echoed as the request carried it (a py2 client's
 //! `PyStr` stays `SHORT_BINSTRING`), and text follows the connection's
-//! [`Dialect`] (§12). [`encode_request`] writes the client's direction, as
-//! stock clients do (for the load generator and the tests).
+//! [`Dialect`] (§12). The client's side, for the load generator and the
+//! tests: [`encode_request`] writes requests as stock clients do, and
+//! [`Message::into_reply`] tells a reply from a push.
 //!
 //! Client generations, told apart by how a request is pickled
 //! ([`Message::dialect`]; the session keeps the first request's):
