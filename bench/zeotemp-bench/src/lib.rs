@@ -153,16 +153,7 @@ const FILLER: u8 = b'x';
 
 /// Runs the setup, then the workload for `opts.duration`.
 pub async fn run(opts: &Options) -> Result<Report, BenchError> {
-    if opts.connections == 0 || opts.in_flight == 0 {
-        return Err(BenchError::Protocol(
-            "connections and in-flight must be at least 1".into(),
-        ));
-    }
-    if matches!(opts.workload, Workload::Load | Workload::Session) && opts.objects == 0 {
-        return Err(BenchError::Protocol(
-            "load and session need at least one object".into(),
-        ));
-    }
+    opts.check()?;
     let data = Bytes::from(vec![FILLER; opts.object_size]);
     let objects = match opts.workload {
         Workload::Load | Workload::Session => setup(opts, &data).await?,
@@ -190,12 +181,12 @@ pub async fn run(opts: &Options) -> Result<Report, BenchError> {
             tokio::spawn(w.run(deadline))
         })
         .collect();
-    let mut stats = Vec::with_capacity(tasks.len());
+    let mut per_conn = Vec::with_capacity(tasks.len());
     for t in tasks {
         let s = t
             .await
             .map_err(|e| BenchError::Protocol(format!("worker panicked: {e}")))??;
-        stats.push(s);
+        per_conn.push(s);
     }
     let elapsed = start.elapsed().as_secs_f64();
     let server_cpu_s = match (opts.server_pid, cpu_before) {
@@ -206,42 +197,42 @@ pub async fn run(opts: &Options) -> Result<Report, BenchError> {
     };
     let server_peak_rss_kib = opts.server_pid.and_then(server_peak_rss_kib);
 
-    let mut lat: Vec<u32> = Vec::with_capacity(stats.iter().map(|s| s.lat.len()).sum());
-    let (mut ops, mut txns, mut errors, mut retried, mut resolved) = (0, 0, 0, 0, 0);
-    for s in stats {
-        lat.extend_from_slice(&s.lat);
-        ops += s.ops;
-        txns += s.txns;
-        errors += s.errors;
-        retried += s.conflicts_retried;
-        resolved += s.conflicts_resolved;
-    }
-    lat.sort_unstable();
-    let pct = |q: f64| -> f64 {
-        if lat.is_empty() {
-            return 0.0;
-        }
-        let i = ((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1;
-        f64::from(lat[i]) / 10.0
-    };
+    let all = Stats::merged(per_conn);
     Ok(Report {
         workload: opts.workload,
         connections: opts.connections,
         in_flight: opts.in_flight,
         duration_s: elapsed,
-        ops,
-        ops_per_s: ops as f64 / elapsed,
-        txns,
-        txns_per_s: txns as f64 / elapsed,
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-        p999_us: pct(0.999),
-        errors,
-        conflicts_retried: retried,
-        conflicts_resolved: resolved,
+        ops: all.ops,
+        ops_per_s: all.ops as f64 / elapsed,
+        txns: all.txns,
+        txns_per_s: all.txns as f64 / elapsed,
+        p50_us: all.latency_us(0.50),
+        p99_us: all.latency_us(0.99),
+        p999_us: all.latency_us(0.999),
+        errors: all.errors,
+        conflicts_retried: all.conflicts_retried,
+        conflicts_resolved: all.conflicts_resolved,
         server_cpu_s,
         server_peak_rss_kib,
     })
+}
+
+impl Options {
+    /// Settings a run cannot start with.
+    fn check(&self) -> Result<(), BenchError> {
+        if self.connections == 0 || self.in_flight == 0 {
+            return Err(BenchError::Protocol(
+                "connections and in-flight must be at least 1".into(),
+            ));
+        }
+        if matches!(self.workload, Workload::Load | Workload::Session) && self.objects == 0 {
+            return Err(BenchError::Protocol(
+                "load and session need at least one object".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Report {
@@ -437,8 +428,7 @@ impl ClientConn {
                 String::from_utf8_lossy(&hello)
             )));
         }
-        c.wbuf.put_u32(2);
-        c.wbuf.extend_from_slice(b"Z5");
+        envelope::put_frame(&mut c.wbuf, |out| out.extend_from_slice(b"Z5"));
         let last = c
             .call(
                 "register",
@@ -621,6 +611,37 @@ struct Stats {
     errors: u64,
     conflicts_retried: u64,
     conflicts_resolved: u64,
+}
+
+impl Stats {
+    /// Every connection's counters together, the latencies sorted.
+    fn merged(per_conn: Vec<Stats>) -> Stats {
+        let mut all = Stats {
+            lat: Vec::with_capacity(per_conn.iter().map(|s| s.lat.len()).sum()),
+            ..Stats::default()
+        };
+        for s in per_conn {
+            all.lat.extend_from_slice(&s.lat);
+            all.ops += s.ops;
+            all.txns += s.txns;
+            all.errors += s.errors;
+            all.conflicts_retried += s.conflicts_retried;
+            all.conflicts_resolved += s.conflicts_resolved;
+        }
+        all.lat.sort_unstable();
+        all
+    }
+
+    /// The latency at quantile `q` of sorted latencies, in µs (0 without
+    /// any).
+    fn latency_us(&self, q: f64) -> f64 {
+        let lat = &self.lat;
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let i = ((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1;
+        f64::from(lat[i]) / 10.0
+    }
 }
 
 struct Worker {
@@ -897,5 +918,34 @@ impl Worker {
             self.conn.push_oneway("storea", args);
         }
         self.vote();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_merge_and_percentiles() {
+        let conn = |lat: Vec<u32>, ops| Stats {
+            lat,
+            ops,
+            txns: 1,
+            errors: 2,
+            conflicts_retried: 3,
+            conflicts_resolved: 4,
+        };
+        // Latencies 1..=1000 (in 100 ns) over two connections.
+        let all = Stats::merged(vec![
+            conn((501..=1000).rev().collect(), 500),
+            conn((1..=500).collect(), 500),
+        ]);
+        assert_eq!((all.ops, all.txns, all.errors), (1000, 2, 4));
+        assert_eq!((all.conflicts_retried, all.conflicts_resolved), (6, 8));
+        assert_eq!(all.latency_us(0.50), 50.0);
+        assert_eq!(all.latency_us(0.99), 99.0);
+        assert_eq!(all.latency_us(0.999), 99.9);
+        assert_eq!(all.latency_us(0.0), 0.1);
+        assert_eq!(Stats::merged(vec![]).latency_us(0.5), 0.0);
     }
 }
