@@ -40,7 +40,6 @@
 //! object that a retained revision of a reachable object refers to.
 #![forbid(unsafe_code)]
 
-pub mod bench;
 pub mod config;
 mod monitor;
 pub mod protocol;

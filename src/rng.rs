@@ -1,5 +1,8 @@
-//! A tiny deterministic pseudo-random generator (xorshift64*), for the
-//! load generator's choices and for randomized tests; no crate needed.
+//! A tiny deterministic pseudo-random generator (xorshift64*), shared by
+//! the randomized tests (the codecs', the collector's, `tests/*.rs`) and
+//! the load generator's choices (`bench/zeotemp-bench`); no crate needed.
+//! Not for anything an attacker may predict (the oid hasher keys itself from
+//! the OS).
 
 /// xorshift64*: fast, reproducible from its seed, not for security.
 #[derive(Debug, Clone)]

@@ -8,6 +8,7 @@ mod common;
 use bytes::Bytes;
 use common::client::{Client, Reply, Z64, b, s, t};
 use common::{Server, cfg};
+use zeotemp::protocol::envelope;
 use zeotemp::protocol::pickle::{self, Dialect};
 use zeotemp::protocol::value::Value;
 
@@ -123,14 +124,8 @@ async fn py2_extension_strs_reach_py3_history_as_text_or_bytes() {
 /// Sends `(msgid, False, method, args)` pickled with protocol 1 (no
 /// `PROTO`), as ZEO 5.1 on Python 2 does, and returns the raw reply frame.
 async fn p1_call(c: &mut Client, msgid: Value, method: &str, args: Vec<Value>) -> Bytes {
-    let msg = t(vec![
-        msgid,
-        Value::Bool(false),
-        py2(method.as_bytes()),
-        t(args),
-    ]);
-    c.send_frame(&pickle::encode(&msg, Dialect::Py2Protocol1))
-        .await;
+    let request = envelope::encode_request(Dialect::Py2Protocol1, &msgid, false, method, &t(args));
+    c.write(&request).await;
     c.frame().await.expect("a reply")
 }
 

@@ -99,13 +99,15 @@ else
     make_py2_venv "$ZEOTEMP_PY2VENV_ZEO51" tests/python/requirements-py2-zeo51.txt
 fi
 
-echo "== Rust tests (unit, golden fixtures, wire, hostile input)"
-# `fault-injection` (test-only) adds methods that panic inside a
-# connection, for the panic-containment test in tests/wire.rs.
-cargo test --locked --features fault-injection
-# The binary the real-client tests run, built without it (after the tests,
-# which build their own).
-cargo build --locked --bins
+echo "== Rust tests (unit, golden fixtures, wire, hostile input, load generator)"
+# The whole workspace: the server and bench/zeotemp-bench. `fault-injection`
+# (test-only, the server's) adds methods that panic inside a connection, for
+# the panic-containment test in tests/wire.rs.
+cargo test --locked --workspace --features fault-injection
+# The binaries the real-client tests run (zeotemp, and zeotemp-bench for
+# test_soak_smoke.py), built without it (after the tests, which build their
+# own).
+cargo build --locked --workspace --bins
 
 echo "== real-client tests (stock ZEO $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("ZEO"))') against target/debug/zeotemp)"
 ZEOTEMP_BIN="$PWD/target/debug/zeotemp" "$venv/bin/python" -m pytest tests/python -q "$@"

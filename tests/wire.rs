@@ -114,15 +114,16 @@ async fn bad_handshake_and_probe_close_harmlessly() {
     srv.stop().await;
 }
 
-/// A msgpack (`M5`) request frame.
+/// A msgpack (`M5`) request payload, as a stock client packs it.
 fn mp_request(msgid: i64, oneway: bool, method: &str, args: Vec<Value>) -> Vec<u8> {
-    zeotemp::protocol::msgpack::encode(&t(vec![
-        Value::Int(msgid),
-        Value::Bool(oneway),
-        s(method),
-        t(args),
-    ]))
-    .to_vec()
+    let frame = envelope::encode_request(
+        envelope::Encoding::Msgpack,
+        &Value::Int(msgid),
+        oneway,
+        method,
+        &t(args),
+    );
+    frame[zeotemp::protocol::frame::HEADER_LEN..].to_vec()
 }
 
 /// The next frame, decoded as msgpack: `[msgid, flags, name, value]`.

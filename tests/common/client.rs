@@ -1,9 +1,10 @@
 //! A raw ZEO client for the wire and hostile-input tests, and a
 //! well-behaved [`Bystander`] that shows the server still serves others.
 //!
-//! The client writes frames (a 4-byte big-endian length, then the payload)
-//! and request pickles itself, so a test can send anything, well-formed or
-//! not. Every read is bounded ([`READ_TIMEOUT`] unless a test gives its own
+//! Well-formed requests are the ones stock clients write
+//! ([`envelope::encode_request`]); the client also writes raw frames (a
+//! 4-byte big-endian length, then the payload) and request pickles with raw
+//! opcodes in them, so a test can send anything, well-formed or not. Every read is bounded ([`READ_TIMEOUT`] unless a test gives its own
 //! limit), so a hang fails a test instead of blocking CI.
 
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use zeotemp::protocol::envelope::{self, Message};
+use zeotemp::protocol::frame::HEADER_LEN;
 use zeotemp::protocol::pickle::{self, DecodeLimits, Dialect, Value};
 
 /// Longest wait for any one frame from the server (or its close).
@@ -58,7 +60,7 @@ pub fn pk(v: &Value) -> Vec<u8> {
 
 /// A request payload `(msgid, oneway, method, args)` whose `args` are raw
 /// opcodes pushing exactly one value (usually, but not necessarily, a
-/// tuple).
+/// tuple); the rest as [`request`] writes it.
 pub fn raw_request(msgid: Value, oneway: bool, method: &str, args: &[u8]) -> Vec<u8> {
     let mut out = vec![0x80, 3, b'('];
     out.extend(pk(&msgid));
@@ -77,15 +79,20 @@ pub fn framed(payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// A request payload `(msgid, oneway, method, args)`, exactly as the
-/// encoder writes the whole 4-tuple; `args` may be any value.
+/// A request frame `(msgid, oneway, method, args)` as a Python 3 client
+/// writes it; `args` may be any value.
+pub fn request_frame(msgid: &Value, oneway: bool, method: &str, args: &Value) -> Bytes {
+    envelope::encode_request(Dialect::Py3, msgid, oneway, method, args)
+}
+
+/// The payload of [`request_frame`] (without the length prefix).
 pub fn request(msgid: Value, oneway: bool, method: &str, args: &Value) -> Vec<u8> {
-    raw_request(msgid, oneway, method, &pk(args))
+    request_frame(&msgid, oneway, method, args)[HEADER_LEN..].to_vec()
 }
 
 /// A sync call's outcome: `Ok(result)`, or `Err((exception class, state))`
 /// for an error reply.
-pub type Reply = Result<Value, (String, Value)>;
+pub use zeotemp::protocol::envelope::Reply;
 
 /// The message text of an error reply's state (`(message,)`).
 pub fn err_text(state: &Value) -> String {
@@ -249,8 +256,7 @@ impl Client {
     pub async fn send_with(&mut self, oneway: bool, method: &str, args: &Value) -> Value {
         let id = Value::Int(self.next);
         self.next += 1;
-        self.send_frame(&request(id.clone(), oneway, method, args))
-            .await;
+        self.write(&request_frame(&id, oneway, method, args)).await;
         id
     }
 
@@ -269,20 +275,13 @@ impl Client {
     /// server closed.
     pub async fn next_reply(&mut self) -> Option<(Value, Reply)> {
         loop {
-            let m = self.message().await?;
-            if m.method != ".reply" {
-                continue;
-            }
-            let reply = match (m.oneway, m.args) {
-                (false, v) => Ok(v),
-                (true, Value::Tuple(mut e)) if e.len() == 2 => {
-                    let state = e.pop().unwrap();
-                    let class = e.pop().unwrap().as_text().unwrap().into_owned();
-                    Err((class, state))
-                }
-                (true, other) => panic!("malformed error reply {other:?}"),
+            let Some((msgid, reply)) = self.message().await?.into_reply() else {
+                continue; // a push
             };
-            return Some((m.msgid, reply));
+            if let Err((class, state)) = &reply {
+                assert!(!class.is_empty(), "malformed error reply {state:?}");
+            }
+            return Some((msgid, reply));
         }
     }
 
@@ -333,8 +332,8 @@ impl Client {
     /// server closed it.
     pub async fn still_open(&mut self) -> bool {
         const PROBE: i64 = 999_999;
-        self.try_send_frame(&request(Value::Int(PROBE), false, "ping", &t(vec![])))
-            .await;
+        let ping = request_frame(&Value::Int(PROBE), false, "ping", &t(vec![]));
+        self.try_write(&ping).await;
         loop {
             match self.next_reply().await {
                 None => return false,

@@ -137,8 +137,7 @@ with tarfile.open(sdist) as t:
 print(f'sdist {os.path.basename(sdist)}: {os.path.getsize(sdist)} bytes, '
       f'{len(names)} files: {" ".join(sorted(names))}')
 need = {'pyproject.toml', 'Cargo.toml', 'Cargo.lock', 'LICENSE.txt',
-        'README.md', 'PKG-INFO', 'src/main.rs', 'src/lib.rs',
-        'src/bin/zeotemp-bench.rs'}
+        'README.md', 'PKG-INFO', 'src/main.rs', 'src/lib.rs'}
 bad = [f'missing {n}' for n in sorted(need - set(names))]
 bad += [f'should not be in it: {n}' for n in names
         if n.split('/')[0] in ('target', 'tests', 'fixtures', 'bench',

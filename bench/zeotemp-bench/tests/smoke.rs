@@ -1,13 +1,18 @@
 //! Smoke test of the load generator: each workload for about a second
-//! against the real server on 127.0.0.1:0. No timing is asserted.
+//! against the real server on 127.0.0.1:0, in this process. No timing is
+//! asserted.
 
+// The server's own test helpers (the in-process `Server`), shared rather
+// than copied.
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
+use std::process::Command;
 use std::time::Duration;
 
 use common::Server;
-use zeotemp::bench::{self, Options, Workload};
 use zeotemp::config::Config;
+use zeotemp_bench::{self as bench, Options, Workload};
 
 const KEYS: [&str; 14] = [
     "workload",
@@ -110,4 +115,30 @@ async fn binary_prints_json() {
     assert!(v["ops"].as_u64().unwrap() > 0);
     assert_eq!(v["errors"], 0);
     srv.stop().await;
+}
+
+/// stdout of `zeotemp-bench args`, which must succeed (without `COLUMNS`,
+/// so clap wraps `--help` at 100 columns).
+fn run_binary(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_zeotemp-bench"))
+        .args(args)
+        .env_remove("COLUMNS")
+        .output()
+        .expect("the binary runs");
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    String::from_utf8(out.stdout).expect("UTF-8")
+}
+
+/// As the server's tests/cli.rs checks for `zeotemp`: `--version` names
+/// the binary, `--help` is wrapped.
+#[test]
+fn binary_names_itself_and_wraps_help() {
+    assert_eq!(
+        run_binary(&["--version"]).trim(),
+        format!("zeotemp-bench {}", env!("CARGO_PKG_VERSION"))
+    );
+    let help = run_binary(&["--help"]);
+    assert!(help.contains("Usage:"), "{help}");
+    let widest = help.lines().map(|l| l.chars().count()).max().unwrap_or(0);
+    assert!(widest <= 100, "--help has a line of {widest} columns");
 }

@@ -1,11 +1,12 @@
 //! `zeotemp-bench`: a ZEO 5 load generator. Parses the command line, runs
-//! [`zeotemp::bench::run`] and prints its figures.
+//! [`zeotemp_bench::run`] and prints its figures.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use zeotemp::bench::{self, Options, Workload};
+use zeotemp_bench::{Options, Workload};
 
 /// Drives a ZEO 5 server (zeotemp or the stock Python ZEO) with pipelined
 /// requests over N connections and reports throughput, latency
@@ -83,7 +84,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let report = match rt.block_on(bench::run(&opts)) {
+    let report = match rt.block_on(zeotemp_bench::run(&opts)) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("zeotemp-bench: {e}");

@@ -1,6 +1,9 @@
-//! A load generator that speaks ZEO 5 itself, for comparing zeotemp with
-//! the stock Python server (the `zeotemp-bench` binary is a thin CLI over
-//! [`run`]).
+//! `zeotemp-bench`: a load generator that speaks ZEO 5 itself, for
+//! comparing zeotemp with the stock Python server (the binary,
+//! `src/main.rs`, is a thin CLI over [`run`]). A crate of zeotemp's
+//! workspace outside the server: it uses only the server library's wire
+//! protocol (`zeotemp::protocol`: requests, replies, frames) and its
+//! deterministic generator (`zeotemp::rng`).
 //!
 //! Each connection is one tokio task over the two halves of a
 //! `TCP_NODELAY` socket: it keeps up to `in_flight` requests outstanding,
@@ -26,6 +29,7 @@
 //! operation and its latency (request written → reply parsed) is kept;
 //! requests still outstanding at the deadline are dropped with the
 //! connection (both servers abort an unfinished transaction on disconnect).
+#![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
 use std::io;
@@ -39,9 +43,9 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::Instant;
 
-use crate::protocol::envelope;
-use crate::protocol::pickle::{self, DecodeLimits, Dialect, Value};
-use crate::rng::XorShift64;
+use zeotemp::protocol::envelope::{self, Reply};
+use zeotemp::protocol::pickle::{DecodeLimits, Dialect, Value};
+use zeotemp::rng::XorShift64;
 
 /// What each connection does in the measured window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -149,22 +153,13 @@ const FILLER: u8 = b'x';
 
 /// Runs the setup, then the workload for `opts.duration`.
 pub async fn run(opts: &Options) -> Result<Report, BenchError> {
-    if opts.connections == 0 || opts.in_flight == 0 {
-        return Err(BenchError::Protocol(
-            "connections and in-flight must be at least 1".into(),
-        ));
-    }
-    if matches!(opts.workload, Workload::Load | Workload::Session) && opts.objects == 0 {
-        return Err(BenchError::Protocol(
-            "load and session need at least one object".into(),
-        ));
-    }
+    opts.check()?;
     let data = Bytes::from(vec![FILLER; opts.object_size]);
     let objects = match opts.workload {
         Workload::Load | Workload::Session => setup(opts, &data).await?,
         Workload::Commit | Workload::Echo => Objects::default(),
     };
-    let shared = Arc::new(Shared {
+    let plan = Arc::new(Plan {
         workload: opts.workload,
         in_flight: opts.in_flight,
         data,
@@ -172,7 +167,7 @@ pub async fn run(opts: &Options) -> Result<Report, BenchError> {
     });
     let mut conns = Vec::with_capacity(opts.connections);
     for _ in 0..opts.connections {
-        conns.push(Conn::open(&opts.address, &opts.storage).await?.0);
+        conns.push(ClientConn::open(&opts.address, &opts.storage).await?.0);
     }
 
     let cpu_before = opts.server_pid.map(server_cpu_ticks).transpose()?;
@@ -182,16 +177,16 @@ pub async fn run(opts: &Options) -> Result<Report, BenchError> {
         .into_iter()
         .enumerate()
         .map(|(i, conn)| {
-            let w = Worker::new(conn, shared.clone(), i as u64);
+            let w = Worker::new(conn, plan.clone(), i as u64);
             tokio::spawn(w.run(deadline))
         })
         .collect();
-    let mut stats = Vec::with_capacity(tasks.len());
+    let mut per_conn = Vec::with_capacity(tasks.len());
     for t in tasks {
         let s = t
             .await
             .map_err(|e| BenchError::Protocol(format!("worker panicked: {e}")))??;
-        stats.push(s);
+        per_conn.push(s);
     }
     let elapsed = start.elapsed().as_secs_f64();
     let server_cpu_s = match (opts.server_pid, cpu_before) {
@@ -202,42 +197,42 @@ pub async fn run(opts: &Options) -> Result<Report, BenchError> {
     };
     let server_peak_rss_kib = opts.server_pid.and_then(server_peak_rss_kib);
 
-    let mut lat: Vec<u32> = Vec::with_capacity(stats.iter().map(|s| s.lat.len()).sum());
-    let (mut ops, mut txns, mut errors, mut retried, mut resolved) = (0, 0, 0, 0, 0);
-    for s in stats {
-        lat.extend_from_slice(&s.lat);
-        ops += s.ops;
-        txns += s.txns;
-        errors += s.errors;
-        retried += s.conflicts_retried;
-        resolved += s.conflicts_resolved;
-    }
-    lat.sort_unstable();
-    let pct = |q: f64| -> f64 {
-        if lat.is_empty() {
-            return 0.0;
-        }
-        let i = ((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1;
-        f64::from(lat[i]) / 10.0
-    };
+    let all = Stats::merged(per_conn);
     Ok(Report {
         workload: opts.workload,
         connections: opts.connections,
         in_flight: opts.in_flight,
         duration_s: elapsed,
-        ops,
-        ops_per_s: ops as f64 / elapsed,
-        txns,
-        txns_per_s: txns as f64 / elapsed,
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-        p999_us: pct(0.999),
-        errors,
-        conflicts_retried: retried,
-        conflicts_resolved: resolved,
+        ops: all.ops,
+        ops_per_s: all.ops as f64 / elapsed,
+        txns: all.txns,
+        txns_per_s: all.txns as f64 / elapsed,
+        p50_us: all.latency_us(0.50),
+        p99_us: all.latency_us(0.99),
+        p999_us: all.latency_us(0.999),
+        errors: all.errors,
+        conflicts_retried: all.conflicts_retried,
+        conflicts_resolved: all.conflicts_resolved,
         server_cpu_s,
         server_peak_rss_kib,
     })
+}
+
+impl Options {
+    /// Settings a run cannot start with.
+    fn check(&self) -> Result<(), BenchError> {
+        if self.connections == 0 || self.in_flight == 0 {
+            return Err(BenchError::Protocol(
+                "connections and in-flight must be at least 1".into(),
+            ));
+        }
+        if matches!(self.workload, Workload::Load | Workload::Session) && self.objects == 0 {
+            return Err(BenchError::Protocol(
+                "load and session need at least one object".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Report {
@@ -308,9 +303,11 @@ struct Objects {
     serials: Vec<[u8; 8]>,
 }
 
-struct Shared {
+/// What every connection of a run does and works on.
+struct Plan {
     workload: Workload,
     in_flight: usize,
+    /// The record every store writes (`object_size` filler bytes).
     data: Bytes,
     objects: Objects,
 }
@@ -319,7 +316,7 @@ struct Shared {
 /// per transaction, then rewrites the root to refer to all of them (else
 /// zeotemp's collector would free them as garbage during the run).
 async fn setup(opts: &Options, data: &Bytes) -> Result<Objects, BenchError> {
-    let (mut c, _) = Conn::open(&opts.address, &opts.storage).await?;
+    let (mut c, _) = ClientConn::open(&opts.address, &opts.storage).await?;
     let mut oids = Vec::with_capacity(opts.objects);
     while oids.len() < opts.objects {
         let Value::List(more) = c.call("new_oids", vec![]).await? else {
@@ -398,11 +395,9 @@ fn tid_of(v: &Value) -> Result<[u8; 8], BenchError> {
         .ok_or_else(|| BenchError::Protocol(format!("not a tid: {v:?}")))
 }
 
-/// A reply: the result, or an error reply's `(class name, state)`.
-type Reply = Result<Value, (String, Value)>;
-
-/// One registered connection: buffers and the request encoder.
-struct Conn {
+/// One registered client connection: its socket halves, buffers and
+/// next msgid.
+struct ClientConn {
     rd: OwnedReadHalf,
     wr: OwnedWriteHalf,
     rbuf: BytesMut,
@@ -410,16 +405,16 @@ struct Conn {
     next_id: i64,
 }
 
-impl Conn {
+impl ClientConn {
     /// Connects, answers the server's `Z5` handshake and registers
     /// (writable); returns the connection and the last tid.
-    async fn open(address: &str, storage: &str) -> Result<(Conn, Value), BenchError> {
+    async fn open(address: &str, storage: &str) -> Result<(ClientConn, Value), BenchError> {
         let s = TcpStream::connect(address).await?;
         // As stock clients (asyncio) do; else Nagle and delayed ACKs add
         // 40 ms to round trips that follow one-way calls.
         s.set_nodelay(true)?;
         let (rd, wr) = s.into_split();
-        let mut c = Conn {
+        let mut c = ClientConn {
             rd,
             wr,
             rbuf: BytesMut::with_capacity(64 * 1024),
@@ -433,8 +428,7 @@ impl Conn {
                 String::from_utf8_lossy(&hello)
             )));
         }
-        c.wbuf.put_u32(2);
-        c.wbuf.extend_from_slice(b"Z5");
+        envelope::put_frame(&mut c.wbuf, |out| out.extend_from_slice(b"Z5"));
         let last = c
             .call(
                 "register",
@@ -445,17 +439,10 @@ impl Conn {
     }
 
     /// Appends one framed request `(msgid, oneway, method, args)` to the
-    /// write buffer, byte for byte as `marshal` encodes a call: `PROTO 3`,
-    /// `MARK`, the four items, `TUPLE`, `STOP`.
+    /// write buffer, as a Python 3 client pickles it.
     fn push(&mut self, msgid: &Value, oneway: bool, method: &str, args: Vec<Value>) {
-        envelope::put_frame(&mut self.wbuf, |out| {
-            out.extend_from_slice(&[0x80, 3, b'(']);
-            pickle::encode_into(out, msgid, Dialect::Py3);
-            out.put_u8(if oneway { 0x88 } else { 0x89 }); // NEWTRUE / NEWFALSE
-            pickle::encode_str_into(out, method, Dialect::Py3);
-            pickle::encode_into(out, &Value::Tuple(args), Dialect::Py3);
-            out.extend_from_slice(b"t.");
-        });
+        let args = Value::Tuple(args);
+        envelope::put_request(&mut self.wbuf, Dialect::Py3, msgid, oneway, method, &args);
     }
 
     /// Pushes a call with the next integer msgid and returns the msgid.
@@ -481,7 +468,7 @@ impl Conn {
 
     /// A frame already buffered, if any.
     fn buffered_frame(&mut self) -> Result<Option<Bytes>, BenchError> {
-        crate::protocol::frame::parse(&mut self.rbuf, usize::MAX)
+        zeotemp::protocol::frame::parse(&mut self.rbuf, usize::MAX)
             .map_err(|e| BenchError::Protocol(e.to_string()))
     }
 
@@ -568,22 +555,7 @@ fn store_args(oid: &Bytes, serial: &[u8; 8], data: &Bytes, txn: &Value) -> Vec<V
 fn decode_reply(frame: &Bytes) -> Result<Option<(Value, Reply)>, BenchError> {
     let m = envelope::decode_message_bytes(frame, &DecodeLimits::default())
         .map_err(|e| BenchError::Protocol(e.to_string()))?;
-    if m.method != ".reply" {
-        return Ok(None);
-    }
-    let reply = match (m.oneway, m.args) {
-        (false, v) => Ok(v),
-        (true, Value::Tuple(mut t)) if t.len() == 2 => {
-            let state = t.pop().unwrap_or(Value::None);
-            let class = t
-                .pop()
-                .and_then(|c| c.as_text().map(|c| c.into_owned()))
-                .unwrap_or_default();
-            Err((class, state))
-        }
-        (true, other) => Err(("?".to_string(), other)),
-    };
-    Ok(Some((m.msgid, reply)))
+    Ok(m.into_reply())
 }
 
 /// How a reply is matched to its request: integer msgids, and
@@ -641,9 +613,40 @@ struct Stats {
     conflicts_resolved: u64,
 }
 
+impl Stats {
+    /// Every connection's counters together, the latencies sorted.
+    fn merged(per_conn: Vec<Stats>) -> Stats {
+        let mut all = Stats {
+            lat: Vec::with_capacity(per_conn.iter().map(|s| s.lat.len()).sum()),
+            ..Stats::default()
+        };
+        for s in per_conn {
+            all.lat.extend_from_slice(&s.lat);
+            all.ops += s.ops;
+            all.txns += s.txns;
+            all.errors += s.errors;
+            all.conflicts_retried += s.conflicts_retried;
+            all.conflicts_resolved += s.conflicts_resolved;
+        }
+        all.lat.sort_unstable();
+        all
+    }
+
+    /// The latency at quantile `q` of sorted latencies, in µs (0 without
+    /// any).
+    fn latency_us(&self, q: f64) -> f64 {
+        let lat = &self.lat;
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let i = ((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1;
+        f64::from(lat[i]) / 10.0
+    }
+}
+
 struct Worker {
-    conn: Conn,
-    shared: Arc<Shared>,
+    conn: ClientConn,
+    plan: Arc<Plan>,
     rng: XorShift64,
     pending: VecDeque<Pending>,
     txn: Option<Txn>,
@@ -656,12 +659,12 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(conn: Conn, shared: Arc<Shared>, n: u64) -> Worker {
-        let hot = shared.objects.oids.len().min(HOT_SET);
-        let serials = shared.objects.serials[..hot].to_vec();
+    fn new(conn: ClientConn, plan: Arc<Plan>, n: u64) -> Worker {
+        let hot = plan.objects.oids.len().min(HOT_SET);
+        let serials = plan.objects.serials[..hot].to_vec();
         Worker {
             conn,
-            shared,
+            plan,
             rng: XorShift64::new(
                 0x9e37_79b9_7f4a_7c15 ^ (n + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9),
             ),
@@ -715,8 +718,8 @@ impl Worker {
 
     /// Starts requests until `in_flight` are outstanding.
     fn refill(&mut self) {
-        let k = self.shared.in_flight;
-        match self.shared.workload {
+        let k = self.plan.in_flight;
+        match self.plan.workload {
             Workload::Echo => {
                 for _ in self.pending.len()..k {
                     let id = self.conn.push_call("ping", vec![]);
@@ -725,7 +728,7 @@ impl Worker {
             }
             Workload::Load => {
                 for _ in self.pending.len()..k {
-                    let n = self.below(self.shared.objects.oids.len());
+                    let n = self.below(self.plan.objects.oids.len());
                     self.load(n);
                 }
             }
@@ -759,7 +762,7 @@ impl Worker {
     /// `loadBefore(oid, maxtid)` with the `(oid, maxtid)` msgid of the
     /// stock client.
     fn load(&mut self, n: usize) {
-        let oid = self.shared.objects.oids[n].clone();
+        let oid = self.plan.objects.oids[n].clone();
         let key = Key::Load(u64::from_be_bytes(oid[..].try_into().unwrap_or(Z64)));
         let maxtid = b(Bytes::from_static(&MAXTID));
         let msgid = Value::Tuple(vec![b(oid.clone()), maxtid.clone()]);
@@ -786,10 +789,10 @@ impl Worker {
     fn start_session_txn(&mut self) {
         let hot = self.serials.len();
         let first = self.below(hot);
-        let mut stores = vec![(self.shared.objects.oids[first].clone(), Some(first))];
+        let mut stores = vec![(self.plan.objects.oids[first].clone(), Some(first))];
         if hot > 1 && self.below(2) == 0 {
             let second = (first + 1 + self.below(hot - 1)) % hot;
-            stores.push((self.shared.objects.oids[second].clone(), Some(second)));
+            stores.push((self.plan.objects.oids[second].clone(), Some(second)));
         }
         self.begin(stores);
     }
@@ -800,7 +803,7 @@ impl Worker {
         self.conn.push_oneway("tpc_begin", begin_args(&txn));
         for (oid, n) in &stores {
             let serial = n.map_or(Z64, |n| self.serials[n]);
-            let args = store_args(oid, &serial, &self.shared.data, &txn);
+            let args = store_args(oid, &serial, &self.plan.data, &txn);
             self.conn.push_oneway("storea", args);
         }
         self.txn = Some(Txn { stores, votes: 0 });
@@ -911,9 +914,38 @@ impl Worker {
         self.stats.conflicts_resolved += conflicts.len() as u64;
         let txn = self.txn_id.clone();
         for (oid, committed) in conflicts {
-            let args = store_args(&oid, &committed, &self.shared.data, &txn);
+            let args = store_args(&oid, &committed, &self.plan.data, &txn);
             self.conn.push_oneway("storea", args);
         }
         self.vote();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_merge_and_percentiles() {
+        let conn = |lat: Vec<u32>, ops| Stats {
+            lat,
+            ops,
+            txns: 1,
+            errors: 2,
+            conflicts_retried: 3,
+            conflicts_resolved: 4,
+        };
+        // Latencies 1..=1000 (in 100 ns) over two connections.
+        let all = Stats::merged(vec![
+            conn((501..=1000).rev().collect(), 500),
+            conn((1..=500).collect(), 500),
+        ]);
+        assert_eq!((all.ops, all.txns, all.errors), (1000, 2, 4));
+        assert_eq!((all.conflicts_retried, all.conflicts_resolved), (6, 8));
+        assert_eq!(all.latency_us(0.50), 50.0);
+        assert_eq!(all.latency_us(0.99), 99.0);
+        assert_eq!(all.latency_us(0.999), 99.9);
+        assert_eq!(all.latency_us(0.0), 0.1);
+        assert_eq!(Stats::merged(vec![]).latency_us(0.5), 0.0);
     }
 }
