@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use zeotemp::protocol::ids::{Oid, Tid};
-use zeotemp::protocol::pickle::Value;
+use zeotemp::protocol::value::Value;
 use zeotemp::storage::{GcOutcome, LockAttempt, Storage, StorageLimits, TxnMeta, TxnOp, Vote};
 
 fn store(oid: u64, serial: Tid, refs: Vec<u64>) -> TxnOp {

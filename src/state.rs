@@ -13,7 +13,8 @@ use bytes::Bytes;
 use crate::config::Config;
 use crate::protocol::envelope::{self, Encoding, oid_value, tid_value};
 use crate::protocol::ids::{Oid, Tid};
-use crate::protocol::pickle::{Dialect, Value};
+use crate::protocol::pickle::Dialect;
+use crate::protocol::value::Value;
 use crate::storage::{Storage, StorageLimits};
 
 /// Everything the connections of one server share.

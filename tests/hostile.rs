@@ -35,7 +35,7 @@ use common::client::{
 };
 use common::{Server, cfg};
 use zeotemp::config::Config;
-use zeotemp::protocol::pickle::Value;
+use zeotemp::protocol::value::Value;
 use zeotemp::rng::XorShift64;
 
 const TYPE_ERROR: &str = "builtins.TypeError";

@@ -14,7 +14,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use zeotemp::config::Config;
 use zeotemp::protocol::envelope;
-use zeotemp::protocol::pickle::{DecodeLimits, Value};
+use zeotemp::protocol::value::{DecodeLimits, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_register_and_root() {

@@ -267,10 +267,6 @@ fn encode_frame(
     })
 }
 
-/// The frame writer's former name here ([`frame::put`] owns it now); kept
-/// so callers outside `protocol` compile until they are moved over.
-pub use crate::protocol::frame::put as put_frame;
-
 /// A frame of `PROTO 3 MARK` (no `PROTO` at protocol 1), the items written
 /// by `items`, `TUPLE STOP`. `hint` is about what the items take, so the
 /// buffer is allocated once.
@@ -358,7 +354,7 @@ pub fn put_request(
 ) {
     use crate::protocol::pickle::opcodes as op;
     match encoding.into() {
-        Encoding::Pickle(dialect) => put_frame(out, |out| {
+        Encoding::Pickle(dialect) => frame::put(out, |out| {
             pickle::put_proto(out, dialect);
             out.put_u8(op::MARK);
             pickle::encode_into(out, msgid, dialect);
@@ -367,7 +363,7 @@ pub fn put_request(
             pickle::encode_into(out, args, dialect);
             out.put_slice(&[op::TUPLE, op::STOP]);
         }),
-        Encoding::Msgpack => put_frame(out, |out| {
+        Encoding::Msgpack => frame::put(out, |out| {
             msgpack::put_array_header(out, 4);
             msgpack::encode_into(out, msgid);
             msgpack::encode_into(out, &Value::Bool(oneway));

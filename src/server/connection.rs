@@ -19,7 +19,7 @@ use super::listener::Counted;
 use super::tls::{HandshakeFailure, Tls};
 use crate::protocol::envelope;
 use crate::protocol::frame::{self, FrameError};
-use crate::protocol::pickle::DecodeLimits;
+use crate::protocol::value::DecodeLimits;
 use crate::session::outbox::Outbox;
 use crate::session::{Flow, LockWait, Session};
 use crate::state::Shared;

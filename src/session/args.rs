@@ -4,7 +4,7 @@
 use bytes::Bytes;
 
 use crate::protocol::ids::{Oid, Tid};
-use crate::protocol::pickle::Value;
+use crate::protocol::value::Value;
 use crate::session::errors::{Res, ZeoError};
 
 /// The positional arguments of a call to `method`.

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::monitor::status;
 use crate::protocol::envelope::{Message, oid_value, tid_value};
 use crate::protocol::ids::Tid;
-use crate::protocol::pickle::Value;
+use crate::protocol::value::Value;
 use crate::session::args::Args;
 use crate::session::errors::{Res, ZeoError};
 use crate::session::push::ConnSubscriber;

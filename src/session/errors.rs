@@ -5,7 +5,7 @@
 
 use crate::protocol::envelope::{oid_value, tid_value};
 use crate::protocol::ids::{Oid, Tid};
-use crate::protocol::pickle::Value;
+use crate::protocol::value::Value;
 use crate::storage::StorageError;
 
 /// Errors a client gets back as a ZEO 5 error reply `(class_name, state)`.

@@ -35,7 +35,8 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::protocol::envelope::{self, Encoding, Message};
-use crate::protocol::pickle::{Dialect, Value};
+use crate::protocol::pickle::Dialect;
+use crate::protocol::value::Value;
 use crate::session::errors::{Res, ZeoError};
 use crate::session::outbox::Outbox;
 use crate::session::txn::Txn;

@@ -8,7 +8,8 @@ use bytes::Bytes;
 use crate::protocol::envelope::{self, Encoding, oid_value, tid_value};
 use crate::protocol::ids::{Oid, Tid};
 use crate::protocol::msgpack;
-use crate::protocol::pickle::{self, Value};
+use crate::protocol::pickle;
+use crate::protocol::value::Value;
 use crate::storage::{Conflict, HistoryEntry, Loaded};
 
 /// JSON (from `server_status`) to a pickle value for the reply.

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use tracing::{debug, warn};
 
 use crate::protocol::envelope::{self, Message, tid_value};
-use crate::protocol::pickle::Value;
+use crate::protocol::value::Value;
 use crate::session::args::Args;
 use crate::session::errors::{Res, ZeoError};
 use crate::session::replies::{conflict_value, info_value};
@@ -391,7 +391,8 @@ mod tests {
     use crate::config::Config;
     use crate::protocol::envelope::oid_value;
     use crate::protocol::ids::{Oid, Tid};
-    use crate::protocol::pickle::{DecodeLimits, Dialect};
+    use crate::protocol::pickle::Dialect;
+    use crate::protocol::value::DecodeLimits;
     use crate::session::Flow;
     use crate::session::outbox::Outbox;
     use crate::state::Shared;

@@ -519,7 +519,7 @@ mod tests {
 
     use super::*;
     use crate::protocol::ids::Tid;
-    use crate::protocol::pickle::Value;
+    use crate::protocol::value::Value;
     use crate::storage::{LockAttempt, StorageError, StorageLimits, TxnMeta, TxnOp, Vote};
 
     fn storage() -> Storage {

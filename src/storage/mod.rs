@@ -37,7 +37,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::protocol::ids::{Clock, Oid, Tid};
-use crate::protocol::pickle::Value;
+use crate::protocol::value::Value;
 use crate::storage::oidhash::OidMap;
 
 pub mod commit;

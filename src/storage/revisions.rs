@@ -91,7 +91,7 @@ mod tests {
             meta: Arc::new(TxnMeta {
                 user: bytes::Bytes::new(),
                 description: bytes::Bytes::new(),
-                extension: crate::protocol::pickle::Value::Dict(Vec::new()),
+                extension: crate::protocol::value::Value::Dict(Vec::new()),
             }),
         }
     }

@@ -15,7 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use zeotemp::protocol::envelope::{self, Message};
 use zeotemp::protocol::frame::HEADER_LEN;
-use zeotemp::protocol::pickle::{self, DecodeLimits, Dialect, Value};
+use zeotemp::protocol::pickle::{self, Dialect};
+use zeotemp::protocol::value::{DecodeLimits, Value};
 
 /// Longest wait for any one frame from the server (or its close).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);

@@ -44,7 +44,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::Instant;
 
 use zeotemp::protocol::envelope::{self, Reply};
-use zeotemp::protocol::pickle::{DecodeLimits, Dialect, Value};
+use zeotemp::protocol::frame;
+use zeotemp::protocol::pickle::Dialect;
+use zeotemp::protocol::value::{DecodeLimits, Value};
 use zeotemp::rng::XorShift64;
 
 /// What each connection does in the measured window.
@@ -428,7 +430,7 @@ impl ClientConn {
                 String::from_utf8_lossy(&hello)
             )));
         }
-        envelope::put_frame(&mut c.wbuf, |out| out.extend_from_slice(b"Z5"));
+        frame::put(&mut c.wbuf, |out| out.extend_from_slice(b"Z5"));
         let last = c
             .call(
                 "register",

@@ -50,15 +50,12 @@ pub mod opcodes;
 #[cfg(test)]
 pub(crate) mod testing;
 
+use crate::protocol::value::{DecodeLimits, Value};
 use decode::Decoder;
 pub use encode::{
     close_tuple, encode_bytes_into, encode_into, encode_str_into, open_tuple, put_proto, size_hint,
 };
 use opcodes as op;
-// The plain data this codec reads and writes lives in `protocol::value`
-// (msgpack shares it); re-exported so `pickle::Value` and friends keep
-// working where they are still imported from here.
-pub use crate::protocol::value::{DecodeLimits, Value};
 
 /// Budget for copies made while decoding one pickle by memo `GET`s, `DUP`
 /// and memo snapshots, in "weight" units: one per value node, plus the byte
