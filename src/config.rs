@@ -117,7 +117,7 @@ pub const MIN_NESTING_DEPTH: usize = 8;
 /// one message may decode to. Each decoded value takes about a hundred
 /// bytes while it is built (the value and its stack slot), so without a
 /// bound a 64 MiB frame of one-byte items (`N N N ...`) took ~7 GB and
-/// seconds of a worker thread (found by `tests/hostile.rs`). Stock clients
+/// seconds of a worker thread (found by `tests/server_hostile.rs`). Stock clients
 /// send a few dozen values per message; 100,000 bounds a message's decoding
 /// to ~10 MB.
 pub const DEFAULT_MAX_MESSAGE_ITEMS: usize = 100_000;

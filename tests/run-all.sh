@@ -102,7 +102,7 @@ fi
 echo "== Rust tests (unit, golden fixtures, wire, hostile input, load generator)"
 # The whole workspace: the server and bench/zeotemp-bench. `fault-injection`
 # (test-only, the server's) adds methods that panic inside a connection, for
-# the panic-containment test in tests/wire.rs.
+# the panic-containment test in tests/server_wire.rs.
 cargo test --locked --workspace --features fault-injection
 # The binaries the real-client tests run (zeotemp, and zeotemp-bench for
 # test_soak_smoke.py), built without it (after the tests, which build their

@@ -71,7 +71,7 @@ impl Session {
             }
             // Test-only (cargo feature `fault-injection`, never in a
             // release): a bug in the handling of one connection, to show it
-            // stays in that connection (tests/wire.rs).
+            // stays in that connection (tests/server_wire.rs).
             #[cfg(feature = "fault-injection")]
             "_zeotemp_fault_panic" => panic!("fault injection: _zeotemp_fault_panic"),
             #[cfg(feature = "fault-injection")]

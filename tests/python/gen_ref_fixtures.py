@@ -1,4 +1,4 @@
-"""Build the golden fixtures for zeotemp's reference scanner (src/refs.rs).
+"""Build the golden fixtures for zeotemp's reference scanner (src/storage/refs.rs).
 
 Real objects are committed with ZODB to in-memory MappingStorages; every
 stored record is read back raw with ``storage.load(oid)`` and written as one

@@ -11,9 +11,9 @@ order, each transaction whole) and the records it loaded at those tids.
 
 The other faults of the issue have their tests elsewhere: a client killed
 between ``vote`` and ``tpc_finish`` (test_concurrency.py,
-``test_killed_client_does_not_block_commits``; tests/wire.rs for the raw
-protocol), a client that stops reading (tests/wire.rs, test_bad_clients.py),
-a panic inside one connection (tests/wire.rs,
+``test_killed_client_does_not_block_commits``; tests/server_wire.rs for the raw
+protocol), a client that stops reading (tests/server_wire.rs, test_bad_clients.py),
+a panic inside one connection (tests/server_wire.rs,
 ``a_panic_in_one_connection_is_contained``).
 """
 

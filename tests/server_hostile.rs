@@ -22,7 +22,7 @@
 //!
 //! Tests marked `#[ignore = "BUG: ..."]` show server bugs found here; each
 //! fails today and says what it expects instead (run them with
-//! `cargo test --release --test hostile -- --ignored`).
+//! `cargo test --release --test server_hostile -- --ignored`).
 
 mod common;
 
@@ -44,7 +44,7 @@ const ATTRIBUTE_ERROR: &str = "builtins.AttributeError";
 const TXN_ERROR: &str = "ZODB.POSException.StorageTransactionError";
 const UNSUPPORTED: &str = "ZODB.POSException.Unsupported";
 
-/// Every method name `Session::dispatch` (src/rpc.rs) knows.
+/// Every method name the session's method table (src/session/dispatch.rs) knows.
 const SERVED: &[&str] = &[
     "register",
     "get_info",

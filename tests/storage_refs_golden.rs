@@ -274,7 +274,7 @@ fn mutated_records_never_panic() {
     assert!(runs > 100_000, "only {runs} runs");
 }
 
-/// `cargo test --release --test refs_golden -- --ignored --nocapture`
+/// `cargo test --release --test storage_refs_golden -- --ignored --nocapture`
 #[test]
 #[ignore]
 fn bench_references() {
