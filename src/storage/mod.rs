@@ -26,8 +26,10 @@
 //!
 //! Here: the objects and their revisions, loads, oids, subscribers,
 //! retention and memory accounting; [`commit`] has the two-phase commit and
-//! the commit lock, [`gc`] the collector, [`stats`] the counters. Depends on
-//! `protocol` (ids, and plain values for transaction metadata) only.
+//! the commit lock, [`gc`] the collector with its reference scanner
+//! [`refs`], `revisions` an object's revisions, [`stats`] the counters,
+//! [`oidhash`] the maps' hasher. Depends only on `protocol` (ids, and plain
+//! values for transaction metadata) and the defaults in `config`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
