@@ -544,244 +544,350 @@ impl<'a> Walker<'a> {
             self.at = self.pos;
             let opcode = *self.data.get(self.pos).ok_or_else(|| self.truncated())?;
             self.pos += 1;
-            match opcode {
-                op::STOP => {
-                    self.pop()?;
-                    return Ok(());
-                }
-                op::PROTO => {
-                    if self.take_u8()? > HIGHEST_PROTOCOL {
-                        return Err(self.malformed("unsupported pickle protocol"));
-                    }
-                }
-                op::FRAME => {
-                    // The frame's content is ordinary opcodes; only check
-                    // that it is all there, as CPython does.
-                    let n = self.take_u64_len()?;
-                    if n > self.data.len() - self.pos {
-                        return Err(self.truncated());
-                    }
-                }
+            if opcode == op::STOP {
+                self.pop()?;
+                return Ok(());
+            }
+            self.step(opcode)?;
+        }
+    }
 
-                // Values a pid can never be.
-                op::NONE | op::NEWTRUE | op::NEWFALSE => self.stack.push(Item::OTHER),
-                op::BININT1 | op::EXT1 => self.push_skipped(1)?,
-                op::BININT2 | op::EXT2 => self.push_skipped(2)?,
-                op::BININT | op::EXT4 => self.push_skipped(4)?,
-                op::BINFLOAT => self.push_skipped(8)?,
-                op::LONG1 => {
-                    let n = self.take_u8()? as usize;
-                    self.push_skipped(n)?;
-                }
-                op::LONG4 => {
-                    let n = self.take_i32_len()?;
-                    self.push_skipped(n)?;
-                }
-                op::BYTEARRAY8 => {
-                    let n = self.take_u64_len()?;
-                    self.push_skipped(n)?;
-                }
-                op::INT | op::LONG | op::FLOAT => {
-                    self.line()?;
-                    self.stack.push(Item::OTHER);
-                }
-                op::GLOBAL => {
-                    self.line()?;
-                    self.line()?;
-                    self.stack.push(Item::OTHER);
-                }
-                op::NEXT_BUFFER => {
-                    return Err(self.malformed("out-of-band buffer (ZODB has none)"));
-                }
-                op::READONLY_BUFFER => {
-                    self.need(1)?;
-                }
+    /// The error for an opcode no protocol up to 5 defines.
+    fn unknown(&self, opcode: u8) -> RefError {
+        RefError::UnknownOpcode {
+            offset: self.at,
+            opcode,
+        }
+    }
 
-                // Strings: kept as ranges, they may be oids.
-                op::SHORT_BINSTRING | op::SHORT_BINBYTES => {
-                    let n = self.take_u8()? as usize;
-                    self.push_payload(n, Kind::Bytes)?;
-                }
-                op::BINSTRING => {
-                    let n = self.take_i32_len()?;
-                    self.push_payload(n, Kind::Bytes)?;
-                }
-                op::BINBYTES => {
-                    let n = self.take_u32()? as usize;
-                    self.push_payload(n, Kind::Bytes)?;
-                }
-                op::BINBYTES8 => {
-                    let n = self.take_u64_len()?;
-                    self.push_payload(n, Kind::Bytes)?;
-                }
-                op::SHORT_BINUNICODE => {
-                    let n = self.take_u8()? as usize;
-                    self.push_payload(n, Kind::Text)?;
-                }
-                op::BINUNICODE => {
-                    let n = self.take_u32()? as usize;
-                    self.push_payload(n, Kind::Text)?;
-                }
-                op::BINUNICODE8 => {
-                    let n = self.take_u64_len()?;
-                    self.push_payload(n, Kind::Text)?;
-                }
-                op::STRING => self.string()?,
-                op::UNICODE => {
-                    // raw-unicode-escape: without a backslash the line is
-                    // the text itself.
-                    let start = self.pos;
-                    let line = self.line()?;
-                    let kind = if line.contains(&b'\\') {
-                        Kind::Escaped
-                    } else {
-                        Kind::Text
-                    };
-                    self.stack.push(Item {
-                        kind,
-                        start: start as u32,
-                        len: line.len() as u32,
-                    });
-                }
+    /// Executes one opcode other than `STOP` (read by [`Self::pickle`]), in
+    /// the method of its family.
+    #[inline]
+    fn step(&mut self, opcode: u8) -> Result<(), RefError> {
+        match opcode {
+            op::PROTO | op::FRAME | op::MARK | op::POP | op::POP_MARK | op::DUP => {
+                self.step_stack(opcode)
+            }
+            op::NONE
+            | op::NEWTRUE
+            | op::NEWFALSE
+            | op::INT
+            | op::LONG
+            | op::BININT
+            | op::BININT1
+            | op::BININT2
+            | op::LONG1
+            | op::LONG4
+            | op::FLOAT
+            | op::BINFLOAT => self.step_scalar(opcode),
+            op::SHORT_BINBYTES
+            | op::BINBYTES
+            | op::BINBYTES8
+            | op::SHORT_BINSTRING
+            | op::BINSTRING
+            | op::STRING
+            | op::SHORT_BINUNICODE
+            | op::BINUNICODE
+            | op::BINUNICODE8
+            | op::UNICODE
+            | op::BYTEARRAY8
+            | op::NEXT_BUFFER
+            | op::READONLY_BUFFER => self.step_string(opcode),
+            op::EMPTY_TUPLE
+            | op::EMPTY_LIST
+            | op::EMPTY_DICT
+            | op::EMPTY_SET
+            | op::TUPLE
+            | op::LIST
+            | op::FROZENSET
+            | op::TUPLE1
+            | op::TUPLE2
+            | op::TUPLE3
+            | op::DICT
+            | op::APPEND
+            | op::APPENDS
+            | op::ADDITEMS
+            | op::SETITEM
+            | op::SETITEMS => self.step_container(opcode),
+            op::PUT
+            | op::BINPUT
+            | op::LONG_BINPUT
+            | op::MEMOIZE
+            | op::GET
+            | op::BINGET
+            | op::LONG_BINGET => self.step_memo(opcode),
+            op::GLOBAL
+            | op::STACK_GLOBAL
+            | op::EXT1
+            | op::EXT2
+            | op::EXT4
+            | op::REDUCE
+            | op::NEWOBJ
+            | op::NEWOBJ_EX
+            | op::BUILD
+            | op::INST
+            | op::OBJ
+            | op::PERSID
+            | op::BINPERSID => self.step_object(opcode),
+            _ => Err(self.unknown(opcode)),
+        }
+    }
 
-                // Containers.
-                op::EMPTY_LIST => self.stack.push(Item::LIST),
-                op::EMPTY_TUPLE => self.stack.push(Item::of(Kind::EmptyTuple)),
-                op::EMPTY_DICT | op::EMPTY_SET => self.stack.push(Item::OTHER),
-                op::MARK => self.marks.push(self.stack.len()),
-                op::LIST => {
-                    self.drop_marked()?;
-                    self.stack.push(Item::LIST);
-                }
-                op::TUPLE => {
-                    let start = self.pop_mark()?;
-                    let item = Item::tuple(self.stack.get(start).copied());
-                    self.stack.truncate(start);
-                    self.stack.push(item);
-                }
-                op::TUPLE1 | op::TUPLE2 | op::TUPLE3 => {
-                    let n = (opcode - op::TUPLE1 + 1) as usize;
-                    self.need(n)?;
-                    let start = self.stack.len() - n;
-                    let item = Item::tuple(self.stack.get(start).copied());
-                    self.stack.truncate(start);
-                    self.stack.push(item);
-                }
-                op::DICT | op::FROZENSET => {
-                    self.drop_marked()?;
-                    self.stack.push(Item::OTHER);
-                }
-                op::APPEND => {
-                    self.pop()?;
-                    self.need(1)?;
-                }
-                op::SETITEM => {
-                    self.pop_n(2)?;
-                    self.need(1)?;
-                }
-                op::APPENDS | op::SETITEMS | op::ADDITEMS => {
-                    self.drop_marked()?;
-                    self.need(1)?;
-                }
-
-                // Calls and object building: operands out, an opaque in.
-                op::BUILD => {
-                    self.pop()?;
-                    self.need(1)?;
-                }
-                op::REDUCE | op::NEWOBJ | op::STACK_GLOBAL => {
-                    self.pop_n(2)?;
-                    self.stack.push(Item::OTHER);
-                }
-                op::NEWOBJ_EX => {
-                    self.pop_n(3)?;
-                    self.stack.push(Item::OTHER);
-                }
-                op::OBJ => {
-                    // The class is the first marked item.
-                    let start = self.pop_mark()?;
-                    if self.stack.len() == start {
-                        return Err(self.underflow());
-                    }
-                    self.stack.truncate(start);
-                    self.stack.push(Item::OTHER);
-                }
-                op::INST => {
-                    self.line()?;
-                    self.line()?;
-                    self.drop_marked()?;
-                    self.stack.push(Item::OTHER);
-                }
-
-                // Stack manipulation.
-                op::POP => {
-                    // CPython: pop an item, or else the innermost mark.
-                    if self.stack.len() > self.base() {
-                        self.stack.pop();
-                    } else {
-                        self.pop_mark()?;
-                    }
-                }
-                op::POP_MARK => self.drop_marked()?,
-                op::DUP => {
-                    let item = self.top()?;
-                    self.stack.push(item);
-                }
-
-                // Memo.
-                op::PUT => {
-                    let i = self.text_index()?;
-                    self.memo_put(i)?;
-                }
-                op::BINPUT => {
-                    let i = self.take_u8()?;
-                    self.memo_put(i.into())?;
-                }
-                op::LONG_BINPUT => {
-                    let i = self.take_u32()?;
-                    self.memo_put(i)?;
-                }
-                op::MEMOIZE => {
-                    let i = u32::try_from(self.memo.count)
-                        .map_err(|_| self.malformed("memo index out of range"))?;
-                    self.memo_put(i)?;
-                }
-                op::GET => {
-                    let i = self.text_index()?;
-                    self.memo_get(i)?;
-                }
-                op::BINGET => {
-                    let i = self.take_u8()?;
-                    self.memo_get(i.into())?;
-                }
-                op::LONG_BINGET => {
-                    let i = self.take_u32()?;
-                    self.memo_get(i)?;
-                }
-
-                // Persistent ids: the point of the walk.
-                op::BINPERSID => {
-                    let pid = self.pop()?;
-                    self.persistent_id(pid)?;
-                    // persistent_load's result (None under noload).
-                    self.stack.push(Item::OTHER);
-                }
-                op::PERSID => {
-                    // Python 3 decodes the line as ASCII, referencesf
-                    // encodes it back: the line's bytes are the oid.
-                    let line = self.line()?;
-                    self.push_oid(line, true)?;
-                    self.stack.push(Item::OTHER);
-                }
-
-                _ => {
-                    return Err(RefError::UnknownOpcode {
-                        offset: self.at,
-                        opcode,
-                    });
+    /// `PROTO`, `FRAME`, `MARK`, `POP`, `POP_MARK`, `DUP`: the stack and the
+    /// pickle's framing.
+    #[inline]
+    fn step_stack(&mut self, opcode: u8) -> Result<(), RefError> {
+        match opcode {
+            op::PROTO => {
+                if self.take_u8()? > HIGHEST_PROTOCOL {
+                    return Err(self.malformed("unsupported pickle protocol"));
                 }
             }
+            op::FRAME => {
+                // The frame's content is ordinary opcodes; only check
+                // that it is all there, as CPython does.
+                let n = self.take_u64_len()?;
+                if n > self.data.len() - self.pos {
+                    return Err(self.truncated());
+                }
+            }
+            op::MARK => self.marks.push(self.stack.len()),
+            op::POP => {
+                // CPython: pop an item, or else the innermost mark.
+                if self.stack.len() > self.base() {
+                    self.stack.pop();
+                } else {
+                    self.pop_mark()?;
+                }
+            }
+            op::POP_MARK => self.drop_marked()?,
+            op::DUP => {
+                let item = self.top()?;
+                self.stack.push(item);
+            }
+            _ => return Err(self.unknown(opcode)),
         }
+        Ok(())
+    }
+
+    /// `None`, booleans, integers and floats: values a pid can never be,
+    /// their arguments skipped.
+    #[inline]
+    fn step_scalar(&mut self, opcode: u8) -> Result<(), RefError> {
+        match opcode {
+            op::NONE | op::NEWTRUE | op::NEWFALSE => self.stack.push(Item::OTHER),
+            op::BININT1 => self.push_skipped(1)?,
+            op::BININT2 => self.push_skipped(2)?,
+            op::BININT => self.push_skipped(4)?,
+            op::BINFLOAT => self.push_skipped(8)?,
+            op::LONG1 => {
+                let n = self.take_u8()? as usize;
+                self.push_skipped(n)?;
+            }
+            op::LONG4 => {
+                let n = self.take_i32_len()?;
+                self.push_skipped(n)?;
+            }
+            op::INT | op::LONG | op::FLOAT => {
+                self.line()?;
+                self.stack.push(Item::OTHER);
+            }
+            _ => return Err(self.unknown(opcode)),
+        }
+        Ok(())
+    }
+
+    /// Bytes, Python 2 strings and text: kept as ranges of the record, they
+    /// may be oids. Also `BYTEARRAY8` and the out-of-band buffer opcodes,
+    /// which never are.
+    #[inline]
+    fn step_string(&mut self, opcode: u8) -> Result<(), RefError> {
+        match opcode {
+            op::SHORT_BINSTRING | op::SHORT_BINBYTES => {
+                let n = self.take_u8()? as usize;
+                self.push_payload(n, Kind::Bytes)?;
+            }
+            op::BINSTRING => {
+                let n = self.take_i32_len()?;
+                self.push_payload(n, Kind::Bytes)?;
+            }
+            op::BINBYTES => {
+                let n = self.take_u32()? as usize;
+                self.push_payload(n, Kind::Bytes)?;
+            }
+            op::BINBYTES8 => {
+                let n = self.take_u64_len()?;
+                self.push_payload(n, Kind::Bytes)?;
+            }
+            op::SHORT_BINUNICODE => {
+                let n = self.take_u8()? as usize;
+                self.push_payload(n, Kind::Text)?;
+            }
+            op::BINUNICODE => {
+                let n = self.take_u32()? as usize;
+                self.push_payload(n, Kind::Text)?;
+            }
+            op::BINUNICODE8 => {
+                let n = self.take_u64_len()?;
+                self.push_payload(n, Kind::Text)?;
+            }
+            op::STRING => self.string()?,
+            op::UNICODE => self.unicode()?,
+            op::BYTEARRAY8 => {
+                let n = self.take_u64_len()?;
+                self.push_skipped(n)?;
+            }
+            op::NEXT_BUFFER => {
+                return Err(self.malformed("out-of-band buffer (ZODB has none)"));
+            }
+            op::READONLY_BUFFER => {
+                self.need(1)?;
+            }
+            _ => return Err(self.unknown(opcode)),
+        }
+        Ok(())
+    }
+
+    /// Lists, tuples, dicts and sets: built, extended, and for tuples
+    /// described by their first item.
+    #[inline]
+    fn step_container(&mut self, opcode: u8) -> Result<(), RefError> {
+        match opcode {
+            op::EMPTY_LIST => self.stack.push(Item::LIST),
+            op::EMPTY_TUPLE => self.stack.push(Item::of(Kind::EmptyTuple)),
+            op::EMPTY_DICT | op::EMPTY_SET => self.stack.push(Item::OTHER),
+            op::LIST => {
+                self.drop_marked()?;
+                self.stack.push(Item::LIST);
+            }
+            op::TUPLE => {
+                let start = self.pop_mark()?;
+                let item = Item::tuple(self.stack.get(start).copied());
+                self.stack.truncate(start);
+                self.stack.push(item);
+            }
+            op::TUPLE1 | op::TUPLE2 | op::TUPLE3 => {
+                let n = (opcode - op::TUPLE1 + 1) as usize;
+                self.need(n)?;
+                let start = self.stack.len() - n;
+                let item = Item::tuple(self.stack.get(start).copied());
+                self.stack.truncate(start);
+                self.stack.push(item);
+            }
+            op::DICT | op::FROZENSET => {
+                self.drop_marked()?;
+                self.stack.push(Item::OTHER);
+            }
+            op::APPEND => {
+                self.pop()?;
+                self.need(1)?;
+            }
+            op::SETITEM => {
+                self.pop_n(2)?;
+                self.need(1)?;
+            }
+            op::APPENDS | op::SETITEMS | op::ADDITEMS => {
+                self.drop_marked()?;
+                self.need(1)?;
+            }
+            _ => return Err(self.unknown(opcode)),
+        }
+        Ok(())
+    }
+
+    /// `PUT`, `GET` and their binary forms, and `MEMOIZE`.
+    #[inline]
+    fn step_memo(&mut self, opcode: u8) -> Result<(), RefError> {
+        match opcode {
+            op::PUT => {
+                let i = self.text_index()?;
+                self.memo_put(i)
+            }
+            op::BINPUT => {
+                let i = self.take_u8()?;
+                self.memo_put(i.into())
+            }
+            op::LONG_BINPUT => {
+                let i = self.take_u32()?;
+                self.memo_put(i)
+            }
+            op::MEMOIZE => {
+                let i = u32::try_from(self.memo.count)
+                    .map_err(|_| self.malformed("memo index out of range"))?;
+                self.memo_put(i)
+            }
+            op::GET => {
+                let i = self.text_index()?;
+                self.memo_get(i)
+            }
+            op::BINGET => {
+                let i = self.take_u8()?;
+                self.memo_get(i.into())
+            }
+            op::LONG_BINGET => {
+                let i = self.take_u32()?;
+                self.memo_get(i)
+            }
+            _ => Err(self.unknown(opcode)),
+        }
+    }
+
+    /// Globals, extension codes, calls and object building (operands out,
+    /// an opaque item in), and persistent ids: the point of the walk.
+    #[inline]
+    fn step_object(&mut self, opcode: u8) -> Result<(), RefError> {
+        match opcode {
+            op::GLOBAL => {
+                self.line()?;
+                self.line()?;
+                self.stack.push(Item::OTHER);
+            }
+            op::EXT1 => self.push_skipped(1)?,
+            op::EXT2 => self.push_skipped(2)?,
+            op::EXT4 => self.push_skipped(4)?,
+            op::BUILD => {
+                self.pop()?;
+                self.need(1)?;
+            }
+            op::REDUCE | op::NEWOBJ | op::STACK_GLOBAL => {
+                self.pop_n(2)?;
+                self.stack.push(Item::OTHER);
+            }
+            op::NEWOBJ_EX => {
+                self.pop_n(3)?;
+                self.stack.push(Item::OTHER);
+            }
+            op::OBJ => {
+                // The class is the first marked item.
+                let start = self.pop_mark()?;
+                if self.stack.len() == start {
+                    return Err(self.underflow());
+                }
+                self.stack.truncate(start);
+                self.stack.push(Item::OTHER);
+            }
+            op::INST => {
+                self.line()?;
+                self.line()?;
+                self.drop_marked()?;
+                self.stack.push(Item::OTHER);
+            }
+            op::BINPERSID => {
+                let pid = self.pop()?;
+                self.persistent_id(pid)?;
+                // persistent_load's result (None under noload).
+                self.stack.push(Item::OTHER);
+            }
+            op::PERSID => {
+                // Python 3 decodes the line as ASCII, referencesf encodes
+                // it back: the line's bytes are the oid.
+                let line = self.line()?;
+                self.push_oid(line, true)?;
+                self.stack.push(Item::OTHER);
+            }
+            _ => return Err(self.unknown(opcode)),
+        }
+        Ok(())
     }
 
     fn push_skipped(&mut self, n: usize) -> Result<(), RefError> {
@@ -817,6 +923,24 @@ impl<'a> Walker<'a> {
             kind,
             start: (start + 1) as u32,
             len: inner.len() as u32,
+        });
+        Ok(())
+    }
+
+    /// Protocol 0 `UNICODE`: raw-unicode-escape. Without a backslash the
+    /// line is the text itself; otherwise it stays undecoded.
+    fn unicode(&mut self) -> Result<(), RefError> {
+        let start = self.pos;
+        let line = self.line()?;
+        let kind = if line.contains(&b'\\') {
+            Kind::Escaped
+        } else {
+            Kind::Text
+        };
+        self.stack.push(Item {
+            kind,
+            start: start as u32,
+            len: line.len() as u32,
         });
         Ok(())
     }
