@@ -336,6 +336,52 @@ impl Storage {
         };
 
         // 1. start
+        self.start_cycle(&mut pauses);
+        let (existing, chunk) = self.existing_objects(&mut pauses);
+        let (mark_chunk, sweep_chunk) = if chunk == 0 {
+            (MARK_CHUNK, SWEEP_CHUNK)
+        } else {
+            (chunk, chunk)
+        };
+
+        // 2. mark, from the root and from recently written objects
+        self.mark(
+            &mut pauses,
+            &existing,
+            keep_written_since,
+            mark_chunk,
+            sweep_chunk,
+        );
+
+        // 3. candidates
+        let candidates = self.find_candidates(&mut pauses, &existing, sweep_chunk);
+
+        #[cfg(test)]
+        self.between_holds(GcStep::Candidates);
+
+        // 4. condemn
+        let condemned = self.condemn(&mut pauses);
+
+        // 5. free
+        let freed = if condemned.is_ok() {
+            #[cfg(test)]
+            self.between_holds(GcStep::Condemned);
+            self.free(&mut pauses, &candidates, chunk)
+        } else {
+            0
+        };
+        self.end_cycle(&mut pauses);
+        if let Err(unscannable) = condemned {
+            tracing::warn!(storage = %self.name, oids = ?unscannable, "garbage collection cycle freed nothing: a reachable (or voted) record cannot be scanned for references");
+            return GcOutcome::KeptEverything { unscannable };
+        }
+
+        self.record_collection(cycle_start, existing.len(), freed, &pauses)
+    }
+
+    /// Phase 1 (write lock, brief): a new mark epoch; the root is marked;
+    /// the commit barrier is switched on.
+    fn start_cycle(&self, pauses: &mut Pauses) {
         pauses.hold(|| {
             let mut st = self.write();
             lock(&st.gc.reached_unscannable).clear();
@@ -346,17 +392,28 @@ impl Storage {
                 root.mark.store(st.gc.epoch, Ordering::Relaxed);
             }
         });
-        let (existing, chunk): (Vec<Oid>, usize) = pauses.hold(|| {
+    }
+
+    /// The objects that exist as the cycle starts (the only possible
+    /// candidates), and the configured chunk size (0: the defaults).
+    fn existing_objects(&self, pauses: &mut Pauses) -> (Vec<Oid>, usize) {
+        pauses.hold(|| {
             let st = self.read();
             (st.objects.keys().copied().collect(), st.gc.chunk)
-        });
-        let (mark_chunk, sweep_chunk) = if chunk == 0 {
-            (MARK_CHUNK, SWEEP_CHUNK)
-        } else {
-            (chunk, chunk)
-        };
+        })
+    }
 
-        // 2. mark, from the root and from recently written objects
+    /// Phase 2 (read lock, in chunks): marks from the root and from the
+    /// objects written at or after `keep_written_since`, until nothing is
+    /// left to traverse (including what commits shaded meanwhile).
+    fn mark(
+        &self,
+        pauses: &mut Pauses,
+        existing: &[Oid],
+        keep_written_since: Tid,
+        mark_chunk: usize,
+        sweep_chunk: usize,
+    ) {
         let mut grey = vec![Oid::ROOT];
         for chunk in existing.chunks(sweep_chunk) {
             pauses.hold(|| {
@@ -386,8 +443,15 @@ impl Storage {
                 break;
             }
         }
+    }
 
-        // 3. candidates
+    /// Phase 3 (read lock, in chunks): the existing objects still unmarked.
+    fn find_candidates(
+        &self,
+        pauses: &mut Pauses,
+        existing: &[Oid],
+        sweep_chunk: usize,
+    ) -> Vec<Oid> {
         let mut candidates = Vec::new();
         for chunk in existing.chunks(sweep_chunk) {
             pauses.hold(|| {
@@ -400,14 +464,16 @@ impl Storage {
                 }));
             });
         }
+        candidates
+    }
 
-        #[cfg(test)]
-        self.between_holds(GcStep::Candidates);
-
-        // 4. condemn: finish marking (what commits shaded since, what the
-        // voted transaction pinned); every candidate still unmarked is then
-        // garbage, and no vote may bring it back (see the module docs).
-        let condemned = pauses.hold(|| {
+    /// Phase 4 (write lock, brief): finish marking (what commits shaded
+    /// since, what the voted transaction pinned); every candidate still
+    /// unmarked is then garbage, and no vote may bring it back (see the
+    /// module docs). `Err` with the oids of records that cannot be scanned
+    /// if nothing may be freed.
+    fn condemn(&self, pauses: &mut Pauses) -> Result<(), Vec<Oid>> {
+        pauses.hold(|| {
             let mut st = self.write();
             let pinned_unscannable = lock(&st.gc.pinned).unscannable.clone();
             if !pinned_unscannable.is_empty() {
@@ -428,49 +494,60 @@ impl Storage {
             }
             st.gc.sweeping = true;
             Ok(())
-        });
+        })
+    }
 
-        // 5. free, in chunks. Commits go on in between; they cannot link a
-        // condemned object nor commit a record that cannot be scanned, so
-        // marking stays complete and nothing condemned is kept (nor is the
-        // sweep stopped half-way). Freed objects are dropped outside the
-        // lock.
+    /// Phase 5 (write lock, in chunks): frees the condemned candidates;
+    /// returns how many objects were freed.
+    ///
+    /// Commits go on in between; they cannot link a condemned object nor
+    /// commit a record that cannot be scanned, so marking stays complete
+    /// and nothing condemned is kept (nor is the sweep stopped half-way).
+    /// Freed objects are dropped outside the lock.
+    fn free(&self, pauses: &mut Pauses, candidates: &[Oid], chunk: usize) -> usize {
         let free_chunk = if chunk == 0 { FREE_CHUNK } else { chunk };
         let mut freed = 0;
-        if condemned.is_ok() {
-            #[cfg(test)]
-            self.between_holds(GcStep::Condemned);
-            for part in candidates.chunks(free_chunk) {
-                let mut garbage = Vec::new();
-                pauses.hold(|| {
-                    let mut st = self.write();
-                    let epoch = st.gc.epoch;
-                    for &oid in part {
-                        let unmarked = st
-                            .objects
-                            .get(&oid)
-                            .is_some_and(|o| o.mark.load(Ordering::Relaxed) != epoch);
-                        if unmarked && oid != Oid::ROOT {
-                            garbage.extend(st.take_object(oid));
-                        }
+        for part in candidates.chunks(free_chunk) {
+            let mut garbage = Vec::new();
+            pauses.hold(|| {
+                let mut st = self.write();
+                let epoch = st.gc.epoch;
+                for &oid in part {
+                    let unmarked = st
+                        .objects
+                        .get(&oid)
+                        .is_some_and(|o| o.mark.load(Ordering::Relaxed) != epoch);
+                    if unmarked && oid != Oid::ROOT {
+                        garbage.extend(st.take_object(oid));
                     }
-                });
-                freed += garbage.len();
-                drop(garbage);
-                #[cfg(test)]
-                self.between_holds(GcStep::Freed);
-            }
+                }
+            });
+            freed += garbage.len();
+            drop(garbage);
+            #[cfg(test)]
+            self.between_holds(GcStep::Freed);
         }
+        freed
+    }
+
+    /// The cycle is over (write lock, brief): the commit barrier is
+    /// switched off and votes no longer check for condemned objects.
+    fn end_cycle(&self, pauses: &mut Pauses) {
         pauses.hold(|| {
             let mut st = self.write();
             st.gc.active = false;
             st.gc.sweeping = false;
         });
-        if let Err(unscannable) = condemned {
-            tracing::warn!(storage = %self.name, oids = ?unscannable, "garbage collection cycle freed nothing: a reachable (or voted) record cannot be scanned for references");
-            return GcOutcome::KeptEverything { unscannable };
-        }
+    }
 
+    /// Adds a completed cycle to the figures and the log.
+    fn record_collection(
+        &self,
+        cycle_start: Instant,
+        examined: usize,
+        freed: usize,
+        pauses: &Pauses,
+    ) -> GcOutcome {
         let s = &self.gc_stats;
         s.collections.fetch_add(1, Ordering::Relaxed);
         s.freed_objects.fetch_add(freed as u64, Ordering::Relaxed);
@@ -479,11 +556,11 @@ impl Storage {
         s.last_cycle_us
             .store(cycle_start.elapsed().as_micros() as u64, Ordering::Relaxed);
         tracing::debug!(
-            storage = %self.name, examined = existing.len(), freed,
+            storage = %self.name, examined, freed,
             longest_pause = ?pauses.longest, took = ?cycle_start.elapsed(), "garbage collected"
         );
         GcOutcome::Collected {
-            examined: existing.len(),
+            examined,
             freed,
             longest_pause: pauses.longest,
         }
