@@ -715,6 +715,86 @@ impl Config {
     }
 }
 
+/// The log filter when neither `log-level` nor `RUST_LOG` sets one.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// The log filter the server runs with: `log-level` if set (command line
+/// over config file), else the `RUST_LOG` environment variable (`rust_log`)
+/// if set and not blank, else [`DEFAULT_LOG_LEVEL`]. A filter is
+/// comma-separated directives, each a level (`off`, `error`, `warn`,
+/// `info`, `debug`, `trace`) or `TARGET=LEVEL` (`zeotemp=debug`); anything
+/// else is an error naming the setting, the value and the directive, not a
+/// filter that silently logs nothing (tracing's own parser takes a bare
+/// word such as `loud` for a target name).
+pub fn log_filter(
+    log_level: Option<&str>,
+    rust_log: Option<&str>,
+) -> Result<tracing_subscriber::EnvFilter, ConfigError> {
+    let (setting, value) = match (log_level, rust_log) {
+        (Some(level), _) => ("log-level", level),
+        (None, Some(env)) if !env.trim().is_empty() => ("RUST_LOG", env),
+        _ => return Ok(tracing_subscriber::EnvFilter::new(DEFAULT_LOG_LEVEL)),
+    };
+    let invalid = |why: String| ConfigError::Invalid(format!("{setting} {value:?}: {why}"));
+    if value.trim().is_empty() {
+        return Err(invalid(
+            "is empty: give a level (error, warn, info, debug) or a filter such as zeotemp=debug"
+                .into(),
+        ));
+    }
+    for directive in value.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let is_level = directive
+            .parse::<tracing_subscriber::filter::LevelFilter>()
+            .is_ok();
+        if !is_level && !directive.contains('=') && !directive.contains('[') {
+            return Err(invalid(format!(
+                "{directive:?} is neither a level (off, error, warn, info, debug, trace) nor a \
+                 TARGET=LEVEL directive such as zeotemp=debug"
+            )));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(value).map_err(|e| invalid(format!("{e}")))
+}
+
+#[cfg(test)]
+mod log_filter_tests {
+    use super::log_filter;
+
+    #[test]
+    fn valid_filters_are_taken() {
+        for level in [
+            "info",
+            "DEBUG",
+            "warn,zeotemp=debug",
+            "zeotemp::server=trace",
+            "off",
+        ] {
+            log_filter(Some(level), None).unwrap();
+            log_filter(None, Some(level)).unwrap();
+        }
+        // Unset or blank: the default.
+        log_filter(None, None).unwrap();
+        log_filter(None, Some(" ")).unwrap();
+        // log-level wins: a bad RUST_LOG is not looked at.
+        log_filter(Some("info"), Some("garbage!!")).unwrap();
+    }
+
+    #[test]
+    fn invalid_filters_are_errors_naming_the_setting() {
+        for (level, env, complaint) in [
+            (Some("loud"), None, "log-level \"loud\""),
+            (Some(""), None, "log-level \"\": is empty"),
+            (Some("zeotemp=loud"), None, "log-level \"zeotemp=loud\""),
+            (Some("info,chatty"), None, "\"chatty\" is neither a level"),
+            (None, Some("garbage!!"), "RUST_LOG \"garbage!!\""),
+        ] {
+            let err = log_filter(level, env).unwrap_err().to_string();
+            assert!(err.contains(complaint), "{level:?} {env:?}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,8 +39,8 @@ struct Cli {
 }
 
 /// The command line's settings over the config file's over the defaults,
-/// checked; and the log filter, if one is set.
-fn settings(cli: &Cli) -> Result<(Config, Option<String>), config::ConfigError> {
+/// checked; and the log filter (`log-level`, else `RUST_LOG`), checked too.
+fn settings(cli: &Cli) -> Result<(Config, tracing_subscriber::EnvFilter), config::ConfigError> {
     let file = match &cli.config {
         Some(path) => Settings::load(path)?,
         None => Settings::default(),
@@ -48,10 +48,12 @@ fn settings(cli: &Cli) -> Result<(Config, Option<String>), config::ConfigError> 
     let settings = cli.settings.clone().or(file);
     let cfg = settings.resolve()?;
     cfg.validate()?;
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = config::log_filter(settings.log_level.as_deref(), rust_log.as_deref())?;
     // Read and check the TLS files now, so a bad one is reported before
     // anything is bound (the server reads them again when it starts).
     zeotemp::server::tls::load(&cfg).map_err(|e| config::ConfigError::Invalid(e.to_string()))?;
-    Ok((cfg, settings.log_level))
+    Ok((cfg, filter))
 }
 
 fn main() -> ExitCode {
@@ -67,7 +69,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let (cfg, log_level) = match settings(&cli) {
+    let (cfg, filter) = match settings(&cli) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("zeotemp: {e}");
@@ -86,11 +88,6 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let filter = match log_level {
-        Some(l) => tracing_subscriber::EnvFilter::new(l),
-        None => tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-    };
     // Colours only on a terminal: log files and journald get plain text.
     use std::io::IsTerminal;
     tracing_subscriber::fmt()

@@ -56,3 +56,97 @@ fn man_page_in_docs_is_current() {
         "docs/zeotemp.1 is stale: cargo run -- --man-page > docs/zeotemp.1"
     );
 }
+
+/// A watchdog, not a timing assertion: a server that should have refused
+/// to start but runs is killed after this many seconds and the test fails.
+const REFUSAL_WATCHDOG_SECS: u64 = 60;
+
+/// Exit status and stderr of the server started with `args` (and
+/// `RUST_LOG` set to `rust_log`, or unset), which must exit by itself:
+/// one that still runs after [`REFUSAL_WATCHDOG_SECS`] is killed and fails
+/// the test.
+fn exit_of(args: &[&str], rust_log: Option<&str>) -> (Option<i32>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_zeotemp"));
+    cmd.args([
+        "--address",
+        "127.0.0.1:0",
+        "--metrics-address",
+        "127.0.0.1:0",
+    ])
+    .args(args)
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    match rust_log {
+        Some(v) => cmd.env("RUST_LOG", v),
+        None => cmd.env_remove("RUST_LOG"),
+    };
+    let mut child = cmd.spawn().expect("the binary runs");
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_secs(REFUSAL_WATCHDOG_SECS);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "zeotemp {args:?} (RUST_LOG {rust_log:?}) started instead of refusing: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
+    (
+        out.status.code(),
+        String::from_utf8(out.stderr).expect("UTF-8"),
+    )
+}
+
+/// A mistyped log level or filter, on the command line, in the config file
+/// or in RUST_LOG, is a configuration error (exit 2, one line naming the
+/// setting and the value), at a start and with --check-config alike:
+/// never a server that runs and logs nothing.
+#[test]
+fn invalid_log_filter_is_a_configuration_error() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-log-filter");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("loud.toml");
+    std::fs::write(&file, "log-level = \"loud\"\n").unwrap();
+    let file = file.to_str().unwrap();
+    let cases: [(&[&str], Option<&str>, &str); 4] = [
+        (&["--log-level", "loud"], None, "log-level \"loud\""),
+        (&["--config", file], None, "log-level \"loud\""),
+        (
+            &["--log-level", "zeotemp=loud"],
+            None,
+            "log-level \"zeotemp=loud\"",
+        ),
+        (&[], Some("garbage!!"), "RUST_LOG \"garbage!!\""),
+    ];
+    for (args, rust_log, complaint) in cases {
+        for check in [false, true] {
+            let mut args = args.to_vec();
+            if check {
+                args.push("--check-config");
+            }
+            let (status, stderr) = exit_of(&args, rust_log);
+            assert_eq!(status, Some(2), "{args:?} {rust_log:?}: {stderr}");
+            assert!(
+                stderr.contains(complaint) && stderr.trim().lines().count() == 1,
+                "{args:?} {rust_log:?}: {stderr}"
+            );
+        }
+    }
+    // A valid filter in RUST_LOG is still taken, and --log-level wins over
+    // a bad one.
+    for (args, rust_log) in [
+        (&["--check-config"][..], Some("warn,zeotemp=debug")),
+        (
+            &["--check-config", "--log-level", "info"][..],
+            Some("garbage!!"),
+        ),
+    ] {
+        let (status, stderr) = exit_of(args, rust_log);
+        assert_eq!(status, Some(0), "{args:?} {rust_log:?}: {stderr}");
+    }
+}
