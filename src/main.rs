@@ -1,5 +1,6 @@
 //! The `zeotemp` binary: parses the command line and config file, sets up
-//! logging, binds, and runs the library's server until SIGINT/SIGTERM.
+//! logging, binds, and runs the library's server until SIGINT/SIGTERM
+//! (SIGHUP is logged and ignored).
 
 #![forbid(unsafe_code)]
 
@@ -110,6 +111,7 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
+        let shutdown = shutdown_signal();
         let listeners =
             match zeotemp::server::bind_with_mode(&cfg.addresses, cfg.unix_socket_mode).await {
                 Ok(l) => l,
@@ -131,7 +133,7 @@ fn main() -> ExitCode {
             env!("CARGO_PKG_VERSION"),
             cfg.summary()
         );
-        match zeotemp::server::run(listeners, cfg, shutdown_signal()).await {
+        match zeotemp::server::run(listeners, cfg, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 error!("{e}");
@@ -141,19 +143,40 @@ fn main() -> ExitCode {
     })
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Watches SIGINT, SIGTERM and SIGHUP from now on (so a signal that
+/// arrives while the listeners are bound is not missed, and SIGHUP's
+/// default disposition, death, is gone before anything is served), and
+/// returns what completes on SIGINT or SIGTERM. SIGHUP only logs a line:
+/// zeotemp holds everything in memory and has nothing to reload or reopen
+/// (it logs to stderr), and a restart would drop every session, so a
+/// `systemctl reload` or a closed terminal must not stop it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!("cannot watch SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let term = signal(SignalKind::terminate())
+        .map_err(|e| error!("cannot watch SIGTERM: {e}"))
+        .ok();
+    let hup = signal(SignalKind::hangup())
+        .map_err(|e| error!("cannot watch SIGHUP: {e}"))
+        .ok();
+    let ctrl_c = tokio::signal::ctrl_c();
+    async move {
+        tokio::pin!(ctrl_c);
+        let (mut term, mut hup) = (term, hup);
+        loop {
+            tokio::select! {
+                _ = &mut ctrl_c => {
+                    info!("SIGINT received");
+                    return;
+                }
+                Some(()) = async { term.as_mut()?.recv().await } => {
+                    info!("SIGTERM received");
+                    return;
+                }
+                Some(()) = async { hup.as_mut()?.recv().await } => info!(
+                    "SIGHUP received: ignored; zeotemp has nothing to reload: \
+                     restart it to apply a new configuration"
+                ),
+            }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
-        _ = term.recv() => info!("SIGTERM received"),
     }
 }

@@ -150,3 +150,84 @@ fn invalid_log_filter_is_a_configuration_error() {
         assert_eq!(status, Some(0), "{args:?} {rust_log:?}: {stderr}");
     }
 }
+
+/// `kill -SIGNAL pid` (the `kill` command: no libc in the dependencies).
+fn send(signal: &str, pid: u32) {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// SIGHUP never stops the server: it logs a line and goes on serving (a
+/// new connection still gets the `Z5` handshake); SIGTERM then stops it
+/// cleanly (exit status 0, the last summary line).
+#[test]
+fn sighup_is_logged_and_ignored() {
+    use std::io::{BufRead, Read};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zeotemp"))
+        .args([
+            "--address",
+            "127.0.0.1:0",
+            "--metrics-address",
+            "127.0.0.1:0",
+        ])
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let pid = child.id();
+    // Killed when the test ends, whatever happened.
+    struct Reap(u32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.0.to_string()])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+    let _reap = Reap(pid);
+    let mut log = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    // The log up to the first line containing `needle`; the server's end
+    // of the log (it died) fails the test with what it logged.
+    let mut wait_for = |needle: &str| -> String {
+        for line in log.by_ref() {
+            let line = line.expect("log line");
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains(needle) {
+                return line;
+            }
+        }
+        panic!("the server's log ended without {needle:?}:\n{seen}");
+    };
+    let listening = wait_for("listening on tcp ");
+    let address = listening
+        .rsplit("listening on tcp ")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    for _ in 0..3 {
+        send("HUP", pid);
+        wait_for("SIGHUP received: ignored");
+    }
+    // Still serving: a new connection gets the handshake frame.
+    let mut conn = std::net::TcpStream::connect(&address).expect("connect after SIGHUP");
+    let mut frame = [0u8; 6];
+    conn.read_exact(&mut frame).expect("handshake");
+    assert_eq!(&frame, b"\0\0\0\x02Z5");
+    drop(conn);
+    send("TERM", pid);
+    wait_for("SIGTERM received");
+    wait_for("zeotemp stopped after");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "after SIGTERM: {status:?}");
+}
