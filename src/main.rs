@@ -70,7 +70,10 @@ fn main() -> ExitCode {
     let (cfg, log_level) = match settings(&cli) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("zeotemp: {e}");
+            // One line per problem.
+            for line in e.to_string().lines() {
+                eprintln!("zeotemp: {line}");
+            }
             return ExitCode::from(2);
         }
     };

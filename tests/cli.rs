@@ -56,3 +56,62 @@ fn man_page_in_docs_is_current() {
         "docs/zeotemp.1 is stale: cargo run -- --man-page > docs/zeotemp.1"
     );
 }
+
+/// `zeotemp --check-config args`: its exit status, stdout and stderr.
+fn check_config(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_zeotemp"))
+        .arg("--check-config")
+        .args(args)
+        .output()
+        .expect("the binary runs");
+    let text = |b: Vec<u8>| String::from_utf8(b).expect("UTF-8");
+    (out.status.code(), text(out.stdout), text(out.stderr))
+}
+
+/// Every value that would stop a start or leave the server useless is
+/// refused with exit status 2 and one line per problem, all of them at
+/// once, each naming the setting and the value.
+#[test]
+fn check_config_refuses_useless_values_one_line_each() {
+    let (code, stdout, stderr) = check_config(&[
+        "--address",
+        "127.0.0.1:99999",
+        "--address",
+        "127.0.0.1:0",
+        "--address",
+        "localhost:8101",
+        "--address",
+        "LOCALHOST:8101",
+        "--metrics-address",
+        "localhost:8101",
+        "--storage",
+        " ",
+        "--max-connections",
+        "0",
+        "--max-transaction-bytes",
+        "0",
+        "--memory-limit",
+        "1",
+        "--threads",
+        "100000",
+    ]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert!(!stdout.contains("configuration OK"), "{stdout}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    for expected in [
+        "zeotemp: address \"127.0.0.1:99999\" is not HOST:PORT",
+        "zeotemp: address \"LOCALHOST:8101\" is given twice",
+        "zeotemp: metrics-address \"localhost:8101\" is also the ZEO address",
+        "zeotemp: storage \" \" is an empty name",
+        "zeotemp: max-connections = 0 ",
+        "zeotemp: max-transaction-bytes = 0 ",
+        "zeotemp: memory-limit = 1 ",
+        "zeotemp: threads = 100000 ",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(expected)),
+            "{expected:?} not in:\n{stderr}"
+        );
+    }
+    assert_eq!(lines.len(), 8, "{stderr}");
+}
