@@ -115,3 +115,91 @@ fn check_config_refuses_useless_values_one_line_each() {
     }
     assert_eq!(lines.len(), 8, "{stderr}");
 }
+
+/// A fresh directory of this test's own under the target directory.
+fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    dir
+}
+
+/// `--check-config` binds and releases every listener: a port in use (by
+/// this test, or by another of its addresses, or the metrics address's),
+/// a unix socket in a missing directory, a socket a server listens on and
+/// a path that is no socket are each one line and exit status 2; a free
+/// socket path is left as it was found, and an existing file is never
+/// removed.
+#[test]
+fn check_config_binds_every_listener() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = busy.local_addr().expect("address").port();
+    let dir = scratch_dir("check_config_binds_every_listener");
+    let live = dir.join("live.sock");
+    let _server = std::os::unix::net::UnixListener::bind(&live).expect("bind live.sock");
+    let plain = dir.join("plain");
+    std::fs::write(&plain, "not a socket").expect("write");
+    let free = dir.join("free.sock");
+    let busy_address = format!("127.0.0.1:{port}");
+    let missing = dir.join("missing/x.sock");
+    let (code, stdout, stderr) = check_config(&[
+        "--address",
+        &busy_address,
+        "--address",
+        missing.to_str().unwrap(),
+        "--address",
+        live.to_str().unwrap(),
+        "--address",
+        plain.to_str().unwrap(),
+        "--address",
+        free.to_str().unwrap(),
+        "--metrics-address",
+        &format!("localhost:{port}"),
+    ]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    let expected = [
+        format!("zeotemp: address \"{busy_address}\": cannot listen on {busy_address}: "),
+        format!(
+            "zeotemp: address \"{}\": directory {} does not exist",
+            missing.display(),
+            dir.join("missing").display()
+        ),
+        format!(
+            "zeotemp: address \"{}\": a server is listening on this socket already",
+            live.display()
+        ),
+        format!(
+            "zeotemp: address \"{}\": exists and is not a socket",
+            plain.display()
+        ),
+        format!("zeotemp: metrics-address \"localhost:{port}\": cannot listen for metrics on "),
+    ];
+    for e in &expected {
+        assert!(
+            lines.iter().any(|l| l.starts_with(e.as_str())),
+            "{e:?} not in:\n{stderr}"
+        );
+    }
+    assert_eq!(lines.len(), expected.len(), "{stderr}");
+    assert!(
+        live.exists() && plain.exists(),
+        "an existing file was removed"
+    );
+    assert!(!free.exists(), "the probe left {} behind", free.display());
+
+    // The same listeners, once free, pass; nothing is left behind.
+    drop(busy);
+    let (code, stdout, stderr) = check_config(&[
+        "--address",
+        &busy_address,
+        "--address",
+        free.to_str().unwrap(),
+        "--unix-socket-mode",
+        "0660",
+    ]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+    assert!(!free.exists(), "the probe left {} behind", free.display());
+    let _ = std::fs::remove_dir_all(&dir);
+}
