@@ -446,13 +446,40 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("config file {path}: {source}")]
+    /// A TOML error in one line: where (the line, and the setting on it
+    /// if any) and what was expected.
+    #[error("config file {path}, line {line}{setting}: {message}")]
     Parse {
         path: String,
-        source: toml::de::Error,
+        line: usize,
+        /// `", SETTING"`, or empty when the line names none.
+        setting: String,
+        message: String,
     },
     #[error("{0}")]
     Invalid(String),
+}
+
+/// `e` in one line (toml's own text spans four, with the line quoted and
+/// a caret under the place): the line number from its span, the setting
+/// that line sets, and toml's message.
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let start = e.span().map_or(0, |span| span.start.min(text.len()));
+    let line = text[..start].matches('\n').count() + 1;
+    let setting = text
+        .lines()
+        .nth(line - 1)
+        .and_then(|l| l.split_once('='))
+        .map(|(key, _)| key.trim())
+        .filter(|key| !key.is_empty() && !key.starts_with('#'))
+        .map(|key| format!(", {key}"))
+        .unwrap_or_default();
+    ConfigError::Parse {
+        path: path.display().to_string(),
+        line,
+        setting,
+        message: e.message().trim().replace('\n', " "),
+    }
 }
 
 /// A unix file mode from octal digits (`"660"`, `"0660"`, `"0o660"`).
@@ -473,10 +500,7 @@ impl Settings {
             path: path.display().to_string(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.display().to_string(),
-            source,
-        })
+        toml::from_str(&text).map_err(|e| parse_error(path, &text, &e))
     }
 
     /// Each setting from `self` where set there, else from `lower`: the
@@ -1200,6 +1224,31 @@ mod tests {
             ..Config::default()
         };
         two.validate().unwrap();
+    }
+
+    /// A TOML error is one line: the file, the line, the setting on it
+    /// and what was expected.
+    #[test]
+    fn parse_errors_are_one_line() {
+        let path = Path::new("z.toml");
+        for (text, want) in [
+            (
+                "threads = 2\nmax-connections = \"x\"\n",
+                "config file z.toml, line 2, max-connections: invalid type: string \"x\", \
+                 expected usize",
+            ),
+            ("threads = \n", "config file z.toml, line 1, threads: "),
+            (
+                "# comment\nadress = ['x']\n",
+                "config file z.toml, line 2, adress: unknown field `adress`",
+            ),
+            ("[x\n", "config file z.toml, line 1: "),
+        ] {
+            let e = toml::from_str::<Settings>(text).unwrap_err();
+            let got = parse_error(path, text, &e).to_string();
+            assert!(got.starts_with(want), "{text:?}: {got}");
+            assert_eq!(got.lines().count(), 1, "{got}");
+        }
     }
 
     #[test]

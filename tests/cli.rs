@@ -203,3 +203,23 @@ fn check_config_binds_every_listener() {
     assert!(!free.exists(), "the probe left {} behind", free.display());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A TOML syntax or type error in the config file is one line naming the
+/// file, the line, the setting and what was expected; exit status 2.
+#[test]
+fn check_config_toml_error_is_one_line() {
+    let dir = scratch_dir("check_config_toml_error_is_one_line");
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "threads = 2\nmax-connections = \"x\"\n").expect("write");
+    let (code, stdout, stderr) = check_config(&["--config", file.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert_eq!(
+        stderr,
+        format!(
+            "zeotemp: config file {}, line 2, max-connections: invalid type: string \"x\", \
+             expected usize\n",
+            file.display()
+        )
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
