@@ -96,6 +96,30 @@ pub const MIN_READ_PAUSE_BYTES: usize = 64 * 1024;
 /// the limit.
 pub const DEFAULT_MAX_TRANSACTION_BYTES: usize = 512 * 1024 * 1024;
 
+/// Smallest `max-transaction-bytes` accepted: 512 bytes, about the
+/// smallest real transaction. A commit stores at least one object record
+/// (its class reference and its pickled state: tens of bytes for an empty
+/// object, hundreds for a typical session object), so below this a real
+/// commit fails at its vote (`0` refused every store). Low on purpose:
+/// `tests/python/test_transaction_size_limit.py` runs at 1000 bytes to
+/// reach the limit with small records.
+pub const MIN_MAX_TRANSACTION_BYTES: usize = 512;
+
+/// Smallest `memory-limit` accepted (other than `0`, no limit): 1 MiB per
+/// storage. The limit is in bytes, so a smaller value is a unit mistake
+/// (`memory-limit = 1`, or kilobytes) that would make every vote fail with
+/// a memory-limit error. Low on purpose: a small limit is how the limit is
+/// tested (`tests/python/test_memory_limit.py` runs at 3 MiB).
+pub const MIN_MEMORY_LIMIT: usize = 1024 * 1024;
+
+/// Largest `threads` accepted: 1024. Each worker is an OS thread with its
+/// own stack (2 MiB reserved), so `threads = 100000` fails to start or
+/// takes the machine's memory; workers beyond the cores only contend. A
+/// fixed ceiling, not one relative to the cores of the machine running
+/// `--check-config`, so a file valid on one host is valid on another; it
+/// is above the core count of any machine zeotemp is likely to run on.
+pub const MAX_THREADS: usize = 1024;
+
 /// Default number of simultaneous client connections (`max-connections`);
 /// further ones are closed at once with a log line.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
@@ -422,13 +446,40 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("config file {path}: {source}")]
+    /// A TOML error in one line: where (the line, and the setting on it
+    /// if any) and what was expected.
+    #[error("config file {path}, line {line}{setting}: {message}")]
     Parse {
         path: String,
-        source: toml::de::Error,
+        line: usize,
+        /// `", SETTING"`, or empty when the line names none.
+        setting: String,
+        message: String,
     },
     #[error("{0}")]
     Invalid(String),
+}
+
+/// `e` in one line (toml's own text spans four, with the line quoted and
+/// a caret under the place): the line number from its span, the setting
+/// that line sets, and toml's message.
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let start = e.span().map_or(0, |span| span.start.min(text.len()));
+    let line = text[..start].matches('\n').count() + 1;
+    let setting = text
+        .lines()
+        .nth(line - 1)
+        .and_then(|l| l.split_once('='))
+        .map(|(key, _)| key.trim())
+        .filter(|key| !key.is_empty() && !key.starts_with('#'))
+        .map(|key| format!(", {key}"))
+        .unwrap_or_default();
+    ConfigError::Parse {
+        path: path.display().to_string(),
+        line,
+        setting,
+        message: e.message().trim().replace('\n', " "),
+    }
 }
 
 /// A unix file mode from octal digits (`"660"`, `"0660"`, `"0o660"`).
@@ -449,10 +500,7 @@ impl Settings {
             path: path.display().to_string(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.display().to_string(),
-            source,
-        })
+        toml::from_str(&text).map_err(|e| parse_error(path, &text, &e))
     }
 
     /// Each setting from `self` where set there, else from `lower`: the
@@ -621,18 +669,43 @@ impl Config {
             if self.threads == 1 { "" } else { "s" },
         )
     }
-    /// Checks settings that would make the server useless or unsafe; the
-    /// first problem found is the error.
+    /// Checks settings that would make the server useless or unsafe, or
+    /// stop it from starting; the error lists every problem found, one
+    /// line each (naming the setting, the value and why).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut names = self.storages.clone();
         names.sort();
         names.dedup();
-        let metrics_address_ok = self.metrics_address.as_ref().is_none_or(|a| {
-            let port_ok = a
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            port_ok && !a.contains('/')
-        });
+        let twice: Vec<&String> = names
+            .iter()
+            .filter(|n| self.storages.iter().filter(|s| s == n).count() > 1)
+            .collect();
+        let metrics_address_ok = self
+            .metrics_address
+            .as_ref()
+            .is_none_or(|a| host_port(a).is_some() && !a.contains('/'));
+        let mut listed: Vec<&str> = Vec::new();
+        let mut address_problems = Vec::new();
+        for a in &self.addresses {
+            if !a.contains('/') && host_port(a).is_none() {
+                address_problems.push(format!(
+                    "address {a:?} is not HOST:PORT with a port from 0 to 65535, nor a unix \
+                     socket path (with a /)"
+                ));
+            } else if listed.iter().any(|b| same_address(a, b)) {
+                address_problems.push(format!(
+                    "address {a:?} is given twice (the second listener could not bind)"
+                ));
+            }
+            listed.push(a);
+        }
+        if let Some(m) = &self.metrics_address
+            && let Some(a) = self.addresses.iter().find(|a| same_address(m, a))
+        {
+            address_problems.push(format!(
+                "metrics-address {m:?} is also the ZEO address {a:?} (they need a port each)"
+            ));
+        }
         // The TLS files themselves are read and checked at startup
         // (`server::tls::load`).
         let (cert, key) = (self.tls_certificate.is_some(), self.tls_key.is_some());
@@ -640,10 +713,50 @@ impl Config {
             (self.addresses.is_empty(), "no address to listen on".into()),
             (self.storages.is_empty(), "no storage to serve".into()),
             (
-                names.len() != self.storages.len(),
-                "a storage name is given twice".into(),
+                !twice.is_empty(),
+                format!("a storage name is given twice: {twice:?}"),
+            ),
+            (
+                self.storages.iter().any(|s| s.trim().is_empty()),
+                format!(
+                    "storage {:?} is an empty name (clients name the storage they use, '1' by \
+                     default)",
+                    self.storages
+                        .iter()
+                        .find(|s| s.trim().is_empty())
+                        .map(String::as_str)
+                        .unwrap_or_default()
+                ),
             ),
             (self.threads == 0, "threads must be at least 1".into()),
+            (
+                self.threads > MAX_THREADS,
+                format!(
+                    "threads = {} is more than {MAX_THREADS} (each is an OS thread with its own \
+                     stack; more than the cores only contend)",
+                    self.threads
+                ),
+            ),
+            (
+                self.max_connections == 0,
+                "max-connections = 0 would refuse every client: it must be at least 1".into(),
+            ),
+            (
+                self.max_transaction_bytes < MIN_MAX_TRANSACTION_BYTES,
+                format!(
+                    "max-transaction-bytes = {} is less than {MIN_MAX_TRANSACTION_BYTES}: one \
+                     object's record would fail its vote",
+                    self.max_transaction_bytes
+                ),
+            ),
+            (
+                self.memory_limit.is_some_and(|m| m < MIN_MEMORY_LIMIT),
+                format!(
+                    "memory-limit = {} is less than {MIN_MEMORY_LIMIT} (1 MiB; the limit is in \
+                     bytes, 0 means none): every vote would fail with a memory-limit error",
+                    self.memory_limit.unwrap_or_default()
+                ),
+            ),
             (
                 self.max_frame_size < 1024,
                 "max-frame-size must be at least 1024 bytes".into(),
@@ -708,9 +821,19 @@ impl Config {
                     .into(),
             ),
         ];
-        match problems.into_iter().find(|(found, _)| *found) {
-            Some((_, problem)) => Err(ConfigError::Invalid(problem)),
-            None => Ok(()),
+        let problems: Vec<String> = address_problems
+            .into_iter()
+            .chain(
+                problems
+                    .into_iter()
+                    .filter(|(found, _)| *found)
+                    .map(|(_, problem)| problem),
+            )
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("\n")))
         }
     }
 }
@@ -754,6 +877,37 @@ pub fn log_filter(
         }
     }
     tracing_subscriber::EnvFilter::try_new(value).map_err(|e| invalid(format!("{e}")))
+}
+
+/// `HOST:PORT` (`[::1]:8101` too) split in its host and port, if the host
+/// is not empty and the port is a number from 0 to 65535.
+fn host_port(address: &str) -> Option<(&str, u16)> {
+    let (host, port) = address.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    (!host.is_empty()).then_some((host, port))
+}
+
+/// Whether two listen addresses are the same: the same unix socket path
+/// (`/run//x.sock` is `/run/x.sock`), or TCP addresses with the same port
+/// (not 0, which picks a free one each time) and the same host, as an IP
+/// address when it is one (`[::1]:8101` and `[0:0::1]:8101`), else as a
+/// name ignoring case. Names are not resolved here: `--check-config`
+/// binds every address, which finds the rest.
+fn same_address(a: &str, b: &str) -> bool {
+    match (a.contains('/'), b.contains('/')) {
+        (true, true) => Path::new(a) == Path::new(b),
+        (false, false) => match (host_port(a), host_port(b)) {
+            (Some((ha, pa)), Some((hb, pb))) if pa == pb && pa != 0 => {
+                let ip = |h: &str| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok();
+                match (ip(ha), ip(hb)) {
+                    (Some(x), Some(y)) => x == y,
+                    _ => ha.eq_ignore_ascii_case(hb),
+                }
+            }
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -1080,6 +1234,101 @@ mod tests {
         };
         assert!(cfg.validate().is_err());
         Config::default().validate().unwrap();
+    }
+
+    /// Values that would stop a start or make the server useless are each
+    /// refused with a line naming the setting and the value, all of them
+    /// at once; the floors and ceilings themselves are accepted.
+    #[test]
+    fn validate_refuses_useless_values_and_lists_them_all() {
+        let bad = Config {
+            addresses: vec![
+                "127.0.0.1:99999".into(),
+                "127.0.0.1:8101".into(),
+                "127.0.0.1:8101".into(),
+                "[::1]:8102".into(),
+                "[0:0::1]:8102".into(),
+                "/run//z.sock".into(),
+                "/run/z.sock".into(),
+            ],
+            metrics_address: Some("127.0.0.1:8101".into()),
+            storages: vec!["1".into(), " ".into(), "1".into()],
+            max_connections: 0,
+            max_transaction_bytes: 0,
+            memory_limit: Some(1),
+            threads: 100_000,
+            ..Config::default()
+        };
+        let err = bad.validate().unwrap_err().to_string();
+        let lines: Vec<&str> = err.lines().collect();
+        for expected in [
+            "address \"127.0.0.1:99999\" is not HOST:PORT",
+            "address \"127.0.0.1:8101\" is given twice",
+            "address \"[0:0::1]:8102\" is given twice",
+            "address \"/run/z.sock\" is given twice",
+            "metrics-address \"127.0.0.1:8101\" is also the ZEO address",
+            "a storage name is given twice: [\"1\"]",
+            "storage \" \" is an empty name",
+            "threads = 100000 is more than 1024",
+            "max-connections = 0 would refuse every client",
+            "max-transaction-bytes = 0 is less than 512",
+            "memory-limit = 1 is less than 1048576",
+        ] {
+            assert!(
+                lines.iter().any(|l| l.starts_with(expected)),
+                "{expected:?} not in:\n{err}"
+            );
+        }
+        assert_eq!(lines.len(), 11, "{err}");
+
+        let edge = Config {
+            addresses: vec![
+                "127.0.0.1:0".into(),
+                "127.0.0.1:0".into(),
+                "/run/z.sock".into(),
+            ],
+            metrics_address: Some("127.0.0.1:0".into()),
+            max_connections: 1,
+            max_transaction_bytes: MIN_MAX_TRANSACTION_BYTES,
+            memory_limit: Some(MIN_MEMORY_LIMIT),
+            threads: MAX_THREADS,
+            ..Config::default()
+        };
+        edge.validate().unwrap();
+        // 0 is still "no limit".
+        let file: Settings = toml::from_str("memory-limit = 0").unwrap();
+        file.resolve().unwrap().validate().unwrap();
+        // Same port, different hosts: two listeners.
+        let two = Config {
+            addresses: vec!["127.0.0.1:8101".into(), "127.0.0.2:8101".into()],
+            ..Config::default()
+        };
+        two.validate().unwrap();
+    }
+
+    /// A TOML error is one line: the file, the line, the setting on it
+    /// and what was expected.
+    #[test]
+    fn parse_errors_are_one_line() {
+        let path = Path::new("z.toml");
+        for (text, want) in [
+            (
+                "threads = 2\nmax-connections = \"x\"\n",
+                "config file z.toml, line 2, max-connections: invalid type: string \"x\", \
+                 expected usize",
+            ),
+            ("threads = \n", "config file z.toml, line 1, threads: "),
+            (
+                "# comment\nadress = ['x']\n",
+                "config file z.toml, line 2, adress: unknown field `adress`",
+            ),
+            ("[x\n", "config file z.toml, line 1: "),
+        ] {
+            let e = toml::from_str::<Settings>(text).unwrap_err();
+            let got = parse_error(path, text, &e).to_string();
+            assert!(got.starts_with(want), "{text:?}: {got}");
+            assert_eq!(got.lines().count(), 1, "{got}");
+        }
     }
 
     #[test]

@@ -27,9 +27,10 @@ struct Cli {
     #[arg(short = 'C', long, value_name = "FILE")]
     config: Option<PathBuf>,
 
-    /// Check the settings (config file, command line, TLS files) and print
-    /// them in one line, without starting; exit status 0 if usable, 2 if
-    /// not (with the reason).
+    /// Check the settings (config file, command line, TLS files, values)
+    /// and bind and release every listener, then print them in one line,
+    /// without starting; exit status 0 if usable, 2 if not (one line per
+    /// problem).
     #[arg(long)]
     check_config: bool,
 
@@ -73,11 +74,35 @@ fn main() -> ExitCode {
     let (cfg, filter) = match settings(&cli) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("zeotemp: {e}");
+            // One line per problem.
+            for line in e.to_string().lines() {
+                eprintln!("zeotemp: {line}");
+            }
             return ExitCode::from(2);
         }
     };
     if cli.check_config {
+        // Bind and release every listener, so that a port in use or a
+        // missing directory is found now, not at the start.
+        let problems = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(zeotemp::server::probe(
+                &cfg.addresses,
+                cfg.unix_socket_mode,
+                cfg.metrics_address.as_deref(),
+            )),
+            Err(e) => vec![format!(
+                "cannot start the runtime to try the listeners: {e}"
+            )],
+        };
+        if !problems.is_empty() {
+            for line in problems {
+                eprintln!("zeotemp: {line}");
+            }
+            return ExitCode::from(2);
+        }
         println!(
             "zeotemp {}: configuration OK: listen on {}{}; {}",
             env!("CARGO_PKG_VERSION"),

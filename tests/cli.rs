@@ -231,3 +231,170 @@ fn sighup_is_logged_and_ignored() {
     let status = child.wait().expect("wait");
     assert!(status.success(), "after SIGTERM: {status:?}");
 }
+
+/// `zeotemp --check-config args`: its exit status, stdout and stderr.
+fn check_config(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_zeotemp"))
+        .arg("--check-config")
+        .args(args)
+        .output()
+        .expect("the binary runs");
+    let text = |b: Vec<u8>| String::from_utf8(b).expect("UTF-8");
+    (out.status.code(), text(out.stdout), text(out.stderr))
+}
+
+/// Every value that would stop a start or leave the server useless is
+/// refused with exit status 2 and one line per problem, all of them at
+/// once, each naming the setting and the value.
+#[test]
+fn check_config_refuses_useless_values_one_line_each() {
+    let (code, stdout, stderr) = check_config(&[
+        "--address",
+        "127.0.0.1:99999",
+        "--address",
+        "127.0.0.1:0",
+        "--address",
+        "localhost:8101",
+        "--address",
+        "LOCALHOST:8101",
+        "--metrics-address",
+        "localhost:8101",
+        "--storage",
+        " ",
+        "--max-connections",
+        "0",
+        "--max-transaction-bytes",
+        "0",
+        "--memory-limit",
+        "1",
+        "--threads",
+        "100000",
+    ]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert!(!stdout.contains("configuration OK"), "{stdout}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    for expected in [
+        "zeotemp: address \"127.0.0.1:99999\" is not HOST:PORT",
+        "zeotemp: address \"LOCALHOST:8101\" is given twice",
+        "zeotemp: metrics-address \"localhost:8101\" is also the ZEO address",
+        "zeotemp: storage \" \" is an empty name",
+        "zeotemp: max-connections = 0 ",
+        "zeotemp: max-transaction-bytes = 0 ",
+        "zeotemp: memory-limit = 1 ",
+        "zeotemp: threads = 100000 ",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(expected)),
+            "{expected:?} not in:\n{stderr}"
+        );
+    }
+    assert_eq!(lines.len(), 8, "{stderr}");
+}
+
+/// A fresh directory of this test's own under the target directory.
+fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    dir
+}
+
+/// `--check-config` binds and releases every listener: a port in use (by
+/// this test, or by another of its addresses, or the metrics address's),
+/// a unix socket in a missing directory, a socket a server listens on and
+/// a path that is no socket are each one line and exit status 2; a free
+/// socket path is left as it was found, and an existing file is never
+/// removed.
+#[test]
+fn check_config_binds_every_listener() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = busy.local_addr().expect("address").port();
+    let dir = scratch_dir("check_config_binds_every_listener");
+    let live = dir.join("live.sock");
+    let _server = std::os::unix::net::UnixListener::bind(&live).expect("bind live.sock");
+    let plain = dir.join("plain");
+    std::fs::write(&plain, "not a socket").expect("write");
+    let free = dir.join("free.sock");
+    let busy_address = format!("127.0.0.1:{port}");
+    let missing = dir.join("missing/x.sock");
+    let (code, stdout, stderr) = check_config(&[
+        "--address",
+        &busy_address,
+        "--address",
+        missing.to_str().unwrap(),
+        "--address",
+        live.to_str().unwrap(),
+        "--address",
+        plain.to_str().unwrap(),
+        "--address",
+        free.to_str().unwrap(),
+        "--metrics-address",
+        &format!("localhost:{port}"),
+    ]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    let expected = [
+        format!("zeotemp: address \"{busy_address}\": cannot listen on {busy_address}: "),
+        format!(
+            "zeotemp: address \"{}\": directory {} does not exist",
+            missing.display(),
+            dir.join("missing").display()
+        ),
+        format!(
+            "zeotemp: address \"{}\": a server is listening on this socket already",
+            live.display()
+        ),
+        format!(
+            "zeotemp: address \"{}\": exists and is not a socket",
+            plain.display()
+        ),
+        format!("zeotemp: metrics-address \"localhost:{port}\": cannot listen for metrics on "),
+    ];
+    for e in &expected {
+        assert!(
+            lines.iter().any(|l| l.starts_with(e.as_str())),
+            "{e:?} not in:\n{stderr}"
+        );
+    }
+    assert_eq!(lines.len(), expected.len(), "{stderr}");
+    assert!(
+        live.exists() && plain.exists(),
+        "an existing file was removed"
+    );
+    assert!(!free.exists(), "the probe left {} behind", free.display());
+
+    // The same listeners, once free, pass; nothing is left behind.
+    drop(busy);
+    let (code, stdout, stderr) = check_config(&[
+        "--address",
+        &busy_address,
+        "--address",
+        free.to_str().unwrap(),
+        "--unix-socket-mode",
+        "0660",
+    ]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+    assert!(!free.exists(), "the probe left {} behind", free.display());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A TOML syntax or type error in the config file is one line naming the
+/// file, the line, the setting and what was expected; exit status 2.
+#[test]
+fn check_config_toml_error_is_one_line() {
+    let dir = scratch_dir("check_config_toml_error_is_one_line");
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "threads = 2\nmax-connections = \"x\"\n").expect("write");
+    let (code, stdout, stderr) = check_config(&["--config", file.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert_eq!(
+        stderr,
+        format!(
+            "zeotemp: config file {}, line 2, max-connections: invalid type: string \"x\", \
+             expected usize\n",
+            file.display()
+        )
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -3,7 +3,7 @@
 //! its own task ([`connection::serve`]).
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -85,33 +85,116 @@ pub async fn bind_with_mode(
                     std::fs::remove_file(&path)?;
                 }
             }
-            let l = UnixListener::bind(&path).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot listen on unix socket {addr}: {e}"),
-                )
-            })?;
-            if let Some(mode) = unix_mode {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(
-                    |e| {
-                        io::Error::new(
-                            e.kind(),
-                            format!("cannot set mode {mode:o} on {}: {e}", path.display()),
-                        )
-                    },
-                )?;
-            }
+            let l = bind_unix(&path, unix_mode)?;
             out.push(Listener::Unix(l, path));
         } else {
-            // tokio sets SO_REUSEADDR, so a restart can rebind at once.
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-            out.push(Listener::Tcp(l));
+            out.push(Listener::Tcp(bind_tcp(addr).await?));
         }
     }
     Ok(out)
+}
+
+/// A TCP listener on `addr` (`HOST:PORT`).
+async fn bind_tcp(addr: &str) -> io::Result<TcpListener> {
+    // tokio sets SO_REUSEADDR, so a restart can rebind at once.
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+/// A unix-domain listener at `path`, whose socket file gets the mode
+/// `unix_mode` if set.
+fn bind_unix(path: &Path, unix_mode: Option<u32>) -> io::Result<UnixListener> {
+    let l = UnixListener::bind(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot listen on unix socket {}: {e}", path.display()),
+        )
+    })?;
+    if let Some(mode) = unix_mode {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot set mode {mode:o} on {}: {e}", path.display()),
+            )
+        })?;
+    }
+    Ok(l)
+}
+
+/// What `--check-config` finds when it tries the listeners a start would
+/// bind, one line per problem (empty if a start would bind them all):
+/// every TCP address and the metrics address are bound together, then
+/// released, so a port in use (also by another of these addresses) is
+/// found. A unix socket is bound at its path, if nothing is there, and its
+/// file removed at once; an existing file is never removed: a socket file
+/// is tried with a connect (a server answering there would lose its
+/// socket to this one), anything else is a problem. Nothing is left
+/// behind.
+pub async fn probe(
+    addresses: &[String],
+    unix_mode: Option<u32>,
+    metrics_address: Option<&str>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    // Held until the end, so that two addresses that are one are found.
+    let mut held = Vec::new();
+    for addr in addresses {
+        if addr.contains('/') {
+            if let Err(why) = probe_unix(Path::new(addr), unix_mode) {
+                problems.push(format!("address {addr:?}: {why}"));
+            }
+        } else {
+            match bind_tcp(addr).await {
+                Ok(l) => held.push(l),
+                Err(e) => problems.push(format!("address {addr:?}: {e}")),
+            }
+        }
+    }
+    if let Some(addr) = metrics_address {
+        match crate::monitor::http::bind(addr).await {
+            Ok(l) => held.push(l),
+            Err(e) => problems.push(format!("metrics-address {addr:?}: {e}")),
+        }
+    }
+    problems
+}
+
+/// Whether a start could listen on the unix socket `path` (see [`probe`]).
+fn probe_unix(path: &Path, unix_mode: Option<u32>) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => Err(
+                    "a server is listening on this socket already (a start would \
+                     take its socket file from it)"
+                        .into(),
+                ),
+                // A stale socket from an earlier run: a start replaces it.
+                Err(_) => Ok(()),
+            }
+        }
+        Ok(_) => Err("exists and is not a socket (a start does not replace it)".into()),
+        Err(_) => {
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            if !dir.is_dir() {
+                return Err(format!("directory {} does not exist", dir.display()));
+            }
+            // Closes the listener at once; the mode is set (or not) by now.
+            let bound = bind_unix(path, unix_mode).map(drop);
+            if std::fs::symlink_metadata(path).is_ok() {
+                // Ours: nothing was there before the bind above.
+                std::fs::remove_file(path)
+                    .map_err(|e| format!("cannot remove the socket file it made: {e}"))?;
+            }
+            bound.map_err(|e| e.to_string())
+        }
+    }
 }
 
 /// Accepts connections on `l` until `stop` changes, each served by its own

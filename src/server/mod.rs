@@ -32,7 +32,7 @@ use crate::monitor::status::log_summary;
 use crate::state::Shared;
 
 pub use connection::{PROTOCOL, PROTOCOL_MSGPACK};
-pub use listener::{Listener, bind, bind_with_mode};
+pub use listener::{Listener, bind, bind_with_mode, probe};
 
 /// Serves until `shutdown` completes, then closes every connection
 /// (aborting open transactions) and returns.
