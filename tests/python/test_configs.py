@@ -130,7 +130,10 @@ def test_systemd_unit_is_hardened():
                  "MemoryDenyWriteExecute": "yes",
                  "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
                  "CapabilityBoundingSet": "", "KillSignal": "SIGTERM",
-                 "Restart": "on-failure"}.items():
+                 # Restarted after any death, by a signal too (systemd counts
+                 # SIGHUP/SIGTERM deaths as clean for on-failure), but not
+                 # after a configuration error (exit 2), which would repeat.
+                 "Restart": "always", "RestartPreventExitStatus": "2"}.items():
         assert keys.get(k) == [v], (k, keys.get(k))
     assert "@system-service" in keys["SystemCallFilter"]
     # Longer than the server's default shutdown grace (5 s).
