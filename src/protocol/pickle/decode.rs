@@ -691,66 +691,14 @@ impl<'a> Decoder<'a> {
     /// Executes one opcode (read by [`Self::run_full`]), in the method of
     /// its family.
     fn step(&mut self, opcode: u8) -> Result<(), PickleError> {
-        match opcode {
-            op::PROTO | op::FRAME | op::MARK | op::POP | op::POP_MARK | op::DUP => {
-                self.step_stack(opcode)
-            }
-            op::NONE
-            | op::NEWTRUE
-            | op::NEWFALSE
-            | op::INT
-            | op::LONG
-            | op::BININT
-            | op::BININT1
-            | op::BININT2
-            | op::LONG1
-            | op::LONG4
-            | op::FLOAT
-            | op::BINFLOAT => self.step_scalar(opcode),
-            op::SHORT_BINBYTES
-            | op::BINBYTES
-            | op::BINBYTES8
-            | op::SHORT_BINSTRING
-            | op::BINSTRING
-            | op::STRING
-            | op::SHORT_BINUNICODE
-            | op::BINUNICODE
-            | op::BINUNICODE8
-            | op::UNICODE => self.step_string(opcode),
-            op::EMPTY_TUPLE
-            | op::EMPTY_LIST
-            | op::EMPTY_DICT
-            | op::EMPTY_SET
-            | op::TUPLE
-            | op::LIST
-            | op::FROZENSET
-            | op::TUPLE1
-            | op::TUPLE2
-            | op::TUPLE3
-            | op::DICT
-            | op::APPEND
-            | op::APPENDS
-            | op::ADDITEMS
-            | op::SETITEM
-            | op::SETITEMS => self.step_container(opcode),
-            op::PUT
-            | op::BINPUT
-            | op::LONG_BINPUT
-            | op::MEMOIZE
-            | op::GET
-            | op::BINGET
-            | op::LONG_BINGET => self.step_memo(opcode),
-            op::GLOBAL
-            | op::STACK_GLOBAL
-            | op::REDUCE
-            | op::NEWOBJ
-            | op::NEWOBJ_EX
-            | op::BUILD
-            | op::INST
-            | op::OBJ
-            | op::PERSID
-            | op::BINPERSID => self.step_object(opcode),
-            _ => Err(self.unsupported(opcode)),
+        match op::family(opcode) {
+            Some(op::Family::Stack) => self.step_stack(opcode),
+            Some(op::Family::Scalar) => self.step_scalar(opcode),
+            Some(op::Family::String) => self.step_string(opcode),
+            Some(op::Family::Container) => self.step_container(opcode),
+            Some(op::Family::Memo) => self.step_memo(opcode),
+            Some(op::Family::Object) => self.step_object(opcode),
+            None => Err(self.unsupported(opcode)),
         }
     }
 
@@ -868,7 +816,8 @@ impl<'a> Decoder<'a> {
         Ok(())
     }
 
-    /// Bytes, py2 `str` and text.
+    /// Bytes, py2 `str` and text; `BYTEARRAY8` and the out-of-band buffers
+    /// are refused.
     fn step_string(&mut self, opcode: u8) -> Result<(), PickleError> {
         match opcode {
             op::SHORT_BINBYTES => {
@@ -1021,7 +970,8 @@ impl<'a> Decoder<'a> {
     }
 
     /// Globals and everything that would call or build an object:
-    /// recorded, never evaluated; persistent ids are refused.
+    /// recorded, never evaluated; persistent ids and the extension registry
+    /// (`EXT1`, `EXT2`, `EXT4`) are refused.
     fn step_object(&mut self, opcode: u8) -> Result<(), PickleError> {
         match opcode {
             op::GLOBAL => {

@@ -74,3 +74,48 @@ pub const FRAME: u8 = 0x95;
 pub const BYTEARRAY8: u8 = 0x96;
 pub const NEXT_BUFFER: u8 = 0x97;
 pub const READONLY_BUFFER: u8 = 0x98;
+
+/// The family of opcodes a pickle machine handles together: the decoder
+/// (`pickle::decode`) and the reference scanner (`storage::refs`) each
+/// have one method per family and dispatch with [`family`], so the sorting
+/// of opcodes is written once. A machine refuses, in its family's method,
+/// the members it does not support (the decoder: `EXT*`, `BYTEARRAY8` and
+/// the out-of-band buffers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// `PROTO`, `FRAME`, `MARK`, `POP`, `POP_MARK`, `DUP`: the stack and the
+    /// pickle's framing.
+    Stack,
+    /// `None`, booleans, ints, longs, floats.
+    Scalar,
+    /// Bytes, Python 2 strings, text, `BYTEARRAY8` and the buffers.
+    String,
+    /// Tuples, lists, dicts, sets and what fills them.
+    Container,
+    /// The memo: `PUT`s, `GET`s, `MEMOIZE`.
+    Memo,
+    /// Globals, extensions, calls, instances, persistent ids.
+    Object,
+}
+
+/// The family of `opcode`; `None` for `STOP` (each machine ends there) and
+/// for bytes no protocol up to 5 defines.
+#[inline]
+pub fn family(opcode: u8) -> Option<Family> {
+    Some(match opcode {
+        PROTO | FRAME | MARK | POP | POP_MARK | DUP => Family::Stack,
+        NONE | NEWTRUE | NEWFALSE | INT | LONG | BININT | BININT1 | BININT2 | LONG1 | LONG4
+        | FLOAT | BINFLOAT => Family::Scalar,
+        SHORT_BINBYTES | BINBYTES | BINBYTES8 | SHORT_BINSTRING | BINSTRING | STRING
+        | SHORT_BINUNICODE | BINUNICODE | BINUNICODE8 | UNICODE | BYTEARRAY8 | NEXT_BUFFER
+        | READONLY_BUFFER => Family::String,
+        EMPTY_TUPLE | EMPTY_LIST | EMPTY_DICT | EMPTY_SET | TUPLE | LIST | FROZENSET | TUPLE1
+        | TUPLE2 | TUPLE3 | DICT | APPEND | APPENDS | ADDITEMS | SETITEM | SETITEMS => {
+            Family::Container
+        }
+        PUT | BINPUT | LONG_BINPUT | MEMOIZE | GET | BINGET | LONG_BINGET => Family::Memo,
+        GLOBAL | STACK_GLOBAL | EXT1 | EXT2 | EXT4 | REDUCE | NEWOBJ | NEWOBJ_EX | BUILD | INST
+        | OBJ | PERSID | BINPERSID => Family::Object,
+        _ => return None,
+    })
+}
