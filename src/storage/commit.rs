@@ -511,16 +511,18 @@ impl StorageState {
                     data,
                     refs,
                 } => {
+                    // A store the client cannot resolve: the object is gone.
+                    let gone = || StorageError::Conflict {
+                        oid: *oid,
+                        committed: Tid::ZERO,
+                        read: *serial,
+                        class_name: class_name_of(data),
+                        reason: Some(GONE.into()),
+                    };
                     if st.condemned(*oid) {
                         // Garbage the collector is freeing: the client's
                         // view is older than anything retained.
-                        return Err(StorageError::Conflict {
-                            oid: *oid,
-                            committed: Tid::ZERO,
-                            read: *serial,
-                            class_name: class_name_of(data),
-                            reason: Some(GONE.into()),
-                        });
+                        return Err(gone());
                     }
                     let current = st.current_tid(*oid);
                     if current.unwrap_or(Tid::ZERO) != *serial {
@@ -528,13 +530,7 @@ impl StorageState {
                             // Storing on top of a revision this storage never
                             // had (an object from before a restart, or one
                             // that was deleted): nothing to resolve against.
-                            return Err(StorageError::Conflict {
-                                oid: *oid,
-                                committed: Tid::ZERO,
-                                read: *serial,
-                                class_name: class_name_of(data),
-                                reason: Some(GONE.into()),
-                            });
+                            return Err(gone());
                         }
                         conflicts.retain(|c| c.oid != *oid);
                         conflicts.push(Conflict {
