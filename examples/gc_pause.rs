@@ -117,7 +117,7 @@ fn main() {
     };
     std::thread::sleep(Duration::from_millis(200));
     let t_gc = Instant::now();
-    let outcome = s.pack(Tid(root_tid.0 + 1));
+    let outcome = s.pack(Tid(root_tid.0 + 1)).gc;
     let took = t_gc.elapsed();
     std::thread::sleep(Duration::from_millis(100));
     stop.store(true, Ordering::Relaxed);

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::monitor::status;
 use crate::protocol::envelope::{Message, oid_value, tid_value};
-use crate::protocol::ids::Tid;
+use crate::protocol::ids::{Tid, ctime};
 use crate::protocol::value::Value;
 use crate::session::args::Args;
 use crate::session::errors::{Res, ZeoError};
@@ -247,11 +247,12 @@ impl Session {
         a.count(1, 2)?;
         let t = a.float(0, "t")?;
         let storage = self.storage()?.storage.clone();
-        info!(peer = %self.label(), storage = storage.name(), t, "pack");
+        let to = ctime(t as i64);
+        info!(peer = %self.label(), storage = storage.name(), "pack to {to} UTC requested");
         // Drop history before t, then collect garbage at once; the reply
         // goes out when both are done, as with ZEO's pack.
-        let outcome = blocking(|| storage.pack(Tid::from_unix_time(t)));
-        info!(peer = %self.label(), storage = storage.name(), ?outcome, "packed");
+        let report = blocking(|| storage.pack(Tid::from_unix_time(t)));
+        info!(peer = %self.label(), storage = storage.name(), "packed to {to} UTC: {report}");
         Ok(Outcome::Reply(Value::None))
     }
 

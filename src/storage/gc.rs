@@ -153,6 +153,38 @@ pub enum GcOutcome {
     Busy,
 }
 
+/// One readable phrase, for log lines (`pack`'s among them).
+impl std::fmt::Display for GcOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GcOutcome::Collected {
+                examined,
+                freed,
+                longest_pause,
+            } => write!(
+                f,
+                "collected: {freed} of {examined} objects freed (longest lock hold {:.1} ms)",
+                longest_pause.as_secs_f64() * 1e3
+            ),
+            GcOutcome::KeptEverything { unscannable } => {
+                let shown: Vec<String> =
+                    unscannable.iter().take(5).map(|o| o.to_string()).collect();
+                let more = if unscannable.len() > 5 { ", ..." } else { "" };
+                write!(
+                    f,
+                    "nothing freed: {} records could not be scanned for references (oids {}{more})",
+                    unscannable.len(),
+                    shown.join(", ")
+                )
+            }
+            GcOutcome::Busy => write!(
+                f,
+                "no collection: another one was running (unreachable objects go in a later cycle)"
+            ),
+        }
+    }
+}
+
 impl StorageState {
     /// Called by a successful vote: keep what it writes and references
     /// (`oids`) until it ends, and condemn nothing meanwhile if it writes
@@ -667,14 +699,14 @@ mod tests {
         );
         // Once that revision is gone, the pair is garbage.
         assert!(matches!(
-            s.pack(Tid(t2.0 + 1)),
+            s.pack(Tid(t2.0 + 1)).gc,
             GcOutcome::Collected { freed: 2, .. }
         ));
         assert!(!exists(&s, 4) && !exists(&s, 5));
         // Unlink the whole 1 -> 2 -> 3 -> 1 cycle from the root.
         let t3 = commit(&s, vec![store(0, t, &[])]);
         assert!(matches!(
-            s.pack(Tid(t3.0 + 1)),
+            s.pack(Tid(t3.0 + 1)).gc,
             GcOutcome::Collected { freed: 3, .. }
         ));
         assert_eq!(s.read().len(), 1, "only the root is left");
@@ -704,7 +736,7 @@ mod tests {
         );
         commit(&s, vec![store(0, t, &[1])]);
         assert_eq!(
-            s.pack(Tid::MAX),
+            s.pack(Tid::MAX).gc,
             GcOutcome::KeptEverything {
                 unscannable: vec![Oid(1)]
             }
@@ -769,7 +801,7 @@ mod tests {
         let t3 = s.read().get_tid(Oid::ROOT).unwrap(); // (the guard must not live into commit)
         let t4 = commit(&s, vec![store(0, t3, &[])]);
         assert!(matches!(
-            s.pack(Tid(t4.0 + 1)),
+            s.pack(Tid(t4.0 + 1)).gc,
             GcOutcome::Collected { freed: 1, .. }
         ));
     }

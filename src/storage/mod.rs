@@ -429,15 +429,22 @@ impl Storage {
     /// (keeping, for each object, the newest revision at or before `t`),
     /// then frees what is unreachable and was last written before `t`.
     /// Tells every subscriber the new size, like ZEO does after a pack.
-    pub fn pack(&self, t: Tid) -> GcOutcome {
-        self.write().prune_until(t);
-        let outcome = self.collect(t);
+    pub fn pack(&self, t: Tid) -> PackReport {
+        let started = std::time::Instant::now();
+        let pruned_revisions = self.write().prune_until(t);
+        let gc = self.collect(t);
         let st = self.read();
-        let (length, size) = (st.objects.len(), st.current_bytes);
+        let (objects, bytes) = (st.objects.len(), st.current_bytes);
         for (_, sub) in &st.subscribers {
-            sub.info(length, size);
+            sub.info(objects, bytes);
         }
-        outcome
+        PackReport {
+            pruned_revisions,
+            gc,
+            objects,
+            bytes,
+            took: started.elapsed(),
+        }
     }
 
     /// The oldest tid still inside the retention window: revisions replaced
@@ -808,6 +815,33 @@ pub fn class_name_of(record: &[u8]) -> Option<String> {
     let nl2 = rest.iter().position(|&b| b == b'\n')?;
     let name = std::str::from_utf8(&rest[..nl2]).ok()?;
     Some(format!("{module}.{name}"))
+}
+
+/// What a `pack` did, for its log line (`Display` is that line's tail).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackReport {
+    /// Old revisions dropped (and objects whose last revision was a delete).
+    pub pruned_revisions: usize,
+    /// The collection that followed.
+    pub gc: GcOutcome,
+    /// Objects and current bytes left.
+    pub objects: usize,
+    pub bytes: usize,
+    pub took: Duration,
+}
+
+impl std::fmt::Display for PackReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "dropped {} old revisions; {}; {} objects, {} bytes left; took {:.1} ms",
+            self.pruned_revisions,
+            self.gc,
+            self.objects,
+            self.bytes,
+            self.took.as_secs_f64() * 1e3
+        )
+    }
 }
 
 #[cfg(test)]

@@ -522,6 +522,22 @@ def test_metrics_conflicts_lock_waits_and_gc(server_factory, make_db,
     assert freed >= 6  # the mapping and its five items
     assert (per_storage(m, "zeotemp_gc_collections_total")
             > per_storage(before_pack, "zeotemp_gc_collections_total"))
+    # The pack's log line reads as a sentence (it was a Rust debug dump),
+    # and its figures are this pack's.
+    line = wait_until(
+        lambda: next((ln for ln in srv.log_text().splitlines()
+                      if "packed to" in ln), None),
+        10, message="the pack's log line")
+    said = re.search(
+        r"packed to \w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4} UTC: "
+        r"dropped (\d+) old revisions; collected: (\d+) of (\d+) objects "
+        r"freed \(longest lock hold [\d.]+ ms\); (\d+) objects, (\d+) bytes "
+        r"left; took [\d.]+ ms", line)
+    assert said, line
+    assert int(said.group(1)) >= 1  # the root's revision before the unlink
+    assert int(said.group(2)) == freed
+    assert int(said.group(4)) == per_storage(m, "zeotemp_objects")
+    assert int(said.group(5)) == per_storage(m, "zeotemp_current_bytes")
     status = monitor.server_status()
     assert per_storage(m, "zeotemp_gc_freed_objects_total") == (
         status["freed-objects"])
