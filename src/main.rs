@@ -74,9 +74,9 @@ fn main() -> ExitCode {
     let (cfg, filter) = match settings(&cli) {
         Ok(x) => x,
         Err(e) => {
-            // One line per problem.
+            // One line per problem, at priority err under journald.
             for line in e.to_string().lines() {
-                eprintln!("zeotemp: {line}");
+                zeotemp::logging::eprint_line(3, &format!("zeotemp: {line}"));
             }
             return ExitCode::from(2);
         }
@@ -99,7 +99,7 @@ fn main() -> ExitCode {
         };
         if !problems.is_empty() {
             for line in problems {
-                eprintln!("zeotemp: {line}");
+                zeotemp::logging::eprint_line(3, &format!("zeotemp: {line}"));
             }
             return ExitCode::from(2);
         }
@@ -114,13 +114,8 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    // Colours only on a terminal: log files and journald get plain text.
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    // Priorities for journald under systemd; colours only on a terminal.
+    zeotemp::logging::init(filter);
     std::panic::set_hook(Box::new(zeotemp::server::log_panic));
 
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -131,7 +126,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("zeotemp: cannot start the runtime: {e}");
+            zeotemp::logging::eprint_line(3, &format!("zeotemp: cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
