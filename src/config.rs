@@ -288,13 +288,13 @@ pub struct Settings {
     pub max_outbox_bytes: Option<usize>,
 
     /// Bytes of object data one transaction may send before its vote; over
-    /// it the vote fails with an error naming this limit.
+    /// it the vote fails with an error naming this limit. At least 512.
     /// [default: 536870912 = 512 MiB]
     #[arg(long, value_name = "BYTES")]
     pub max_transaction_bytes: Option<usize>,
 
     /// Simultaneous client connections; further ones are closed at once
-    /// with a log line. [default: 10000]
+    /// with a log line. At least 1. [default: 10000]
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
 
@@ -317,7 +317,7 @@ pub struct Settings {
 
     /// Worker threads serving connections. One is the leanest and steadiest
     /// for a session store; more help only many busy clients on a machine
-    /// with cores to spare. [default: 1]
+    /// with cores to spare. 1 to 1024. [default: 1]
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
 
@@ -352,8 +352,8 @@ pub struct Settings {
     pub metrics_address: Option<String>,
 
     /// Log filter: error, warn, info, debug (commits are logged at debug),
-    /// or a tracing filter like `zeotemp=debug`. Overrides RUST_LOG.
-    /// [default: info]
+    /// or a tracing filter like `zeotemp=debug`. Overrides RUST_LOG. One
+    /// that is not valid (`loud`) is a configuration error. [default: info]
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
 }
