@@ -172,14 +172,23 @@ fn as_user(uid: u32, gid: u32, groups: &[u32], program: &str) -> Command {
 }
 
 /// The server run as `uid`/`gid` in `groups` with `args`, which must exit
-/// by itself: its exit status and stderr.
+/// by itself: its exit status and output (stdout, then stderr).
 fn exit_of(uid: u32, gid: u32, groups: &[u32], args: &[&str]) -> (Option<i32>, String) {
-    let mut child = as_user(uid, gid, groups, env!("CARGO_BIN_EXE_zeotemp"))
-        .args(args)
+    let mut cmd = as_user(uid, gid, groups, env!("CARGO_BIN_EXE_zeotemp"));
+    cmd.args(args);
+    exit_status_and_output(cmd)
+}
+
+/// What `cmd` (the server) does, which must exit by itself: its exit
+/// status and output (stdout, then stderr). One that still runs after
+/// [`WATCHDOG`] is killed and fails the test.
+fn exit_status_and_output(mut cmd: Command) -> (Option<i32>, String) {
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("setpriv runs");
+        .expect("the command runs");
     let deadline = std::time::Instant::now() + WATCHDOG;
     while child.try_wait().expect("wait").is_none() {
         if std::time::Instant::now() > deadline {
@@ -573,4 +582,38 @@ fn tls_credentials_recipe() {
         .to_string();
     assert_eq!(tls_protocol(&address, &etc.join("ca.crt")), "Z5");
     server.stop();
+}
+
+/// A `unix-socket-group` that `/etc/group` does not know (a typo, or a
+/// group from LDAP given by name) is a configuration error at a start and
+/// in `--check-config`: exit status 2, one line naming the setting, the
+/// value and why; no socket is made. Needs no root.
+#[test]
+fn unknown_unix_socket_group_is_a_configuration_error() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("systemd_recipes-unknown-group");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("zeotemp.sock");
+    let group = "zeotemp-no-such-group";
+    for check in [true, false] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_zeotemp"));
+        cmd.args(["--address", socket.to_str().unwrap()])
+            .args(["--unix-socket-group", group])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
+        if check {
+            cmd.arg("--check-config");
+        }
+        let (code, out) = exit_status_and_output(cmd);
+        assert_eq!(code, Some(2), "check {check}: {out}");
+        assert_eq!(
+            out,
+            format!(
+                "zeotemp: unix-socket-group \"{group}\": no such group in /etc/group (names are \
+                 looked up there only: give the gid of a group from LDAP or another source)\n"
+            )
+        );
+        assert!(!socket.exists());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
