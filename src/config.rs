@@ -166,6 +166,22 @@ pub const DEFAULT_THREADS: usize = 1;
 /// it on loopback or a private network, as the ZEO port.
 pub const DEFAULT_METRICS_ADDRESS: Option<&str> = None;
 
+/// Default `unix-socket-group`: none, so a unix socket file keeps the
+/// group it is created with (the process's primary group). Set to a group
+/// name (looked up in `/etc/group` only, see [`group_id`]) or a numeric
+/// gid, and every unix socket file is given that group and
+/// [`UNIX_SOCKET_GROUP_MODE`] (unless `unix-socket-mode` says otherwise),
+/// so that the group's members (the Zope processes' user) can connect and
+/// others cannot. The server must be a member of the group (systemd:
+/// `SupplementaryGroups=`); under `DynamicUser=` its primary group is one
+/// of its own, of no use to Zope.
+pub const DEFAULT_UNIX_SOCKET_GROUP: Option<&str> = None;
+
+/// The mode a unix socket file gets with `unix-socket-group` when
+/// `unix-socket-mode` is not set: read and write (which `connect` needs)
+/// for the owner and the group, nothing for others.
+pub const UNIX_SOCKET_GROUP_MODE: u32 = 0o660;
+
 /// How often a summary line per storage is logged, in seconds (not a
 /// setting).
 pub const STATS_LOG_INTERVAL_SECS: u64 = 300;
@@ -249,6 +265,15 @@ pub struct Settings {
     /// process umask's.
     #[arg(long, value_name = "MODE")]
     pub unix_socket_mode: Option<String>,
+
+    /// Group of unix-domain sockets: a name (looked up in /etc/group) or a
+    /// numeric gid. Each socket file is given this group, and mode 0660
+    /// unless --unix-socket-mode is set, so that the group's members (e.g.
+    /// the Zope user) can connect and others cannot. The server must be in
+    /// the group (systemd: SupplementaryGroups=); otherwise it does not
+    /// start (exit status 2). Default: unchanged (the process's group).
+    #[arg(long, value_name = "GROUP")]
+    pub unix_socket_group: Option<String>,
 
     /// Recent transactions remembered for reconnecting clients' quick cache
     /// verification (getInvalidations). [default: 100]
@@ -380,6 +405,10 @@ pub struct Config {
     /// File mode of unix-domain sockets (e.g. `0o660`); `None` leaves the
     /// process umask's.
     pub unix_socket_mode: Option<u32>,
+    /// `unix-socket-group` as given (a name or a gid;
+    /// [`DEFAULT_UNIX_SOCKET_GROUP`]): the group of unix socket files,
+    /// resolved by [`group_id`].
+    pub unix_socket_group: Option<String>,
     pub invalidation_queue_size: usize,
     pub max_frame_size: usize,
     pub max_outbox_bytes: usize,
@@ -515,6 +544,7 @@ impl Settings {
             frame_timeout: self.frame_timeout.or(lower.frame_timeout),
             shutdown_grace: self.shutdown_grace.or(lower.shutdown_grace),
             unix_socket_mode: self.unix_socket_mode.or(lower.unix_socket_mode),
+            unix_socket_group: self.unix_socket_group.or(lower.unix_socket_group),
             invalidation_queue_size: self
                 .invalidation_queue_size
                 .or(lower.invalidation_queue_size),
@@ -573,6 +603,10 @@ impl Settings {
                 .as_deref()
                 .map(parse_mode)
                 .transpose()?,
+            unix_socket_group: self
+                .unix_socket_group
+                .clone()
+                .or(DEFAULT_UNIX_SOCKET_GROUP.map(String::from)),
             invalidation_queue_size: self
                 .invalidation_queue_size
                 .unwrap_or(DEFAULT_INVALIDATION_QUEUE_SIZE),
@@ -706,6 +740,20 @@ impl Config {
                 "metrics-address {m:?} is also the ZEO address {a:?} (they need a port each)"
             ));
         }
+        // Whether the server may give its sockets that group is known only
+        // when it tries (`server::listener`; `--check-config` does).
+        let mut socket_problems = Vec::new();
+        if let Some(group) = &self.unix_socket_group {
+            if let Err(why) = group_id(group) {
+                socket_problems.push(format!("unix-socket-group {group:?}: {why}"));
+            }
+            if let Some(mode) = self.unix_socket_mode.filter(|m| m & 0o060 != 0o060) {
+                socket_problems.push(format!(
+                    "unix-socket-mode {mode:04o} gives the group of unix-socket-group {group:?} \
+                     no read and write permission, which connecting needs (e.g. 0660)"
+                ));
+            }
+        }
         // The TLS files themselves are read and checked at startup
         // (`server::tls::load`).
         let (cert, key) = (self.tls_certificate.is_some(), self.tls_key.is_some());
@@ -823,6 +871,7 @@ impl Config {
         ];
         let problems: Vec<String> = address_problems
             .into_iter()
+            .chain(socket_problems)
             .chain(
                 problems
                     .into_iter()
@@ -877,6 +926,55 @@ pub fn log_filter(
         }
     }
     tracing_subscriber::EnvFilter::try_new(value).map_err(|e| invalid(format!("{e}")))
+}
+
+/// Where group names are looked up ([`group_id`]).
+const ETC_GROUP: &str = "/etc/group";
+
+/// The gid that `unix-socket-group` names. Digits are a gid, taken as it
+/// is (the group need not be listed anywhere). A name is looked up in
+/// `/etc/group`, and only there: zeotemp reads the file instead of asking
+/// the C library (`getgrnam` would take `unsafe` code), so a group known
+/// only to LDAP, SSSD or another NSS source needs its number. The error
+/// says why, for a line naming the setting and the value.
+pub fn group_id(value: &str) -> Result<u32, String> {
+    if value.is_empty() {
+        return Err("is empty: give a group name or a numeric gid".into());
+    }
+    if value.bytes().all(|b| b.is_ascii_digit()) {
+        // u32::MAX is chown's "leave the group as it is".
+        return match value.parse::<u32>() {
+            Ok(gid) if gid != u32::MAX => Ok(gid),
+            _ => Err(format!("is not a gid (0 to {})", u32::MAX - 1)),
+        };
+    }
+    let text = std::fs::read_to_string(ETC_GROUP)
+        .map_err(|e| format!("cannot read {ETC_GROUP} to look the name up: {e}"))?;
+    group_in(&text, |name, _| name == value)
+        .map(|(_, gid)| gid)
+        .ok_or_else(|| {
+            format!(
+                "no such group in {ETC_GROUP} (names are looked up there only: give the gid of a \
+             group from LDAP or another source)"
+            )
+        })
+}
+
+/// The name `/etc/group` gives `gid`, if any (for the log).
+pub fn group_name(gid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(ETC_GROUP).ok()?;
+    group_in(&text, |_, id| id == gid).map(|(name, _)| name.to_string())
+}
+
+/// The first entry (name, gid) of the `/etc/group` text `etc_group`
+/// (`name:password:gid:members` lines) that `wanted` picks.
+fn group_in(etc_group: &str, wanted: impl Fn(&str, u32) -> bool) -> Option<(&str, u32)> {
+    etc_group.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let gid = fields.nth(1)?.trim().parse().ok()?;
+        wanted(name, gid).then_some((name, gid))
+    })
 }
 
 /// `HOST:PORT` (`[::1]:8101` too) split in its host and port, if the host
@@ -1177,6 +1275,67 @@ mod tests {
         for bad in ["rw-rw----", "0999", "1777777"] {
             let file: Settings = toml::from_str(&format!("unix-socket-mode = {bad:?}")).unwrap();
             assert!(file.resolve().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unix_socket_group_is_a_name_from_etc_group_or_a_gid() {
+        assert_eq!(Config::default().unix_socket_group, None);
+        let file: Settings = toml::from_str("unix-socket-group = 'zope'").unwrap();
+        assert_eq!(
+            file.resolve().unwrap().unix_socket_group.as_deref(),
+            Some("zope")
+        );
+        let etc_group = "root:x:0:\nzope:x:1234:alice,bob\nbroken:x:\nother:x:99:\n";
+        let by_name = |n: &str| group_in(etc_group, |name, _| name == n).map(|(_, g)| g);
+        assert_eq!(by_name("zope"), Some(1234));
+        assert_eq!(by_name("root"), Some(0));
+        assert_eq!(by_name("broken"), None);
+        assert_eq!(by_name("zop"), None);
+        assert_eq!(
+            group_in(etc_group, |_, gid| gid == 99).map(|(n, _)| n),
+            Some("other")
+        );
+        // Numbers are gids, listed or not.
+        assert_eq!(group_id("0"), Ok(0));
+        assert_eq!(group_id("4000000000"), Ok(4_000_000_000));
+        for bad in ["", "4294967295", "99999999999"] {
+            assert!(group_id(bad).is_err(), "{bad:?}");
+        }
+        // /etc/group has root (gid 0) on any Linux system.
+        assert_eq!(group_id("root"), Ok(0));
+        assert_eq!(group_name(0).as_deref(), Some("root"));
+    }
+
+    /// An unknown group, and a mode that would lock the group out, are
+    /// each a line naming the setting and the value.
+    #[test]
+    fn unix_socket_group_problems_name_the_setting() {
+        let cfg = Config {
+            unix_socket_group: Some("no-such-group-zeotemp".into()),
+            unix_socket_mode: Some(0o640),
+            ..Config::default()
+        };
+        let err = cfg.validate().unwrap_err().to_string();
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 2, "{err}");
+        assert!(
+            lines[0].starts_with(
+                "unix-socket-group \"no-such-group-zeotemp\": no such group in /etc/group"
+            ),
+            "{err}"
+        );
+        assert!(
+            lines[1].starts_with("unix-socket-mode 0640 gives the group"),
+            "{err}"
+        );
+        for mode in [None, Some(0o660), Some(0o770)] {
+            let cfg = Config {
+                unix_socket_group: Some("0".into()),
+                unix_socket_mode: mode,
+                ..Config::default()
+            };
+            cfg.validate().unwrap();
         }
     }
 

@@ -90,7 +90,7 @@ fn main() -> ExitCode {
         {
             Ok(rt) => rt.block_on(zeotemp::server::probe(
                 &cfg.addresses,
-                cfg.unix_socket_mode,
+                &zeotemp::server::UnixAccess::of(&cfg),
                 cfg.metrics_address.as_deref(),
             )),
             Err(e) => vec![format!(
@@ -132,14 +132,20 @@ fn main() -> ExitCode {
     };
     rt.block_on(async move {
         let shutdown = shutdown_signal();
-        let listeners =
-            match zeotemp::server::bind_with_mode(&cfg.addresses, cfg.unix_socket_mode).await {
-                Ok(l) => l,
-                Err(e) => {
-                    error!("{e}");
-                    return ExitCode::FAILURE;
-                }
-            };
+        let access = zeotemp::server::UnixAccess::of(&cfg);
+        let listeners = match zeotemp::server::bind_with_access(&cfg.addresses, &access).await {
+            Ok(l) => l,
+            // A unix socket group it may not use: a configuration error,
+            // which no retry fixes.
+            Err(e) if zeotemp::server::is_setting_error(&e) => {
+                error!("{e}");
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let on = listeners
             .iter()
             .map(|l| l.describe())

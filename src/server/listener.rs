@@ -1,7 +1,13 @@
 //! Listening sockets (TCP and unix-domain) and the accept loop: each
 //! accepted connection is counted against `max-connections`, then served by
 //! its own task ([`connection::serve`]).
+//!
+//! A unix socket file gets its group (`unix-socket-group`) and then its
+//! mode (`unix-socket-mode`, or 0660 with a group) right after the bind,
+//! before anything is accepted; a group the server may not give it is a
+//! configuration error ([`is_setting_error`]), as retrying cannot fix it.
 
+use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +20,111 @@ use tracing::warn;
 
 use super::connection::{self, BoxStream};
 use super::tls::Tls;
+use crate::config::{self, Config, UNIX_SOCKET_GROUP_MODE};
 use crate::state::Shared;
+
+/// How each unix-domain socket file is set up once bound.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UnixAccess {
+    /// `unix-socket-mode`.
+    pub mode: Option<u32>,
+    /// `unix-socket-group`, as given (a name or a gid).
+    pub group: Option<String>,
+}
+
+impl UnixAccess {
+    /// The unix socket settings of `cfg`.
+    pub fn of(cfg: &Config) -> UnixAccess {
+        UnixAccess {
+            mode: cfg.unix_socket_mode,
+            group: cfg.unix_socket_group.clone(),
+        }
+    }
+
+    /// The mode a socket file is given: `unix-socket-mode`, else
+    /// [`UNIX_SOCKET_GROUP_MODE`] with a group, else none (the umask's).
+    fn mode(&self) -> Option<u32> {
+        self.mode
+            .or(self.group.as_ref().map(|_| UNIX_SOCKET_GROUP_MODE))
+    }
+}
+
+/// A listener setting the server cannot apply (`unix-socket-group`): a
+/// configuration error (exit status 2; retrying cannot fix it), in one line
+/// naming the setting, the value and why.
+#[derive(Debug)]
+pub struct SettingError(String);
+
+impl fmt::Display for SettingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SettingError {}
+
+/// Whether a bind error is a [`SettingError`].
+pub fn is_setting_error(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<SettingError>())
+}
+
+fn setting_error(line: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, SettingError(line))
+}
+
+/// This process's effective uid, effective gid and supplementary groups,
+/// from `/proc/self/status` (std has no `getuid` without `unsafe`); for
+/// error messages, so `None` where it cannot be read.
+pub(super) fn credentials() -> Option<(u32, u32, Vec<u32>)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|rest| rest.split_whitespace().filter_map(|n| n.parse().ok()))
+    };
+    let uid = field("Uid:")?.nth(1)?;
+    let gid = field("Gid:")?.nth(1)?;
+    let groups = field("Groups:")?.collect();
+    Some((uid, gid, groups))
+}
+
+/// `gid` for the log: `zope (gid 998)`, or `gid 998` if `/etc/group` has
+/// no name for it.
+fn group_label(gid: u32) -> String {
+    match config::group_name(gid) {
+        Some(name) => format!("{name} (gid {gid})"),
+        None => format!("gid {gid}"),
+    }
+}
+
+/// Gives the socket file `path` the group `group` (`unix-socket-group`).
+fn give_group(path: &Path, group: &str) -> io::Result<()> {
+    let gid = config::group_id(group)
+        .map_err(|why| setting_error(format!("unix-socket-group {group:?}: {why}")))?;
+    std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| {
+        let why = match (e.kind(), credentials()) {
+            (io::ErrorKind::PermissionDenied, Some((uid, egid, groups)))
+                if egid != gid && !groups.contains(&gid) =>
+            {
+                format!(
+                    ": zeotemp (uid {uid}, gid {egid}, groups {groups:?}) is not a member of \
+                     gid {gid}; make it one (systemd: SupplementaryGroups={group})"
+                )
+            }
+            (io::ErrorKind::PermissionDenied, Some(_)) => format!(
+                ": zeotemp is a member of gid {gid}, so the system call was refused \
+                 (systemd: the unit needs SystemCallFilter=@chown)"
+            ),
+            _ => String::new(),
+        };
+        setting_error(format!(
+            "unix-socket-group {group:?}: cannot give {} to {}: {e}{why}",
+            path.display(),
+            group_label(gid)
+        ))
+    })
+}
 
 /// A bound listening socket.
 pub enum Listener {
@@ -31,12 +141,14 @@ impl Listener {
                 Err(_) => "tcp ?".into(),
             },
             Listener::Unix(_, p) => {
-                use std::os::unix::fs::PermissionsExt;
+                use std::os::unix::fs::{MetadataExt, PermissionsExt};
                 match std::fs::metadata(p) {
                     Ok(m) => format!(
-                        "unix {} (mode {:o})",
+                        "unix {} (mode {:o}, owner uid {}, group {})",
                         p.display(),
-                        m.permissions().mode() & 0o777
+                        m.permissions().mode() & 0o777,
+                        m.uid(),
+                        group_label(m.gid())
                     ),
                     Err(_) => format!("unix {}", p.display()),
                 }
@@ -75,6 +187,21 @@ pub async fn bind_with_mode(
     addresses: &[String],
     unix_mode: Option<u32>,
 ) -> io::Result<Vec<Listener>> {
+    let access = UnixAccess {
+        mode: unix_mode,
+        group: None,
+    };
+    bind_with_access(addresses, &access).await
+}
+
+/// [`bind`], and gives each unix-domain socket file the group and mode of
+/// `access` before returning, so the socket is never served with the
+/// process's group or the umask's mode. A group it cannot give is an
+/// error for which [`is_setting_error`] holds.
+pub async fn bind_with_access(
+    addresses: &[String],
+    access: &UnixAccess,
+) -> io::Result<Vec<Listener>> {
     let mut out = Vec::new();
     for addr in addresses {
         if addr.contains('/') {
@@ -85,7 +212,7 @@ pub async fn bind_with_mode(
                     std::fs::remove_file(&path)?;
                 }
             }
-            let l = bind_unix(&path, unix_mode)?;
+            let l = bind_unix(&path, access)?;
             out.push(Listener::Unix(l, path));
         } else {
             out.push(Listener::Tcp(bind_tcp(addr).await?));
@@ -102,23 +229,36 @@ async fn bind_tcp(addr: &str) -> io::Result<TcpListener> {
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
-/// A unix-domain listener at `path`, whose socket file gets the mode
-/// `unix_mode` if set.
-fn bind_unix(path: &Path, unix_mode: Option<u32>) -> io::Result<UnixListener> {
+/// A unix-domain listener at `path`, whose socket file gets the group and
+/// then the mode of `access` (in that order: the group's permission is
+/// never granted to the process's own group). If either fails, the file
+/// this made is removed.
+fn bind_unix(path: &Path, access: &UnixAccess) -> io::Result<UnixListener> {
     let l = UnixListener::bind(path).map_err(|e| {
         io::Error::new(
             e.kind(),
             format!("cannot listen on unix socket {}: {e}", path.display()),
         )
     })?;
-    if let Some(mode) = unix_mode {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot set mode {mode:o} on {}: {e}", path.display()),
-            )
-        })?;
+    let set_up = || -> io::Result<()> {
+        if let Some(group) = &access.group {
+            give_group(path, group)?;
+        }
+        if let Some(mode) = access.mode() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot set mode {mode:o} on {}: {e}", path.display()),
+                )
+            })?;
+        }
+        Ok(())
+    };
+    if let Err(e) = set_up() {
+        drop(l);
+        let _ = std::fs::remove_file(path);
+        return Err(e);
     }
     Ok(l)
 }
@@ -134,7 +274,7 @@ fn bind_unix(path: &Path, unix_mode: Option<u32>) -> io::Result<UnixListener> {
 /// behind.
 pub async fn probe(
     addresses: &[String],
-    unix_mode: Option<u32>,
+    access: &UnixAccess,
     metrics_address: Option<&str>,
 ) -> Vec<String> {
     let mut problems = Vec::new();
@@ -142,8 +282,8 @@ pub async fn probe(
     let mut held = Vec::new();
     for addr in addresses {
         if addr.contains('/') {
-            if let Err(why) = probe_unix(Path::new(addr), unix_mode) {
-                problems.push(format!("address {addr:?}: {why}"));
+            if let Err(problem) = probe_unix(addr, access) {
+                problems.push(problem);
             }
         } else {
             match bind_tcp(addr).await {
@@ -161,38 +301,53 @@ pub async fn probe(
     problems
 }
 
-/// Whether a start could listen on the unix socket `path` (see [`probe`]).
-fn probe_unix(path: &Path, unix_mode: Option<u32>) -> Result<(), String> {
+/// Whether a start could listen on the unix socket `addr` and give it its
+/// group and mode (see [`probe`]); if not, the problem's line.
+fn probe_unix(addr: &str, access: &UnixAccess) -> Result<(), String> {
     use std::os::unix::fs::FileTypeExt;
+    let path = Path::new(addr);
+    let problem = |why: String| format!("address {addr:?}: {why}");
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => Err(
+                Ok(_) => Err(problem(
                     "a server is listening on this socket already (a start would \
                      take its socket file from it)"
                         .into(),
-                ),
+                )),
                 // A stale socket from an earlier run: a start replaces it.
                 Err(_) => Ok(()),
             }
         }
-        Ok(_) => Err("exists and is not a socket (a start does not replace it)".into()),
+        Ok(_) => Err(problem(
+            "exists and is not a socket (a start does not replace it)".into(),
+        )),
         Err(_) => {
             let dir = match path.parent() {
                 Some(d) if !d.as_os_str().is_empty() => d,
                 _ => Path::new("."),
             };
             if !dir.is_dir() {
-                return Err(format!("directory {} does not exist", dir.display()));
+                return Err(problem(format!(
+                    "directory {} does not exist",
+                    dir.display()
+                )));
             }
-            // Closes the listener at once; the mode is set (or not) by now.
-            let bound = bind_unix(path, unix_mode).map(drop);
+            // Closes the listener at once; the group and mode are set (or
+            // not) by now.
+            let bound = bind_unix(path, access).map(drop);
             if std::fs::symlink_metadata(path).is_ok() {
                 // Ours: nothing was there before the bind above.
                 std::fs::remove_file(path)
-                    .map_err(|e| format!("cannot remove the socket file it made: {e}"))?;
+                    .map_err(|e| problem(format!("cannot remove the socket file it made: {e}")))?;
             }
-            bound.map_err(|e| e.to_string())
+            bound.map_err(|e| {
+                if is_setting_error(&e) {
+                    e.to_string()
+                } else {
+                    problem(e.to_string())
+                }
+            })
         }
     }
 }

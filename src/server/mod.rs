@@ -32,7 +32,9 @@ use crate::monitor::status::log_summary;
 use crate::state::Shared;
 
 pub use connection::{PROTOCOL, PROTOCOL_MSGPACK};
-pub use listener::{Listener, bind, bind_with_mode, probe};
+pub use listener::{
+    Listener, UnixAccess, bind, bind_with_access, bind_with_mode, is_setting_error, probe,
+};
 
 /// Serves until `shutdown` completes, then closes every connection
 /// (aborting open transactions) and returns.

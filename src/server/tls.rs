@@ -205,8 +205,29 @@ fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|e| TlsError::File {
         setting,
         path: path.to_path_buf(),
-        reason: format!("cannot read: {e}"),
+        reason: match e.kind() {
+            std::io::ErrorKind::PermissionDenied => permission_denied(setting, path),
+            _ => format!("cannot read: {e}"),
+        },
     })
+}
+
+/// Why a TLS file cannot be read, when it is its permissions: who the
+/// server runs as, and how systemd hands such a file to a service user
+/// (`LoadCredential=`, the unit's TLS recipe).
+fn permission_denied(setting: &str, path: &Path) -> String {
+    let who = match super::listener::credentials() {
+        Some((uid, gid, _)) => format!("zeotemp runs as uid {uid} (gid {gid}), which"),
+        None => "zeotemp's user".into(),
+    };
+    let name = path
+        .file_name()
+        .map_or("FILE".into(), |n| n.to_string_lossy().into_owned());
+    format!(
+        "permission denied: {who} may not read it (under systemd, hand it over with \
+         LoadCredential={name}:{} and --{setting} %d/{name}; see config/zeotemp.service)",
+        path.display()
+    )
 }
 
 /// Every `CERTIFICATE` section of a PEM file, in order (a chain: the

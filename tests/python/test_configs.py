@@ -15,6 +15,7 @@ Rust config tests and below.)
 
 import configparser
 import io
+import os
 import pathlib
 import re
 import subprocess
@@ -71,15 +72,21 @@ def run(*args):
 # -- config files ------------------------------------------------------------------
 
 def test_unix_socket_stanza(server_factory, make_db, tmp_path):
+    # As the stanza's comment says: --unix-socket-group (here this process's
+    # own group: tests/systemd_recipes.rs runs it with another user's), which
+    # gives the socket that group and mode 0660.
     sock = tmp_path / "zeotemp.sock"
+    gid = os.getgid()
     server = server_factory(unix_socket=sock,
-                            zeotemp_args=("--unix-socket-mode", "0660"))
+                            zeotemp_args=("--unix-socket-group", str(gid)))
     text = (CONFIG_DIR / "zope-temp-unix.conf").read_text()
     assert "server /run/zeotemp/zeotemp.sock" in text
+    assert "--unix-socket-group zope" in text
     db = open_stanza(text.replace("/run/zeotemp/zeotemp.sock", str(sock)))
     assert db.storage.server_sync
     roundtrip(db, make_db, server)
     assert oct(sock.stat().st_mode & 0o777) == "0o660"
+    assert sock.stat().st_gid == gid
 
 
 def test_buildout_zodb_temporary_storage(server, make_db):
