@@ -14,7 +14,7 @@ use tracing::warn;
 
 use super::connection::{self, BoxStream};
 use super::tls::Tls;
-use crate::state::Shared;
+use crate::state::{Refusal, Shared};
 
 /// A bound listening socket.
 pub enum Listener {
@@ -220,6 +220,7 @@ pub(super) async fn accept_loop(
             Ok(x) => x,
             Err(e) => {
                 // Out of file descriptors and the like: log, breathe, go on.
+                shared.faults.connections_refused.bump(Refusal::AcceptError);
                 warn!("accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
@@ -230,6 +231,10 @@ pub(super) async fn accept_loop(
         // before any spawned task does, so counting in the task let a burst
         // go past the limit (up to ~128 in one go, tokio's budget).
         let Some(counted) = Counted::try_new(&shared, max) else {
+            shared
+                .faults
+                .connections_refused
+                .bump(Refusal::MaxConnections);
             warn!(%peer, max, "connection refused: max-connections reached");
             drop(stream);
             continue;

@@ -62,6 +62,20 @@ pub struct LockWait {
     pub granted: oneshot::Receiver<()>,
 }
 
+/// What one connection's session did, for the line that logs its end.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SessionCounts {
+    /// Requests handled (heartbeats not counted).
+    pub requests: u64,
+    /// `loadBefore` and `loadSerial` requests.
+    pub loads: u64,
+    /// Transactions committed.
+    pub commits: u64,
+    /// Transactions ended without a commit before the connection ended
+    /// (`tpc_abort`, a failed vote, the transaction timeout).
+    pub aborts: u64,
+}
+
 /// The storage a session registered on.
 struct Registered {
     storage: Arc<Storage>,
@@ -84,6 +98,7 @@ pub struct Session {
     /// Numbers the votes that waited for the commit lock (see [`LockWait`]).
     waits: u64,
     label: Option<String>,
+    counts: SessionCounts,
 }
 
 impl Session {
@@ -100,7 +115,13 @@ impl Session {
             txn: None,
             waits: 0,
             label: None,
+            counts: SessionCounts::default(),
         }
+    }
+
+    /// What the session did so far.
+    pub fn counts(&self) -> SessionCounts {
+        self.counts
     }
 
     pub fn label(&self) -> &str {
@@ -154,6 +175,10 @@ impl Session {
             self.dialect_known = true;
         }
         let method = msg.method.as_str();
+        self.counts.requests += 1;
+        if matches!(method, "loadBefore" | "loadSerial") {
+            self.counts.loads += 1;
+        }
         // Nothing is ever resolved; a message that names a global is refused.
         // (undoInfo's specification may carry ZopeUndo.Prefix; we ignore it.)
         let checked: &[Value] = match (&msg.args, method) {
