@@ -32,7 +32,22 @@ struct Proc {
 
 impl Proc {
     async fn start(args: &[&str]) -> Proc {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_zeotemp"))
+        Proc::start_under(&[], args).await
+    }
+
+    /// [`Proc::start`] under the command `wrapper` (e.g. `prlimit ...
+    /// --`), if not empty.
+    async fn start_under(wrapper: &[&str], args: &[&str]) -> Proc {
+        let bin = env!("CARGO_BIN_EXE_zeotemp");
+        let mut cmd = match wrapper.split_first() {
+            None => tokio::process::Command::new(bin),
+            Some((program, rest)) => {
+                let mut c = tokio::process::Command::new(program);
+                c.args(rest).arg(bin);
+                c
+            }
+        };
+        let mut child = cmd
             .args([
                 "--address",
                 "127.0.0.1:0",
@@ -196,6 +211,39 @@ async fn max_connections_refusal_is_counted() {
     })
     .await;
     first.ping_ok().await;
+    p.stop().await;
+}
+
+/// Out of file descriptors (a `LimitNOFILE=` too low for the clients):
+/// accept fails, and is counted; `process_max_fds` is the limit, and
+/// `process_open_fds` shows how close the server came to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_errors_and_the_fd_limit_are_exported() {
+    let limit = 40;
+    let nofile = format!("--nofile={limit}:{limit}");
+    let p = Proc::start_under(&["prlimit", &nofile, "--"], &[]).await;
+    let text = p.scrape().await;
+    assert_eq!(sample(&text, "process_max_fds"), limit as f64);
+    let idle = sample(&text, "process_open_fds");
+    assert!(idle < limit as f64, "{idle} open at start");
+    let series = "zeotemp_connections_refused_total{reason=\"accept-error\"}";
+    counts(&p, series, async {
+        // More connections than descriptors: the kernel completes them
+        // all (the listen backlog); the server accepts until it has none.
+        let mut clients = Vec::new();
+        for _ in 0..limit {
+            clients.push(TcpStream::connect(p.addr).await.unwrap());
+        }
+        let log = ["WARN", "accept failed"];
+        p.wait_log(&log).await;
+        drop(clients);
+    })
+    .await;
+    // Descriptors free again: served as before.
+    let mut c = Client::registered(p.addr).await;
+    c.ping_ok().await;
+    let open = p.value("process_open_fds").await;
+    assert!(open < limit as f64, "{open}");
     p.stop().await;
 }
 
