@@ -1,8 +1,8 @@
 //! The metrics an operator alerts on, scraped from the real binary's
 //! `/metrics` (`--metrics-address`) after each refusal and fault: every
 //! counter is there from the start at 0, and the one with the right reason
-//! goes up after the event (max-connections, a TLS handshake in plain text
-//! or silence, a frame timeout, a transaction timeout, a client that does
+//! goes up after the event (max-connections, accept errors under a low fd
+//! limit, a TLS handshake in plain text or silence, a frame timeout, a transaction timeout, a client that does
 //! not read, a protocol error, a vote over the memory limit or
 //! max-transaction-bytes); the `process_*` metrics are sane; and a
 //! connection's end is one `disconnected` line at INFO with its reason and
@@ -545,6 +545,32 @@ async fn a_normal_close_is_one_info_line_with_the_connections_counts() {
     })
     .await;
     assert!(p.log_lines(&["INFO", "answered ruok"]).is_empty());
+    p.stop().await;
+}
+
+/// A client that goes away in the middle of a transaction: one line says
+/// so, with the abort counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_during_a_transaction_is_one_line_with_the_abort() {
+    let p = Proc::start(&[]).await;
+    let mut c = Client::registered(p.addr).await;
+    c.hold_lock(1).await;
+    let peer = c_local_addr(c);
+    let line = p
+        .wait_log(&["disconnected: client closed the connection", &peer])
+        .await;
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(line.contains("(during a transaction: aborted)"), "{line}");
+    assert_eq!(field(&line, "aborts"), "1", "{line}");
+    assert_eq!(field(&line, "commits"), "0", "{line}");
+    assert_eq!(
+        p.log_lines(&["disconnect", &peer]).len(),
+        1,
+        "one line for its end"
+    );
+    // The lock was released: another client commits.
+    let mut other = Client::registered(p.addr).await;
+    other.commit_new(b"after", 1).await;
     p.stop().await;
 }
 

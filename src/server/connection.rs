@@ -148,13 +148,18 @@ fn log_end(
     let seconds = (since.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
     let s = life.session.unwrap_or_default();
     let (bytes_in, bytes_out) = (life.bytes_in, life.bytes_out);
+    let during = if s.ended_in_transaction {
+        " (during a transaction: aborted)"
+    } else {
+        ""
+    };
     let text = printable(text);
     macro_rules! end {
         ($level:ident) => {
             $level!(
                 %peer, reason = %reason, seconds, requests = s.requests, loads = s.loads,
                 commits = s.commits, aborts = s.aborts, bytes_in, bytes_out,
-                "disconnected: {text}"
+                "disconnected: {text}{during}"
             )
         };
     }
@@ -396,7 +401,7 @@ impl Conn<'_> {
             session.use_msgpack();
         }
         let close = self.serve_session(&mut session, protocol).await;
-        self.session = Some(session.counts());
+        self.session = Some(session.end());
         close
     }
 

@@ -71,9 +71,12 @@ pub struct SessionCounts {
     pub loads: u64,
     /// Transactions committed.
     pub commits: u64,
-    /// Transactions ended without a commit before the connection ended
-    /// (`tpc_abort`, a failed vote, the transaction timeout).
+    /// Transactions ended without a commit (`tpc_abort`, a failed vote,
+    /// the transaction timeout, the connection's end).
     pub aborts: u64,
+    /// The connection ended during a transaction (aborted, and counted in
+    /// `aborts`).
+    pub ended_in_transaction: bool,
 }
 
 /// The storage a session registered on.
@@ -119,8 +122,15 @@ impl Session {
         }
     }
 
-    /// What the session did so far.
-    pub fn counts(&self) -> SessionCounts {
+    /// Ends the session as its connection ends: aborts its transaction,
+    /// if any (the commit lock released; a vote waiting for it gets no
+    /// reply); returns what the session did. (`Drop` does the same if this
+    /// was never called, e.g. after a panic.)
+    pub fn end(&mut self) -> SessionCounts {
+        if self.txn.is_some() {
+            self.counts.ended_in_transaction = true;
+            self.abort_txn(false);
+        }
         self.counts
     }
 
