@@ -1,7 +1,8 @@
 //! The state every connection of one server shares: the configuration, the
-//! storages by name, each storage's cached invalidation frame, and the
-//! connection count. A leaf above `storage`: `monitor`, `session` and
-//! `server` read it; it depends on none of them.
+//! storages by name, each storage's cached invalidation frame, the
+//! connection count and the server's fault counters ([`Faults`]). A leaf
+//! above `storage`: `monitor`, `session` and `server` read it; it depends
+//! on none of them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use crate::protocol::envelope::{self, Encoding, oid_value, tid_value};
 use crate::protocol::ids::{Oid, Tid};
 use crate::protocol::pickle::Dialect;
 use crate::protocol::value::Value;
+use crate::storage::stats::{PerReason, reasons};
 use crate::storage::{Storage, StorageLimits};
 
 /// Everything the connections of one server share.
@@ -28,6 +30,8 @@ pub struct Shared {
     pub invalidation_frames: HashMap<String, Arc<InvalidationFrames>>,
     pub connections: AtomicUsize,
     pub started: SystemTime,
+    /// Refusals and faults of the whole server, per reason.
+    pub faults: Faults,
 }
 
 impl Shared {
@@ -57,8 +61,72 @@ impl Shared {
             config,
             connections: AtomicUsize::new(0),
             started: SystemTime::now(),
+            faults: Faults::default(),
         }
     }
+}
+
+reasons! {
+    /// Why an incoming connection was not served
+    /// (`zeotemp_connections_refused_total{reason}`).
+    pub enum Refusal {
+        /// `max-connections` connections were open already.
+        MaxConnections => "max-connections",
+        /// `accept()` failed (out of file descriptors, ...): the connection
+        /// stays in the listen backlog, retried 50 ms later.
+        AcceptError => "accept-error",
+    }
+}
+
+reasons! {
+    /// Why a TLS handshake failed
+    /// (`zeotemp_tls_handshake_failures_total{reason}`). A peer that closes
+    /// in the handshake (a port probe) is no failure: its end counts as a
+    /// disconnect of reason `client`.
+    pub enum TlsFailure {
+        /// A TLS error: plain text instead of TLS, a refused or missing
+        /// client certificate, no common protocol version or cipher.
+        Error => "error",
+        /// Not completed within `frame-timeout`.
+        Timeout => "timeout",
+    }
+}
+
+reasons! {
+    /// Why a connection ended (`zeotemp_disconnects_total{reason}`, and the
+    /// `reason` of its `disconnected` log line). Every accepted connection
+    /// ends with exactly one of these.
+    pub enum Disconnect {
+        /// The client closed the connection, or its socket failed (reset,
+        /// broken pipe).
+        Client => "client",
+        /// The client did not read what the server sent: its outbound
+        /// queue went over `max-outbox-bytes`.
+        SlowClient => "slow-client",
+        /// Its transaction held the commit lock past `transaction-timeout`.
+        TransactionTimeout => "transaction-timeout",
+        /// No handshake, or a message started and not completed, within
+        /// `frame-timeout`.
+        FrameTimeout => "frame-timeout",
+        /// Bytes that are not ZEO: a bad handshake, a frame over
+        /// `max-frame-size`, an undecodable message, a failed one-way call.
+        ProtocolError => "protocol-error",
+        /// The TLS handshake failed (see [`TlsFailure`]).
+        TlsHandshake => "tls-handshake",
+        /// A `ruok` probe, answered.
+        Ruok => "ruok",
+        /// The server is shutting down.
+        Shutdown => "shutdown",
+    }
+}
+
+/// The refusals and faults of the whole server, per reason (the
+/// per-storage ones are in each storage's `Stats`).
+#[derive(Default)]
+pub struct Faults {
+    pub connections_refused: PerReason<Refusal>,
+    pub tls_handshake_failures: PerReason<TlsFailure>,
+    pub disconnects: PerReason<Disconnect>,
 }
 
 /// A storage's latest `invalidateTransaction` frame, encoded once per

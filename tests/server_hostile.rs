@@ -730,7 +730,7 @@ async fn forbidden_globals_are_refused_and_nothing_runs() {
 /// Text a client chooses reaches the log unescaped: the storage name of a
 /// refused `register` (logged as `storage = %name`), the label of
 /// `set_client_label` (every later line's `peer = %label`) and the name of
-/// a failing one-way method (inside the "closing connection: ..."
+/// a failing one-way method (inside the "disconnected: ..."
 /// message). A newline there forges whole log lines, from a client that
 /// has not even registered; terminal escape sequences pass through too.
 /// Checked against the real binary and its own log setup.

@@ -1,6 +1,8 @@
 //! One reading of the server's figures: each storage's ([`StorageFigures`],
-//! what `server_status`, `ruok` and the summary line report) and the whole
-//! server's ([`Snapshot`], what a Prometheus scrape reports).
+//! what `server_status`, `ruok` and the summary line report), the whole
+//! server's ([`Snapshot`], what a Prometheus scrape reports) and the
+//! process's ([`ProcessFigures`], read from `/proc/self` as the Prometheus
+//! clients' process collectors do).
 
 use std::sync::atomic::Ordering;
 use std::time::UNIX_EPOCH;
@@ -21,7 +23,95 @@ pub struct Snapshot {
     pub max_connections: usize,
     /// The process's resident set size, if known (Linux).
     pub resident_bytes: Option<u64>,
+    /// The process's figures, if known (Linux).
+    pub process: Option<ProcessFigures>,
+    /// Connections refused at accept, per reason (label, count).
+    pub connections_refused: Vec<(&'static str, u64)>,
+    /// TLS handshakes failed, per reason.
+    pub tls_handshake_failures: Vec<(&'static str, u64)>,
+    /// Connections ended, per reason.
+    pub disconnects: Vec<(&'static str, u64)>,
     pub storages: Vec<StorageFigures>,
+}
+
+/// The process's figures, named after the `process_*` metrics of the
+/// Prometheus clients (Go's `collectors.NewProcessCollector`, Python's
+/// `ProcessCollector`), read from the same files.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProcessFigures {
+    /// User and system CPU time, in seconds (`/proc/self/stat` utime +
+    /// stime).
+    pub cpu_seconds: f64,
+    /// Resident set size (`/proc/self/status` VmRSS).
+    pub resident_bytes: u64,
+    /// Virtual memory size (`/proc/self/stat` vsize).
+    pub virtual_bytes: u64,
+    /// Open file descriptors (entries of `/proc/self/fd`).
+    pub open_fds: u64,
+    /// The soft limit on open file descriptors (`/proc/self/limits`, "Max
+    /// open files": `LimitNOFILE=` of a systemd unit); `None` if unlimited.
+    pub max_fds: Option<u64>,
+    /// Unix time the process started (`/proc/self/stat` starttime after
+    /// `/proc/stat` btime).
+    pub start_time_seconds: f64,
+    /// OS threads (`/proc/self/stat` num_threads).
+    pub threads: u64,
+}
+
+/// Clock ticks per second of the times in `/proc/self/stat`: the kernel's
+/// `USER_HZ`, 100 on every Linux architecture (what `sysconf(_SC_CLK_TCK)`
+/// answers; zeotemp reads no libc), as the Go client assumes too.
+const USER_HZ: f64 = 100.0;
+
+impl ProcessFigures {
+    /// Reads this process's figures now; `None` without `/proc` (not
+    /// Linux) or if a file cannot be parsed.
+    pub fn read() -> Option<ProcessFigures> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let boot_time: f64 = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()?;
+        let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+        let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+        Self::parse(&stat, boot_time, &limits, resident_bytes()?, open_fds)
+    }
+
+    /// The figures from the text of `/proc/self/stat` and
+    /// `/proc/self/limits`, the boot time and the other readings.
+    fn parse(
+        stat: &str,
+        boot_time: f64,
+        limits: &str,
+        resident_bytes: u64,
+        open_fds: u64,
+    ) -> Option<ProcessFigures> {
+        // After the command's name in parentheses (which may hold spaces
+        // and parentheses itself), field 3 (state) on.
+        let fields: Vec<&str> = stat
+            .get(stat.rfind(')')? + 1..)?
+            .split_whitespace()
+            .collect();
+        let field = |n: usize| -> Option<u64> { fields.get(n - 3)?.parse().ok() };
+        let max_fds = limits
+            .lines()
+            .find_map(|l| l.strip_prefix("Max open files"))?
+            .split_whitespace()
+            .next()
+            .and_then(|soft| soft.parse().ok());
+        Some(ProcessFigures {
+            cpu_seconds: (field(14)? + field(15)?) as f64 / USER_HZ,
+            resident_bytes,
+            virtual_bytes: field(23)?,
+            open_fds,
+            max_fds,
+            start_time_seconds: boot_time + field(22)? as f64 / USER_HZ,
+            threads: field(20)?,
+        })
+    }
 }
 
 /// One storage's figures, read at one moment: what the metrics and the
@@ -52,6 +142,8 @@ pub struct StorageFigures {
     pub gc_longest_pause_us: u64,
     pub gc_last_collection_us: u64,
     pub unscannable_records: usize,
+    /// Votes refused, per reason (label, count).
+    pub votes_refused: Vec<(&'static str, u64)>,
 }
 
 impl StorageFigures {
@@ -87,6 +179,7 @@ impl StorageFigures {
             gc_longest_pause_us: n(&gc.longest_pause_us),
             gc_last_collection_us: n(&gc.last_cycle_us),
             unscannable_records: st.unscannable(),
+            votes_refused: stats.votes_refused.read(),
         }
     }
 }
@@ -115,6 +208,10 @@ impl Snapshot {
             connections: shared.connections.load(Ordering::Relaxed),
             max_connections: shared.config.max_connections,
             resident_bytes: resident_bytes(),
+            process: ProcessFigures::read(),
+            connections_refused: shared.faults.connections_refused.read(),
+            tls_handshake_failures: shared.faults.tls_handshake_failures.read(),
+            disconnects: shared.faults.disconnects.read(),
             storages,
         }
     }
@@ -126,4 +223,65 @@ fn resident_bytes() -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_figures_from_proc_text() {
+        // A real line's shape, with a command name holding ") (" and spaces.
+        let stat = "4242 (zeo ) (temp) S 1 4242 4242 0 -1 4194560 2000 0 0 0 \
+                    250 75 0 0 20 0 3 0 123456 987654321 5000 18446744073709551615";
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max cpu time              unlimited            unlimited            seconds   \n\
+                      Max open files            1024                 524288               files     \n";
+        let p = ProcessFigures::parse(stat, 1_796_000_000.0, limits, 8192, 12).unwrap();
+        assert_eq!(
+            p,
+            ProcessFigures {
+                cpu_seconds: 3.25,
+                resident_bytes: 8192,
+                virtual_bytes: 987_654_321,
+                open_fds: 12,
+                max_fds: Some(1024),
+                start_time_seconds: 1_796_000_000.0 + 1234.56,
+                threads: 3,
+            }
+        );
+        let unlimited = limits.replace("1024                ", "unlimited           ");
+        let p = ProcessFigures::parse(stat, 0.0, &unlimited, 0, 0).unwrap();
+        assert_eq!(p.max_fds, None);
+        // Cut short or garbled: no figures rather than wrong ones.
+        assert_eq!(
+            ProcessFigures::parse("4242 (x) S 1 2", 0.0, limits, 0, 0),
+            None
+        );
+        assert_eq!(
+            ProcessFigures::parse("no parenthesis", 0.0, limits, 0, 0),
+            None
+        );
+    }
+
+    #[test]
+    fn this_process_figures_are_sane() {
+        let p = ProcessFigures::read().expect("Linux /proc");
+        assert!(p.open_fds > 0);
+        assert!(p.max_fds.is_none_or(|m| p.open_fds <= m), "{p:?}");
+        assert!(p.threads >= 1);
+        assert!(
+            p.resident_bytes > 0 && p.virtual_bytes >= p.resident_bytes,
+            "{p:?}"
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        // Started before now, and this test process is not a day old.
+        assert!(
+            p.start_time_seconds <= now + 1.0 && p.start_time_seconds > now - 86_400.0,
+            "{p:?}"
+        );
+    }
 }

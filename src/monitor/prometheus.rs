@@ -3,12 +3,15 @@
 //!
 //! Names are prefixed `zeotemp_`, counters end in `_total`, sizes are in
 //! bytes and durations in seconds; per-storage series carry the label
-//! `storage="NAME"`. [`render`] is a pure function of a [`Snapshot`].
+//! `storage="NAME"`, refusals and faults the label `reason` (a small fixed
+//! set, each exported from the start at 0). The process's own figures are
+//! the standard `process_*` metrics of the Prometheus clients (no prefix).
+//! [`render`] is a pure function of a [`Snapshot`].
 
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 
-use super::figures::{Snapshot, StorageFigures};
+use super::figures::{ProcessFigures, Snapshot, StorageFigures};
 
 /// `Content-Type` of the Prometheus text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -67,14 +70,46 @@ fn family(out: &mut String, name: &str, kind: Kind, help: &str) {
 
 fn sample(out: &mut String, name: &str, label: Option<(&str, &str)>, v: Num) {
     match label {
-        Some((k, val)) => {
-            let _ = writeln!(out, "{name}{{{k}=\"{}\"}} {v}", escape_label_value(val));
-        }
+        Some(l) => samples(out, name, &[l], v),
         None => {
             let _ = writeln!(out, "{name} {v}");
         }
     }
 }
+
+/// A sample with any number of labels.
+fn samples(out: &mut String, name: &str, labels: &[(&str, &str)], v: Num) {
+    out.push_str(name);
+    for (i, (k, val)) in labels.iter().enumerate() {
+        let sep = if i == 0 { '{' } else { ',' };
+        let _ = write!(out, "{sep}{k}=\"{}\"", escape_label_value(val));
+    }
+    if !labels.is_empty() {
+        out.push('}');
+    }
+    let _ = writeln!(out, " {v}");
+}
+
+/// The server-wide counters per reason: name, help, the snapshot's counts.
+type PerReason = fn(&Snapshot) -> &[(&'static str, u64)];
+
+static REASON_FAMILIES: &[(&str, &str, PerReason)] = &[
+    (
+        "zeotemp_connections_refused_total",
+        "Connections refused at accept, by reason: max-connections (the limit was reached), accept-error (accept failed, e.g. out of file descriptors).",
+        |s| &s.connections_refused,
+    ),
+    (
+        "zeotemp_tls_handshake_failures_total",
+        "TLS handshakes that failed, by reason: error (a TLS error: plain text, a refused or missing client certificate), timeout (not completed within frame-timeout).",
+        |s| &s.tls_handshake_failures,
+    ),
+    (
+        "zeotemp_disconnects_total",
+        "Connections ended, by reason: client, slow-client (over max-outbox-bytes), transaction-timeout, frame-timeout, protocol-error, tls-handshake, ruok (a probe answered), shutdown.",
+        |s| &s.disconnects,
+    ),
+];
 
 type Figure = fn(&StorageFigures) -> Option<Num>;
 
@@ -267,7 +302,7 @@ pub fn render(snap: &Snapshot) -> String {
         (
             "zeotemp_resident_memory_bytes",
             Kind::Gauge,
-            "Resident memory of the process (VmRSS).",
+            "Resident memory of the process (VmRSS; the same reading as process_resident_memory_bytes).",
             snap.resident_bytes.map(Num::Int),
         ),
     ];
@@ -277,6 +312,15 @@ pub fn render(snap: &Snapshot) -> String {
             sample(&mut out, name, None, v);
         }
     }
+    for (name, help, counts) in REASON_FAMILIES {
+        family(&mut out, name, Kind::Counter, help);
+        for (reason, n) in counts(snap) {
+            sample(&mut out, name, Some(("reason", reason)), Num::Int(*n));
+        }
+    }
+    if let Some(p) = &snap.process {
+        process_families(&mut out, p);
+    }
     for (name, kind, help, figure) in STORAGE_FAMILIES {
         family(&mut out, name, *kind, help);
         for s in &snap.storages {
@@ -285,7 +329,79 @@ pub fn render(snap: &Snapshot) -> String {
             }
         }
     }
+    let name = "zeotemp_votes_refused_total";
+    family(
+        &mut out,
+        name,
+        Kind::Counter,
+        "Votes refused with an error, by reason: memory-limit (no room under memory-limit, even after dropping history and collecting), transaction-size (over max-transaction-bytes), unsupported (undo, blobs, restore). Conflicts are counted apart.",
+    );
+    for s in &snap.storages {
+        for (reason, n) in &s.votes_refused {
+            samples(
+                &mut out,
+                name,
+                &[("storage", &s.name), ("reason", reason)],
+                Num::Int(*n),
+            );
+        }
+    }
     out
+}
+
+/// The standard `process_*` families, named and described as the
+/// Prometheus clients' process collectors export them.
+fn process_families(out: &mut String, p: &ProcessFigures) {
+    let families: [(&str, Kind, &str, Option<Num>); 7] = [
+        (
+            "process_cpu_seconds_total",
+            Kind::Counter,
+            "Total user and system CPU time spent in seconds.",
+            Some(Num::Float(p.cpu_seconds)),
+        ),
+        (
+            "process_resident_memory_bytes",
+            Kind::Gauge,
+            "Resident memory size in bytes.",
+            Some(Num::Int(p.resident_bytes)),
+        ),
+        (
+            "process_virtual_memory_bytes",
+            Kind::Gauge,
+            "Virtual memory size in bytes.",
+            Some(Num::Int(p.virtual_bytes)),
+        ),
+        (
+            "process_open_fds",
+            Kind::Gauge,
+            "Number of open file descriptors.",
+            Some(Num::Int(p.open_fds)),
+        ),
+        (
+            "process_max_fds",
+            Kind::Gauge,
+            "Maximum number of open file descriptors (no sample when unlimited).",
+            p.max_fds.map(Num::Int),
+        ),
+        (
+            "process_start_time_seconds",
+            Kind::Gauge,
+            "Start time of the process since unix epoch in seconds.",
+            Some(Num::Float(p.start_time_seconds)),
+        ),
+        (
+            "process_threads",
+            Kind::Gauge,
+            "Number of OS threads in the process.",
+            Some(Num::Int(p.threads)),
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        family(out, name, kind, help);
+        if let Some(v) = value {
+            sample(out, name, None, v);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -300,6 +416,18 @@ mod tests {
             connections: 3,
             max_connections: 100,
             resident_bytes: Some(4096),
+            process: Some(ProcessFigures {
+                cpu_seconds: 1.5,
+                resident_bytes: 4096,
+                virtual_bytes: 1 << 30,
+                open_fds: 9,
+                max_fds: Some(1024),
+                start_time_seconds: 1_795_694_400.25,
+                threads: 3,
+            }),
+            connections_refused: vec![("max-connections", 4), ("accept-error", 0)],
+            tls_handshake_failures: vec![("error", 0), ("timeout", 2)],
+            disconnects: vec![("client", 5), ("slow-client", 1)],
             storages: vec![
                 StorageFigures {
                     name: "1".into(),
@@ -307,6 +435,7 @@ mod tests {
                     commits: 7,
                     memory_limit: Some(1 << 20),
                     gc_longest_pause_us: 1500,
+                    votes_refused: vec![("memory-limit", 6), ("transaction-size", 0)],
                     ..StorageFigures::default()
                 },
                 StorageFigures {
@@ -331,10 +460,12 @@ mod tests {
         );
         // Every sample is one line: a label value's newline never splits it.
         for line in text.lines() {
+            let name = line
+                .strip_prefix("# HELP ")
+                .or_else(|| line.strip_prefix("# TYPE "))
+                .unwrap_or(line);
             assert!(
-                line.starts_with("# HELP zeotemp_")
-                    || line.starts_with("# TYPE zeotemp_")
-                    || line.starts_with("zeotemp_"),
+                name.starts_with("zeotemp_") || name.starts_with("process_"),
                 "{line:?}"
             );
         }
@@ -374,6 +505,17 @@ mod tests {
             "zeotemp_commits_total",
             "zeotemp_commit_lock_waiters",
             "zeotemp_gc_freed_objects_total",
+            "zeotemp_connections_refused_total",
+            "zeotemp_tls_handshake_failures_total",
+            "zeotemp_disconnects_total",
+            "zeotemp_votes_refused_total",
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_virtual_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "process_start_time_seconds",
+            "process_threads",
         ] {
             assert!(declared.iter().any(|(n, _)| n == name), "{name}");
         }
@@ -392,13 +534,61 @@ mod tests {
             "zeotemp_commits_total{storage=\"1\"} 7\n",
             "zeotemp_memory_limit_bytes{storage=\"1\"} 1048576\n",
             "zeotemp_gc_longest_pause_seconds{storage=\"1\"} 0.0015\n",
+            "zeotemp_connections_refused_total{reason=\"max-connections\"} 4\n",
+            "zeotemp_connections_refused_total{reason=\"accept-error\"} 0\n",
+            "zeotemp_tls_handshake_failures_total{reason=\"timeout\"} 2\n",
+            "zeotemp_disconnects_total{reason=\"slow-client\"} 1\n",
+            "zeotemp_votes_refused_total{storage=\"1\",reason=\"memory-limit\"} 6\n",
+            "zeotemp_votes_refused_total{storage=\"1\",reason=\"transaction-size\"} 0\n",
+            "process_cpu_seconds_total 1.5\n",
+            "process_open_fds 9\n",
+            "process_max_fds 1024\n",
+            "process_start_time_seconds 1795694400.25\n",
         ] {
             assert!(text.contains(want), "{want:?} in\n{text}");
         }
         // No limit: the family is there, the sample is not.
         assert!(text.contains("# TYPE zeotemp_memory_limit_bytes gauge\n"));
         assert!(!text.contains("zeotemp_memory_limit_bytes{storage=\"a"));
+        // Unlimited descriptors: the family, no sample; no /proc: no
+        // process families at all.
+        let mut snap = snapshot();
+        snap.process.as_mut().unwrap().max_fds = None;
+        let text = render(&snap);
+        assert!(text.contains("# TYPE process_max_fds gauge\n"));
+        assert!(!text.contains("\nprocess_max_fds "));
+        snap.process = None;
+        assert!(!render(&snap).contains("# TYPE process_"));
         assert_eq!(Num::Float(f64::INFINITY).to_string(), "+Inf");
         assert_eq!(Num::Float(f64::NAN).to_string(), "NaN");
+    }
+
+    /// Every reason of every refusal and fault counter is exported from the
+    /// start, at 0, so that alerts and `rate()` work before the first one.
+    #[test]
+    fn every_reason_is_exported_at_zero_from_the_start() {
+        use crate::state::{Disconnect, Refusal, Shared, TlsFailure};
+        use crate::storage::stats::{Reason, VoteRefusal};
+        let shared = Shared::new(crate::config::Config::default());
+        let text = render(&Snapshot::take(&shared));
+        fn each<R: Reason>(text: &str, name: &str, prefix: &str) {
+            assert!(!R::ALL.is_empty());
+            for r in R::ALL {
+                let want = format!("{name}{{{prefix}reason=\"{}\"}} 0\n", r.label());
+                assert!(text.contains(&want), "{want:?} in\n{text}");
+            }
+        }
+        each::<Refusal>(&text, "zeotemp_connections_refused_total", "");
+        each::<TlsFailure>(&text, "zeotemp_tls_handshake_failures_total", "");
+        each::<Disconnect>(&text, "zeotemp_disconnects_total", "");
+        each::<VoteRefusal>(&text, "zeotemp_votes_refused_total", "storage=\"1\",");
+        // And each counts its own reason only.
+        shared.faults.disconnects.bump(Disconnect::SlowClient);
+        shared.faults.connections_refused.bump(Refusal::AcceptError);
+        let text = render(&Snapshot::take(&shared));
+        assert!(text.contains("zeotemp_disconnects_total{reason=\"slow-client\"} 1\n"));
+        assert!(text.contains("zeotemp_disconnects_total{reason=\"client\"} 0\n"));
+        assert!(text.contains("zeotemp_connections_refused_total{reason=\"accept-error\"} 1\n"));
+        assert!(text.contains("process_open_fds "), "{text}");
     }
 }

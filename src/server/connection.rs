@@ -21,8 +21,9 @@ use crate::protocol::envelope;
 use crate::protocol::frame::{self, FrameError};
 use crate::protocol::value::DecodeLimits;
 use crate::session::outbox::Outbox;
-use crate::session::{Flow, LockWait, Session};
-use crate::state::Shared;
+use crate::session::{Flow, LockWait, Session, SessionCounts};
+use crate::state::{Disconnect, Shared, TlsFailure};
+use crate::storage::stats::Reason;
 
 /// The protocol we announce: ZEO 5, pickle encoding.
 pub const PROTOCOL: &[u8] = b"Z5";
@@ -40,9 +41,11 @@ pub(super) type BoxStream = Box<dyn Stream>;
 pub(super) trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
-/// Why a connection ended. The first four are a normal end, logged at debug
-/// level (`connection closed: ...`); the others are worth a warning
-/// (`closing connection: ...`). The text is [`Close`]'s `Display`.
+/// Why a connection ended: one `disconnected: ...` line (the text is
+/// [`Close`]'s `Display`), with the metric's reason ([`Close::reason`]), the
+/// connection's lifetime and counts. The first five are a normal end, logged
+/// at info level (debug for a connection that never completed its ZEO
+/// handshake: a probe); the others are worth a warning.
 #[derive(Debug)]
 pub(super) enum Close {
     /// The client closed its side (`in_handshake`: before its first frame).
@@ -98,14 +101,74 @@ impl Close {
         )
     }
 
-    /// Logs the end of the connection with `peer`.
-    fn log(&self, peer: &str) {
-        let text = self.to_string();
-        if self.is_normal() {
-            debug!(%peer, "connection closed: {}", printable(&text));
-        } else {
-            warn!(%peer, "closing connection: {}", printable(&text));
+    /// The reason `zeotemp_disconnects_total` counts this end under.
+    fn reason(&self) -> Disconnect {
+        match self {
+            Close::PeerClosed { .. } | Close::ReadError { .. } | Close::WriteError { .. } => {
+                Disconnect::Client
+            }
+            Close::Shutdown => Disconnect::Shutdown,
+            Close::AnsweredRuok => Disconnect::Ruok,
+            Close::BadFrame { .. }
+            | Close::UnknownProtocol(_)
+            | Close::Undecodable(_)
+            | Close::Session(_) => Disconnect::ProtocolError,
+            Close::HandshakeTimeout(_) | Close::IncompleteFrame { .. } => Disconnect::FrameTimeout,
+            Close::TransactionTimeout => Disconnect::TransactionTimeout,
+            Close::OutboxClosed(_) => Disconnect::SlowClient,
         }
+    }
+}
+
+/// What a connection did in its lifetime, for the line that logs its end.
+#[derive(Debug, Default)]
+struct Lifetime {
+    /// What its session did (`None`: it never completed the ZEO handshake).
+    session: Option<SessionCounts>,
+    /// Bytes read from the client, and written to it (TLS: decrypted).
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+/// Counts the end of the connection with `peer`, served since `since`, for
+/// `reason`, and logs it in one line: `text` says why, with the counts
+/// of what it did. A fault is a warning; a normal end of a ZEO session is
+/// info, the end of a probe (no ZEO handshake) debug.
+fn log_end(
+    shared: &Shared,
+    peer: &str,
+    since: Instant,
+    reason: Disconnect,
+    fault: bool,
+    text: &str,
+    life: &Lifetime,
+) {
+    shared.faults.disconnects.bump(reason);
+    let reason = reason.label();
+    let seconds = (since.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
+    let s = life.session.unwrap_or_default();
+    let (bytes_in, bytes_out) = (life.bytes_in, life.bytes_out);
+    let during = if s.ended_in_transaction {
+        " (during a transaction: aborted)"
+    } else {
+        ""
+    };
+    let text = printable(text);
+    macro_rules! end {
+        ($level:ident) => {
+            $level!(
+                %peer, reason = %reason, seconds, requests = s.requests, loads = s.loads,
+                commits = s.commits, aborts = s.aborts, bytes_in, bytes_out,
+                "disconnected: {text}{during}"
+            )
+        };
+    }
+    if fault {
+        end!(warn);
+    } else if life.session.is_some() {
+        end!(info);
+    } else {
+        end!(debug);
     }
 }
 
@@ -153,7 +216,9 @@ impl fmt::Display for Close {
                 f,
                 "a message started {timeout:?} ago is still incomplete ({buffered} of its bytes here; frame-timeout)"
             ),
-            Close::TransactionTimeout => f.write_str("transaction-timeout exceeded"),
+            Close::TransactionTimeout => f.write_str(
+                "transaction-timeout exceeded: the transaction held the commit lock past it and was aborted",
+            ),
             Close::Session(reason) => f.write_str(reason),
             Close::OutboxClosed(reason) => f.write_str(reason),
         }
@@ -190,11 +255,16 @@ pub(super) async fn serve(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let since = Instant::now();
     let stream = match tls {
         None => stream,
         Some(tls) => match tls_handshake(&tls, stream, &peer, &shared, &mut stop).await {
-            Some(s) => s,
-            None => return,
+            Ok(s) => s,
+            Err((reason, fault, text)) => {
+                let life = Lifetime::default();
+                log_end(&shared, &peer, since, reason, fault, &text, &life);
+                return;
+            }
         },
     };
     let (rd, wr) = tokio::io::split(stream);
@@ -214,14 +284,32 @@ pub(super) async fn serve(
             pending: VecDeque::new(),
             offset: 0,
             outbox: outbox.clone(),
+            bytes_out: 0,
         },
         outbox: outbox.clone(),
         buf: BytesMut::with_capacity(64 * 1024),
         peer: &peer,
         shared: &shared,
         stop,
+        bytes_in: 0,
+        session: None,
     };
-    conn.run(id).await.log(&peer);
+    let close = conn.run(id).await;
+    let life = Lifetime {
+        session: conn.session,
+        bytes_in: conn.bytes_in,
+        bytes_out: conn.wr.bytes_out,
+    };
+    let text = close.to_string();
+    log_end(
+        &shared,
+        &peer,
+        since,
+        close.reason(),
+        !close.is_normal(),
+        &text,
+        &life,
+    );
     outbox.close("connection finished");
     // Let queued replies (e.g. a ruok answer, an error) reach the client.
     let deadline = Instant::now() + shared.config.shutdown_grace;
@@ -234,15 +322,16 @@ pub(super) async fn serve(
     conn.linger(deadline).await;
 }
 
-/// The TLS handshake of a new connection, within `frame-timeout`; `None`
-/// (logged) when it failed or the server is shutting down.
+/// The TLS handshake of a new connection, within `frame-timeout`. When it
+/// failed (counted) or the server is shutting down: the end's reason,
+/// whether it is a fault, and the text for its log line.
 async fn tls_handshake(
     tls: &Tls,
     stream: BoxStream,
     peer: &str,
     shared: &Shared,
     stop: &mut watch::Receiver<bool>,
-) -> Option<BoxStream> {
+) -> Result<BoxStream, (Disconnect, bool, String)> {
     // TCP peers by address (the retry delay); unix peers have none.
     let ip = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
     let timeout = shared.config.frame_timeout;
@@ -251,19 +340,25 @@ async fn tls_handshake(
     let handshake = Box::pin(tls.handshake(stream, ip, timeout));
     tokio::select! {
         r = handshake => match r {
-            Ok(s) => Some(Box::new(s)),
+            Ok(s) => Ok(Box::new(s)),
             Err(HandshakeFailure::Refused(reason)) => {
-                warn!(%peer, "TLS handshake failed: {}", printable(&reason));
-                None
+                shared.faults.tls_handshake_failures.bump(TlsFailure::Error);
+                Err((Disconnect::TlsHandshake, true, format!("TLS handshake failed: {reason}")))
+            }
+            Err(HandshakeFailure::TimedOut(timeout)) => {
+                shared.faults.tls_handshake_failures.bump(TlsFailure::Timeout);
+                Err((
+                    Disconnect::TlsHandshake,
+                    true,
+                    format!("TLS handshake failed: not completed within frame-timeout ({timeout:?})"),
+                ))
             }
             Err(HandshakeFailure::Closed(reason)) => {
-                debug!(%peer, "closed in the TLS handshake: {}", printable(&reason));
-                None
+                Err((Disconnect::Client, false, format!("closed in the TLS handshake: {reason}")))
             }
         },
         _ = stop.changed() => {
-            debug!(%peer, "closed in the TLS handshake: server shutting down");
-            None
+            Err((Disconnect::Shutdown, false, "closed in the TLS handshake: server shutting down".into()))
         }
     }
 }
@@ -282,6 +377,10 @@ struct Conn<'a> {
     peer: &'a str,
     shared: &'a Arc<Shared>,
     stop: watch::Receiver<bool>,
+    /// Bytes read from the client so far.
+    bytes_in: u64,
+    /// What the session did, once it ended (`None`: no ZEO handshake).
+    session: Option<SessionCounts>,
 }
 
 impl Conn<'_> {
@@ -301,7 +400,9 @@ impl Conn<'_> {
         if protocol == Protocol::M5 {
             session.use_msgpack();
         }
-        self.serve_session(&mut session, protocol).await
+        let close = self.serve_session(&mut session, protocol).await;
+        self.session = Some(session.end());
+        close
     }
 
     /// The handshake: the client's first frame, within `frame-timeout`,
@@ -324,7 +425,7 @@ impl Conn<'_> {
             tokio::select! {
                 n = self.rd.read_buf(&mut self.buf) => match n {
                     Ok(0) => return Err(Close::PeerClosed { in_handshake: true }),
-                    Ok(_) => {}
+                    Ok(n) => self.bytes_in += n as u64,
                     Err(error) => return Err(Close::ReadError { in_handshake: true, error }),
                 },
                 r = self.wr.write_some(), if self.wr.has_pending() => {
@@ -475,7 +576,7 @@ impl Conn<'_> {
             }
             n = self.rd.read_buf(&mut self.buf), if !backlogged => match n {
                 Ok(0) => return Err(Close::PeerClosed { in_handshake: false }),
-                Ok(_) => {}
+                Ok(n) => self.bytes_in += n as u64,
                 Err(error) => return Err(Close::ReadError { in_handshake: false, error }),
             },
             // Pushes from other connections (invalidations) while idle.
@@ -560,6 +661,8 @@ struct Writer {
     pending: VecDeque<Bytes>,
     offset: usize,
     outbox: Arc<Outbox>,
+    /// Bytes written to the client so far.
+    bytes_out: u64,
 }
 
 impl Writer {
@@ -583,6 +686,7 @@ impl Writer {
             return Err(io::ErrorKind::WriteZero.into());
         }
         self.outbox.written(written);
+        self.bytes_out += written as u64;
         let mut left = written;
         while let Some(f) = self.pending.front() {
             let rest = f.len() - self.offset;

@@ -21,7 +21,7 @@ use tracing::warn;
 use super::connection::{self, BoxStream};
 use super::tls::Tls;
 use crate::config::{self, Config, UNIX_SOCKET_GROUP_MODE};
-use crate::state::Shared;
+use crate::state::{Refusal, Shared};
 
 /// How each unix-domain socket file is set up once bound.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -375,6 +375,7 @@ pub(super) async fn accept_loop(
             Ok(x) => x,
             Err(e) => {
                 // Out of file descriptors and the like: log, breathe, go on.
+                shared.faults.connections_refused.bump(Refusal::AcceptError);
                 warn!("accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
@@ -385,6 +386,10 @@ pub(super) async fn accept_loop(
         // before any spawned task does, so counting in the task let a burst
         // go past the limit (up to ~128 in one go, tokio's budget).
         let Some(counted) = Counted::try_new(&shared, max) else {
+            shared
+                .faults
+                .connections_refused
+                .bump(Refusal::MaxConnections);
             warn!(%peer, max, "connection refused: max-connections reached");
             drop(stream);
             continue;

@@ -49,9 +49,12 @@ const MAX_REMEMBERED_FAILURES: usize = 4096;
 /// Why a handshake did not complete.
 #[derive(Debug)]
 pub enum HandshakeFailure {
-    /// A TLS error (refused certificate, plain text instead of TLS, ...) or
-    /// the timeout: worth a warning.
+    /// A TLS error (refused certificate, plain text instead of TLS, ...):
+    /// worth a warning.
     Refused(String),
+    /// Not completed within the timeout (`frame-timeout`): worth a
+    /// warning.
+    TimedOut(Duration),
     /// The peer closed or reset the connection (a port probe, a client
     /// giving up), as a plain connection closed before its handshake.
     Closed(String),
@@ -95,9 +98,7 @@ impl Tls {
                 }
                 Err(HandshakeFailure::Refused(e.to_string()))
             }
-            Err(_) => Err(HandshakeFailure::Refused(format!(
-                "not completed within frame-timeout ({timeout:?})"
-            ))),
+            Err(_) => Err(HandshakeFailure::TimedOut(timeout)),
         }
     }
 

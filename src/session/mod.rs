@@ -62,6 +62,23 @@ pub struct LockWait {
     pub granted: oneshot::Receiver<()>,
 }
 
+/// What one connection's session did, for the line that logs its end.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SessionCounts {
+    /// Requests handled (heartbeats not counted).
+    pub requests: u64,
+    /// `loadBefore` and `loadSerial` requests.
+    pub loads: u64,
+    /// Transactions committed.
+    pub commits: u64,
+    /// Transactions ended without a commit (`tpc_abort`, a failed vote,
+    /// the transaction timeout, the connection's end).
+    pub aborts: u64,
+    /// The connection ended during a transaction (aborted, and counted in
+    /// `aborts`).
+    pub ended_in_transaction: bool,
+}
+
 /// The storage a session registered on.
 struct Registered {
     storage: Arc<Storage>,
@@ -84,6 +101,7 @@ pub struct Session {
     /// Numbers the votes that waited for the commit lock (see [`LockWait`]).
     waits: u64,
     label: Option<String>,
+    counts: SessionCounts,
 }
 
 impl Session {
@@ -100,7 +118,20 @@ impl Session {
             txn: None,
             waits: 0,
             label: None,
+            counts: SessionCounts::default(),
         }
+    }
+
+    /// Ends the session as its connection ends: aborts its transaction,
+    /// if any (the commit lock released; a vote waiting for it gets no
+    /// reply); returns what the session did. (`Drop` does the same if this
+    /// was never called, e.g. after a panic.)
+    pub fn end(&mut self) -> SessionCounts {
+        if self.txn.is_some() {
+            self.counts.ended_in_transaction = true;
+            self.abort_txn(false);
+        }
+        self.counts
     }
 
     pub fn label(&self) -> &str {
@@ -154,6 +185,10 @@ impl Session {
             self.dialect_known = true;
         }
         let method = msg.method.as_str();
+        self.counts.requests += 1;
+        if matches!(method, "loadBefore" | "loadSerial") {
+            self.counts.loads += 1;
+        }
         // Nothing is ever resolved; a message that names a global is refused.
         // (undoInfo's specification may carry ZopeUndo.Prefix; we ignore it.)
         let checked: &[Value] = match (&msg.args, method) {

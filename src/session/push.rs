@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use tracing::warn;
+use tracing::debug;
 
 use crate::protocol::envelope::{self, Encoding};
 use crate::protocol::ids::{Oid, Tid};
@@ -52,7 +52,8 @@ impl Subscriber for ConnSubscriber {
         {
             // Never drop an invalidation silently: the connection is closing
             // (its outbox overflowed); the client reconnects and verifies.
-            warn!(peer = %self.peer, "invalidation not delivered: disconnecting a client that does not keep up");
+            // Its task logs the end (one warning, reason `slow-client`).
+            debug!(peer = %self.peer, "invalidation not delivered: disconnecting a client that does not keep up");
             self.outbox.close("client does not read its invalidations");
         }
     }

@@ -12,7 +12,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::protocol::envelope::{self, Message, tid_value};
 use crate::protocol::value::Value;
@@ -20,6 +20,7 @@ use crate::session::args::Args;
 use crate::session::errors::{Res, ZeoError};
 use crate::session::replies::{conflict_value, info_value};
 use crate::session::{LockWait, Outcome, Session, blocking};
+use crate::storage::stats::VoteRefusal;
 use crate::storage::{LockAttempt, StorageError, Transaction, TxnMeta, TxnOp, Vote, VotedTxn};
 
 #[derive(Debug)]
@@ -44,8 +45,9 @@ pub(super) struct Txn {
     pub(super) commit: Transaction,
     /// Bytes of data stored so far (for `max-transaction-bytes`).
     pub(super) bytes: usize,
-    /// Set by a one-way call we cannot honour; the vote fails with it.
-    pub(super) refused: Option<ZeoError>,
+    /// Set by a one-way call we cannot honour; the vote fails with it
+    /// (and is counted as refused for the reason).
+    pub(super) refused: Option<(VoteRefusal, ZeoError)>,
     pub(super) state: TxnState,
     pub(super) locked_at: Option<Instant>,
 }
@@ -85,9 +87,12 @@ impl Session {
             .and_then(|v| v.as_text().map(|t| t.into_owned()))
             .unwrap_or_else(|| " ".into());
         let refused = (given_tid || status != " ").then(|| {
-            ZeoError::Unsupported(
-                "tpc_begin with an explicit tid or status (copy/restore tools) is not supported"
-                    .into(),
+            (
+                VoteRefusal::Unsupported,
+                ZeoError::Unsupported(
+                    "tpc_begin with an explicit tid or status (copy/restore tools) is not supported"
+                        .into(),
+                ),
             )
         });
         self.txn = Some(Txn {
@@ -159,9 +164,12 @@ impl Session {
         txn.commit.buffer(op);
         if txn.bytes > max {
             txn.commit.discard_ops();
-            txn.refused = Some(ZeoError::Storage(StorageError::Storage(format!(
-                "transaction too large: more than {max} bytes of data (max-transaction-bytes)"
-            ))));
+            txn.refused = Some((
+                VoteRefusal::TransactionSize,
+                ZeoError::Storage(StorageError::Storage(format!(
+                    "transaction too large: more than {max} bytes of data (max-transaction-bytes)"
+                ))),
+            ));
         }
         Ok(Outcome::Reply(Value::None))
     }
@@ -236,7 +244,8 @@ impl Session {
         let Some(txn) = self.txn.as_mut() else {
             return Outcome::Sent;
         };
-        if let Some(err) = txn.refused.clone() {
+        if let Some((reason, err)) = txn.refused.clone() {
+            txn.commit.refused_vote(reason);
             debug!(peer = %self.label(), err = %err.to_string().escape_debug(), "vote of a refused transaction");
             self.abort_txn(true);
             self.reply_error(msgid, &err);
@@ -304,6 +313,7 @@ impl Session {
             outbox.push(envelope::encode_reply(encoding, msgid, &tid_value(tid)));
             tid
         });
+        self.counts.commits += 1;
         debug!(peer = %self.label(), storage = storage.name(), %tid, objects = n, "committed");
         Ok(Outcome::Sent)
     }
@@ -329,12 +339,13 @@ impl Session {
             // leaves the line.
             TxnState::Waiting { msgid, .. } => {
                 let msgid = msgid.clone();
+                txn.commit.refused_vote(VoteRefusal::Unsupported);
                 self.abort_txn(false);
                 self.reply_error(&msgid, &err);
                 Ok(Outcome::Reply(Value::None))
             }
             TxnState::Open | TxnState::Resolving => {
-                txn.refused.get_or_insert(err);
+                txn.refused.get_or_insert((VoteRefusal::Unsupported, err));
                 txn.commit.discard_ops();
                 Ok(Outcome::Reply(Value::None))
             }
@@ -358,6 +369,7 @@ impl Session {
         let Some(Txn { state, commit, .. }) = self.txn.take() else {
             return;
         };
+        self.counts.aborts += 1;
         // The storage's transaction ends: out of the lock's line, or the
         // lock released.
         drop(commit);
@@ -372,9 +384,10 @@ impl Session {
     }
 
     /// The transaction held the commit lock longer than the
-    /// transaction timeout: abort it (the connection is then closed).
+    /// transaction timeout: abort it (the connection is then closed, and
+    /// its end logged as a warning, reason `transaction-timeout`).
     pub fn lock_timed_out(&mut self) {
-        warn!(
+        debug!(
             peer = %self.label(),
             timeout = ?self.shared.config.transaction_timeout,
             "transaction held the commit lock past transaction-timeout: aborting it and closing the connection"

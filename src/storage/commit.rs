@@ -25,6 +25,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::protocol::ids::{Oid, Tid};
+use crate::storage::stats::VoteRefusal;
 use crate::storage::{
     ConnId, GONE, Refs, Revision, Storage, StorageError, StorageState, TxnMeta, accounted_size,
     class_name_of, scan_refs,
@@ -175,6 +176,12 @@ impl Transaction {
     /// vote will fail).
     pub fn discard_ops(&mut self) {
         self.ops = Vec::new();
+    }
+
+    /// Counts the vote of a transaction refused before it reached the
+    /// storage (its vote fails without voting), for `reason`.
+    pub fn refused_vote(&self, reason: VoteRefusal) {
+        self.storage.stats.votes_refused.bump(reason);
     }
 
     /// Asks for the commit lock; a repeated call while holding it (the
@@ -408,6 +415,7 @@ impl Storage {
             self.name, st.accounted
         );
         tracing::warn!("{msg}");
+        self.stats.votes_refused.bump(VoteRefusal::MemoryLimit);
         Err(StorageError::Storage(msg))
     }
 

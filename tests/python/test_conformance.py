@@ -423,7 +423,7 @@ class TimeoutTests(ZeotempConnectionSetup, ConnectionTests.TimeoutTests):
     ``checkTimeout`` is upstream's, except that it looks for the server's
     timeout message in the server's own log (upstream reads the stock
     server's ``server.log`` for ``CRITICAL ZEO.StorageServer Transaction
-    timeout after``; zeotemp logs ``closing connection:
+    timeout after``; zeotemp logs ``disconnected:
     transaction-timeout exceeded``)."""
 
     def checkTimeout(self):

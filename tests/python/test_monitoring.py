@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 import transaction
 from persistent.mapping import PersistentMapping
+from ZEO.Exceptions import ServerException
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError
 from ZODB.utils import z64
@@ -328,7 +329,8 @@ def parse_metrics(text):
         m = _SAMPLE.fullmatch(line)
         assert m, line
         name, labels, value = m.groups()
-        assert name == current and name.startswith("zeotemp_"), line
+        # zeotemp's own, and the Prometheus clients' standard process_*.
+        assert name == current and name.startswith(("zeotemp_", "process_")), line
         pairs = tuple((k, _unescape(v))
                       for k, v in _LABEL.findall(labels or ""))
         families[name][pairs] = float(value)
@@ -607,6 +609,61 @@ def test_metrics_http_edges(server_factory, make_db):
     finally:
         hung.close()
     assert "stopped" in srv.log_text()
+
+
+@pytest.mark.zeotemp_only(reason="the Prometheus endpoint")
+def test_refusals_and_disconnects_of_stock_clients_are_counted(
+        server_factory, make_db):
+    """Every refusal and fault counter is there, at 0, before anything
+    happens; a stock client's commit over the memory limit counts as a
+    memory-limit vote refusal, and its closing as a `client` disconnect,
+    logged at INFO in one line with what the connection did."""
+    limit = 1024 * 1024
+    srv = server_factory(zeotemp_args=METRICS + ("--memory-limit", limit))
+    url = metrics_url(srv)
+    before = scrape(url)
+    for name, reasons in [
+            ("zeotemp_connections_refused_total",
+             ("max-connections", "accept-error")),
+            ("zeotemp_tls_handshake_failures_total", ("error", "timeout")),
+            ("zeotemp_disconnects_total",
+             ("client", "slow-client", "transaction-timeout",
+              "frame-timeout", "protocol-error", "tls-handshake", "ruok",
+              "shutdown"))]:
+        assert {dict(k)["reason"]: v for k, v in before[name].items()} == {
+            r: 0 for r in reasons}, name
+    refused = lambda f, reason: f["zeotemp_votes_refused_total"][  # noqa
+        (("storage", "1"), ("reason", reason))]
+    assert refused(before, "memory-limit") == 0
+
+    db = make_db(srv)
+    tm = transaction.TransactionManager()
+    conn = db.open(transaction_manager=tm)
+    conn.root()["small"] = Item(b"s" * 100)
+    tm.commit()
+    conn.root()["big"] = Item(b"b" * (2 * limit))
+    with pytest.raises(ServerException, match="memory-limit"):
+        tm.commit()
+    tm.abort()
+    assert refused(scrape(url), "memory-limit") == 1
+    assert refused(scrape(url), "transaction-size") == 0
+    conn.close()
+    db.close()
+
+    def client_disconnect_counted():
+        f = scrape(url)["zeotemp_disconnects_total"]
+        return f[(("reason", "client"),)] >= 1
+    wait_until(client_disconnect_counted, 10,
+               message="the client's disconnect to be counted")
+    lines = [line for line in srv.log_text().splitlines()
+             if "disconnected: client closed the connection" in line]
+    assert lines and all(" INFO " in line for line in lines), lines
+    # The connection that committed: its commit and its aborted vote.
+    mine = [line for line in lines if " commits=1 " in line]
+    assert len(mine) == 1, lines
+    assert " reason=client " in mine[0] and " aborts=1 " in mine[0], mine
+    assert re.search(r" requests=\d+ loads=\d+ ", mine[0]), mine
+    assert re.search(r" seconds=[0-9.]+ ", mine[0]), mine
 
 
 @pytest.mark.zeotemp_only(reason="the Prometheus endpoint")
