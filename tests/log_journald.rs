@@ -72,7 +72,7 @@ fn serve_and_provoke(dir: &Path, journal_stream: impl Fn(&Path) -> String) -> St
         .to_string();
     let mut c = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
     c.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-    wait_for(&log, "closing connection");
+    wait_for(&log, "disconnected: ");
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -92,7 +92,7 @@ fn under_journald_each_line_starts_with_its_priority() {
     assert!(info.starts_with("<6>"), "{text}");
     let warn = text
         .lines()
-        .find(|l| l.contains("closing connection"))
+        .find(|l| l.contains("disconnected: "))
         .unwrap();
     assert!(warn.starts_with("<4>"), "{text}");
     for line in text.lines() {
