@@ -21,6 +21,10 @@ pub struct Snapshot {
     pub max_connections: usize,
     /// The process's resident set size, if known (Linux).
     pub resident_bytes: Option<u64>,
+    /// `memory-limit` (the process's, all storages together), and the
+    /// accounted bytes it holds; `None`: no limit.
+    pub memory_limit: Option<usize>,
+    pub accounted_limit: Option<usize>,
     pub storages: Vec<StorageFigures>,
 }
 
@@ -34,7 +38,10 @@ pub struct StorageFigures {
     pub current_bytes: usize,
     pub retained_bytes: usize,
     pub accounted_bytes: usize,
+    /// `memory-limit`: the process's, shared by all storages.
     pub memory_limit: Option<usize>,
+    /// What all storages together may be accounted for under it.
+    pub accounted_limit: Option<usize>,
     pub revisions: usize,
     pub last_tid: Tid,
     pub loads: u64,
@@ -70,7 +77,8 @@ impl StorageFigures {
             current_bytes: st.size(),
             retained_bytes,
             accounted_bytes: st.accounted(),
-            memory_limit: st.memory_limit(),
+            memory_limit: st.memory().limit(),
+            accounted_limit: st.memory().accounted_limit(),
             revisions,
             last_tid: st.last_tid(),
             loads: n(&stats.loads),
@@ -115,6 +123,11 @@ impl Snapshot {
             connections: shared.connections.load(Ordering::Relaxed),
             max_connections: shared.config.max_connections,
             resident_bytes: resident_bytes(),
+            memory_limit: shared.config.memory_limit,
+            accounted_limit: shared
+                .config
+                .memory_limit
+                .map(crate::storage::budget::accounted_limit),
             storages,
         }
     }

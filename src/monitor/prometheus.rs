@@ -111,14 +111,8 @@ static STORAGE_FAMILIES: &[(&str, Kind, &str, Figure)] = &[
     (
         "zeotemp_accounted_bytes",
         Kind::Gauge,
-        "Bytes the storage is accounted for (records, references, bookkeeping); the memory limit applies to this.",
+        "Bytes the storage is accounted for (records, references, bookkeeping); the sum over all storages is held under zeotemp_accounted_limit_bytes.",
         |s| int(s.accounted_bytes),
-    ),
-    (
-        "zeotemp_memory_limit_bytes",
-        Kind::Gauge,
-        "The memory limit of the storage's accounted bytes (no sample when there is no limit).",
-        |s| s.memory_limit.and_then(int),
     ),
     (
         "zeotemp_revisions",
@@ -233,7 +227,7 @@ pub fn render(snap: &Snapshot) -> String {
         Some(("version", &snap.version)),
         Num::Int(1),
     );
-    let globals: [(&str, Kind, &str, Option<Num>); 6] = [
+    let globals: [(&str, Kind, &str, Option<Num>); 8] = [
         (
             "zeotemp_start_time_seconds",
             Kind::Gauge,
@@ -270,6 +264,18 @@ pub fn render(snap: &Snapshot) -> String {
             "Resident memory of the process (VmRSS).",
             snap.resident_bytes.map(Num::Int),
         ),
+        (
+            "zeotemp_memory_limit_bytes",
+            Kind::Gauge,
+            "The memory-limit setting: resident memory the storages' data may take, all storages together (no sample when there is no limit).",
+            snap.memory_limit.and_then(int),
+        ),
+        (
+            "zeotemp_accounted_limit_bytes",
+            Kind::Gauge,
+            "Accounted bytes all storages together may hold under memory-limit (the rest is the allocator's overhead); a vote that would go over fails (no sample when there is no limit).",
+            snap.accounted_limit.and_then(int),
+        ),
     ];
     for (name, kind, help, value) in globals {
         family(&mut out, name, kind, help);
@@ -300,12 +306,13 @@ mod tests {
             connections: 3,
             max_connections: 100,
             resident_bytes: Some(4096),
+            memory_limit: Some(1 << 20),
+            accounted_limit: Some(419_430),
             storages: vec![
                 StorageFigures {
                     name: "1".into(),
                     objects: 10,
                     commits: 7,
-                    memory_limit: Some(1 << 20),
                     gc_longest_pause_us: 1500,
                     ..StorageFigures::default()
                 },
@@ -390,14 +397,23 @@ mod tests {
             "zeotemp_resident_memory_bytes 4096\n",
             "zeotemp_objects{storage=\"1\"} 10\n",
             "zeotemp_commits_total{storage=\"1\"} 7\n",
-            "zeotemp_memory_limit_bytes{storage=\"1\"} 1048576\n",
+            "zeotemp_memory_limit_bytes 1048576\n",
+            "zeotemp_accounted_limit_bytes 419430\n",
             "zeotemp_gc_longest_pause_seconds{storage=\"1\"} 0.0015\n",
         ] {
             assert!(text.contains(want), "{want:?} in\n{text}");
         }
+        // One limit for the process, not one per storage.
+        assert!(!text.contains("zeotemp_memory_limit_bytes{"));
         // No limit: the family is there, the sample is not.
-        assert!(text.contains("# TYPE zeotemp_memory_limit_bytes gauge\n"));
-        assert!(!text.contains("zeotemp_memory_limit_bytes{storage=\"a"));
+        let unlimited = render(&Snapshot {
+            memory_limit: None,
+            accounted_limit: None,
+            ..snapshot()
+        });
+        assert!(unlimited.contains("# TYPE zeotemp_memory_limit_bytes gauge\n"));
+        assert!(!unlimited.contains("\nzeotemp_memory_limit_bytes "));
+        assert!(!unlimited.contains("\nzeotemp_accounted_limit_bytes "));
         assert_eq!(Num::Float(f64::INFINITY).to_string(), "+Inf");
         assert_eq!(Num::Float(f64::NAN).to_string(), "NaN");
     }

@@ -928,14 +928,15 @@ mod tests {
         }
     }
 
-    /// A storage whose memory limit is `extra` bytes above an empty one.
+    /// A storage whose memory budget holds `extra` accounted bytes more
+    /// than an empty storage (the budget's accounted limit).
     fn limited(extra: usize) -> (Storage, usize) {
         let limit = storage().read().accounted() + extra;
         let s = Storage::new(
             "1",
             Tid::now(),
             StorageLimits {
-                memory_limit: Some(limit),
+                memory: crate::storage::MemoryBudget::with_accounted_limit(limit),
                 ..StorageLimits::default()
             },
         );
