@@ -275,13 +275,13 @@ pub struct Settings {
 
     /// Resident memory, in bytes, the storages' data may take, all storages
     /// together: what zeotemp accounts for (records, references and
-    /// bookkeeping) times 2.5 for the allocator's overhead, so the accounted
-    /// bytes may reach 40 % of it. A commit that would cross it first drops
+    /// bookkeeping) times 3 for the allocator's overhead, so the accounted
+    /// bytes may reach a third of it. A commit that would cross it first drops
     /// its storage's oldest history and collects garbage; if still over, its
     /// vote fails with an error naming this limit. Not counted: the
     /// process's own few MiB and the connections' buffers (see
-    /// max-outbox-bytes, max-transaction-bytes); under session churn RSS
-    /// stayed under 80 % of the limit. At least 1048576 (1 MiB); 0 means no
+    /// max-outbox-bytes, max-transaction-bytes); the margin under session
+    /// churn is about a quarter of the limit. At least 1048576 (1 MiB); 0 means no
     /// limit. [default: half of the machine's memory or, if smaller, of the
     /// cgroup's memory limit]
     #[arg(long, value_name = "BYTES")]

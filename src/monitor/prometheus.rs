@@ -307,7 +307,7 @@ mod tests {
             max_connections: 100,
             resident_bytes: Some(4096),
             memory_limit: Some(1 << 20),
-            accounted_limit: Some(419_430),
+            accounted_limit: Some(349_525),
             storages: vec![
                 StorageFigures {
                     name: "1".into(),
@@ -398,7 +398,7 @@ mod tests {
             "zeotemp_objects{storage=\"1\"} 10\n",
             "zeotemp_commits_total{storage=\"1\"} 7\n",
             "zeotemp_memory_limit_bytes 1048576\n",
-            "zeotemp_accounted_limit_bytes 419430\n",
+            "zeotemp_accounted_limit_bytes 349525\n",
             "zeotemp_gc_longest_pause_seconds{storage=\"1\"} 0.0015\n",
         ] {
             assert!(text.contains(want), "{want:?} in\n{text}");

@@ -18,7 +18,7 @@ from ZODB.POSException import ConflictError, POSKeyError, ReadConflictError
 from zeotemp_testobjects import Item
 from zeotemp_util import wait_until
 
-LIMIT = 6 * 1024 * 1024   # 2.4 MiB of accounted bytes
+LIMIT = 6 * 1024 * 1024   # 2 MiB of accounted bytes
 BLOB = 200 * 1024
 
 
