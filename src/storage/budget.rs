@@ -9,8 +9,11 @@
 //! The limit is meant as a bound on the process's resident memory, which is
 //! more than the accounted bytes: the allocator rounds every allocation up
 //! and keeps freed memory for later, and the maps and queues holding the
-//! revisions grow by doubling. So the accounted bytes may reach the limit
-//! divided by [`ALLOCATOR_OVERHEAD_PERCENT`] only (the *accounted limit*).
+//! revisions grow by doubling, and the process itself takes a few MiB. So
+//! the accounted bytes may reach only what is left of the limit once
+//! [`PROCESS_RESERVE`] is set aside, divided by
+//! [`ALLOCATOR_OVERHEAD_PERCENT`] (the *accounted limit*,
+//! [`accounted_limit`]).
 //!
 //! Invariant: `accounted()` is the sum of the accounted bytes of every
 //! storage holding the budget (each storage adds and subtracts under its
@@ -19,22 +22,29 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// How much resident memory an accounted byte may take, in percent: the
-/// accounted limit is `memory-limit × 100 / 300`, a third of it.
+/// How much resident memory an accounted byte may take, in percent (3×).
 ///
 /// Measured with the churn soak (`bench/soak.py --memory-limit`: 4 stock
-/// clients writing Transience-like sessions, history-retention 60 s), peak
-/// VmRSS over peak accounted bytes once the limit is reached and votes
-/// drop history and collect under pressure: 2.05 (release build, 64 MiB,
-/// 4 minutes) to 2.28 (debug build, 32 MiB, where the process's own few
-/// MiB weigh more). The rest is the allocator (freed memory is reused,
-/// fragmented, not returned to the system), the object map's free slots
-/// (it grows by doubling) and the process itself (code, thread stacks,
-/// connection buffers). RSS crept up by a few MiB while the live set grew
-/// at the limit, so the factor is 3, not 2.3: the margin is about a
-/// quarter of the limit (RSS at 0.68–0.76 of it with the measured
-/// ratios; bench/results/soak-2026-12-07-churn-limit64m.md).
+/// clients writing Transience-like sessions, history-retention 60 s) once
+/// the limit is reached and votes drop history and collect under
+/// pressure: peak RSS = about 8 MiB + 1.9 × peak accounted bytes (release
+/// build: 47.6 MiB with 21.3 MiB accounted at a 64 MiB limit, 17.9 MiB
+/// with 5.3 MiB at 16 MiB, where a limit without [`PROCESS_RESERVE`] was
+/// crossed). The 1.9 is the allocator (freed memory is reused,
+/// fragmented, not returned to the system) and the object map's free
+/// slots (it grows by doubling). RSS crept up by a few MiB while at the
+/// limit (in steps, when the clients ran faster than before), so the
+/// factor is 3, not 2: the margin is a fifth of the limit or more
+/// (bench/results/soak-2026-12-07-churn-limit64m.md, BENCHMARKS.md "RSS
+/// against the memory limit").
 pub const ALLOCATOR_OVERHEAD_PERCENT: usize = 300;
+
+/// Resident memory set aside for the process itself (code, runtime, thread
+/// stacks, the connections' buffers of a few clients): about 5 MiB at
+/// start, 8 MiB under the churn soak's 4 clients. At most half of a
+/// limit is set aside (a limit under 16 MiB, down to the 1 MiB floor, is
+/// for tests: RSS cannot stay under it).
+pub const PROCESS_RESERVE: usize = 8 * 1024 * 1024;
 
 /// When a vote must make room, the share of the accounted limit (in
 /// percent) it frees beyond what it needs, by dropping old history: the
@@ -65,10 +75,13 @@ impl MemoryBudget {
     }
 
     /// A budget whose accounted limit is exactly `bytes` (for tests that
-    /// fill a storage to the byte).
+    /// fill a storage to the byte); its `limit` is only about right.
     pub fn with_accounted_limit(bytes: usize) -> Arc<MemoryBudget> {
         Arc::new(MemoryBudget {
-            limit: Some(bytes.saturating_mul(ALLOCATOR_OVERHEAD_PERCENT) / 100),
+            limit: Some(
+                (bytes.saturating_mul(ALLOCATOR_OVERHEAD_PERCENT) / 100)
+                    .saturating_add(PROCESS_RESERVE),
+            ),
             accounted_limit: Some(bytes),
             accounted: AtomicUsize::new(0),
         })
@@ -120,11 +133,14 @@ impl PartialEq for MemoryBudget {
     }
 }
 
-/// The accounted bytes `limit` bytes of resident memory hold (see
-/// [`ALLOCATOR_OVERHEAD_PERCENT`]).
+/// The accounted bytes `limit` bytes of resident memory hold: what is
+/// left once [`PROCESS_RESERVE`] (at most half the limit) is set aside,
+/// divided by [`ALLOCATOR_OVERHEAD_PERCENT`]. 64 MiB hold 18.7 MiB, 1 GiB
+/// 338.7 MiB; 16 MiB hold 2.7 MiB, and so does anything smaller a sixth.
 pub fn accounted_limit(limit: usize) -> usize {
-    // (In u128: `limit × 100` does not overflow; the result is smaller.)
-    (limit as u128 * 100 / ALLOCATOR_OVERHEAD_PERCENT as u128) as usize
+    let rest = limit - PROCESS_RESERVE.min(limit / 2);
+    // (In u128: `rest × 100` does not overflow; the result is smaller.)
+    (rest as u128 * 100 / ALLOCATOR_OVERHEAD_PERCENT as u128) as usize
 }
 
 #[cfg(test)]
@@ -133,11 +149,19 @@ mod tests {
 
     #[test]
     fn the_accounted_limit_leaves_room_for_the_allocator() {
-        assert_eq!(accounted_limit(300), 100);
-        assert_eq!(accounted_limit(64 << 20), (64 << 20) / 3);
+        // Small limits: half for the process, a third of the rest.
+        assert_eq!(accounted_limit(600), 100);
+        assert_eq!(accounted_limit(6 << 20), 1 << 20);
+        assert_eq!(accounted_limit(16 << 20), (8 << 20) / 3);
+        // From 16 MiB on: 8 MiB for the process, a third of the rest.
+        assert_eq!(accounted_limit(68 << 20), 20 << 20);
+        assert_eq!(accounted_limit(1 << 30), ((1 << 30) - PROCESS_RESERVE) / 3);
         // No overflow near usize::MAX.
-        assert_eq!(accounted_limit(usize::MAX), usize::MAX / 3);
-        let b = MemoryBudget::new(Some(1200));
+        assert_eq!(
+            accounted_limit(usize::MAX),
+            (usize::MAX - PROCESS_RESERVE) / 3
+        );
+        let b = MemoryBudget::new(Some(2400));
         assert_eq!(b.accounted_limit(), Some(400));
         assert_eq!(b.over_by(400), 0);
         b.add(300);
@@ -148,6 +172,6 @@ mod tests {
         assert_eq!(MemoryBudget::new(None).over_by(usize::MAX), 0);
         let exact = MemoryBudget::with_accounted_limit(1000);
         assert_eq!(exact.accounted_limit(), Some(1000));
-        assert_eq!(exact.limit(), Some(3000));
+        assert_eq!(exact.limit(), Some(3000 + PROCESS_RESERVE));
     }
 }
