@@ -341,7 +341,7 @@ impl Storage {
     /// history is dropped and its garbage collected first; if that is not
     /// enough the vote fails with an error naming the limit.
     pub(super) fn vote(&self, ops: &[TxnOp]) -> Result<Vote, StorageError> {
-        let incoming: usize = ops.iter().map(TxnOp::accounted).sum();
+        let incoming = self.read().net_incoming(ops);
         self.ensure_room(incoming)?;
         let st = self.read();
         let CheckedOps {
@@ -366,8 +366,8 @@ impl Storage {
     /// for a thread that serves no other connection (the caller's
     /// `blocking`).
     pub(super) fn short_of_room(&self, ops: &[TxnOp]) -> bool {
-        let incoming = ops.iter().map(TxnOp::accounted).sum::<usize>();
-        self.read().limits.memory.over_by(incoming) > 0
+        let st = self.read();
+        st.limits.memory.over_by(st.net_incoming(ops)) > 0
     }
 
     /// Makes room for `incoming` accounted bytes under the process's
@@ -505,6 +505,36 @@ struct CheckedOps {
 }
 
 impl StorageState {
+    /// Accounted bytes `ops` add that memory pressure cannot take back:
+    /// each new revision, less the current revisions they replace (once
+    /// replaced, those are history, which the next vote under pressure
+    /// drops). So when the storages are full, a commit that rewrites or
+    /// unlinks objects without growing them still goes through (a session
+    /// touched again, an expiry that only unlinks old sessions: they are
+    /// garbage once it commits); one that grows what is reachable fails.
+    /// (Every commit was counted whole: once full, rewriting an object of
+    /// the same size failed too.)
+    pub(super) fn net_incoming(&self, ops: &[TxnOp]) -> usize {
+        let mut replaced = std::collections::HashSet::new();
+        let mut adds = 0usize;
+        let mut frees = 0usize;
+        for op in ops {
+            let oid = match op {
+                TxnOp::Store { oid, .. } | TxnOp::Delete { oid, .. } => *oid,
+                TxnOp::CheckCurrent { .. } => continue,
+            };
+            adds += op.accounted();
+            if replaced.insert(oid) {
+                frees += self
+                    .objects
+                    .get(&oid)
+                    .and_then(|o| o.revisions.last())
+                    .map_or(0, Revision::accounted);
+            }
+        }
+        adds.saturating_sub(frees)
+    }
+
     /// The first step of a vote: each operation checked against the
     /// current state. Returns the write set (a later store of an oid
     /// replaces an earlier one) and the conflicts to hand back.
