@@ -33,8 +33,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// crossed). The 1.9 is the allocator (freed memory is reused,
 /// fragmented, not returned to the system) and the object map's free
 /// slots (it grows by doubling). RSS crept up by a few MiB while at the
-/// limit (in steps, when the clients ran faster than before), so the
-/// factor is 3, not 2: the margin is a fifth of the limit or more
+/// limit (in steps, when the clients ran faster than before), and with no
+/// limit reached it was 8 MiB + 2.45× the accounted bytes (history kept
+/// for its whole retention, freed in bulk), so the factor is 3, not 2:
+/// the margin is a fifth of the limit or more
 /// (bench/results/soak-2026-12-07-churn-limit64m.md, BENCHMARKS.md "RSS
 /// against the memory limit").
 pub const ALLOCATOR_OVERHEAD_PERCENT: usize = 300;
