@@ -27,7 +27,9 @@ seconds:
   collect, commit-lock contention) and ``session`` on storage ``2`` (its
   setup rewrites the root, so it gets its own storage);
 * the server's RSS is sampled every second, ``server_status()`` every
-  ``--status-interval`` seconds.  The server is never restarted: its death
+  ``--status-interval`` seconds; with ``--memory-limit`` the report judges
+  the peak RSS against the limit (a commit refused at the limit is
+  counted, not an error).  The server is never restarted: its death
   fails the run.
 
 Then a fresh ``ClientStorage`` checks every ledger entry (value present and
@@ -66,7 +68,7 @@ import zeotemp_churn  # noqa: E402
 import zeotemp_soak  # noqa: E402
 from compare import Interrupted, cpu_model, raise_on_sigterm  # noqa: E402
 
-STATUS_KEYS = ("objects", "revisions", "retained-bytes", "collections",
+STATUS_KEYS = ("objects", "revisions", "retained-bytes", "accounted-bytes", "collections",
                "freed-objects", "longest-pause-ms", "commits", "conflicts")
 MIB = 1024 * 1024
 PLATEAU_MAX = 1.10        # default --plateau-threshold
@@ -122,6 +124,43 @@ class StatusSampler(threading.Thread):
 
 
 # -- report ----------------------------------------------------------------------
+
+def memory_figures(limit, rss_kib, statuses, refusals):
+    """Peak RSS against ``--memory-limit`` (None without one): the ratio,
+    the peak accounted bytes of storage 1 (the workers' storage; with
+    --no-bench storage 2 holds only its root) and RSS per accounted byte
+    at their peaks (the allocator's overhead the server's budget allows
+    for), and the commits refused at the limit."""
+    if limit is None:
+        return None
+    peak_rss = max(rss_kib) * 1024 if rss_kib else None
+    accounted = [st.get("accounted-bytes") for _, st in statuses
+                 if st.get("accounted-bytes") is not None]
+    peak_acc = max(accounted) if accounted else None
+    acc_limit = next((st.get("accounted-limit") for _, st in reversed(statuses)
+                      if st.get("accounted-limit") is not None), None)
+    return dict(
+        limit_bytes=limit,
+        peak_rss_bytes=peak_rss,
+        peak_rss_over_limit=None if peak_rss is None else round(peak_rss / limit, 3),
+        rss_below_limit=peak_rss is not None and peak_rss < limit,
+        accounted_limit_bytes=acc_limit,
+        peak_accounted_bytes=peak_acc,
+        peak_rss_over_peak_accounted=(round(peak_rss / peak_acc, 2)
+                                      if peak_rss and peak_acc else None),
+        commits_refused_at_limit=refusals)
+
+
+def memory_line(m):
+    mib = lambda b: "n/a" if b is None else f"{b / 1048576:.1f}"
+    return (f"limit {mib(m['limit_bytes'])} MiB; peak RSS "
+            f"{mib(m['peak_rss_bytes'])} MiB = {m['peak_rss_over_limit']} of "
+            f"the limit ({'below' if m['rss_below_limit'] else 'NOT below'}); "
+            f"peak accounted (storage 1) {mib(m['peak_accounted_bytes'])} MiB of "
+            f"{mib(m['accounted_limit_bytes'])} MiB allowed; peak RSS / peak "
+            f"accounted = {m['peak_rss_over_peak_accounted']}; "
+            f"{m['commits_refused_at_limit']} commits refused at the limit")
+
 
 def at_or_before(samples, t):
     """The last (t, value) sample at or before ``t`` (else the first)."""
@@ -461,6 +500,10 @@ def parse_args(argv):
     p.add_argument("--history-retention", type=float, default=None,
                    help="zeotemp --history-retention (default: not passed, "
                         f"the server's own, {SERVER_RETENTION:g})")
+    p.add_argument("--memory-limit", type=int, default=None,
+                   help="the server's --memory-limit (bytes); the report then "
+                        "judges peak RSS against it (FAIL if it reaches it) "
+                        "and counts the commits refused at the limit")
     p.add_argument("--zeotemp-arg", action="append", default=[],
                    help="extra zeotemp argument (repeatable)")
     p.add_argument("--slice-seconds", type=float, default=2,
@@ -557,6 +600,8 @@ def main(argv=None):
         zargs += ["--gc-interval", f"{args.gc_interval:g}"]
     if args.history_retention is not None:
         zargs += ["--history-retention", f"{args.history_retention:g}"]
+    if args.memory_limit is not None:
+        zargs += ["--memory-limit", str(args.memory_limit)]
     zargs += args.zeotemp_arg
     server = zeotemp_churn.ServerProcess(
         args.server, workdir, zeotemp_bin=args.zeotemp_bin,
@@ -830,6 +875,12 @@ def build_report(args, command, server, rss, sampler, slots, bench, replays,
         peak_mib=round(max(kib) / 1024, 1) if kib else None,
         ratio=None if ratio is None else round(ratio, 3),
         verdict=rss_verdict)
+    memory = memory_figures(args.memory_limit, kib, statuses,
+                            led.get("memory_refusals", 0))
+    if memory and not memory["rss_below_limit"]:
+        errors.append((1, f"peak RSS {rss_fig['peak_mib']} MiB reached the "
+                          f"memory limit ({args.memory_limit} bytes)"))
+        n_errors += 1
     ok = (ver is not None and lost == 0 and ver["checked"] > 0
           and n_errors == 0 and not server_died)
     verdict = "PASS" if ok and rss_verdict != "growing" else "FAIL"
@@ -863,7 +914,7 @@ def build_report(args, command, server, rss, sampler, slots, bench, replays,
         errors=n_errors, error_list=[t for _, t in errors],
         server_died=server_died, server_log=dict(
             (k, log[k]) for k in ("WARN", "ERROR", "panics", "aborted_on_disconnect")),
-        rss=rss_fig, bench=dict(totals=bt, by_workload=bench.by_workload)
+        rss=rss_fig, memory=memory, bench=dict(totals=bt, by_workload=bench.by_workload)
         if bench is not None else None,
         final_status={k: last_status[k] for k in STATUS_KEYS if k in last_status},
         machine=info, workdir=str(workdir))
@@ -927,6 +978,8 @@ def build_report(args, command, server, rss, sampler, slots, bench, replays,
         ("zeotemp-bench", bench_line),
         ("RSS", rss_line),
     ]
+    if memory:
+        rows.append(("memory limit", memory_line(memory)))
     params = (f"server {args.server} ({' '.join(server.cmd or [])}); "
               f"{args.clients} client slots, kill every "
               f"{args.kill_interval[0]:g}-{args.kill_interval[1]:g} s "

@@ -17,7 +17,7 @@ use crate::protocol::ids::{Oid, Tid};
 use crate::protocol::pickle::Dialect;
 use crate::protocol::value::Value;
 use crate::storage::stats::{PerReason, reasons};
-use crate::storage::{Storage, StorageLimits};
+use crate::storage::{MemoryBudget, Storage, StorageLimits};
 
 /// Everything the connections of one server share.
 pub struct Shared {
@@ -37,6 +37,8 @@ pub struct Shared {
 impl Shared {
     pub fn new(config: Config) -> Shared {
         let start = Tid::now();
+        // One memory budget for the process, not one per storage.
+        let memory = MemoryBudget::new(config.memory_limit);
         let storages = config
             .storages
             .iter()
@@ -44,7 +46,7 @@ impl Shared {
                 let limits = StorageLimits {
                     retention: config.history_retention,
                     invalidation_queue_size: config.invalidation_queue_size,
-                    memory_limit: config.memory_limit,
+                    memory: Arc::clone(&memory),
                 };
                 let s = Storage::new(name, start, limits);
                 (name.clone(), Arc::new(s))

@@ -90,10 +90,7 @@ fn under_journald_each_line_starts_with_its_priority() {
         .find(|l| l.contains("listening on tcp"))
         .unwrap();
     assert!(info.starts_with("<6>"), "{text}");
-    let warn = text
-        .lines()
-        .find(|l| l.contains("disconnected: "))
-        .unwrap();
+    let warn = text.lines().find(|l| l.contains("disconnected: ")).unwrap();
     assert!(warn.starts_with("<4>"), "{text}");
     for line in text.lines() {
         assert!(

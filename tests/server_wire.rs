@@ -685,7 +685,11 @@ async fn status_figure(c: &mut Client, key: &str) -> i64 {
 async fn memory_pressure_collection_never_blocks_other_connections() {
     const OBJECTS: usize = 100_000;
     let srv = Server::start(Config {
-        memory_limit: Some(24 << 20),
+        // 24 MiB of accounted bytes.
+        memory_limit: Some(
+            (24 << 20) * zeotemp::storage::budget::ALLOCATOR_OVERHEAD_PERCENT / 100
+                + zeotemp::storage::budget::PROCESS_RESERVE,
+        ),
         // No background cycle in between: the test counts collections.
         gc_interval: Duration::from_secs(3600),
         ..cfg()

@@ -31,6 +31,10 @@ pub struct Snapshot {
     pub tls_handshake_failures: Vec<(&'static str, u64)>,
     /// Connections ended, per reason.
     pub disconnects: Vec<(&'static str, u64)>,
+    /// `memory-limit` (the process's, all storages together), and the
+    /// accounted bytes it holds; `None`: no limit.
+    pub memory_limit: Option<usize>,
+    pub accounted_limit: Option<usize>,
     pub storages: Vec<StorageFigures>,
 }
 
@@ -124,7 +128,10 @@ pub struct StorageFigures {
     pub current_bytes: usize,
     pub retained_bytes: usize,
     pub accounted_bytes: usize,
+    /// `memory-limit`: the process's, shared by all storages.
     pub memory_limit: Option<usize>,
+    /// What all storages together may be accounted for under it.
+    pub accounted_limit: Option<usize>,
     pub revisions: usize,
     pub last_tid: Tid,
     pub loads: u64,
@@ -162,7 +169,8 @@ impl StorageFigures {
             current_bytes: st.size(),
             retained_bytes,
             accounted_bytes: st.accounted(),
-            memory_limit: st.memory_limit(),
+            memory_limit: st.memory().limit(),
+            accounted_limit: st.memory().accounted_limit(),
             revisions,
             last_tid: st.last_tid(),
             loads: n(&stats.loads),
@@ -212,6 +220,11 @@ impl Snapshot {
             connections_refused: shared.faults.connections_refused.read(),
             tls_handshake_failures: shared.faults.tls_handshake_failures.read(),
             disconnects: shared.faults.disconnects.read(),
+            memory_limit: shared.config.memory_limit,
+            accounted_limit: shared
+                .config
+                .memory_limit
+                .map(crate::storage::budget::accounted_limit),
             storages,
         }
     }

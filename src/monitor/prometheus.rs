@@ -146,14 +146,8 @@ static STORAGE_FAMILIES: &[(&str, Kind, &str, Figure)] = &[
     (
         "zeotemp_accounted_bytes",
         Kind::Gauge,
-        "Bytes the storage is accounted for (records, references, bookkeeping); the memory limit applies to this.",
+        "Bytes the storage is accounted for (records, references, bookkeeping); the sum over all storages is held under zeotemp_accounted_limit_bytes.",
         |s| int(s.accounted_bytes),
-    ),
-    (
-        "zeotemp_memory_limit_bytes",
-        Kind::Gauge,
-        "The memory limit of the storage's accounted bytes (no sample when there is no limit).",
-        |s| s.memory_limit.and_then(int),
     ),
     (
         "zeotemp_revisions",
@@ -268,7 +262,7 @@ pub fn render(snap: &Snapshot) -> String {
         Some(("version", &snap.version)),
         Num::Int(1),
     );
-    let globals: [(&str, Kind, &str, Option<Num>); 6] = [
+    let globals: [(&str, Kind, &str, Option<Num>); 8] = [
         (
             "zeotemp_start_time_seconds",
             Kind::Gauge,
@@ -304,6 +298,18 @@ pub fn render(snap: &Snapshot) -> String {
             Kind::Gauge,
             "Resident memory of the process (VmRSS; the same reading as process_resident_memory_bytes).",
             snap.resident_bytes.map(Num::Int),
+        ),
+        (
+            "zeotemp_memory_limit_bytes",
+            Kind::Gauge,
+            "The memory-limit setting: resident memory the storages' data may take, all storages together (no sample when there is no limit).",
+            snap.memory_limit.and_then(int),
+        ),
+        (
+            "zeotemp_accounted_limit_bytes",
+            Kind::Gauge,
+            "Accounted bytes all storages together may hold under memory-limit (the rest is the allocator's overhead); a vote that would go over fails (no sample when there is no limit).",
+            snap.accounted_limit.and_then(int),
         ),
     ];
     for (name, kind, help, value) in globals {
@@ -428,12 +434,13 @@ mod tests {
             connections_refused: vec![("max-connections", 4), ("accept-error", 0)],
             tls_handshake_failures: vec![("error", 0), ("timeout", 2)],
             disconnects: vec![("client", 5), ("slow-client", 1)],
+            memory_limit: Some(1 << 20),
+            accounted_limit: Some(349_525),
             storages: vec![
                 StorageFigures {
                     name: "1".into(),
                     objects: 10,
                     commits: 7,
-                    memory_limit: Some(1 << 20),
                     gc_longest_pause_us: 1500,
                     votes_refused: vec![("memory-limit", 6), ("transaction-size", 0)],
                     ..StorageFigures::default()
@@ -532,7 +539,8 @@ mod tests {
             "zeotemp_resident_memory_bytes 4096\n",
             "zeotemp_objects{storage=\"1\"} 10\n",
             "zeotemp_commits_total{storage=\"1\"} 7\n",
-            "zeotemp_memory_limit_bytes{storage=\"1\"} 1048576\n",
+            "zeotemp_memory_limit_bytes 1048576\n",
+            "zeotemp_accounted_limit_bytes 349525\n",
             "zeotemp_gc_longest_pause_seconds{storage=\"1\"} 0.0015\n",
             "zeotemp_connections_refused_total{reason=\"max-connections\"} 4\n",
             "zeotemp_connections_refused_total{reason=\"accept-error\"} 0\n",
@@ -547,9 +555,17 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want:?} in\n{text}");
         }
+        // One limit for the process, not one per storage.
+        assert!(!text.contains("zeotemp_memory_limit_bytes{"));
         // No limit: the family is there, the sample is not.
-        assert!(text.contains("# TYPE zeotemp_memory_limit_bytes gauge\n"));
-        assert!(!text.contains("zeotemp_memory_limit_bytes{storage=\"a"));
+        let unlimited = render(&Snapshot {
+            memory_limit: None,
+            accounted_limit: None,
+            ..snapshot()
+        });
+        assert!(unlimited.contains("# TYPE zeotemp_memory_limit_bytes gauge\n"));
+        assert!(!unlimited.contains("\nzeotemp_memory_limit_bytes "));
+        assert!(!unlimited.contains("\nzeotemp_accounted_limit_bytes "));
         // Unlimited descriptors: the family, no sample; no /proc: no
         // process families at all.
         let mut snap = snapshot();

@@ -39,6 +39,7 @@ pub fn server_status(shared: &Shared, storage: &Storage) -> serde_json::Value {
         "retained-bytes": f.retained_bytes,
         "accounted-bytes": f.accounted_bytes,
         "memory-limit": f.memory_limit,
+        "accounted-limit": f.accounted_limit,
         "unscannable-records": f.unscannable_records,
         "collections": f.gc_collections,
         "freed-objects": f.gc_freed_objects,

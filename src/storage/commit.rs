@@ -343,16 +343,13 @@ impl Storage {
     /// the collector frees, a record that cannot be scanned is refused the
     /// same way, as it might reference a condemned object.
     ///
-    /// If the transaction would take the storage over its memory limit,
-    /// old history is dropped and garbage collected first; if that is not
+    /// If the transaction would take the process over its memory budget
+    /// (all storages together, see [`super::budget`]), this storage's old
+    /// history is dropped and its garbage collected first; if that is not
     /// enough the vote fails with an error naming the limit.
     pub(super) fn vote(&self, ops: &[TxnOp]) -> Result<Vote, StorageError> {
-        let incoming: usize = ops.iter().map(TxnOp::accounted).sum();
-        // (Bound first: a guard in the `if let` would live through the block.)
-        let limit = self.read().limits.memory_limit;
-        if let Some(limit) = limit {
-            self.ensure_room(incoming, limit)?;
-        }
+        let incoming = self.read().net_incoming(ops);
+        self.ensure_room(incoming)?;
         let st = self.read();
         let CheckedOps {
             writes,
@@ -371,32 +368,40 @@ impl Storage {
         Ok(Vote::Voted(VotedTxn { writes }))
     }
 
-    /// True if `ops` do not fit under the memory limit as things are: their
-    /// vote will drop history and may run a whole collection, a job for a
-    /// thread that serves no other connection (the caller's `blocking`).
+    /// True if `ops` do not fit under the memory budget as things are:
+    /// their vote will drop history and may run a whole collection, a job
+    /// for a thread that serves no other connection (the caller's
+    /// `blocking`).
     pub(super) fn short_of_room(&self, ops: &[TxnOp]) -> bool {
         let st = self.read();
-        st.limits.memory_limit.is_some_and(|limit| {
-            st.accounted + ops.iter().map(TxnOp::accounted).sum::<usize>() > limit
-        })
+        st.limits.memory.over_by(st.net_incoming(ops)) > 0
     }
 
-    /// Makes room for `incoming` accounted bytes under `limit`: drops the
-    /// oldest non-current revisions first, then collects garbage, unless
-    /// nothing was committed or dropped since the last collection under
-    /// pressure (it could free nothing more).
-    fn ensure_room(&self, incoming: usize, limit: usize) -> Result<(), StorageError> {
-        let over = |st: &StorageState| (st.accounted + incoming).saturating_sub(limit);
-        let need = over(&self.read());
+    /// Makes room for `incoming` accounted bytes under the process's
+    /// budget: drops this storage's oldest non-current revisions first,
+    /// then collects its garbage, unless nothing was committed or dropped
+    /// here since the last collection under pressure (it could free nothing
+    /// more). What the other storages hold counts, but only this one is
+    /// trimmed: its commit lock is held, theirs are not.
+    fn ensure_room(&self, incoming: usize) -> Result<(), StorageError> {
+        let budget = Arc::clone(&self.read().limits.memory);
+        let need = budget.over_by(incoming);
         if need == 0 {
             return Ok(());
         }
-        let dropped = self.write().drop_oldest_history(need);
+        // Beyond what this vote needs, some headroom: the next votes fit
+        // without trimming again (one vote at a time, each dropping a few
+        // revisions and running a whole collection, fragmented the heap:
+        // RSS crept up while the accounted bytes stayed at the limit).
+        let dropped = self
+            .write()
+            .drop_oldest_history(need + budget.pressure_headroom());
         // Still over, and something changed since the last collection
         // under pressure: collect, and remember where this one started.
         let collect_at = {
             let st = self.read();
-            (over(&st) > 0 && st.pressure_collected_at != Some(st.changes)).then_some(st.changes)
+            (budget.over_by(incoming) > 0 && st.pressure_collected_at != Some(st.changes))
+                .then_some(st.changes)
         };
         if let Some(changes) = collect_at {
             // Under memory pressure, even recently written unreachable
@@ -404,15 +409,20 @@ impl Storage {
             self.collect(Tid::MAX);
             self.write().pressure_collected_at = Some(changes);
         }
-        let st = self.read();
-        if over(&st) == 0 {
-            tracing::info!(storage = %self.name, dropped, "memory limit: made room by dropping old revisions and collecting");
+        if budget.over_by(incoming) == 0 {
+            // Debug: under steady pressure this is every vote.
+            tracing::debug!(storage = %self.name, dropped, "memory limit: made room by dropping old revisions and collecting");
             return Ok(());
         }
+        let here = self.read().accounted;
         let msg = format!(
-            "zeotemp storage {:?} is full: this transaction needs {incoming} bytes, {} of the memory limit of {limit} bytes \
-             (memory-limit) are in use by reachable objects and their current revisions",
-            self.name, st.accounted
+            "zeotemp storage {:?} is full: this transaction needs {incoming} bytes; the memory limit of {limit} bytes \
+             (memory-limit, for all storages) holds {accounted_limit} bytes of objects (the rest is the allocator's \
+             overhead), and {used} are in use by reachable objects and their current revisions ({here} in this storage)",
+            self.name,
+            limit = budget.limit().unwrap_or_default(),
+            accounted_limit = budget.accounted_limit().unwrap_or_default(),
+            used = budget.accounted(),
         );
         tracing::warn!("{msg}");
         self.stats.votes_refused.bump(VoteRefusal::MemoryLimit);
@@ -503,6 +513,36 @@ struct CheckedOps {
 }
 
 impl StorageState {
+    /// Accounted bytes `ops` add that memory pressure cannot take back:
+    /// each new revision, less the current revisions they replace (once
+    /// replaced, those are history, which the next vote under pressure
+    /// drops). So when the storages are full, a commit that rewrites or
+    /// unlinks objects without growing them still goes through (a session
+    /// touched again, an expiry that only unlinks old sessions: they are
+    /// garbage once it commits); one that grows what is reachable fails.
+    /// (Every commit was counted whole: once full, rewriting an object of
+    /// the same size failed too.)
+    pub(super) fn net_incoming(&self, ops: &[TxnOp]) -> usize {
+        let mut replaced = std::collections::HashSet::new();
+        let mut adds = 0usize;
+        let mut frees = 0usize;
+        for op in ops {
+            let oid = match op {
+                TxnOp::Store { oid, .. } | TxnOp::Delete { oid, .. } => *oid,
+                TxnOp::CheckCurrent { .. } => continue,
+            };
+            adds += op.accounted();
+            if replaced.insert(oid) {
+                frees += self
+                    .objects
+                    .get(&oid)
+                    .and_then(|o| o.revisions.last())
+                    .map_or(0, Revision::accounted);
+            }
+        }
+        adds.saturating_sub(frees)
+    }
+
     /// The first step of a vote: each operation checked against the
     /// current state. Returns the write set (a later store of an oid
     /// replaces an earlier one) and the conflicts to hand back.

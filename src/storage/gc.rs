@@ -960,14 +960,15 @@ mod tests {
         }
     }
 
-    /// A storage whose memory limit is `extra` bytes above an empty one.
+    /// A storage whose memory budget holds `extra` accounted bytes more
+    /// than an empty storage (the budget's accounted limit).
     fn limited(extra: usize) -> (Storage, usize) {
         let limit = storage().read().accounted() + extra;
         let s = Storage::new(
             "1",
             Tid::now(),
             StorageLimits {
-                memory_limit: Some(limit),
+                memory: crate::storage::MemoryBudget::with_accounted_limit(limit),
                 ..StorageLimits::default()
             },
         );
@@ -984,8 +985,10 @@ mod tests {
         let mut serial = s.read().get_tid(Oid(5)).unwrap();
         for _ in 0..100 {
             serial = commit(&s, vec![big(5, serial, &[], 1000)]);
+            // (Over by at most the revision the last commit replaced: the
+            // next vote under pressure drops it.)
+            assert!(s.read().accounted() <= limit + 1200);
         }
-        assert!(s.read().accounted() <= limit);
         assert!(s.read().retained().0 < 100, "old revisions were dropped");
         // 2. Unreachable objects, even recent ones, are collected under pressure.
         for i in 0..30u64 {
@@ -1021,11 +1024,37 @@ mod tests {
         };
         assert!(err.to_string().contains("memory-limit"), "{err}");
         // Nothing committed was lost, and loads still work.
-        let st = s.read();
-        for oid in &linked {
-            assert!(st.load_before(Oid(*oid), Tid::MAX).unwrap().is_some());
+        {
+            let st = s.read();
+            for oid in &linked {
+                assert!(st.load_before(Oid(*oid), Tid::MAX).unwrap().is_some());
+            }
+            assert!(st.accounted() <= limit);
         }
-        assert!(st.accounted() <= limit);
+        // 4. Full, yet rewriting what is there still commits (what it
+        //    replaces is history, dropped under pressure), again and again,
+        //    and so does unlinking: the storage is never stuck.
+        let mut serial = s.read().get_tid(Oid(5)).unwrap();
+        for _ in 0..20 {
+            serial = commit(&s, vec![big(5, serial, &[], 1000)]);
+            // Over by at most the one revision the last commit replaced.
+            assert!(s.read().accounted() <= limit + 1200);
+        }
+        let new_object = big(9999, Tid::ZERO, &[], 1000);
+        let root_refs = [linked.clone(), vec![9999]].concat();
+        let grows = try_commit(&s, vec![store(0, root, &root_refs), new_object]);
+        assert!(grows.is_err(), "what grows the storage still fails");
+        root = commit(&s, vec![store(0, root, &[5])]);
+        let freed = s.gc_stats.freed_objects.load(Ordering::Relaxed);
+        commit(
+            &s,
+            vec![store(0, root, &[5, 9999]), big(9999, Tid::ZERO, &[], 1000)],
+        );
+        assert!(
+            s.gc_stats.freed_objects.load(Ordering::Relaxed) > freed,
+            "the unlinked objects were collected to make room"
+        );
+        assert!(s.read().accounted() <= limit + 1200);
     }
 
     /// Memory pressure drops history inside the retention window and then

@@ -42,12 +42,14 @@ use crate::protocol::ids::{Clock, Oid, Tid};
 use crate::protocol::value::Value;
 use crate::storage::oidhash::OidMap;
 
+pub mod budget;
 pub mod commit;
 pub mod gc;
 pub mod oidhash;
 pub mod refs;
 mod revisions;
 pub mod stats;
+pub use budget::MemoryBudget;
 pub use commit::{Conflict, LockAttempt, SHUTDOWN_HOLDER, Transaction, TxnOp, Vote, VotedTxn};
 pub use gc::GcOutcome;
 pub use stats::Stats;
@@ -244,8 +246,9 @@ pub struct StorageLimits {
     pub retention: Duration,
     /// Recent transactions remembered for `getInvalidations`.
     pub invalidation_queue_size: usize,
-    /// Bytes the storage may be accounted for; `None` is no limit.
-    pub memory_limit: Option<usize>,
+    /// The process's memory budget, shared by all its storages (a
+    /// storage of its own, unlimited, by default).
+    pub memory: Arc<MemoryBudget>,
 }
 
 impl Default for StorageLimits {
@@ -253,7 +256,7 @@ impl Default for StorageLimits {
         StorageLimits {
             retention: Duration::from_secs(crate::config::DEFAULT_HISTORY_RETENTION_SECS),
             invalidation_queue_size: crate::config::DEFAULT_INVALIDATION_QUEUE_SIZE,
-            memory_limit: None,
+            memory: MemoryBudget::new(None),
         }
     }
 }
@@ -297,6 +300,7 @@ impl Storage {
             meta,
         };
         let accounted = root.accounted() + OBJECT_OVERHEAD;
+        limits.memory.add(accounted);
         let mut objects = OidMap::default();
         objects.insert(
             Oid::ROOT,
@@ -662,6 +666,7 @@ impl StorageState {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 self.accounted += OBJECT_OVERHEAD;
+                self.limits.memory.add(OBJECT_OVERHEAD);
                 e.insert(Object::default())
             }
         };
@@ -677,11 +682,23 @@ impl StorageState {
         self.current_bytes = self.current_bytes + new_len - old_current;
     }
 
+    /// `bytes` more accounted, here and in the process's budget.
+    fn account_in(&mut self, bytes: usize) {
+        self.accounted += bytes;
+        self.limits.memory.add(bytes);
+    }
+
+    /// `bytes` fewer accounted, here and in the process's budget.
+    fn account_out(&mut self, bytes: usize) {
+        self.accounted -= bytes;
+        self.limits.memory.sub(bytes);
+    }
+
     /// Accounts for a revision that is now retained.
     fn count_in(&mut self, rev: &Revision) {
         self.revisions += 1;
         self.bytes += rev.data.as_ref().map_or(0, |d| d.len());
-        self.accounted += rev.accounted();
+        self.account_in(rev.accounted());
         if rev.refs.is_none() {
             self.unscannable += 1;
         }
@@ -691,7 +708,7 @@ impl StorageState {
     fn count_out(&mut self, rev: &Revision) {
         self.revisions -= 1;
         self.bytes -= rev.data.as_ref().map_or(0, |d| d.len());
-        self.accounted -= rev.accounted();
+        self.account_out(rev.accounted());
         if rev.refs.is_none() {
             self.unscannable -= 1;
         }
@@ -708,7 +725,7 @@ impl StorageState {
         for rev in &obj.revisions {
             self.count_out(rev);
         }
-        self.accounted -= OBJECT_OVERHEAD;
+        self.account_out(OBJECT_OVERHEAD);
         Some(obj)
     }
 
@@ -787,9 +804,17 @@ impl StorageState {
         self.unscannable
     }
 
-    /// The storage's `memory-limit` (accounted bytes); `None`: no limit.
-    pub fn memory_limit(&self) -> Option<usize> {
-        self.limits.memory_limit
+    /// The process's memory budget (shared by all storages).
+    pub fn memory(&self) -> &MemoryBudget {
+        &self.limits.memory
+    }
+}
+
+/// A storage that goes gives its accounted bytes back to the budget it
+/// shares with the others.
+impl Drop for StorageState {
+    fn drop(&mut self) {
+        self.limits.memory.sub(self.accounted);
     }
 }
 
@@ -856,7 +881,7 @@ mod tests {
         StorageLimits {
             retention: Duration::from_secs(retention_secs),
             invalidation_queue_size,
-            memory_limit: None,
+            memory: MemoryBudget::new(None),
         }
     }
 

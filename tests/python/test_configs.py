@@ -162,7 +162,7 @@ def test_check_config_good_and_bad(tmp_path):
     line = r.stdout.strip()
     assert line.startswith(f"zeotemp {VERSION}: configuration OK: "
                            "listen on 127.0.0.1:8101;"), line
-    for part in ('storages "1", "temp"', "memory 1 GiB per storage",
+    for part in ('storages "1", "temp"', "memory 1 GiB for all storages",
                  "500 connections", "frame 64 MiB"):
         assert part in line, (part, line)
     # Nothing was started: the check returns at once, binds nothing.

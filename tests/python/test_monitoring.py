@@ -426,8 +426,12 @@ def test_metrics_follow_client_traffic(server_factory, make_db, make_storage):
             ("zeotemp_storage_connections", "connections"),
             ("zeotemp_gc_collections_total", "collections")]:
         assert per_storage(after, metric) == status[key], metric
-    assert per_storage(after, "zeotemp_memory_limit_bytes") == (
-        status["memory-limit"])
+    # One memory limit for the process (no storage label), the same in
+    # every storage's server_status.
+    assert after["zeotemp_memory_limit_bytes"] == {(): status["memory-limit"]}
+    assert after["zeotemp_accounted_limit_bytes"] == {
+        (): status["accounted-limit"]}
+    assert status["accounted-limit"] < status["memory-limit"]
     assert per_storage(after, "zeotemp_storage_connections") == 2
     assert after["zeotemp_connections"][()] == 2
     assert after["zeotemp_storages"][()] == 2

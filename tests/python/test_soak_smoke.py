@@ -278,3 +278,26 @@ def test_soak_smoke(tmp_path):
     assert s["verdict"] == "PASS"
     assert r.returncode == 0
     assert "**Verdict: PASS**" in md.read_text()
+
+
+def test_a_vote_refused_at_the_memory_limit_is_not_committed_nor_an_error(tmp_path):
+    """``bench/soak.py --memory-limit``: a worker's commit refused at the
+    limit is ledgered as 'f' (counted, never committed, not in doubt, not
+    an error); other failures stay errors."""
+    path = zeotemp_soak.ledger_path(tmp_path, 0)
+    w = LedgerWriter(path)
+    w.write(t="start", gen=0)
+    w.write(t="i", q=0, ops=[{"k": "k1", "v": "x"}])
+    w.write(t="f", q=0)
+    w.write(t="f", q=None)          # a bucket expiry refused
+    w.write(t="end", gen=0)
+    w.close()
+    r = replay(path, 0)
+    assert r.c["memory_refusals"] == 2, r.c
+    assert r.c["in_doubt"] == 0 and r.c["errors"] == 0, r.c
+    assert ("k", "k1") not in r.keys
+    full = ('zeotemp storage "1" is full: this transaction needs 300 bytes; '
+            "the memory limit of 6291456 bytes (memory-limit, for all "
+            "storages) holds ...")
+    assert zeotemp_soak.is_memory_refusal(Exception(full))
+    assert not zeotemp_soak.is_memory_refusal(Exception("POSKeyError 0x01"))

@@ -27,6 +27,9 @@ record, so it survives a SIGKILL) says what must be in the database:
 * ``{"t": "vk", "q": SEQ}`` -- this worker killed itself (SIGKILL) between
   its storage's vote and ``tpc_finish``: the transaction must *not* be
   committed;
+* ``{"t": "f", "q": SEQ|null}`` -- the vote failed at the server's
+  ``memory-limit`` (the clear error it promises: never committed), not
+  retried;
 * ``{"t": "d", "q": SEQ}`` -- commit failed with something other than a
   conflict (may or may not have committed: *in doubt*);
 * ``{"t": "e", "m": TEXT}`` -- an error; ``{"t": "g", "n": N}`` -- a
@@ -153,7 +156,8 @@ class LedgerReplay:
         self.max_serial = 0       # highest n of an own session id w<slot>-<n>
         self.recent_sids = deque(maxlen=5000)
         self.c = dict(records=0, intents=0, commits=0, gc_commits=0,
-                      conflicts=0, vote_kills=0, in_doubt=0, starts=0,
+                      conflicts=0, memory_refusals=0, vote_kills=0,
+                      in_doubt=0, starts=0,
                       ends=0, errors=0, torn_lines=0, resume_checks=0,
                       resume_checked=0, resume_problems=0,
                       resume_in_doubt_committed=0,
@@ -204,6 +208,9 @@ class LedgerReplay:
         elif t == "a":
             self.c["conflicts"] += 1
             self.pending.pop(q, None)
+        elif t == "f":
+            self.c["memory_refusals"] += 1
+            self.pending.pop(q, None)     # a failed vote commits nothing
         elif t == "vk":
             self.c["vote_kills"] += 1
             self.pending.pop(q, None)     # must not have committed
@@ -393,6 +400,13 @@ DEFAULTS = dict(
 )
 
 
+def is_memory_refusal(e):
+    """True for the error zeotemp's vote fails with at its memory limit
+    (a StorageError naming ``memory-limit``): a clear refusal, nothing
+    committed, the error the limit promises instead of the OOM killer."""
+    return "memory-limit" in str(e) and "is full" in str(e)
+
+
 def worker(cfg, kill_event=None):
     """Runs until ``cfg['end_at']`` (epoch seconds) in slot ``cfg['slot']``
     against ``cfg['addr']``, appending to ``cfg['ledger']``.  Resumes from
@@ -484,6 +498,9 @@ def worker(cfg, kill_event=None):
                 last = e
             except Exception as e:
                 _abort(tm)
+                if is_memory_refusal(e):
+                    ledger.write(t="f", q=q if ops else None)
+                    return
                 if ops:
                     ledger.write(t="d", q=q)
                 ledger.write(t="e", m=repr(e)[:500])
@@ -509,6 +526,9 @@ def worker(cfg, kill_event=None):
                 ledger.write(t="e", m=f"disconnected: {e!r}")
             except Exception as e:
                 _abort(tm)
+                if is_memory_refusal(e):
+                    ledger.write(t="f", q=None)
+                    return
                 ledger.write(t="e", m=repr(e)[:500])
                 return
             time.sleep(rnd.uniform(0, 0.01 * min(attempt + 1, 10)))
