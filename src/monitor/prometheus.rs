@@ -3,7 +3,11 @@
 //!
 //! Names are prefixed `zeotemp_`, counters end in `_total`, sizes are in
 //! bytes and durations in seconds; per-storage series carry the label
-//! `storage="NAME"`. [`render`] is a pure function of a [`Snapshot`].
+//! `storage="NAME"`, per-class series also `class="module.name"` (for the
+//! `class-table-size` biggest classes and `(other)`: bounded cardinality;
+//! class names are client data, escaped and at most
+//! `refs::MAX_CLASS_NAME_BYTES` long). [`render`] is a pure function of a
+//! [`Snapshot`].
 
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
@@ -76,7 +80,35 @@ fn sample(out: &mut String, name: &str, label: Option<(&str, &str)>, v: Num) {
     }
 }
 
+/// A sample with several labels.
+fn labelled(out: &mut String, name: &str, labels: &[(&str, &str)], v: Num) {
+    out.push_str(name);
+    for (i, (k, val)) in labels.iter().enumerate() {
+        let sep = if i == 0 { '{' } else { ',' };
+        let _ = write!(out, "{sep}{k}=\"{}\"", escape_label_value(val));
+    }
+    if !labels.is_empty() {
+        out.push('}');
+    }
+    let _ = writeln!(out, " {v}");
+}
+
 type Figure = fn(&StorageFigures) -> Option<Num>;
+
+/// The per-class families (gauges): name, help, value of a row.
+type ClassFigure = fn(&crate::storage::ClassRow) -> u64;
+static CLASS_FAMILIES: &[(&str, &str, ClassFigure)] = &[
+    (
+        "zeotemp_class_objects",
+        "Objects whose current record is of the class, for the class-table-size classes holding the most bytes; class=\"(other)\" sums the rest.",
+        |c| c.objects,
+    ),
+    (
+        "zeotemp_class_bytes",
+        "Bytes of the current records of the class's objects (they add up to zeotemp_current_bytes with class=\"(other)\").",
+        |c| c.bytes,
+    ),
+];
 
 fn int(n: usize) -> Option<Num> {
     Some(Num::Int(n as u64))
@@ -285,12 +317,22 @@ pub fn render(snap: &Snapshot) -> String {
             }
         }
     }
+    for (name, help, figure) in CLASS_FAMILIES {
+        family(&mut out, name, Kind::Gauge, help);
+        for s in &snap.storages {
+            for c in &s.classes {
+                let labels = [("storage", s.name.as_str()), ("class", &*c.class)];
+                labelled(&mut out, name, &labels, Num::Int(figure(c)));
+            }
+        }
+    }
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::ClassRow;
 
     fn snapshot() -> Snapshot {
         Snapshot {
@@ -307,6 +349,23 @@ mod tests {
                     commits: 7,
                     memory_limit: Some(1 << 20),
                     gc_longest_pause_us: 1500,
+                    classes: vec![
+                        ClassRow {
+                            class: "Products.Transience.TransientObject.TransientObject".into(),
+                            objects: 8,
+                            bytes: 8000,
+                        },
+                        ClassRow {
+                            class: "evil\"}\\\nzeotemp_fake 1".into(),
+                            objects: 1,
+                            bytes: 30,
+                        },
+                        ClassRow {
+                            class: "(other)".into(),
+                            objects: 1,
+                            bytes: 70,
+                        },
+                    ],
                     ..StorageFigures::default()
                 },
                 StorageFigures {
@@ -392,6 +451,11 @@ mod tests {
             "zeotemp_commits_total{storage=\"1\"} 7\n",
             "zeotemp_memory_limit_bytes{storage=\"1\"} 1048576\n",
             "zeotemp_gc_longest_pause_seconds{storage=\"1\"} 0.0015\n",
+            "zeotemp_class_objects{storage=\"1\",class=\"Products.Transience.TransientObject.TransientObject\"} 8\n",
+            "zeotemp_class_bytes{storage=\"1\",class=\"Products.Transience.TransientObject.TransientObject\"} 8000\n",
+            "zeotemp_class_bytes{storage=\"1\",class=\"(other)\"} 70\n",
+            // A class name is client data: escaped, in one line.
+            "zeotemp_class_objects{storage=\"1\",class=\"evil\\\"}\\\\\\nzeotemp_fake 1\"} 1\n",
         ] {
             assert!(text.contains(want), "{want:?} in\n{text}");
         }
