@@ -24,6 +24,7 @@ fn store(oid: u64, serial: Tid, refs: Vec<u64>) -> TxnOp {
         serial,
         data: Bytes::from(vec![b'x'; 200]),
         refs: Some(refs.into_iter().map(Oid).collect()),
+        class: None,
     }
 }
 

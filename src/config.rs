@@ -187,6 +187,19 @@ pub const DEFAULT_UNIX_SOCKET_GROUP: Option<&str> = None;
 /// for the owner and the group, nothing for others.
 pub const UNIX_SOCKET_GROUP_MODE: u32 = 0o660;
 
+/// Default `class-table-size`: how many classes `server_status` and the
+/// metrics list per storage, those holding the most bytes, the rest summed
+/// in one `(other)` row. Ten name what fills a session storage (the
+/// session data's own classes, the BTrees that index them, the mappings
+/// they hold) and keep the metrics at 2 × 11 series per storage. 0 lists
+/// none.
+pub const DEFAULT_CLASS_TABLE_SIZE: usize = 10;
+
+/// Largest `class-table-size` accepted: each class listed is two series
+/// per storage in every scrape; more than this is no longer an overview
+/// (and a time-series database's worry).
+pub const MAX_CLASS_TABLE_SIZE: usize = 1000;
+
 /// How often a summary line per storage is logged, in seconds (not a
 /// setting).
 pub const STATS_LOG_INTERVAL_SECS: u64 = 300;
@@ -388,6 +401,13 @@ pub struct Settings {
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_address: Option<String>,
 
+    /// Classes listed per storage in server_status ("classes") and in the
+    /// metrics (zeotemp_class_objects, zeotemp_class_bytes): the N holding
+    /// the most bytes, the rest summed as "(other)"; 0 lists none; at most
+    /// 1000. [default: 10]
+    #[arg(long, value_name = "N")]
+    pub class_table_size: Option<usize>,
+
     /// Log filter: error, warn, info, debug (commits are logged at debug),
     /// or a tracing filter like `zeotemp=debug`. Overrides RUST_LOG. One
     /// that is not valid (`loud`) is a configuration error. [default: info]
@@ -460,6 +480,10 @@ pub struct Config {
     /// `metrics-address`: `HOST:PORT` of the Prometheus endpoint; `None`
     /// (the default, [`DEFAULT_METRICS_ADDRESS`]) serves none.
     pub metrics_address: Option<String>,
+    /// `class-table-size`: classes listed per storage in `server_status`
+    /// and the metrics ([`DEFAULT_CLASS_TABLE_SIZE`]; 0: none; at most
+    /// [`MAX_CLASS_TABLE_SIZE`]).
+    pub class_table_size: usize,
 }
 
 /// The default memory limit under `ceiling`: half of it, if known.
@@ -576,6 +600,7 @@ impl Settings {
             tls_key: self.tls_key.or(lower.tls_key),
             tls_client_ca: self.tls_client_ca.or(lower.tls_client_ca),
             metrics_address: self.metrics_address.or(lower.metrics_address),
+            class_table_size: self.class_table_size.or(lower.class_table_size),
             log_level: self.log_level.or(lower.log_level),
         }
     }
@@ -650,6 +675,7 @@ impl Settings {
                 .metrics_address
                 .clone()
                 .or(DEFAULT_METRICS_ADDRESS.map(String::from)),
+            class_table_size: self.class_table_size.unwrap_or(DEFAULT_CLASS_TABLE_SIZE),
         })
     }
 }
@@ -854,6 +880,14 @@ impl Config {
                 format!(
                     "read-pause-bytes must be at least {MIN_READ_PAUSE_BYTES} (a few replies \
                      must fit)"
+                ),
+            ),
+            (
+                self.class_table_size > MAX_CLASS_TABLE_SIZE,
+                format!(
+                    "class-table-size = {} is more than {MAX_CLASS_TABLE_SIZE} (each class \
+                     listed is two metric series per storage)",
+                    self.class_table_size
                 ),
             ),
             (
@@ -1388,6 +1422,23 @@ mod tests {
             let err = cfg.validate().unwrap_err().to_string();
             assert!(err.contains("metrics-address"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn class_table_size_default_off_and_bound() {
+        assert_eq!(Config::default().class_table_size, DEFAULT_CLASS_TABLE_SIZE);
+        for (text, n) in [("class-table-size = 0", 0), ("class-table-size = 25", 25)] {
+            let file: Settings = toml::from_str(text).unwrap();
+            let cfg = file.resolve().unwrap();
+            assert_eq!(cfg.class_table_size, n);
+            cfg.validate().unwrap();
+        }
+        let cfg = Config {
+            class_table_size: MAX_CLASS_TABLE_SIZE + 1,
+            ..Config::default()
+        };
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("class-table-size = 1001"), "{err}");
     }
 
     #[test]

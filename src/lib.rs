@@ -15,7 +15,7 @@
 //! | --- | --- |
 //! | [`config`] | every setting declared once (command line, TOML, `--help`), its `DEFAULT_*`, validation; a leaf |
 //! | [`protocol`] | the wire format, both directions, no I/O: `frame`, `value`, `pickle/` (decode, encode, opcodes), `msgpack`, `envelope` (requests, replies, errors, pushes), `ids` (`Oid`, `Tid`, the tid clock) |
-//! | [`storage`] | one in-memory multi-version object store: `commit` (the commit lock as a guard, `Vote`), `revisions`, `gc` and its reference scanner `refs`, `stats`, `oidhash` |
+//! | [`storage`] | one in-memory multi-version object store: `commit` (the commit lock as a guard, `Vote`), `revisions`, `gc` and its reference scanner `refs`, `classes` (objects and bytes by class), `stats`, `oidhash` |
 //! | `state` | what all connections share: configuration, storages, each storage's cached invalidation frame, the connection count, the refusal and fault counters per reason |
 //! | `monitor` | `server_status`/`ruok` and the summary line (`status`), one reading of the figures (`figures`), Prometheus text (`prometheus`) and its endpoint (`http`) |
 //! | `session` | one client's ZEO semantics, no I/O: `dispatch`, `args`, `txn` (two-phase commit), `errors` (POSException wire form), `replies`, `push` (invalidations), `outbox` |

@@ -4,7 +4,10 @@
 //!
 //! Every record's references must equal what `ZODB.serialize.referencesf`
 //! found (deduplicated keeping first occurrences, as the generator writes
-//! them), and records marked `"error": true` must be refused.
+//! them), and records marked `"error": true` must be refused. Every
+//! record's class (`refs::scan`) must be the one its name ends with: the
+//! generator names each record by the `module.name` its class pickle loads
+//! as (with Python's own unpickler).
 
 mod common;
 
@@ -176,6 +179,86 @@ fn python2_records_match_referencesf() {
     );
 }
 
+/// The class a fixture record's name gives: `VARIANT/CATEGORY/module.name`,
+/// or `VARIANT/cross-db/DB:module.name`; `None` for the hand-made edges.
+fn expected_class(c: &Case) -> Option<&str> {
+    if c.variant == "hand" {
+        return None;
+    }
+    let last = c.name.rsplit('/').next()?;
+    Some(last.split_once(':').map_or(last, |(_, class)| class))
+}
+
+/// `refs::scan` names the class of every record written by real ZODB, in
+/// every protocol and on both Pythons, and finds the same references as
+/// `refs::references`.
+#[test]
+fn classes_match_the_class_pickles() {
+    let cases = all_cases();
+    let mut named = std::collections::BTreeMap::<(&str, &str), usize>::new();
+    for c in &cases {
+        let scanned = refs::scan(&c.record);
+        assert_eq!(scanned.refs, refs::references(&c.record), "{}", c.name);
+        assert_eq!(refs::class_name(&c.record), scanned.class, "{}", c.name);
+        if let Some(want) = expected_class(c) {
+            assert_eq!(
+                scanned.class.as_deref(),
+                Some(want),
+                "{}: {}",
+                c.file,
+                c.name
+            );
+            *named.entry((c.file, want)).or_default() += 1;
+        }
+    }
+    // The classes an operator will see, in both fixtures.
+    for file in ["py3.jsonl", "py2.jsonl"] {
+        for class in [
+            "persistent.mapping.PersistentMapping",
+            "persistent.list.PersistentList",
+            "BTrees.OOBTree.OOBTree",
+            "BTrees.OOBTree.OOBucket",
+            "BTrees.IOBTree.IOBucket",
+            "BTrees.Length.Length",
+            // A class with `__getnewargs__`: its class pickle is a tuple.
+            "__main__.NewArgs",
+        ] {
+            assert!(
+                named.get(&(file, class)).is_some_and(|&n| n >= 2),
+                "{file}: {class}"
+            );
+        }
+    }
+    assert!(named.values().sum::<usize>() >= 800, "{named:?}");
+    // The hand-made edges: no class without a pickle, the class of the
+    // root mapping wherever its class pickle is whole.
+    let hand = |name: &str| -> Vec<Option<String>> {
+        cases
+            .iter()
+            .filter(|c| c.name == format!("hand/edge/{name}"))
+            .map(|c| refs::scan(&c.record).class)
+            .collect()
+    };
+    for name in ["not-a-pickle", "not-a-pickle-text", "empty"] {
+        assert_eq!(hand(name), [None, None], "{name}");
+    }
+    for name in [
+        "truncated",
+        "truncated-before-stop",
+        "garbage-after-first-pickle",
+        "garbage-after-both-pickles",
+        "class-pickle-only",
+    ] {
+        let pm = Some("persistent.mapping.PersistentMapping".to_string());
+        assert_eq!(hand(name), [pm.clone(), pm], "{name}");
+    }
+    // Cut inside the class pickle: unknown.
+    let root = &cases[0].record;
+    for cut in 1..40 {
+        assert_eq!(refs::scan(&root[..cut]).class, None, "cut at {cut}");
+    }
+}
+
 /// The hand-written edge cases fail where they should.
 #[test]
 fn edge_records() {
@@ -205,7 +288,12 @@ fn mutated_records_never_panic() {
     let mut rng = XorShift64::new(0x9e37_79b9_7f4a_7c15);
     let mut runs = 0usize;
     let mut verify = |r: &[u8]| {
-        match refs::references(r) {
+        let scanned = refs::scan(r);
+        assert_eq!(scanned.refs, refs::references(r));
+        if let Some(class) = &scanned.class {
+            assert!(class.len() <= refs::MAX_CLASS_NAME_BYTES, "{class}");
+        }
+        match scanned.refs {
             Ok(oids) => {
                 let set: BTreeSet<_> = oids.iter().collect();
                 assert_eq!(set.len(), oids.len(), "duplicates in {oids:?}");
@@ -285,22 +373,25 @@ fn bench_references() {
     let bytes: usize = cases.iter().map(|c| c.record.len()).sum();
     let rounds = 2000;
     let mut found = 0usize;
+    // What a store runs: `scan` (references and class in one pass).
+    let run = |r: &[u8]| {
+        let s = refs::scan(std::hint::black_box(r));
+        s.refs.map(|r| r.len()).unwrap_or(0) + usize::from(s.class.is_some())
+    };
     // Warm up, then time.
     for c in &cases {
-        found += refs::references(&c.record).map(|r| r.len()).unwrap_or(0);
+        found += run(&c.record);
     }
     let start = Instant::now();
     for _ in 0..rounds {
         for c in &cases {
-            found += refs::references(std::hint::black_box(&c.record))
-                .map(|r| r.len())
-                .unwrap_or(0);
+            found += run(&c.record);
         }
     }
     let ns = start.elapsed().as_nanos() as f64 / (rounds * cases.len()) as f64;
     println!(
-        "refs::references: {ns:.0} ns/record over {} fixture records (mean {} bytes), \
-         {:.2} ns/byte ({found} refs)",
+        "refs::scan: {ns:.0} ns/record over {} fixture records (mean {} bytes), \
+         {:.2} ns/byte ({found} refs and classes)",
         cases.len(),
         bytes / cases.len(),
         ns * cases.len() as f64 / bytes as f64,
@@ -313,14 +404,12 @@ fn bench_references() {
     let start = Instant::now();
     for _ in 0..rounds * 4 {
         for c in &small {
-            found += refs::references(std::hint::black_box(&c.record))
-                .map(|r| r.len())
-                .unwrap_or(0);
+            found += run(&c.record);
         }
     }
     let ns = start.elapsed().as_nanos() as f64 / (rounds * 4 * small.len()) as f64;
     println!(
-        "refs::references: {ns:.0} ns/record over {} records of 150-300 bytes ({found})",
+        "refs::scan: {ns:.0} ns/record over {} records of 150-300 bytes ({found})",
         small.len()
     );
 }

@@ -9,7 +9,7 @@ use std::time::UNIX_EPOCH;
 
 use crate::protocol::ids::Tid;
 use crate::state::Shared;
-use crate::storage::Storage;
+use crate::storage::{ClassRow, Storage, classes};
 
 /// The figures of one scrape.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -151,18 +151,28 @@ pub struct StorageFigures {
     pub unscannable_records: usize,
     /// Votes refused, per reason (label, count).
     pub votes_refused: Vec<(&'static str, u64)>,
+    /// The classes whose current records hold the most bytes, the rest
+    /// summed in a last `(other)` row (`classes::top`); as many as asked
+    /// for (`class-table-size`), none if 0.
+    pub classes: Vec<ClassRow>,
 }
 
 impl StorageFigures {
-    /// Reads storage `s`'s figures now.
-    pub fn of(s: &Storage) -> StorageFigures {
+    /// Reads storage `s`'s figures now, with its `top_classes` biggest
+    /// classes.
+    pub fn of(s: &Storage, top_classes: usize) -> StorageFigures {
         // Not nested: the commit lock's state, then the storage's.
         let (lock_held_seconds, lock_waiters) = s.lock_status();
         let st = s.read();
+        let class_rows = if top_classes > 0 {
+            st.class_rows()
+        } else {
+            Vec::new()
+        };
         let (revisions, retained_bytes) = st.retained();
         let (stats, gc) = (&s.stats, &s.gc_stats);
         let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        StorageFigures {
+        let figures = StorageFigures {
             name: s.name().to_string(),
             connections: st.subscriber_count(),
             objects: st.len(),
@@ -188,6 +198,13 @@ impl StorageFigures {
             gc_last_collection_us: n(&gc.last_cycle_us),
             unscannable_records: st.unscannable(),
             votes_refused: stats.votes_refused.read(),
+            classes: Vec::new(),
+        };
+        // Ranked after the lock is released.
+        drop(st);
+        StorageFigures {
+            classes: classes::top(class_rows, top_classes),
+            ..figures
         }
     }
 }
@@ -199,7 +216,7 @@ impl Snapshot {
             .storage_names
             .iter()
             .filter_map(|name| shared.storages.get(name))
-            .map(|s| StorageFigures::of(s))
+            .map(|s| StorageFigures::of(s, shared.config.class_table_size))
             .collect();
         Snapshot {
             version: env!("CARGO_PKG_VERSION").to_string(),

@@ -4,9 +4,12 @@
 //! Names are prefixed `zeotemp_`, counters end in `_total`, sizes are in
 //! bytes and durations in seconds; per-storage series carry the label
 //! `storage="NAME"`, refusals and faults the label `reason` (a small fixed
-//! set, each exported from the start at 0). The process's own figures are
-//! the standard `process_*` metrics of the Prometheus clients (no prefix).
-//! [`render`] is a pure function of a [`Snapshot`].
+//! set, each exported from the start at 0), per-class series also
+//! `class="module.name"` (for the `class-table-size` biggest classes and
+//! `(other)`: bounded cardinality; class names are client data, escaped and
+//! at most `refs::MAX_CLASS_NAME_BYTES` long). The process's own figures
+//! are the standard `process_*` metrics of the Prometheus clients (no
+//! prefix). [`render`] is a pure function of a [`Snapshot`].
 
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
@@ -112,6 +115,21 @@ static REASON_FAMILIES: &[(&str, &str, PerReason)] = &[
 ];
 
 type Figure = fn(&StorageFigures) -> Option<Num>;
+
+/// The per-class families (gauges): name, help, value of a row.
+type ClassFigure = fn(&crate::storage::ClassRow) -> u64;
+static CLASS_FAMILIES: &[(&str, &str, ClassFigure)] = &[
+    (
+        "zeotemp_class_objects",
+        "Objects whose current record is of the class, for the class-table-size classes holding the most bytes; class=\"(other)\" sums the rest.",
+        |c| c.objects,
+    ),
+    (
+        "zeotemp_class_bytes",
+        "Bytes of the current records of the class's objects (they add up to zeotemp_current_bytes with class=\"(other)\").",
+        |c| c.bytes,
+    ),
+];
 
 fn int(n: usize) -> Option<Num> {
     Some(Num::Int(n as u64))
@@ -352,6 +370,15 @@ pub fn render(snap: &Snapshot) -> String {
             );
         }
     }
+    for (name, help, figure) in CLASS_FAMILIES {
+        family(&mut out, name, Kind::Gauge, help);
+        for s in &snap.storages {
+            for c in &s.classes {
+                let labels = [("storage", s.name.as_str()), ("class", &*c.class)];
+                samples(&mut out, name, &labels, Num::Int(figure(c)));
+            }
+        }
+    }
     out
 }
 
@@ -413,6 +440,7 @@ fn process_families(out: &mut String, p: &ProcessFigures) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::ClassRow;
 
     fn snapshot() -> Snapshot {
         Snapshot {
@@ -443,6 +471,23 @@ mod tests {
                     commits: 7,
                     gc_longest_pause_us: 1500,
                     votes_refused: vec![("memory-limit", 6), ("transaction-size", 0)],
+                    classes: vec![
+                        ClassRow {
+                            class: "Products.Transience.TransientObject.TransientObject".into(),
+                            objects: 8,
+                            bytes: 8000,
+                        },
+                        ClassRow {
+                            class: "evil\"}\\\nzeotemp_fake 1".into(),
+                            objects: 1,
+                            bytes: 30,
+                        },
+                        ClassRow {
+                            class: "(other)".into(),
+                            objects: 1,
+                            bytes: 70,
+                        },
+                    ],
                     ..StorageFigures::default()
                 },
                 StorageFigures {
@@ -552,6 +597,11 @@ mod tests {
             "process_open_fds 9\n",
             "process_max_fds 1024\n",
             "process_start_time_seconds 1795694400.25\n",
+            "zeotemp_class_objects{storage=\"1\",class=\"Products.Transience.TransientObject.TransientObject\"} 8\n",
+            "zeotemp_class_bytes{storage=\"1\",class=\"Products.Transience.TransientObject.TransientObject\"} 8000\n",
+            "zeotemp_class_bytes{storage=\"1\",class=\"(other)\"} 70\n",
+            // A class name is client data: escaped, in one line.
+            "zeotemp_class_objects{storage=\"1\",class=\"evil\\\"}\\\\\\nzeotemp_fake 1\"} 1\n",
         ] {
             assert!(text.contains(want), "{want:?} in\n{text}");
         }

@@ -13,13 +13,13 @@ use crate::storage::Storage;
 /// `server_status()` of one storage: the keys the stock server returns
 /// (`StorageServer.server_status`), plus zeotemp's own figures.
 pub fn server_status(shared: &Shared, storage: &Storage) -> serde_json::Value {
-    let f = StorageFigures::of(storage);
+    let f = StorageFigures::of(storage, shared.config.class_table_size);
     let start = shared
         .started
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    serde_json::json!({
+    let mut status = serde_json::json!({
         "connections": f.connections,
         "loads": f.loads,
         "stores": f.stores,
@@ -45,7 +45,18 @@ pub fn server_status(shared: &Shared, storage: &Storage) -> serde_json::Value {
         "freed-objects": f.gc_freed_objects,
         "longest-pause-ms": f.gc_longest_pause_us as f64 / 1000.0,
         "last-collection-ms": f.gc_last_collection_us as f64 / 1000.0,
-    })
+    });
+    // What fills the storage (`class-table-size`; none listed at 0).
+    if shared.config.class_table_size > 0 {
+        status["classes"] = f
+            .classes
+            .iter()
+            .map(
+                |c| serde_json::json!({"class": &*c.class, "objects": c.objects, "bytes": c.bytes}),
+            )
+            .collect();
+    }
+    status
 }
 
 /// The `ruok` answer: every storage's status, as JSON in ASCII (as
@@ -94,9 +105,17 @@ fn now_secs() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// One line with a storage's figures.
+/// One line with a storage's figures, naming the class whose objects hold
+/// the most bytes.
 pub fn log_summary(s: &Storage) {
-    let f = StorageFigures::of(s);
+    let f = StorageFigures::of(s, 1);
+    let top_class = f.classes.first().map(|c| {
+        let share = c.bytes as f64 * 100.0 / f.current_bytes.max(1) as f64;
+        format!(
+            "{} ({} objects, {share:.0} % of the bytes)",
+            c.class, c.objects
+        )
+    });
     info!(
         storage = s.name(),
         objects = f.objects,
@@ -107,6 +126,7 @@ pub fn log_summary(s: &Storage) {
         collections = f.gc_collections,
         freed_objects = f.gc_freed_objects,
         longest_pause_ms = f.gc_longest_pause_us as f64 / 1000.0,
+        top_class = top_class.as_deref().unwrap_or("none"),
         "storage summary"
     );
 }
@@ -131,5 +151,28 @@ mod tests {
         let back: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert!(back.get("tëmp\u{1F600}").is_some(), "{text}");
         assert_eq!(back["1"]["commits"], 0);
+    }
+
+    #[test]
+    fn status_lists_the_biggest_classes() {
+        let shared = Shared::new(Config::default());
+        let s = shared.storages.get("1").unwrap();
+        let status = server_status(&shared, s);
+        // The root, an empty PersistentMapping, exists from the start.
+        assert_eq!(
+            status["classes"],
+            serde_json::json!([{
+                "class": "persistent.mapping.PersistentMapping",
+                "objects": 1,
+                "bytes": status["size"],
+            }])
+        );
+        let off = Shared::new(Config {
+            class_table_size: 0,
+            ..Config::default()
+        });
+        let status = server_status(&off, off.storages.get("1").unwrap());
+        assert!(status.get("classes").is_none(), "{status}");
+        assert_eq!(status["objects"], 1);
     }
 }

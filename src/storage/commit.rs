@@ -27,8 +27,8 @@ use tokio::sync::oneshot;
 use crate::protocol::ids::{Oid, Tid};
 use crate::storage::stats::VoteRefusal;
 use crate::storage::{
-    ConnId, GONE, Refs, Revision, Storage, StorageError, StorageState, TxnMeta, accounted_size,
-    class_name_of, scan_refs,
+    ClassName, ConnId, GONE, Refs, Revision, Storage, StorageError, StorageState, TxnMeta,
+    accounted_size, refs, scan_record,
 };
 
 /// The commit-lock holder id of the server itself at shutdown (connection
@@ -59,6 +59,8 @@ pub enum TxnOp {
         serial: Tid,
         data: Bytes,
         refs: Refs,
+        /// The record's class, for the class table.
+        class: ClassName,
     },
     CheckCurrent {
         oid: Oid,
@@ -71,15 +73,16 @@ pub enum TxnOp {
 }
 
 impl TxnOp {
-    /// A store; its record is scanned for references here, on the
-    /// connection's own task, outside every lock.
+    /// A store; its record is scanned for references and its class here,
+    /// on the connection's own task, outside every lock.
     pub fn store(oid: Oid, serial: Tid, data: Bytes) -> TxnOp {
-        let refs = scan_refs(&data);
+        let (refs, class) = scan_record(&data);
         TxnOp::Store {
             oid,
             serial,
             data,
             refs,
+            class,
         }
     }
 
@@ -106,12 +109,12 @@ pub struct Conflict {
 /// The write set a successful vote produced, applied by `finish`.
 #[derive(Debug, Default)]
 pub struct VotedTxn {
-    writes: Vec<(Oid, Option<Bytes>, Refs)>,
+    writes: WriteSet,
 }
 
 impl VotedTxn {
     pub fn oids(&self) -> impl Iterator<Item = Oid> + '_ {
-        self.writes.iter().map(|(oid, _, _)| *oid)
+        self.writes.iter().map(|(oid, ..)| *oid)
     }
 }
 
@@ -444,7 +447,8 @@ impl Storage {
         let tid = self.clock.next_tid_after(st.last_tid);
         let meta = Arc::new(meta);
         let mut oids = Vec::with_capacity(txn.writes.len());
-        for (oid, data, refs) in txn.writes {
+        for (oid, data, refs, class) in txn.writes {
+            let class = st.classes.intern(class.as_deref());
             st.put_revision(
                 oid,
                 Revision {
@@ -453,6 +457,7 @@ impl Storage {
                     refs,
                     meta: meta.clone(),
                 },
+                class,
             );
             oids.push(oid);
         }
@@ -485,23 +490,25 @@ fn into_record(data: Bytes) -> Box<[u8]> {
 }
 
 fn set_write(
-    writes: &mut Vec<(Oid, Option<Bytes>, Refs)>,
+    writes: &mut WriteSet,
     index: &mut HashMap<Oid, usize>,
     oid: Oid,
     data: Option<Bytes>,
     refs: Refs,
+    class: ClassName,
 ) {
     match index.get(&oid) {
-        Some(&i) => writes[i] = (oid, data, refs),
+        Some(&i) => writes[i] = (oid, data, refs, class),
         None => {
             index.insert(oid, writes.len());
-            writes.push((oid, data, refs));
+            writes.push((oid, data, refs, class));
         }
     }
 }
 
-/// A vote's write set: `(oid, record or None for a deletion, references)`.
-type WriteSet = Vec<(Oid, Option<Bytes>, Refs)>;
+/// A vote's write set: `(oid, record or None for a deletion, references,
+/// class)`.
+type WriteSet = Vec<(Oid, Option<Bytes>, Refs, ClassName)>;
 
 /// What the first step of a vote found.
 struct CheckedOps {
@@ -558,13 +565,14 @@ impl StorageState {
                     serial,
                     data,
                     refs,
+                    class,
                 } => {
                     // A store the client cannot resolve: the object is gone.
                     let gone = || StorageError::Conflict {
                         oid: *oid,
                         committed: Tid::ZERO,
                         read: *serial,
-                        class_name: class_name_of(data),
+                        class_name: refs::class_name(data),
                         reason: Some(GONE.into()),
                     };
                     if st.condemned(*oid) {
@@ -596,6 +604,7 @@ impl StorageState {
                         *oid,
                         Some(data.clone()),
                         refs.clone(),
+                        class.clone(),
                     );
                 }
                 TxnOp::CheckCurrent { oid, serial } => {
@@ -619,7 +628,14 @@ impl StorageState {
                             reason: None,
                         });
                     }
-                    set_write(&mut writes, &mut index, *oid, None, Some(Box::new([])));
+                    set_write(
+                        &mut writes,
+                        &mut index,
+                        *oid,
+                        None,
+                        Some(Box::new([])),
+                        None,
+                    );
                 }
             }
         }
@@ -642,7 +658,7 @@ impl StorageState {
         let st = self;
         let mut pinned = Vec::new();
         let mut unscannable = Vec::new();
-        for (oid, data, refs) in writes {
+        for (oid, data, refs, _) in writes {
             pinned.push(*oid);
             let Some(refs) = refs else {
                 if st.gc_sweeping() {
@@ -651,7 +667,7 @@ impl StorageState {
                         oid: *oid,
                         committed: st.current_tid(*oid).unwrap_or(Tid::ZERO),
                         read: st.current_tid(*oid).unwrap_or(Tid::ZERO),
-                        class_name: data.as_deref().and_then(class_name_of),
+                        class_name: data.as_deref().and_then(refs::class_name),
                         reason: Some(
                             "zeotemp cannot scan this record for references while it frees \
                              garbage (it might link a freed object): retry"
@@ -676,7 +692,7 @@ impl StorageState {
                     oid: *oid,
                     committed: st.current_tid(*oid).unwrap_or(Tid::ZERO),
                     read: st.current_tid(*oid).unwrap_or(Tid::ZERO),
-                    class_name: data.as_deref().and_then(class_name_of),
+                    class_name: data.as_deref().and_then(refs::class_name),
                     reason: Some(format!(
                         "the record references {missing}, which this storage no longer holds \
                          (deleted, freed as garbage, or from before a server restart): the \

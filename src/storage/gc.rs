@@ -642,6 +642,7 @@ mod tests {
             serial,
             data: Bytes::from(format!("obj {oid} -> {refs:?}")),
             refs: Some(refs.iter().map(|r| Oid(*r)).collect()),
+            class: None,
         }
     }
 
@@ -719,6 +720,62 @@ mod tests {
         assert_eq!(
             st.accounted(),
             st.size() + crate::storage::REVISION_OVERHEAD + crate::storage::OBJECT_OVERHEAD
+        );
+    }
+
+    /// A store of class `class` whose references are given.
+    fn classed(oid: u64, serial: Tid, refs: &[u64], class: &str) -> TxnOp {
+        let mut op = store(oid, serial, refs);
+        if let TxnOp::Store { class: c, .. } = &mut op {
+            *c = Some(class.to_string());
+        }
+        op
+    }
+
+    /// `(objects, bytes)` of `class` in the storage's class table.
+    fn class_count(s: &Storage, class: &str) -> (u64, u64) {
+        s.read()
+            .class_rows()
+            .iter()
+            .find(|r| &*r.class == class)
+            .map_or((0, 0), |r| (r.objects, r.bytes))
+    }
+
+    #[test]
+    fn freed_objects_leave_the_class_table() {
+        let s = storage();
+        let root = s.read().get_tid(Oid::ROOT).unwrap();
+        let t = commit(
+            &s,
+            vec![
+                classed(0, root, &[1, 3], "persistent.mapping.PersistentMapping"),
+                classed(1, Tid::ZERO, &[2], "app.Session"),
+                classed(2, Tid::ZERO, &[1], "app.Session"),
+                classed(3, Tid::ZERO, &[], "BTrees.Length.Length"),
+            ],
+        );
+        let session_bytes = ["obj 1 -> [2]", "obj 2 -> [1]"]
+            .map(str::len)
+            .iter()
+            .sum::<usize>();
+        assert_eq!(class_count(&s, "app.Session"), (2, session_bytes as u64));
+        // Unlink the 1 <-> 2 cycle; once the old root revision is gone the
+        // collector frees it, and its class counts nothing any more.
+        let t2 = commit(
+            &s,
+            vec![classed(0, t, &[3], "persistent.mapping.PersistentMapping")],
+        );
+        assert!(matches!(
+            s.pack(Tid(t2.0 + 1)).gc,
+            GcOutcome::Collected { freed: 2, .. }
+        ));
+        assert_eq!(class_count(&s, "app.Session"), (0, 0));
+        assert_eq!(class_count(&s, "BTrees.Length.Length"), (1, 11));
+        let rows = s.read().class_rows();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(
+            rows.iter().map(|r| r.bytes).sum::<u64>(),
+            s.read().size() as u64
         );
     }
 
@@ -957,6 +1014,7 @@ mod tests {
             serial,
             data: Bytes::from(vec![b'd'; size]),
             refs: Some(refs.iter().map(|r| Oid(*r)).collect()),
+            class: None,
         }
     }
 

@@ -27,8 +27,9 @@
 //! Here: the objects and their revisions, loads, oids, subscribers,
 //! retention and memory accounting; [`commit`] has the two-phase commit and
 //! the commit lock, [`gc`] the collector with its reference scanner
-//! [`refs`], `revisions` an object's revisions, [`stats`] the counters,
-//! [`oidhash`] the maps' hasher. Depends only on `protocol` (ids, and plain
+//! [`refs`], [`classes`] the objects and bytes by class, `revisions` an
+//! object's revisions, [`stats`] the counters, [`oidhash`] the maps'
+//! hasher. Depends only on `protocol` (ids, and plain
 //! values for transaction metadata) and the defaults in `config`.
 
 use std::collections::VecDeque;
@@ -43,6 +44,7 @@ use crate::protocol::value::Value;
 use crate::storage::oidhash::OidMap;
 
 pub mod budget;
+pub mod classes;
 pub mod commit;
 pub mod gc;
 pub mod oidhash;
@@ -50,6 +52,7 @@ pub mod refs;
 mod revisions;
 pub mod stats;
 pub use budget::MemoryBudget;
+pub use classes::{ClassId, ClassRow, ClassTable};
 pub use commit::{Conflict, LockAttempt, SHUTDOWN_HOLDER, Transaction, TxnOp, Vote, VotedTxn};
 pub use gc::GcOutcome;
 pub use stats::Stats;
@@ -94,11 +97,22 @@ pub struct TxnMeta {
 /// (the collector then keeps everything).
 pub type Refs = Option<Box<[Oid]>>;
 
+/// The class of a record (`module.name`) as the scanner read it; `None`
+/// when it could not ([`classes::UNKNOWN_CLASS`]).
+pub type ClassName = Option<String>;
+
 /// The references of `record`, for a revision.
 pub fn scan_refs(record: &[u8]) -> Refs {
     crate::storage::refs::references(record)
         .ok()
         .map(Vec::into_boxed_slice)
+}
+
+/// The references and the class of `record`, in one pass: what a store
+/// runs on its record.
+pub fn scan_record(record: &[u8]) -> (Refs, ClassName) {
+    let scan = crate::storage::refs::scan(record);
+    (scan.refs.ok().map(Vec::into_boxed_slice), scan.class)
 }
 
 /// Bytes a revision is accounted for: its record, its references and
@@ -137,6 +151,10 @@ struct Object {
     /// The collector's mark: equal to the cycle's epoch once reached.
     /// Atomic so that marking runs under the read lock, beside loads.
     mark: AtomicU32,
+    /// The class of the current revision (when it holds a record), in the
+    /// storage's class table. Two bytes that fit in the padding after
+    /// `mark` and `pruned`.
+    class: ClassId,
 }
 
 /// The reason of a ConflictError for an object this storage no longer has.
@@ -237,6 +255,8 @@ pub struct StorageState {
     clock: Clock,
     limits: StorageLimits,
     gc: gc::GcState,
+    /// Objects and bytes of the current revisions, by class.
+    classes: ClassTable,
 }
 
 /// The settings of one storage.
@@ -301,11 +321,15 @@ impl Storage {
         };
         let accounted = root.accounted() + OBJECT_OVERHEAD;
         limits.memory.add(accounted);
+        let mut classes = ClassTable::default();
+        let root_class = classes.intern(refs::class_name(EMPTY_ROOT_RECORD).as_deref());
+        classes.add(root_class, EMPTY_ROOT_RECORD.len());
         let mut objects = OidMap::default();
         objects.insert(
             Oid::ROOT,
             Object {
                 revisions: revisions::Revisions::One(root),
+                class: root_class,
                 ..Object::default()
             },
         );
@@ -334,6 +358,7 @@ impl Storage {
                     ..limits
                 },
                 gc: gc::GcState::default(),
+                classes,
             }),
             lock: Mutex::new(commit::CommitLock::default()),
             // Oids are drawn from the TimeStamp line (see `new_oids`).
@@ -659,9 +684,12 @@ impl StorageState {
         Some((self.invalidations.front()?.0, oids))
     }
 
-    fn put_revision(&mut self, oid: Oid, rev: Revision) {
+    /// Adds `rev` as `oid`'s current revision; `class` is its record's
+    /// class (unused for a deletion).
+    fn put_revision(&mut self, oid: Oid, rev: Revision, class: ClassId) {
         self.count_in(&rev);
-        let new_len = rev.data.as_ref().map_or(0, |d| d.len());
+        let new_record = rev.data.as_ref().map(|d| d.len());
+        let new_len = new_record.unwrap_or(0);
         let obj = match self.objects.entry(oid) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -670,16 +698,23 @@ impl StorageState {
                 e.insert(Object::default())
             }
         };
-        let old_current = obj
+        let old_record = obj
             .revisions
             .last()
             .and_then(|r| r.data.as_ref())
-            .map_or(0, |d| d.len());
+            .map(|d| d.len());
+        if let Some(len) = old_record {
+            self.classes.remove(obj.class, len);
+        }
+        if let Some(len) = new_record {
+            self.classes.add(class, len);
+        }
+        obj.class = class;
         if !obj.revisions.is_empty() {
             self.replaced.push_back((rev.tid, oid));
         }
         obj.revisions.push(rev);
-        self.current_bytes = self.current_bytes + new_len - old_current;
+        self.current_bytes = self.current_bytes + new_len - old_record.unwrap_or(0);
     }
 
     /// `bytes` more accounted, here and in the process's budget.
@@ -719,8 +754,9 @@ impl StorageState {
     /// caller can free its memory after releasing the lock.
     fn take_object(&mut self, oid: Oid) -> Option<Object> {
         let obj = self.objects.remove(&oid)?;
-        if let Some(cur) = obj.revisions.last() {
-            self.current_bytes -= cur.data.as_ref().map_or(0, |d| d.len());
+        if let Some(record) = obj.revisions.last().and_then(|r| r.data.as_ref()) {
+            self.current_bytes -= record.len();
+            self.classes.remove(obj.class, record.len());
         }
         for rev in &obj.revisions {
             self.count_out(rev);
@@ -808,6 +844,12 @@ impl StorageState {
     pub fn memory(&self) -> &MemoryBudget {
         &self.limits.memory
     }
+
+    /// Every class that counts an object now (current revisions), unsorted:
+    /// take it under the lock, rank it with [`classes::top`] after.
+    pub fn class_rows(&self) -> Vec<ClassRow> {
+        self.classes.rows()
+    }
 }
 
 /// A storage that goes gives its accounted bytes back to the budget it
@@ -816,30 +858,6 @@ impl Drop for StorageState {
     fn drop(&mut self) {
         self.limits.memory.sub(self.accounted);
     }
-}
-
-/// The dotted class name of a ZODB record, read from the GLOBAL opcode that
-/// starts its class pickle (`\x80\x03cmodule\nName\n`), for ConflictError's
-/// `class_name`. Nothing is evaluated; anything unexpected gives None.
-pub fn class_name_of(record: &[u8]) -> Option<String> {
-    let mut p = record;
-    if p.first() == Some(&0x80) {
-        p = p.get(2..)?;
-    }
-    // The class pickle may be `(klass, args)`: MARK or EMPTY_TUPLE-less forms.
-    if p.first() == Some(&b'(') {
-        p = &p[1..];
-    }
-    if p.first() != Some(&b'c') {
-        return None;
-    }
-    let rest = &p[1..];
-    let nl1 = rest.iter().position(|&b| b == b'\n')?;
-    let module = std::str::from_utf8(&rest[..nl1]).ok()?;
-    let rest = &rest[nl1 + 1..];
-    let nl2 = rest.iter().position(|&b| b == b'\n')?;
-    let name = std::str::from_utf8(&rest[..nl2]).ok()?;
-    Some(format!("{module}.{name}"))
 }
 
 /// What a `pack` did, for its log line (`Display` is that line's tail).
@@ -911,7 +929,7 @@ mod tests {
         assert_eq!(root.start, st.last_tid());
         assert_eq!(root.end, None);
         assert_eq!(
-            class_name_of(root.data).as_deref(),
+            refs::class_name(root.data).as_deref(),
             Some("persistent.mapping.PersistentMapping")
         );
     }
@@ -1141,6 +1159,107 @@ mod tests {
         let t1 = commit(&s, vec![store(5, Tid::ZERO, b"one")]);
         commit(&s, vec![store(5, t1, b"two")]);
         assert_eq!(s.prune_expired(), 0, "inside the window");
+    }
+
+    /// A record of class `module.name` (protocol 3), `size` bytes long.
+    pub(super) fn record_of(class: &str, size: usize) -> Bytes {
+        let (module, name) = class.rsplit_once('.').unwrap();
+        let mut r = b"\x80\x03c".to_vec();
+        r.extend_from_slice(format!("{module}\n{name}\nq\x00.").as_bytes());
+        r.extend_from_slice(b"\x80\x03C");
+        let state = size.checked_sub(r.len() + 4).expect("size too small");
+        assert!(state < 256);
+        r.push(state as u8);
+        r.extend(std::iter::repeat_n(b's', state));
+        r.extend_from_slice(b"q\x01.");
+        assert_eq!(r.len(), size);
+        Bytes::from(r)
+    }
+
+    /// The class table as `(class, objects, bytes)`, by name.
+    pub(super) fn classes(s: &Storage) -> Vec<(String, u64, u64)> {
+        let st = s.read();
+        let mut rows: Vec<_> = st
+            .class_rows()
+            .into_iter()
+            .map(|r| (r.class.to_string(), r.objects, r.bytes))
+            .collect();
+        rows.sort();
+        // Sums: every object with a current record, at its length.
+        let live = st
+            .objects
+            .values()
+            .filter(|o| o.revisions.last().is_some_and(|r| r.data.is_some()))
+            .count() as u64;
+        assert_eq!(rows.iter().map(|r| r.1).sum::<u64>(), live);
+        assert_eq!(rows.iter().map(|r| r.2).sum::<u64>(), st.size() as u64);
+        rows
+    }
+
+    #[test]
+    fn class_table_follows_stores_replacements_and_deletions() {
+        const PM: &str = "persistent.mapping.PersistentMapping";
+        const TREE: &str = "BTrees.OOBTree.OOBTree";
+        let s = storage();
+        let root = EMPTY_ROOT_RECORD.len() as u64;
+        assert_eq!(classes(&s), [(PM.into(), 1, root)]);
+        let put = |oid, serial, class, size| TxnOp::store(Oid(oid), serial, record_of(class, size));
+        let t1 = commit(
+            &s,
+            vec![
+                put(5, Tid::ZERO, PM, 100),
+                put(6, Tid::ZERO, PM, 120),
+                put(7, Tid::ZERO, TREE, 60),
+                store(8, Tid::ZERO, b"not a pickle"),
+            ],
+        );
+        assert_eq!(
+            classes(&s),
+            [
+                ("(unknown)".into(), 1, 12),
+                (TREE.into(), 1, 60),
+                (PM.into(), 3, root + 220),
+            ]
+        );
+        // Replaced by a bigger record of the same class, and by one of
+        // another class: counted once, at the current record.
+        let t2 = commit(
+            &s,
+            vec![put(5, t1, PM, 150), put(6, t1, "my.app.Session", 90)],
+        );
+        assert_eq!(
+            classes(&s),
+            [
+                ("(unknown)".into(), 1, 12),
+                (TREE.into(), 1, 60),
+                ("my.app.Session".into(), 1, 90),
+                (PM.into(), 2, root + 150),
+            ]
+        );
+        // A deletion takes the object out; history does not count.
+        commit(
+            &s,
+            vec![
+                TxnOp::Delete {
+                    oid: Oid(6),
+                    serial: t2,
+                },
+                TxnOp::Delete {
+                    oid: Oid(8),
+                    serial: t1,
+                },
+            ],
+        );
+        assert_eq!(
+            classes(&s),
+            [(TREE.into(), 1, 60), (PM.into(), 2, root + 150)]
+        );
+        // Pruning the history changes nothing.
+        s.write().prune_until(Tid::MAX);
+        assert_eq!(
+            classes(&s),
+            [(TREE.into(), 1, 60), (PM.into(), 2, root + 150)]
+        );
     }
 
     #[test]

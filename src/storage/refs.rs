@@ -1,4 +1,6 @@
-//! The persistent references of a ZODB object record, for garbage collection.
+//! The persistent references of a ZODB object record, for garbage
+//! collection, and the record's class, for the class table (what fills a
+//! storage, `storage::classes`), read in the same pass.
 //!
 //! A record is two pickles back to back (ZODB `ObjectWriter.serialize`): the
 //! class description, then the state. A reference to another persistent
@@ -22,6 +24,19 @@
 //! much as a persistent id needs (bytes or text as a range of the record, a
 //! tuple by its first item, a list, or "something else"). `REDUCE`, `BUILD`,
 //! `NEWOBJ` and the like pop their operands and push "something else".
+//!
+//! The class is what the first pickle (the class description) names, in
+//! the forms `ObjectReader.getClassName` reads (ZODB's `serialize.py`):
+//!
+//! | class pickle | written by | class |
+//! | --- | --- | --- |
+//! | `klass`: `GLOBAL 'module\nname'` (protocols 0–3), `STACK_GLOBAL` of two text strings (protocol 4+), memo opcodes between | ZODB for every ordinary class | `module.name` |
+//! | `(klass, args)` | classes with `__getnewargs__` | `module.name` of `klass` |
+//! | `((module, name), args)`, the strings bytes or text | ZODB 3 for instances of persistent classes, old records | `module.name` |
+//! | anything else (a persistent class referenced by oid, an extension code, no pickle at all, a first pickle that cannot be read) | | unknown (`None`) |
+//!
+//! Class names are client data: [`Scan::class`] is lossy UTF-8 and at most
+//! [`MAX_CLASS_NAME_BYTES`] long.
 //!
 //! Invariants:
 //!
@@ -78,6 +93,34 @@ impl RefError {
     }
 }
 
+/// Longest class name [`Scan::class`] returns, in bytes: a longer one (no
+/// real module path comes near) is cut on a character boundary and ends in
+/// `...`, so that a client cannot make the class table, `server_status` or
+/// a metric label hold kilobytes per class.
+pub const MAX_CLASS_NAME_BYTES: usize = 200;
+
+/// What one pass over a record finds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scan {
+    /// `module.name` of the record's class, from its class pickle; `None`
+    /// when there is no class pickle in one of ZODB's forms (see the module
+    /// docs). Independent of `refs`: a record whose class pickle is whole
+    /// has its class even when its state cannot be walked.
+    pub class: Option<String>,
+    /// What [`references`] returns.
+    pub refs: Result<Vec<Oid>, RefError>,
+}
+
+/// The references and the class of one record, in one pass: what a store
+/// runs on each record it receives.
+pub fn scan(record: &[u8]) -> Scan {
+    let (class, refs) = walk(record, false);
+    Scan {
+        class: class.map(|name| name.format(record)),
+        refs,
+    }
+}
+
 /// Persistent references of one record, in order of first appearance
 /// (duplicates dropped).
 ///
@@ -85,24 +128,41 @@ impl RefError {
 /// has none. A record that starts like a pickle must be one or more complete
 /// pickles back to back, otherwise this is an error.
 pub fn references(record: &[u8]) -> Result<Vec<Oid>, RefError> {
+    walk(record, false).1
+}
+
+/// The record's class (see [`Scan::class`]), reading only its first
+/// pickle: for the `class_name` of a ConflictError.
+pub fn class_name(record: &[u8]) -> Option<String> {
+    walk(record, true).0.map(|name| name.format(record))
+}
+
+/// Walks `record` (only its first pickle if `class_only`): its class,
+/// known even when the rest cannot be walked, and its references. The one
+/// caller of the walker, so that all of it is inlined here.
+fn walk(record: &[u8], class_only: bool) -> (Option<Name>, Result<Vec<Oid>, RefError>) {
     let Some(&first) = record.first() else {
-        return Ok(Vec::new());
+        return (None, Ok(Vec::new()));
     };
     if !can_start_pickle(first) {
-        return Ok(Vec::new());
+        return (None, Ok(Vec::new()));
     }
     if u32::try_from(record.len()).is_err() {
         // Items hold u32 ranges; frames are far smaller than this anyway.
-        return Err(RefError::Malformed {
+        let error = RefError::Malformed {
             offset: 0,
             reason: "record longer than 4 GiB",
-        });
+        };
+        return (None, Err(error));
     }
     let mut walker = Walker::new(record);
-    walker.run()?;
-    let mut refs = walker.refs;
-    dedup_in_order(&mut refs);
-    Ok(refs)
+    let walked = walker.run(class_only);
+    let refs = walked.map(|()| {
+        let mut refs = std::mem::take(&mut walker.refs);
+        dedup_in_order(&mut refs);
+        refs
+    });
+    (walker.class, refs)
 }
 
 /// Is `byte` an opcode that can begin a well-formed pickle?
@@ -208,6 +268,17 @@ enum Kind {
     TupleEscaped,
     /// A tuple whose first item is anything else.
     TupleOther,
+    /// A class named in the class pickle by `GLOBAL` or `STACK_GLOBAL`:
+    /// `start` indexes [`Walker::names`]. Elsewhere like `Other`.
+    Class,
+    /// A tuple of exactly two strings in the class pickle, ZODB 3's
+    /// `(module, name)`: `start` indexes [`Walker::names`], which also keeps
+    /// the tuple as a persistent id sees it.
+    NamePair,
+    /// A tuple whose first item is a `Class` or a `NamePair`, the class
+    /// pickle's `(klass, args)`: `start` indexes [`Walker::names`].
+    /// Elsewhere like `TupleOther`.
+    TupleClass,
     /// An unused memo slot (never on the stack).
     Vacant,
 }
@@ -243,9 +314,72 @@ impl Item {
             Kind::Bytes => Kind::TupleBytes,
             Kind::Text => Kind::TupleText,
             Kind::Escaped => Kind::TupleEscaped,
+            Kind::Class | Kind::NamePair => Kind::TupleClass,
             _ => return Item::of(Kind::TupleOther),
         };
         Item { kind, ..first }
+    }
+
+    /// A string whose range is its value (bytes or text, not escaped).
+    fn is_plain_string(self) -> bool {
+        matches!(self.kind, Kind::Bytes | Kind::Text)
+    }
+}
+
+/// Most class names the walker keeps from one class pickle. ZODB's writers
+/// put one there (the class, written first); more are rare (a class among
+/// `__getnewargs__`'s arguments) and do not name the record's class, so
+/// further ones just stay anonymous.
+const MAX_NAMES: usize = 4;
+
+/// A class name as two ranges of the record, and for a `NamePair` the
+/// tuple as a persistent id sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Name {
+    module: (u32, u32),
+    name: (u32, u32),
+    pair: Item,
+}
+
+impl Name {
+    const EMPTY: Name = Name {
+        module: (0, 0),
+        name: (0, 0),
+        pair: Item::OTHER,
+    };
+
+    fn new(module: Item, name: Item) -> Name {
+        Name {
+            module: (module.start, module.len),
+            name: (name.start, name.len),
+            pair: Item::OTHER,
+        }
+    }
+
+    /// `module.name`, lossy UTF-8, cut to [`MAX_CLASS_NAME_BYTES`]. One
+    /// allocation and one UTF-8 check: this runs on every stored record.
+    fn format(&self, record: &[u8]) -> String {
+        let part = |(start, len): (u32, u32)| {
+            let (start, len) = (start as usize, len as usize);
+            // Ranges come from the record itself.
+            record.get(start..start + len).unwrap_or_default()
+        };
+        let (module, name) = (part(self.module), part(self.name));
+        let mut bytes = Vec::with_capacity(module.len() + 1 + name.len());
+        bytes.extend_from_slice(module);
+        bytes.push(b'.');
+        bytes.extend_from_slice(name);
+        let mut s = String::from_utf8(bytes)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        if s.len() > MAX_CLASS_NAME_BYTES {
+            let mut cut = MAX_CLASS_NAME_BYTES - 3;
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            s.truncate(cut);
+            s.push_str("...");
+        }
+        s
     }
 }
 
@@ -315,6 +449,14 @@ struct Walker<'a> {
     marks: Vec<usize>,
     memo: Memo,
     refs: Vec<Oid>,
+    /// True until the first pickle (the class pickle) ends.
+    in_class_pickle: bool,
+    /// Class names met in the class pickle (`names_len` of them), indexed
+    /// by the `start` of `Class`, `NamePair` and `TupleClass` items.
+    names: [Name; MAX_NAMES],
+    names_len: usize,
+    /// The record's class, once the class pickle has ended on one.
+    class: Option<Name>,
 }
 
 impl<'a> Walker<'a> {
@@ -327,6 +469,31 @@ impl<'a> Walker<'a> {
             marks: Vec::with_capacity(8),
             memo: Memo::new(data.len()),
             refs: Vec::with_capacity(8),
+            in_class_pickle: true,
+            names: [Name::EMPTY; MAX_NAMES],
+            names_len: 0,
+            class: None,
+        }
+    }
+
+    /// An item of `kind` standing for `name`, if there is room to keep it.
+    fn named(&mut self, kind: Kind, name: Name) -> Option<Item> {
+        let i = self.names_len;
+        *self.names.get_mut(i)? = name;
+        self.names_len += 1;
+        Some(Item {
+            kind,
+            start: i as u32,
+            len: 0,
+        })
+    }
+
+    /// The class the class pickle's value `meta` names: `klass`,
+    /// `(klass, args)` or `((module, name), args)`.
+    fn class_of(&self, meta: Item) -> Option<Name> {
+        match meta.kind {
+            Kind::Class | Kind::TupleClass => self.names.get(meta.start as usize).copied(),
+            _ => None,
         }
     }
 
@@ -334,12 +501,13 @@ impl<'a> Walker<'a> {
     /// over from one pickle to the next (ZODB pickles both with one pickler
     /// and reads both with one unpickler, so the state pickle `BINGET`s the
     /// class of the first); the stack and marks start empty each time.
-    fn run(&mut self) -> Result<(), RefError> {
+    /// With `class_only`, stops after the first pickle.
+    fn run(&mut self, class_only: bool) -> Result<(), RefError> {
         loop {
             self.stack.clear();
             self.marks.clear();
             self.pickle()?;
-            if self.pos == self.data.len() {
+            if class_only || self.pos == self.data.len() {
                 return Ok(());
             }
         }
@@ -506,6 +674,14 @@ impl<'a> Walker<'a> {
 
     /// Records the reference a persistent id stands for, if any.
     fn persistent_id(&mut self, pid: Item) -> Result<(), RefError> {
+        // A (module, name) pair of the class pickle is a tuple of strings.
+        let pid = match pid.kind {
+            Kind::NamePair => self
+                .names
+                .get(pid.start as usize)
+                .map_or(Item::OTHER, |n| n.pair),
+            _ => pid,
+        };
         let oid_kind = match pid.kind {
             Kind::List => return Ok(()), // weak or cross-database: not followed
             Kind::Bytes | Kind::TupleBytes => Kind::Bytes,
@@ -514,8 +690,10 @@ impl<'a> Walker<'a> {
                 return Err(self.bad_ref("oid written as an escaped string"));
             }
             Kind::EmptyTuple => return Err(self.bad_ref("empty tuple")),
-            Kind::TupleOther => return Err(self.bad_ref("tuple whose first item is not a string")),
-            Kind::Other | Kind::Vacant => {
+            Kind::TupleOther | Kind::TupleClass => {
+                return Err(self.bad_ref("tuple whose first item is not a string"));
+            }
+            Kind::Other | Kind::Class | Kind::NamePair | Kind::Vacant => {
                 return Err(self.bad_ref("neither a tuple, a string nor a list"));
             }
         };
@@ -545,7 +723,11 @@ impl<'a> Walker<'a> {
             let opcode = *self.data.get(self.pos).ok_or_else(|| self.truncated())?;
             self.pos += 1;
             if opcode == op::STOP {
-                self.pop()?;
+                let value = self.pop()?;
+                if self.in_class_pickle {
+                    self.in_class_pickle = false;
+                    self.class = self.class_of(value);
+                }
                 return Ok(());
             }
             self.step(opcode)?;
@@ -704,17 +886,12 @@ impl<'a> Walker<'a> {
             }
             op::TUPLE => {
                 let start = self.pop_mark()?;
-                let item = Item::tuple(self.stack.get(start).copied());
-                self.stack.truncate(start);
-                self.stack.push(item);
+                self.close_tuple(start);
             }
             op::TUPLE1 | op::TUPLE2 | op::TUPLE3 => {
                 let n = (opcode - op::TUPLE1 + 1) as usize;
                 self.need(n)?;
-                let start = self.stack.len() - n;
-                let item = Item::tuple(self.stack.get(start).copied());
-                self.stack.truncate(start);
-                self.stack.push(item);
+                self.close_tuple(self.stack.len() - n);
             }
             op::DICT | op::FROZENSET => {
                 self.drop_marked()?;
@@ -780,9 +957,24 @@ impl<'a> Walker<'a> {
     fn step_object(&mut self, opcode: u8) -> Result<(), RefError> {
         match opcode {
             op::GLOBAL => {
-                self.line()?;
-                self.line()?;
-                self.stack.push(Item::OTHER);
+                let module = (self.pos, self.line()?.len());
+                let name = (self.pos, self.line()?.len());
+                let item = if self.in_class_pickle {
+                    self.class_pickle_global(module, name)
+                } else {
+                    Item::OTHER
+                };
+                self.stack.push(item);
+            }
+            op::STACK_GLOBAL => {
+                let name = self.pop()?;
+                let module = self.pop()?;
+                let item = if self.in_class_pickle {
+                    self.class_pickle_stack_global(module, name)
+                } else {
+                    Item::OTHER
+                };
+                self.stack.push(item);
             }
             op::EXT1 => self.push_skipped(1)?,
             op::EXT2 => self.push_skipped(2)?,
@@ -791,7 +983,7 @@ impl<'a> Walker<'a> {
                 self.pop()?;
                 self.need(1)?;
             }
-            op::REDUCE | op::NEWOBJ | op::STACK_GLOBAL => {
+            op::REDUCE | op::NEWOBJ => {
                 self.pop_n(2)?;
                 self.stack.push(Item::OTHER);
             }
@@ -830,6 +1022,63 @@ impl<'a> Walker<'a> {
             _ => return Err(self.unknown(opcode)),
         }
         Ok(())
+    }
+
+    /// Replaces the items from stack index `start` up with their tuple.
+    /// In the class pickle, a tuple of two plain strings is a `NamePair`.
+    #[inline]
+    fn close_tuple(&mut self, start: usize) {
+        let item = if self.in_class_pickle {
+            self.class_pickle_tuple(start)
+        } else {
+            Item::tuple(self.stack.get(start).copied())
+        };
+        self.stack.truncate(start);
+        self.stack.push(item);
+    }
+
+    /// [`Self::close_tuple`]'s item in the class pickle. Out of line, as
+    /// the other class-pickle steps: they run once or twice per record,
+    /// and inlined they would slow down the hot loop.
+    #[inline(never)]
+    fn class_pickle_tuple(&mut self, start: usize) -> Item {
+        let item = Item::tuple(self.stack.get(start).copied());
+        if let [module, name] = self.stack[start.min(self.stack.len())..]
+            && module.is_plain_string()
+            && name.is_plain_string()
+        {
+            let name = Name {
+                pair: item,
+                ..Name::new(module, name)
+            };
+            return self.named(Kind::NamePair, name).unwrap_or(item);
+        }
+        item
+    }
+
+    /// A `GLOBAL` of the class pickle: its lines at `module` and `name`.
+    #[inline(never)]
+    fn class_pickle_global(&mut self, module: (usize, usize), name: (usize, usize)) -> Item {
+        // The record is under 4 GiB (checked in `walk`).
+        let range = |(start, len): (usize, usize)| Item {
+            kind: Kind::Bytes,
+            start: start as u32,
+            len: len as u32,
+        };
+        let name = Name::new(range(module), range(name));
+        self.named(Kind::Class, name).unwrap_or(Item::OTHER)
+    }
+
+    /// A `STACK_GLOBAL` of the class pickle, of `module` and `name`
+    /// (Python's takes text only).
+    #[inline(never)]
+    fn class_pickle_stack_global(&mut self, module: Item, name: Item) -> Item {
+        if module.kind == Kind::Text && name.kind == Kind::Text {
+            self.named(Kind::Class, Name::new(module, name))
+                .unwrap_or(Item::OTHER)
+        } else {
+            Item::OTHER
+        }
     }
 
     fn push_skipped(&mut self, n: usize) -> Result<(), RefError> {
@@ -1190,6 +1439,179 @@ mod tests {
         s.extend_from_slice(b"l.");
         let want: Vec<u64> = (0..300u64).map(|i| i * 7 % 1009).collect();
         assert_eq!(refs(&record(&s)), want);
+    }
+
+    /// The class `scan` reads, checking that its references are those of
+    /// `references`.
+    fn class(r: &[u8]) -> Option<String> {
+        let scanned = scan(r);
+        assert_eq!(scanned.refs, references(r), "{r:?}");
+        assert_eq!(class_name(r), scanned.class, "{r:?}");
+        scanned.class
+    }
+
+    fn with_state(class_pickle: &[u8]) -> Vec<u8> {
+        let mut r = class_pickle.to_vec();
+        r.extend_from_slice(b"\x80\x03}q\x05.");
+        r
+    }
+
+    #[test]
+    fn class_of_a_global() {
+        let pm = Some("persistent.mapping.PersistentMapping".to_string());
+        // Protocol 3 (ZODB 5 and 6), with BINPUT.
+        assert_eq!(class(&record(b"N.")), pm);
+        // Protocol 2 without memo, protocol 1 (`q`), protocol 0 (`p0\n`).
+        assert_eq!(
+            class(b"\x80\x02cpersistent.mapping\nPersistentMapping\n.N."),
+            pm
+        );
+        assert_eq!(
+            class(b"cpersistent.mapping\nPersistentMapping\nq\x01.}q\x02."),
+            pm
+        );
+        assert_eq!(
+            class(b"cpersistent.mapping\nPersistentMapping\np0\n.(dp1\n."),
+            pm
+        );
+        // Protocol 4: FRAME, SHORT_BINUNICODE with MEMOIZE, STACK_GLOBAL;
+        // BINUNICODE too.
+        let r = b"\x80\x04\x95\x1f\x00\x00\x00\x00\x00\x00\x00\
+                  \x8c\x0eBTrees.OOBTree\x94\x8c\x07OOBTree\x94\x93\x94.\x80\x04N.";
+        assert_eq!(class(r).as_deref(), Some("BTrees.OOBTree.OOBTree"));
+        let r = b"\x80\x04X\x01\x00\x00\x00mX\x01\x00\x00\x00C\x93.";
+        assert_eq!(class(r).as_deref(), Some("m.C"));
+        // The state's references are found as before.
+        let mut s = oid_bytes(OID1);
+        s.extend_from_slice(b"h\x00\x86Q.");
+        let scanned = scan(&record(&s));
+        assert_eq!((scanned.class, scanned.refs), (pm, Ok(vec![Oid(1)])));
+    }
+
+    #[test]
+    fn class_of_newargs_and_zodb3_tuples() {
+        // (klass, args): `__getnewargs__`, protocols 3, 2, 1 and 4.
+        let r = with_state(b"\x80\x03cmy.mod\nKlass\nq\x00K\x01\x85q\x01\x86q\x02.");
+        assert_eq!(class(&r).as_deref(), Some("my.mod.Klass"));
+        let r = with_state(b"\x80\x02cmy.mod\nKlass\n)\x86.");
+        assert_eq!(class(&r).as_deref(), Some("my.mod.Klass"));
+        let r = with_state(b"(cmy.mod\nKlass\nq\x01(K\x01tq\x02tq\x03.");
+        assert_eq!(class(&r).as_deref(), Some("my.mod.Klass"));
+        let r = with_state(b"\x80\x04\x8c\x06my.mod\x94\x8c\x05Klass\x94\x93\x94N\x86\x94.");
+        assert_eq!(class(&r).as_deref(), Some("my.mod.Klass"));
+        // ((module, name), args): ZODB 3, strings as py2 str (protocol 1
+        // MARK ... TUPLE, protocol 2 TUPLE2), bytes or text.
+        let r = with_state(b"((U\x06my.modq\x01U\x05Klassq\x02tq\x03Ntq\x04.");
+        assert_eq!(class(&r).as_deref(), Some("my.mod.Klass"));
+        let r = with_state(b"\x80\x02U\x06my.modU\x05Klass\x86N\x86.");
+        assert_eq!(class(&r).as_deref(), Some("my.mod.Klass"));
+        let r = with_state(b"\x80\x03X\x06\x00\x00\x00my.modC\x05Klass\x86)\x86.");
+        assert_eq!(class(&r).as_deref(), Some("my.mod.Klass"));
+        // Protocol 0 strings without escapes.
+        let r = with_state(b"((S'my.mod'\np1\nS'Klass'\np2\ntp3\nNtp4\n.");
+        assert_eq!(class(&r).as_deref(), Some("my.mod.Klass"));
+    }
+
+    #[test]
+    fn unknown_classes() {
+        let cases: [&[u8]; 14] = [
+            b"",
+            b"x",
+            b"data",
+            // A bare (module, name) pair is not a form ZODB writes.
+            b"\x80\x02U\x06my.modU\x05Klass\x86.N.",
+            // Not a class at all, or a tuple of something else.
+            b"\x80\x03N.N.",
+            b"\x80\x03K\x01N\x86.N.",
+            // A persistent class referenced by oid: (pid, None).
+            b"\x80\x03C\x08\x00\x00\x00\x00\x00\x00\x00\x01cm\nMeta\n\x86QN\x86.N.",
+            // STACK_GLOBAL of bytes (Python refuses it), an extension code.
+            b"\x80\x04C\x01mC\x01C\x93.N.",
+            b"\x80\x02\x82\x01.N.",
+            // Escaped protocol-0 strings are not decoded.
+            b"((S'my\\x2emod'\nS'Klass'\ntNt.N.",
+            // A class pickle cut short: no class, and an error.
+            b"\x80\x03cpersistent.mapping\nPersistentMapping",
+            b"\x80\x03cpersistent.mapping\nPersistentMapping\nq\x00",
+            // Three strings, or a pair of a string and a number.
+            b"\x80\x02U\x01aU\x01bU\x01c\x87N\x86.N.",
+            b"\x80\x02U\x01aK\x01\x86N\x86.N.",
+        ];
+        for r in cases {
+            assert_eq!(class(r), None, "{r:?}");
+        }
+        assert!(
+            scan(b"\x80\x03cpersistent.mapping\nPersistentMapping")
+                .refs
+                .is_err()
+        );
+        // The class pickle is whole, the state is not: the class is known,
+        // the references are an error (the collector keeps everything).
+        let mut r = record(b"(");
+        r.extend_from_slice(b"garbage");
+        let scanned = scan(&r);
+        assert_eq!(
+            scanned.class.as_deref(),
+            Some("persistent.mapping.PersistentMapping")
+        );
+        assert!(scanned.refs.is_err());
+    }
+
+    #[test]
+    fn class_names_are_bounded_and_lossy() {
+        let mut r = b"\x80\x03c".to_vec();
+        r.extend(std::iter::repeat_n(b'm', 150));
+        r.extend_from_slice("\né".as_bytes());
+        r.extend(std::iter::repeat_n(b'n', 100));
+        r.extend_from_slice(b"\n.N.");
+        let name = class(&r).unwrap();
+        assert!(name.len() <= MAX_CLASS_NAME_BYTES, "{}", name.len());
+        assert!(name.ends_with("..."), "{name}");
+        assert!(name.starts_with(&"m".repeat(150)));
+        // A name just under the bound is whole.
+        let mut r = b"\x80\x03c".to_vec();
+        r.extend(std::iter::repeat_n(b'm', MAX_CLASS_NAME_BYTES - 2));
+        r.extend_from_slice(b"\nK\n.N.");
+        assert_eq!(class(&r).unwrap().len(), MAX_CLASS_NAME_BYTES);
+        // Not UTF-8: replaced, never an error.
+        let r = b"\x80\x03cm\xff\nC\n.N.";
+        assert_eq!(class(r).as_deref(), Some("m\u{fffd}.C"));
+    }
+
+    #[test]
+    fn class_pickle_pairs_keep_their_meaning_as_persistent_ids() {
+        // A (oid, name) pair in the class pickle used as a persistent id,
+        // there and, from the memo, in the state: still a reference.
+        let mut r = b"\x80\x03(".to_vec();
+        r.extend(oid_bytes(OID1));
+        r.extend_from_slice(b"U\x01ntq\x00QN\x86.\x80\x03h\x00Q.");
+        assert_eq!(refs(&r), [1]);
+        let mut r = b"\x80\x02".to_vec();
+        r.extend(oid_bytes(OID2));
+        r.extend_from_slice(b"U\x01n\x86q\x00Q.\x80\x02h\x00Q.");
+        assert_eq!(refs(&r), [2]);
+        // A class used as a persistent id is refused as before.
+        assert!(matches!(
+            references(b"\x80\x03cm\nC\nq\x00Q."),
+            Err(RefError::BadReference { .. })
+        ));
+        assert!(matches!(
+            references(b"\x80\x03cm\nC\nq\x00N\x86Q."),
+            Err(RefError::BadReference { .. })
+        ));
+        // More names than the walker keeps: the first is the class.
+        let mut r = b"\x80\x02(".to_vec();
+        for i in 0..=MAX_NAMES {
+            r.extend_from_slice(format!("cm{i}\nC\n").as_bytes());
+        }
+        r.extend_from_slice(b"t.N.");
+        assert_eq!(class(&r).as_deref(), Some("m0.C"));
+        let mut r = b"\x80\x02".to_vec();
+        for i in 0..MAX_NAMES {
+            r.extend_from_slice(format!("cm{i}\nC\n0").as_bytes());
+        }
+        r.extend_from_slice(b"cm\nC\n.N.");
+        assert_eq!(class(&r), None, "no room left for the class");
     }
 
     #[test]
