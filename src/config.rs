@@ -754,17 +754,24 @@ impl Config {
     /// stop it from starting; the error lists every problem found, one
     /// line each (naming the setting, the value and why).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let mut names = self.storages.clone();
-        names.sort();
-        names.dedup();
-        let twice: Vec<&String> = names
-            .iter()
-            .filter(|n| self.storages.iter().filter(|s| s == n).count() > 1)
-            .collect();
-        let metrics_address_ok = self
-            .metrics_address
-            .as_ref()
-            .is_none_or(|a| host_port(a).is_some() && !a.contains('/'));
+        let problems: Vec<String> = [
+            self.address_problems(),
+            self.socket_problems(),
+            self.storage_problems(),
+            self.limit_problems(),
+            self.tls_and_metrics_problems(),
+        ]
+        .concat();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("\n")))
+        }
+    }
+
+    /// Addresses that are not addresses, given twice, or shared with the
+    /// metrics endpoint.
+    fn address_problems(&self) -> Vec<String> {
         let mut listed: Vec<&str> = Vec::new();
         let mut address_problems = Vec::new();
         for a in &self.addresses {
@@ -787,6 +794,11 @@ impl Config {
                 "metrics-address {m:?} is also the ZEO address {a:?} (they need a port each)"
             ));
         }
+        address_problems
+    }
+
+    /// `unix-socket-group` and `unix-socket-mode` together.
+    fn socket_problems(&self) -> Vec<String> {
         // Whether the server may give its sockets that group is known only
         // when it tries (`server::listener`; `--check-config` does).
         let mut socket_problems = Vec::new();
@@ -801,10 +813,19 @@ impl Config {
                 ));
             }
         }
-        // The TLS files themselves are read and checked at startup
-        // (`server::tls::load`).
-        let (cert, key) = (self.tls_certificate.is_some(), self.tls_key.is_some());
-        let problems = [
+        socket_problems
+    }
+
+    /// Nothing to listen on or serve, storage names empty or twice.
+    fn storage_problems(&self) -> Vec<String> {
+        let mut names = self.storages.clone();
+        names.sort();
+        names.dedup();
+        let twice: Vec<&String> = names
+            .iter()
+            .filter(|n| self.storages.iter().filter(|s| s == n).count() > 1)
+            .collect();
+        found([
             (self.addresses.is_empty(), "no address to listen on".into()),
             (self.storages.is_empty(), "no storage to serve".into()),
             (
@@ -823,6 +844,12 @@ impl Config {
                         .unwrap_or_default()
                 ),
             ),
+        ])
+    }
+
+    /// Limits too small (or large) to serve anything.
+    fn limit_problems(&self) -> Vec<String> {
+        found([
             (self.threads == 0, "threads must be at least 1".into()),
             (
                 self.threads > MAX_THREADS,
@@ -902,6 +929,19 @@ impl Config {
                 self.frame_timeout.is_zero(),
                 "frame-timeout must be at least 1 second".into(),
             ),
+        ])
+    }
+
+    /// TLS files that do not go together, a metrics address that is not one.
+    fn tls_and_metrics_problems(&self) -> Vec<String> {
+        let metrics_address_ok = self
+            .metrics_address
+            .as_ref()
+            .is_none_or(|a| host_port(a).is_some() && !a.contains('/'));
+        // The TLS files themselves are read and checked at startup
+        // (`server::tls::load`).
+        let (cert, key) = (self.tls_certificate.is_some(), self.tls_key.is_some());
+        found([
             (
                 cert && !key,
                 "tls-certificate needs tls-key (the certificate's private key)".into(),
@@ -923,23 +963,17 @@ impl Config {
                  checked in the TLS handshake)"
                     .into(),
             ),
-        ];
-        let problems: Vec<String> = address_problems
-            .into_iter()
-            .chain(socket_problems)
-            .chain(
-                problems
-                    .into_iter()
-                    .filter(|(found, _)| *found)
-                    .map(|(_, problem)| problem),
-            )
-            .collect();
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(problems.join("\n")))
-        }
+        ])
     }
+}
+
+/// The problems of `checks` whose condition holds.
+fn found<const N: usize>(checks: [(bool, String); N]) -> Vec<String> {
+    checks
+        .into_iter()
+        .filter(|(found, _)| *found)
+        .map(|(_, problem)| problem)
+        .collect()
 }
 
 /// The log filter when neither `log-level` nor `RUST_LOG` sets one.

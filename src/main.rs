@@ -82,37 +82,7 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
-        // Bind and release every listener, so that a port in use or a
-        // missing directory is found now, not at the start.
-        let problems = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt.block_on(zeotemp::server::probe(
-                &cfg.addresses,
-                &zeotemp::server::UnixAccess::of(&cfg),
-                cfg.metrics_address.as_deref(),
-            )),
-            Err(e) => vec![format!(
-                "cannot start the runtime to try the listeners: {e}"
-            )],
-        };
-        if !problems.is_empty() {
-            for line in problems {
-                zeotemp::logging::eprint_line(3, &format!("zeotemp: {line}"));
-            }
-            return ExitCode::from(2);
-        }
-        println!(
-            "zeotemp {}: configuration OK: listen on {}{}; {}",
-            env!("CARGO_PKG_VERSION"),
-            cfg.addresses.join(" and "),
-            zeotemp::server::tls::describe(&cfg)
-                .map(|tls| format!(" ({tls})"))
-                .unwrap_or_default(),
-            cfg.summary()
-        );
-        return ExitCode::SUCCESS;
+        return check_config(&cfg);
     }
     // Priorities for journald under systemd; colours only on a terminal.
     zeotemp::logging::init(filter);
@@ -130,43 +100,81 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
-        let shutdown = shutdown_signal();
-        let access = zeotemp::server::UnixAccess::of(&cfg);
-        let listeners = match zeotemp::server::bind_with_access(&cfg.addresses, &access).await {
-            Ok(l) => l,
-            // A unix socket group it may not use: a configuration error,
-            // which no retry fixes.
-            Err(e) if zeotemp::server::is_setting_error(&e) => {
-                error!("{e}");
-                return ExitCode::from(2);
-            }
-            Err(e) => {
-                error!("{e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let on = listeners
-            .iter()
-            .map(|l| l.describe())
-            .collect::<Vec<_>>()
-            .join(" and ");
-        let tls = zeotemp::server::tls::describe(&cfg)
-            .map(|tls| format!(" ({tls})"))
-            .unwrap_or_default();
-        info!(
-            "zeotemp {} on {on}{tls}: {}",
-            env!("CARGO_PKG_VERSION"),
-            cfg.summary()
-        );
-        match zeotemp::server::run(listeners, cfg, shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                error!("{e}");
-                ExitCode::FAILURE
-            }
+    rt.block_on(serve(cfg))
+}
+
+/// `--check-config`, once the settings passed: binds and releases every
+/// listener, so that a port in use or a missing directory is found now,
+/// not at the start; prints the configuration in one line.
+fn check_config(cfg: &Config) -> ExitCode {
+    let problems = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(zeotemp::server::probe(
+            &cfg.addresses,
+            &zeotemp::server::UnixAccess::of(cfg),
+            cfg.metrics_address.as_deref(),
+        )),
+        Err(e) => vec![format!(
+            "cannot start the runtime to try the listeners: {e}"
+        )],
+    };
+    if !problems.is_empty() {
+        for line in problems {
+            zeotemp::logging::eprint_line(3, &format!("zeotemp: {line}"));
         }
-    })
+        return ExitCode::from(2);
+    }
+    println!(
+        "zeotemp {}: configuration OK: listen on {}{}; {}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.addresses.join(" and "),
+        zeotemp::server::tls::describe(cfg)
+            .map(|tls| format!(" ({tls})"))
+            .unwrap_or_default(),
+        cfg.summary()
+    );
+    ExitCode::SUCCESS
+}
+
+/// Binds the listeners and serves until SIGINT or SIGTERM.
+async fn serve(cfg: Config) -> ExitCode {
+    let shutdown = shutdown_signal();
+    let access = zeotemp::server::UnixAccess::of(&cfg);
+    let listeners = match zeotemp::server::bind_with_access(&cfg.addresses, &access).await {
+        Ok(l) => l,
+        // A unix socket group it may not use: a configuration error,
+        // which no retry fixes.
+        Err(e) if zeotemp::server::is_setting_error(&e) => {
+            error!("{e}");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let on = listeners
+        .iter()
+        .map(|l| l.describe())
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let tls = zeotemp::server::tls::describe(&cfg)
+        .map(|tls| format!(" ({tls})"))
+        .unwrap_or_default();
+    info!(
+        "zeotemp {} on {on}{tls}: {}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.summary()
+    );
+    match zeotemp::server::run(listeners, cfg, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Watches SIGINT, SIGTERM and SIGHUP from now on (so a signal that

@@ -268,14 +268,30 @@ static STORAGE_FAMILIES: &[(&str, Kind, &str, Figure)] = &[
 /// The Prometheus text for `snap`.
 pub fn render(snap: &Snapshot) -> String {
     let mut out = String::with_capacity(4096 + 2048 * snap.storages.len());
+    server_families(&mut out, snap);
+    for (name, help, counts) in REASON_FAMILIES {
+        family(&mut out, name, Kind::Counter, help);
+        for (reason, n) in counts(snap) {
+            sample(&mut out, name, Some(("reason", reason)), Num::Int(*n));
+        }
+    }
+    if let Some(p) = &snap.process {
+        process_families(&mut out, p);
+    }
+    storage_families(&mut out, snap);
+    out
+}
+
+/// The server's own gauges (build, uptime, connections, memory limit).
+fn server_families(out: &mut String, snap: &Snapshot) {
     family(
-        &mut out,
+        out,
         "zeotemp_build_info",
         Kind::Gauge,
         "The zeotemp version serving (always 1).",
     );
     sample(
-        &mut out,
+        out,
         "zeotemp_build_info",
         Some(("version", &snap.version)),
         Num::Int(1),
@@ -331,31 +347,27 @@ pub fn render(snap: &Snapshot) -> String {
         ),
     ];
     for (name, kind, help, value) in globals {
-        family(&mut out, name, kind, help);
+        family(out, name, kind, help);
         if let Some(v) = value {
-            sample(&mut out, name, None, v);
+            sample(out, name, None, v);
         }
     }
-    for (name, help, counts) in REASON_FAMILIES {
-        family(&mut out, name, Kind::Counter, help);
-        for (reason, n) in counts(snap) {
-            sample(&mut out, name, Some(("reason", reason)), Num::Int(*n));
-        }
-    }
-    if let Some(p) = &snap.process {
-        process_families(&mut out, p);
-    }
+}
+
+/// The per-storage families: one sample per storage, then the votes
+/// refused per reason and the class table.
+fn storage_families(out: &mut String, snap: &Snapshot) {
     for (name, kind, help, figure) in STORAGE_FAMILIES {
-        family(&mut out, name, *kind, help);
+        family(out, name, *kind, help);
         for s in &snap.storages {
             if let Some(v) = figure(s) {
-                sample(&mut out, name, Some(("storage", &s.name)), v);
+                sample(out, name, Some(("storage", &s.name)), v);
             }
         }
     }
     let name = "zeotemp_votes_refused_total";
     family(
-        &mut out,
+        out,
         name,
         Kind::Counter,
         "Votes refused with an error, by reason: memory-limit (no room under memory-limit, even after dropping history and collecting), transaction-size (over max-transaction-bytes), unsupported (undo, blobs, restore). Conflicts are counted apart.",
@@ -363,7 +375,7 @@ pub fn render(snap: &Snapshot) -> String {
     for s in &snap.storages {
         for (reason, n) in &s.votes_refused {
             samples(
-                &mut out,
+                out,
                 name,
                 &[("storage", &s.name), ("reason", reason)],
                 Num::Int(*n),
@@ -371,15 +383,14 @@ pub fn render(snap: &Snapshot) -> String {
         }
     }
     for (name, help, figure) in CLASS_FAMILIES {
-        family(&mut out, name, Kind::Gauge, help);
+        family(out, name, Kind::Gauge, help);
         for s in &snap.storages {
             for c in &s.classes {
                 let labels = [("storage", s.name.as_str()), ("class", &*c.class)];
-                samples(&mut out, name, &labels, Num::Int(figure(c)));
+                samples(out, name, &labels, Num::Int(figure(c)));
             }
         }
     }
-    out
 }
 
 /// The standard `process_*` families, named and described as the
