@@ -49,9 +49,18 @@ fn settings(cli: &Cli) -> Result<(Config, tracing_subscriber::EnvFilter), config
     };
     let settings = cli.settings.clone().or(file);
     let cfg = settings.resolve()?;
-    cfg.validate()?;
+    // Every problem at once: the values' and the log filter's.
     let rust_log = std::env::var("RUST_LOG").ok();
-    let filter = config::log_filter(settings.log_level.as_deref(), rust_log.as_deref())?;
+    let filter = match (
+        cfg.validate(),
+        config::log_filter(settings.log_level.as_deref(), rust_log.as_deref()),
+    ) {
+        (Ok(()), Ok(filter)) => filter,
+        (Err(e), Ok(_)) | (Ok(()), Err(e)) => return Err(e),
+        (Err(values), Err(filter)) => {
+            return Err(config::ConfigError::Invalid(format!("{values}\n{filter}")));
+        }
+    };
     // Read and check the TLS files now, so a bad one is reported before
     // anything is bound (the server reads them again when it starts).
     zeotemp::server::tls::load(&cfg).map_err(|e| config::ConfigError::Invalid(e.to_string()))?;

@@ -149,6 +149,20 @@ fn invalid_log_filter_is_a_configuration_error() {
         let (status, stderr) = exit_of(args, rust_log);
         assert_eq!(status, Some(0), "{args:?} {rust_log:?}: {stderr}");
     }
+    // A bad filter is reported with the other problems, not instead of
+    // them (nor they instead of it).
+    for check in [false, true] {
+        let mut args = vec!["--max-connections", "0", "--log-level", "loud"];
+        if check {
+            args.push("--check-config");
+        }
+        let (status, stderr) = exit_of(&args, None);
+        assert_eq!(status, Some(2), "{args:?}: {stderr}");
+        let lines: Vec<&str> = stderr.trim().lines().collect();
+        assert_eq!(lines.len(), 2, "{args:?}: {stderr}");
+        assert!(lines[0].contains("max-connections = 0"), "{stderr}");
+        assert!(lines[1].contains("log-level \"loud\""), "{stderr}");
+    }
 }
 
 /// `kill -SIGNAL pid` (the `kill` command: no libc in the dependencies).
