@@ -66,7 +66,7 @@ pub const DEFAULT_GC_INTERVAL_SECS: u64 = 10;
 
 /// Default `memory-limit`: this fraction of the memory the process can
 /// have, the machine's (`MemTotal`) or, when smaller, its cgroup's limit
-/// (`memory.max`, v1 `memory.limit_in_bytes`; see [`MemoryCeiling`]). One
+/// (`memory.max` or `memory.high`, v1 `memory.limit_in_bytes`; see [`MemoryCeiling`]). One
 /// limit for the whole process, all storages together; the other half is
 /// for the rest of the machine or container.
 pub const DEFAULT_MEMORY_LIMIT_FRACTION: f64 = 0.5;
@@ -486,6 +486,13 @@ pub struct Config {
     pub class_table_size: usize,
 }
 
+/// Why there is no default memory limit when the memory the process can
+/// have is unknown (no `/proc/meminfo`, e.g. under systemd's
+/// `ProcSubset=pid`, and no cgroup limit): said in the start-up line and
+/// logged as a warning.
+pub const UNKNOWN_CEILING: &str = "neither the machine's memory (/proc/meminfo) nor a cgroup \
+    memory limit could be read, so there is no default; set memory-limit";
+
 /// The default memory limit under `ceiling`: half of it, if known.
 pub fn default_memory_limit(ceiling: &MemoryCeiling) -> Option<usize> {
     ceiling
@@ -619,11 +626,9 @@ impl Settings {
             ));
         }
         let secs = |v: Option<u64>, default| Duration::from_secs(v.unwrap_or(default));
-        // Read only when needed: the default limit is a fraction of it.
-        let ceiling = match self.memory_limit {
-            None => MemoryCeiling::of_this_process(),
-            Some(_) => MemoryCeiling::default(),
-        };
+        // The default limit is a fraction of it, and a limit above it is
+        // refused (`validate`).
+        let ceiling = MemoryCeiling::of_this_process();
         Ok(Config {
             addresses: self
                 .address
@@ -667,7 +672,7 @@ impl Settings {
                 Some(bytes) => (bytes > 0).then_some(bytes),
                 None => default_memory_limit(&ceiling),
             },
-            memory_ceiling: self.memory_limit.is_none().then_some(ceiling),
+            memory_ceiling: Some(ceiling),
             tls_certificate: self.tls_certificate.clone(),
             tls_key: self.tls_key.clone(),
             tls_client_ca: self.tls_client_ca.clone(),
@@ -714,6 +719,7 @@ impl Config {
                 c.describe()
             ),
             (Some(m), _) => format!("{} for all storages", human_bytes(m)),
+            (None, Some(c)) if c.bytes().is_none() => format!("no memory limit: {UNKNOWN_CEILING}"),
             (None, _) => "no limit".into(),
         };
         let mut extras = String::new();
@@ -849,7 +855,17 @@ impl Config {
 
     /// Limits too small (or large) to serve anything.
     fn limit_problems(&self) -> Vec<String> {
+        let ceiling = self.memory_ceiling.and_then(|c| c.bytes().map(|b| (b, c)));
         found([
+            (
+                matches!((self.memory_limit, ceiling), (Some(m), Some((b, _))) if m > b),
+                format!(
+                    "memory-limit = {} is more than the memory this process can have ({}): \
+                     the kernel would kill it before a commit is refused at the limit",
+                    self.memory_limit.unwrap_or_default(),
+                    ceiling.map(|(_, c)| c.describe()).unwrap_or_default()
+                ),
+            ),
             (self.threads == 0, "threads must be at least 1".into()),
             (
                 self.threads > MAX_THREADS,
@@ -1346,6 +1362,70 @@ mod tests {
         let file: Settings = toml::from_str("memory-limit = 1000000").unwrap();
         let cfg = file.resolve().unwrap();
         assert_eq!(cfg.memory_limit, Some(1_000_000));
+    }
+
+    #[test]
+    fn memory_limit_above_the_ceiling_is_refused() {
+        let file: Settings = toml::from_str("memory-limit = 2147483648").unwrap();
+        let mut cfg = file.resolve().unwrap();
+        let gib = 1 << 30;
+        for (ceiling, refused) in [
+            (
+                MemoryCeiling {
+                    ram: Some(4 * gib),
+                    cgroup: None,
+                },
+                false,
+            ),
+            (
+                MemoryCeiling {
+                    ram: Some(gib),
+                    cgroup: None,
+                },
+                true,
+            ),
+            (
+                MemoryCeiling {
+                    ram: Some(4 * gib),
+                    cgroup: Some(gib),
+                },
+                true,
+            ),
+            (
+                MemoryCeiling {
+                    ram: None,
+                    cgroup: None,
+                },
+                false,
+            ),
+        ] {
+            cfg.memory_ceiling = Some(ceiling);
+            let result = cfg.validate();
+            assert_eq!(result.is_err(), refused, "{ceiling:?}: {result:?}");
+            if let Err(e) = result {
+                let line = e.to_string();
+                assert!(
+                    line.starts_with(
+                        "memory-limit = 2147483648 is more than the memory this \
+                         process can have ("
+                    ) && line.contains("1 GiB"),
+                    "{line}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_ceiling_means_no_default_limit_and_says_so() {
+        let mut cfg = Settings::default().resolve().unwrap();
+        cfg.memory_ceiling = Some(MemoryCeiling {
+            ram: None,
+            cgroup: None,
+        });
+        cfg.memory_limit = default_memory_limit(&MemoryCeiling::default());
+        assert_eq!(cfg.memory_limit, None);
+        assert!(cfg.summary().contains(UNKNOWN_CEILING), "{}", cfg.summary());
+        assert!(cfg.validate().is_ok());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use zeotemp::config::{self, Config, Settings};
 
 /// A ZEO 5 server for temporary ZODB storages: everything in RAM, nothing
@@ -177,6 +177,9 @@ async fn serve(cfg: Config) -> ExitCode {
         env!("CARGO_PKG_VERSION"),
         cfg.summary()
     );
+    if cfg.memory_limit.is_none() && cfg.memory_ceiling.is_some_and(|c| c.bytes().is_none()) {
+        warn!("memory-limit: {}", config::UNKNOWN_CEILING);
+    }
     match zeotemp::server::run(listeners, cfg, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -4,7 +4,9 @@
 //! ([`super::DEFAULT_MEMORY_LIMIT_FRACTION`]).
 //!
 //! The cgroup is the process's own, from `/proc/self/cgroup`: cgroup v2
-//! (`0::/path`) reads `memory.max` in `<root>/path`, v1 (the line whose
+//! (`0::/path`) reads `memory.max` and `memory.high` (above which the
+//! kernel throttles the process hard; systemd's `MemoryHigh=`) in
+//! `<root>/path`, v1 (the line whose
 //! controllers include `memory`) reads `memory.limit_in_bytes` in
 //! `<root>/memory/path`. A limit on a parent cgroup applies to its
 //! children, so every directory from the process's own up to the root is
@@ -17,7 +19,7 @@ use std::path::{Component, Path, PathBuf};
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// Test hook: when set, the cgroup file system is read under this
-/// directory instead of [`CGROUP_ROOT`] (`tests/python/test_memory_ceiling.py`
+/// directory instead of [`CGROUP_ROOT`] (`tests/python/test_memory_budget.py`
 /// gives the server a fake, smaller cgroup limit with it). Not a setting:
 /// nothing in production should set it.
 pub const CGROUP_ROOT_ENV: &str = "ZEOTEMP_CGROUP_ROOT";
@@ -101,11 +103,15 @@ pub fn cgroup_limit(self_cgroup: &str, cgroup_root: &Path) -> Option<usize> {
             continue;
         };
         if controllers.is_empty() {
-            limits.extend(walk_up(
-                &cgroup_root.join(relative(path)),
-                cgroup_root,
-                "memory.max",
-            ));
+            // memory.high (systemd's MemoryHigh=) throttles the process
+            // hard above it: as much a ceiling as memory.max.
+            for file in ["memory.max", "memory.high"] {
+                limits.extend(walk_up(
+                    &cgroup_root.join(relative(path)),
+                    cgroup_root,
+                    file,
+                ));
+            }
         } else if controllers.split(',').any(|c| c == "memory") {
             let root = cgroup_root.join("memory");
             limits.extend(walk_up(
@@ -197,6 +203,21 @@ mod tests {
     }
 
     const MEMINFO: &str = "MemTotal:       24683772 kB\nMemFree:         1000000 kB\n";
+
+    #[test]
+    fn v2_memory_high_counts_too() {
+        let t = TempDir::new("v2-high");
+        t.put("meminfo", MEMINFO);
+        t.put("self-cgroup", "0::/system.slice/zeotemp.service\n");
+        t.put("fs/system.slice/zeotemp.service/memory.max", "4294967296\n");
+        t.put(
+            "fs/system.slice/zeotemp.service/memory.high",
+            "2147483648\n",
+        );
+        assert_eq!(ceiling(&t).cgroup, Some(2 * GIB));
+        t.put("fs/system.slice/zeotemp.service/memory.high", "max\n");
+        assert_eq!(ceiling(&t).cgroup, Some(4 * GIB));
+    }
 
     #[test]
     fn v2_memory_max_below_ram_is_the_ceiling() {

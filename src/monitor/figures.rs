@@ -62,6 +62,16 @@ pub struct ProcessFigures {
     pub threads: u64,
 }
 
+/// What [`ProcessFigures::parse`] needs besides the two texts.
+struct Readings {
+    /// Unix time of the boot (`/proc/stat` btime), if readable.
+    boot_time: Option<f64>,
+    /// The server's own start time, when the boot time is not known.
+    started: f64,
+    resident_bytes: u64,
+    open_fds: u64,
+}
+
 /// Clock ticks per second of the times in `/proc/self/stat`: the kernel's
 /// `USER_HZ`, 100 on every Linux architecture (what `sysconf(_SC_CLK_TCK)`
 /// answers; zeotemp reads no libc), as the Go client assumes too.
@@ -69,30 +79,33 @@ const USER_HZ: f64 = 100.0;
 
 impl ProcessFigures {
     /// Reads this process's figures now; `None` without `/proc` (not
-    /// Linux) or if a file cannot be parsed.
-    pub fn read() -> Option<ProcessFigures> {
+    /// Linux) or if a file of the process's own cannot be parsed. The boot
+    /// time is in `/proc/stat`, which a sandbox may hide (systemd's
+    /// `ProcSubset=pid`): then the start time is `started`, the server's
+    /// own record of its start (milliseconds after the process's).
+    pub fn read(started: f64) -> Option<ProcessFigures> {
         let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        let boot_time: f64 = std::fs::read_to_string("/proc/stat")
-            .ok()?
-            .lines()
-            .find_map(|l| l.strip_prefix("btime "))?
-            .trim()
-            .parse()
-            .ok()?;
+        let boot_time: Option<f64> = std::fs::read_to_string("/proc/stat").ok().and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("btime "))?
+                .trim()
+                .parse()
+                .ok()
+        });
         let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
         let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
-        Self::parse(&stat, boot_time, &limits, resident_bytes()?, open_fds)
+        let readings = Readings {
+            boot_time,
+            started,
+            resident_bytes: resident_bytes()?,
+            open_fds,
+        };
+        Self::parse(&stat, &limits, &readings)
     }
 
     /// The figures from the text of `/proc/self/stat` and
-    /// `/proc/self/limits`, the boot time and the other readings.
-    fn parse(
-        stat: &str,
-        boot_time: f64,
-        limits: &str,
-        resident_bytes: u64,
-        open_fds: u64,
-    ) -> Option<ProcessFigures> {
+    /// `/proc/self/limits` and the other readings.
+    fn parse(stat: &str, limits: &str, r: &Readings) -> Option<ProcessFigures> {
         // After the command's name in parentheses (which may hold spaces
         // and parentheses itself), field 3 (state) on.
         let fields: Vec<&str> = stat
@@ -108,11 +121,14 @@ impl ProcessFigures {
             .and_then(|soft| soft.parse().ok());
         Some(ProcessFigures {
             cpu_seconds: (field(14)? + field(15)?) as f64 / USER_HZ,
-            resident_bytes,
+            resident_bytes: r.resident_bytes,
             virtual_bytes: field(23)?,
-            open_fds,
+            open_fds: r.open_fds,
             max_fds,
-            start_time_seconds: boot_time + field(22)? as f64 / USER_HZ,
+            start_time_seconds: match r.boot_time {
+                Some(boot) => boot + field(22)? as f64 / USER_HZ,
+                None => r.started,
+            },
             threads: field(20)?,
         })
     }
@@ -148,6 +164,8 @@ pub struct StorageFigures {
     pub gc_freed_objects: u64,
     pub gc_longest_pause_us: u64,
     pub gc_last_collection_us: u64,
+    /// The last cycle's longest hold of the storage lock.
+    pub gc_last_longest_pause_us: u64,
     pub unscannable_records: usize,
     /// Votes refused, per reason (label, count).
     pub votes_refused: Vec<(&'static str, u64)>,
@@ -196,6 +214,7 @@ impl StorageFigures {
             gc_freed_objects: n(&gc.freed_objects),
             gc_longest_pause_us: n(&gc.longest_pause_us),
             gc_last_collection_us: n(&gc.last_cycle_us),
+            gc_last_longest_pause_us: n(&gc.last_longest_pause_us),
             unscannable_records: st.unscannable(),
             votes_refused: stats.votes_refused.read(),
             classes: Vec::new(),
@@ -218,13 +237,14 @@ impl Snapshot {
             .filter_map(|name| shared.storages.get(name))
             .map(|s| StorageFigures::of(s, shared.config.class_table_size))
             .collect();
+        let start_time = shared
+            .started
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
         Snapshot {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            start_time: shared
-                .started
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0),
+            start_time,
             uptime: shared
                 .started
                 .elapsed()
@@ -233,7 +253,7 @@ impl Snapshot {
             connections: shared.connections.load(Ordering::Relaxed),
             max_connections: shared.config.max_connections,
             resident_bytes: resident_bytes(),
-            process: ProcessFigures::read(),
+            process: ProcessFigures::read(start_time),
             connections_refused: shared.faults.connections_refused.read(),
             tls_handshake_failures: shared.faults.tls_handshake_failures.read(),
             disconnects: shared.faults.disconnects.read(),
@@ -267,7 +287,13 @@ mod tests {
         let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
                       Max cpu time              unlimited            unlimited            seconds   \n\
                       Max open files            1024                 524288               files     \n";
-        let p = ProcessFigures::parse(stat, 1_796_000_000.0, limits, 8192, 12).unwrap();
+        let readings = |boot_time| Readings {
+            boot_time,
+            started: 1_796_001_300.0,
+            resident_bytes: 8192,
+            open_fds: 12,
+        };
+        let p = ProcessFigures::parse(stat, limits, &readings(Some(1_796_000_000.0))).unwrap();
         assert_eq!(
             p,
             ProcessFigures {
@@ -281,22 +307,25 @@ mod tests {
             }
         );
         let unlimited = limits.replace("1024                ", "unlimited           ");
-        let p = ProcessFigures::parse(stat, 0.0, &unlimited, 0, 0).unwrap();
+        let p = ProcessFigures::parse(stat, &unlimited, &readings(None)).unwrap();
         assert_eq!(p.max_fds, None);
+        // No boot time (/proc/stat hidden by ProcSubset=pid): the server's
+        // own start time.
+        assert_eq!(p.start_time_seconds, 1_796_001_300.0);
         // Cut short or garbled: no figures rather than wrong ones.
         assert_eq!(
-            ProcessFigures::parse("4242 (x) S 1 2", 0.0, limits, 0, 0),
+            ProcessFigures::parse("4242 (x) S 1 2", limits, &readings(None)),
             None
         );
         assert_eq!(
-            ProcessFigures::parse("no parenthesis", 0.0, limits, 0, 0),
+            ProcessFigures::parse("no parenthesis", limits, &readings(None)),
             None
         );
     }
 
     #[test]
     fn this_process_figures_are_sane() {
-        let p = ProcessFigures::read().expect("Linux /proc");
+        let p = ProcessFigures::read(0.0).expect("Linux /proc");
         assert!(p.open_fds > 0);
         assert!(p.max_fds.is_none_or(|m| p.open_fds <= m), "{p:?}");
         assert!(p.threads >= 1);

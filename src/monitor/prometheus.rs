@@ -188,7 +188,7 @@ static STORAGE_FAMILIES: &[(&str, Kind, &str, Figure)] = &[
     (
         "zeotemp_stores_total",
         Kind::Counter,
-        "Object stores and deletes sent by transactions.",
+        "Object stores sent by transactions (storea; deletes are not counted, as in ZEO's server_status).",
         |s| Some(Num::Int(s.stores)),
     ),
     (
@@ -248,8 +248,14 @@ static STORAGE_FAMILIES: &[(&str, Kind, &str, Figure)] = &[
     (
         "zeotemp_gc_longest_pause_seconds",
         Kind::Gauge,
-        "Longest time the collector has held up loads and commits in one go.",
+        "Longest time the collector has held up loads and commits in one go, since the start.",
         |s| Some(Num::Float(s.gc_longest_pause_us as f64 / 1e6)),
+    ),
+    (
+        "zeotemp_gc_last_pause_seconds",
+        Kind::Gauge,
+        "Longest time the last collection cycle held up loads and commits in one go.",
+        |s| Some(Num::Float(s.gc_last_longest_pause_us as f64 / 1e6)),
     ),
     (
         "zeotemp_gc_last_collection_seconds",

@@ -45,6 +45,7 @@ pub fn server_status(shared: &Shared, storage: &Storage) -> serde_json::Value {
         "freed-objects": f.gc_freed_objects,
         "longest-pause-ms": f.gc_longest_pause_us as f64 / 1000.0,
         "last-collection-ms": f.gc_last_collection_us as f64 / 1000.0,
+        "last-pause-ms": f.gc_last_longest_pause_us as f64 / 1000.0,
     });
     // What fills the storage (`class-table-size`; none listed at 0).
     if shared.config.class_table_size > 0 {

@@ -134,6 +134,9 @@ pub struct GcStats {
     pub longest_pause_us: AtomicU64,
     /// Duration of the last whole cycle (µs).
     pub last_cycle_us: AtomicU64,
+    /// Longest single hold of the storage lock in the last cycle (µs): what
+    /// the collector costs now, where `longest_pause_us` is the worst ever.
+    pub last_longest_pause_us: AtomicU64,
 }
 
 /// What one collection did.
@@ -587,6 +590,8 @@ impl Storage {
             .fetch_max(pauses.longest.as_micros() as u64, Ordering::Relaxed);
         s.last_cycle_us
             .store(cycle_start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        s.last_longest_pause_us
+            .store(pauses.longest.as_micros() as u64, Ordering::Relaxed);
         tracing::debug!(
             storage = %self.name, examined, freed,
             longest_pause = ?pauses.longest, took = ?cycle_start.elapsed(), "garbage collected"

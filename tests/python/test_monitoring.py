@@ -554,6 +554,11 @@ def test_metrics_conflicts_lock_waits_and_gc(server_factory, make_db,
     # 9e-06 s, but 0.009 ms / 1000 is 9.000000000000001e-06).
     assert round(per_storage(m, "zeotemp_gc_longest_pause_seconds") * 1e6) == (
         round(status["longest-pause-ms"] * 1000))
+    # The last cycle's longest pause (the pack's): no more than the worst.
+    assert round(per_storage(m, "zeotemp_gc_last_pause_seconds") * 1e6) == (
+        round(status["last-pause-ms"] * 1000))
+    assert (per_storage(m, "zeotemp_gc_last_pause_seconds")
+            <= per_storage(m, "zeotemp_gc_longest_pause_seconds"))
 
 
 @pytest.mark.zeotemp_only(reason="the Prometheus endpoint")
