@@ -521,7 +521,8 @@ def test_error_replies_to_py2(server, py2_client):
     assert out["undo_log"] == []
     # The client label (a py2 str, sent one-way) names the connection in
     # the server's log, e.g. the pack line.
-    assert re.search(r"\bpack peer=py2-1 127\.0\.0\.1:", server.log_text())
+    assert re.search(r"\bpack to [^\n]* UTC requested peer=py2-1 127\.0\.0\.1:",
+                     server.log_text())
     # The py2 client still works after all those errors.
     py2.call("set", key="after_errors", value=1)
     assert plain(py2.call("get", key="after_errors")["value"]) == 1
