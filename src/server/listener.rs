@@ -601,3 +601,37 @@ impl Drop for Counted {
         self.0.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `RuntimeDirectory=` hint is for a missing last directory under
+    /// /run only.
+    #[test]
+    fn systemd_hint_only_for_a_missing_directory_under_run() {
+        assert!(Path::new("/run").is_dir(), "this test needs /run");
+        assert!(made_by_systemd(Path::new("/run/zeotemp-not-there")));
+        assert!(!made_by_systemd(Path::new("/run/zeotemp-not-there/sub")));
+        assert!(!made_by_systemd(Path::new("/tmp/zeotemp-not-there")));
+        assert!(!made_by_systemd(Path::new("/running/zeotemp")));
+    }
+
+    /// A ZEO handshake frame gives its protocol; anything else, or a
+    /// closed connection, gives none.
+    #[tokio::test]
+    async fn handshake_frames_are_told_apart() {
+        for (bytes, expected) in [
+            (&b"\0\0\0\x02Z5"[..], Some("Z5")),
+            (b"\0\0\0\x02M5", Some("M5")),
+            (b"\0\0\0\x05Z3101", Some("Z3101")),
+            (b"\0\0\0\x02Z", None),
+            (b"\0\0\0\x02HT", None),
+            (b"HTTP/1.1 200 OK\r\n", None),
+            (b"\0\0\0\x0aZ123456789", None),
+            (b"", None),
+        ] {
+            assert_eq!(zeo_handshake(bytes).await.as_deref(), expected, "{bytes:?}");
+        }
+    }
+}
