@@ -116,7 +116,7 @@ fn main() -> ExitCode {
 /// listener, so that a port in use or a missing directory is found now,
 /// not at the start; prints the configuration in one line.
 fn check_config(cfg: &Config) -> ExitCode {
-    let problems = match tokio::runtime::Builder::new_current_thread()
+    let found = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -125,13 +125,19 @@ fn check_config(cfg: &Config) -> ExitCode {
             &zeotemp::server::UnixAccess::of(cfg),
             cfg.metrics_address.as_deref(),
         )),
-        Err(e) => vec![format!(
-            "cannot start the runtime to try the listeners: {e}"
-        )],
+        Err(e) => zeotemp::server::Probe {
+            problems: vec![format!(
+                "cannot start the runtime to try the listeners: {e}"
+            )],
+            notes: Vec::new(),
+        },
     };
-    if !problems.is_empty() {
-        for line in problems {
+    if !found.problems.is_empty() {
+        for line in found.problems {
             zeotemp::logging::eprint_line(3, &format!("zeotemp: {line}"));
+        }
+        for line in found.notes {
+            println!("note: {line}");
         }
         return ExitCode::from(2);
     }
@@ -144,6 +150,11 @@ fn check_config(cfg: &Config) -> ExitCode {
             .unwrap_or_default(),
         cfg.summary()
     );
+    // An address in use by the running server: no problem before a
+    // restart, but worth knowing.
+    for line in found.notes {
+        println!("note: {line}");
+    }
     ExitCode::SUCCESS
 }
 

@@ -425,3 +425,106 @@ fn check_config_toml_error_is_one_line() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Before a restart the server still runs: `--check-config` on its own
+/// addresses (TCP, unix socket, metrics) finds a ZEO server's handshake
+/// and a zeotemp metrics page there, prints a note for each after
+/// "configuration OK" and exits 0, and leaves the running server's socket
+/// file alone. A port held by something that is not ZEO stays a problem.
+#[test]
+fn check_config_before_a_restart_notes_the_running_server() {
+    use std::io::BufRead;
+    let dir = scratch_dir("check_config_before_a_restart");
+    let socket = dir.join("zeo.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zeotemp"))
+        .args(["--address", "127.0.0.1:0", "--address"])
+        .arg(&socket)
+        .args(["--metrics-address", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    // Killed when the test ends, whatever happened.
+    struct Reap(u32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.0.to_string()])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+    let _reap = Reap(child.id());
+    let (mut tcp, mut metrics, mut unix) = (None, None, false);
+    let mut seen = String::new();
+    let mut log = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in log.by_ref() {
+        let line = line.expect("log line");
+        seen.push_str(&line);
+        seen.push('\n');
+        let word_after = |marker: &str| {
+            line.split(marker)
+                .nth(1)
+                .and_then(|rest| rest.split(['/', ' ']).next())
+                .map(str::to_string)
+        };
+        tcp = tcp.or_else(|| word_after("listening on tcp "));
+        metrics = metrics.or_else(|| word_after("metrics on http://"));
+        unix |= line.contains("listening on unix ");
+        if tcp.is_some() && metrics.is_some() && unix {
+            break;
+        }
+    }
+    let (Some(tcp), Some(metrics), true) = (tcp, metrics, unix) else {
+        panic!("the server's log ended before it listened:\n{seen}");
+    };
+    let (code, stdout, stderr) = check_config(&[
+        "--address",
+        &tcp,
+        "--address",
+        socket.to_str().unwrap(),
+        "--metrics-address",
+        &metrics,
+    ]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].contains("configuration OK"), "{stdout}");
+    let expected = [
+        format!(
+            "note: address \"{tcp}\" is in use by a running ZEO server (Z5): a restart of that \
+             server takes it over; a second server would not start"
+        ),
+        format!(
+            "note: address \"{}\" is in use by a running ZEO server (Z5): ",
+            socket.display()
+        ),
+        format!("note: metrics-address \"{metrics}\" is in use by a running zeotemp's metrics "),
+    ];
+    for (line, e) in lines[1..].iter().zip(&expected) {
+        assert!(line.starts_with(e.as_str()), "{e:?} is not {line:?}");
+    }
+    assert_eq!(lines.len(), 1 + expected.len(), "{stdout}");
+    assert!(stderr.is_empty(), "{stderr}");
+    assert!(socket.exists(), "the running server's socket was removed");
+
+    // Something that is not ZEO on the port: a problem, as ever.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy_address = busy.local_addr().expect("address").to_string();
+    let (code, stdout, stderr) = check_config(&["--address", &busy_address]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "zeotemp: address \"{busy_address}\": cannot listen on {busy_address}: "
+        )),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("note:"), "{stdout}");
+    drop(busy);
+    send("TERM", child.id());
+    // Read to its end: the server logs until it stops.
+    log.for_each(drop);
+    assert!(child.wait().expect("wait").success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

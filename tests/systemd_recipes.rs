@@ -16,6 +16,11 @@
 //!   read-only, named by `$CREDENTIALS_DIRECTORY`) serve TLS: a client
 //!   that trusts the CA completes the handshake and gets the ZEO one.
 //!
+//! - A live socket the service user may not connect to (EACCES: owned by
+//!   root, mode 0700, in a directory the user may write): `--check-config`
+//!   says "permission denied" for it and a start refuses it (exit status
+//!   non-zero); neither removes the socket file.
+//!
 //! The system-call filter is not reproduced here: `tests/unit_file.rs`
 //! checks that, as systemd resolves it, it allows the socket recipe's
 //! chown. The tests need root (to switch users, make a group, own files)
@@ -615,5 +620,43 @@ fn unknown_unix_socket_group_is_a_configuration_error() {
         );
         assert!(!socket.exists());
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A live socket file the server's user may not connect to (EACCES) is
+/// not taken for a stale one: `--check-config` as that user reports it
+/// with the errno's text (exit status 2), and a start refuses it (exit
+/// status non-zero); the file is still there after both, though the user
+/// could remove it (the directory is its own).
+#[test]
+fn unix_socket_it_may_not_connect_to_is_left_alone() {
+    skip_unless_possible!();
+    let (nobody, nogroup) = passwd("nobody");
+    let dir = scratch("no-connect", nobody, 0o755);
+    let socket = dir.join("zeotemp.sock");
+    let _live = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let address = socket.to_str().unwrap();
+    let (code, out) = exit_of(
+        nobody,
+        nogroup,
+        &[],
+        &["--check-config", "--address", address],
+    );
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.starts_with(&format!(
+            "zeotemp: address \"{address}\": cannot tell whether a server listens on this \
+             socket: connect: Permission denied"
+        )),
+        "{out}"
+    );
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(socket.exists(), "--check-config removed the socket file");
+    let (code, out) = exit_of(nobody, nogroup, &[], &["--address", address]);
+    assert!(code.is_some_and(|c| c != 0), "{code:?}: {out}");
+    assert!(out.to_lowercase().contains("permission denied"), "{out}");
+    assert!(out.contains(address), "{out}");
+    assert!(socket.exists(), "a start removed the socket file");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -209,7 +209,7 @@ pub async fn bind_with_access(
             if let Ok(meta) = std::fs::symlink_metadata(&path) {
                 use std::os::unix::fs::FileTypeExt;
                 if meta.file_type().is_socket() {
-                    std::fs::remove_file(&path)?;
+                    remove_stale_socket(&path)?;
                 }
             }
             let l = bind_unix(&path, access)?;
@@ -219,6 +219,33 @@ pub async fn bind_with_access(
         }
     }
     Ok(out)
+}
+
+/// Removes the socket file at `path` if nobody listens on it (a connect
+/// is refused: left by an earlier run). A server answering there keeps
+/// its socket, and so does one this process may not connect to (the
+/// connect fails otherwise, e.g. with EACCES): an error naming the path.
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    let error = |kind: io::ErrorKind, why: String| {
+        io::Error::new(
+            kind,
+            format!("cannot listen on unix socket {}: {why}", path.display()),
+        )
+    };
+    match std::os::unix::net::UnixStream::connect(path) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)
+            .map_err(|e| {
+                error(
+                    e.kind(),
+                    format!("cannot remove the stale socket file: {e}"),
+                )
+            }),
+        Ok(_) => Err(error(
+            io::ErrorKind::AddrInUse,
+            "a server is listening on this socket already".into(),
+        )),
+        Err(e) => Err(error(e.kind(), unknown_socket(&e))),
+    }
 }
 
 /// A TCP listener on `addr` (`HOST:PORT`).
@@ -263,60 +290,177 @@ fn bind_unix(path: &Path, access: &UnixAccess) -> io::Result<UnixListener> {
     Ok(l)
 }
 
+/// How long `--check-config` waits for whoever holds an address in use to
+/// show what it is (a ZEO server's handshake frame, a metrics page): a
+/// running zeotemp answers at once, so this only bounds a silent peer.
+const PROBE_WAIT: Duration = Duration::from_secs(1);
+
+/// Most bytes of a metrics page read to find [`METRICS_MARK`]: it is near
+/// the top (the first family's `# HELP` line).
+const PROBE_METRICS_BYTES: usize = 64 * 1024;
+
+/// What a zeotemp metrics page has near its top.
+const METRICS_MARK: &str = "# HELP zeotemp_";
+
+/// What `--check-config` finds when it tries the listeners (see [`probe`]).
+#[derive(Debug, Default, PartialEq)]
+pub struct Probe {
+    /// One line per problem: a start would fail (exit status 2).
+    pub problems: Vec<String>,
+    /// One line per address in use by a running ZEO server (or zeotemp
+    /// metrics endpoint): no problem before a restart, which takes it over.
+    pub notes: Vec<String>,
+}
+
 /// What `--check-config` finds when it tries the listeners a start would
-/// bind, one line per problem (empty if a start would bind them all):
-/// every TCP address and the metrics address are bound together, then
-/// released, so a port in use (also by another of these addresses) is
-/// found. A unix socket is bound at its path, if nothing is there, and its
-/// file removed at once; an existing file is never removed: a socket file
-/// is tried with a connect (a server answering there would lose its
-/// socket to this one), anything else is a problem. Nothing is left
+/// bind (no problem: a start would bind them all): every TCP address and
+/// the metrics address are bound together, then released, so a port in
+/// use (also by another of these addresses) is found. A port in use by a
+/// running ZEO server (it sends a ZEO handshake frame) or by a zeotemp
+/// metrics endpoint is a note, not a problem: before a restart, that is
+/// the server being restarted. A unix socket is bound at its path, if
+/// nothing is there, and its file removed at once; an existing file is
+/// never removed: a socket file is tried with a connect (refused: a stale
+/// file, which a start replaces; a ZEO server answering: a note; anything
+/// else a problem), anything but a socket is a problem. Nothing is left
 /// behind.
 pub async fn probe(
     addresses: &[String],
     access: &UnixAccess,
     metrics_address: Option<&str>,
-) -> Vec<String> {
-    let mut problems = Vec::new();
+) -> Probe {
+    let mut found = Probe::default();
     // Held until the end, so that two addresses that are one are found.
     let mut held = Vec::new();
     for addr in addresses {
         if addr.contains('/') {
-            if let Err(problem) = probe_unix(addr, access) {
-                problems.push(problem);
+            match probe_unix(addr, access).await {
+                Ok(Some(note)) => found.notes.push(note),
+                Ok(None) => {}
+                Err(problem) => found.problems.push(problem),
             }
         } else {
             match bind_tcp(addr).await {
                 Ok(l) => held.push(l),
-                Err(e) => problems.push(format!("address {addr:?}: {e}")),
+                Err(e) => match in_use_by_zeo(&e, addr).await {
+                    Some(protocol) => found.notes.push(running_note("address", addr, &protocol)),
+                    None => found.problems.push(format!("address {addr:?}: {e}")),
+                },
             }
         }
     }
     if let Some(addr) = metrics_address {
         match crate::monitor::http::bind(addr).await {
             Ok(l) => held.push(l),
-            Err(e) => problems.push(format!("metrics-address {addr:?}: {e}")),
+            Err(e)
+                if e.kind() == io::ErrorKind::AddrInUse && serves_zeotemp_metrics(addr).await =>
+            {
+                found.notes.push(format!(
+                    "metrics-address {addr:?} is in use by a running zeotemp's metrics \
+                     endpoint: a restart of that server takes it over; a second server \
+                     would not start"
+                ));
+            }
+            Err(e) => found
+                .problems
+                .push(format!("metrics-address {addr:?}: {e}")),
         }
     }
-    problems
+    found
+}
+
+/// The note for `setting` `addr` in use by a running ZEO server speaking
+/// `protocol`.
+fn running_note(setting: &str, addr: &str, protocol: &str) -> String {
+    format!(
+        "{setting} {addr:?} is in use by a running ZEO server ({protocol}): a restart of \
+         that server takes it over; a second server would not start"
+    )
+}
+
+/// If binding the TCP address `addr` failed with `e` because it is in
+/// use, and what listens there sends a ZEO handshake frame: its protocol.
+async fn in_use_by_zeo(e: &io::Error, addr: &str) -> Option<String> {
+    if e.kind() != io::ErrorKind::AddrInUse {
+        return None;
+    }
+    let conn = tokio::time::timeout(PROBE_WAIT, tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    zeo_handshake(conn).await
+}
+
+/// The protocol of the ZEO handshake frame `conn`'s peer sends first
+/// (`Z5`, `M5`, `Z4`, `Z3101`...: a 4-byte big-endian length, then `Z`
+/// or `M` and digits), read for up to [`PROBE_WAIT`]; `None` for anything
+/// else or nothing. Nothing is sent: the server takes it for a probe.
+async fn zeo_handshake(mut conn: impl tokio::io::AsyncRead + Unpin) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    /// Longer than any ZEO protocol name.
+    const MAX_NAME: usize = 8;
+    let read = async {
+        let mut header = [0u8; crate::protocol::frame::HEADER_LEN];
+        conn.read_exact(&mut header).await.ok()?;
+        let len = u32::from_be_bytes(header) as usize;
+        if !(2..=MAX_NAME).contains(&len) {
+            return None;
+        }
+        let mut name = vec![0u8; len];
+        conn.read_exact(&mut name).await.ok()?;
+        let zeo = matches!(name[0], b'Z' | b'M') && name[1..].iter().all(u8::is_ascii_digit);
+        zeo.then(|| String::from_utf8_lossy(&name).into_owned())
+    };
+    tokio::time::timeout(PROBE_WAIT, read).await.ok()?
+}
+
+/// Whether `GET /metrics` on the TCP address `addr` answers, within
+/// [`PROBE_WAIT`], with a page that has [`METRICS_MARK`].
+async fn serves_zeotemp_metrics(addr: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask = async {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: zeotemp\r\n\r\n")
+            .await
+            .ok()?;
+        let mut page = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while page.len() < PROBE_METRICS_BYTES {
+            let n = conn.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                break;
+            }
+            page.extend_from_slice(&chunk[..n]);
+            if String::from_utf8_lossy(&page).contains(METRICS_MARK) {
+                return Some(());
+            }
+        }
+        None
+    };
+    matches!(tokio::time::timeout(PROBE_WAIT, ask).await, Ok(Some(())))
 }
 
 /// Whether a start could listen on the unix socket `addr` and give it its
-/// group and mode (see [`probe`]); if not, the problem's line.
-fn probe_unix(addr: &str, access: &UnixAccess) -> Result<(), String> {
+/// group and mode (see [`probe`]): `Ok(Some(note))` if a ZEO server
+/// listens there; if not, the problem's line.
+async fn probe_unix(addr: &str, access: &UnixAccess) -> Result<Option<String>, String> {
     use std::os::unix::fs::FileTypeExt;
     let path = Path::new(addr);
     let problem = |why: String| format!("address {addr:?}: {why}");
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => Err(problem(
-                    "a server is listening on this socket already (a start would \
-                     take its socket file from it)"
-                        .into(),
-                )),
+            match tokio::net::UnixStream::connect(path).await {
+                Ok(conn) => match zeo_handshake(conn).await {
+                    Some(protocol) => Ok(Some(running_note("address", addr, &protocol))),
+                    None => Err(problem(
+                        "a server is listening on this socket already, and it is not a \
+                         ZEO server (a start would refuse it)"
+                            .into(),
+                    )),
+                },
                 // A stale socket from an earlier run: a start replaces it.
-                Err(_) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(None),
+                Err(e) => Err(problem(unknown_socket(&e))),
             }
         }
         Ok(_) => Err(problem(
@@ -329,8 +473,13 @@ fn probe_unix(addr: &str, access: &UnixAccess) -> Result<(), String> {
             };
             if !dir.is_dir() {
                 return Err(problem(format!(
-                    "directory {} does not exist",
-                    dir.display()
+                    "directory {} does not exist{}",
+                    dir.display(),
+                    if made_by_systemd(dir) {
+                        " (under systemd, RuntimeDirectory= creates it at the start)"
+                    } else {
+                        ""
+                    }
                 )));
             }
             // Closes the listener at once; the group and mode are set (or
@@ -341,15 +490,32 @@ fn probe_unix(addr: &str, access: &UnixAccess) -> Result<(), String> {
                 std::fs::remove_file(path)
                     .map_err(|e| problem(format!("cannot remove the socket file it made: {e}")))?;
             }
-            bound.map_err(|e| {
-                if is_setting_error(&e) {
-                    e.to_string()
-                } else {
-                    problem(e.to_string())
-                }
-            })
+            bound
+                .map_err(|e| {
+                    if is_setting_error(&e) {
+                        e.to_string()
+                    } else {
+                        problem(e.to_string())
+                    }
+                })
+                .map(|()| None)
         }
     }
+}
+
+/// Why a socket file whose connect failed with `e` (not refused) is
+/// neither replaced nor used.
+fn unknown_socket(e: &io::Error) -> String {
+    format!(
+        "cannot tell whether a server listens on this socket: connect: {e} (a start does \
+         not replace it)"
+    )
+}
+
+/// Whether the missing directory `dir` is one that systemd's
+/// `RuntimeDirectory=` makes: under /run, in a directory that exists.
+fn made_by_systemd(dir: &Path) -> bool {
+    dir.starts_with("/run") && dir.parent().is_some_and(Path::is_dir)
 }
 
 /// Accepts connections on `l` until `stop` changes, each served by its own
@@ -433,5 +599,39 @@ impl Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `RuntimeDirectory=` hint is for a missing last directory under
+    /// /run only.
+    #[test]
+    fn systemd_hint_only_for_a_missing_directory_under_run() {
+        assert!(Path::new("/run").is_dir(), "this test needs /run");
+        assert!(made_by_systemd(Path::new("/run/zeotemp-not-there")));
+        assert!(!made_by_systemd(Path::new("/run/zeotemp-not-there/sub")));
+        assert!(!made_by_systemd(Path::new("/tmp/zeotemp-not-there")));
+        assert!(!made_by_systemd(Path::new("/running/zeotemp")));
+    }
+
+    /// A ZEO handshake frame gives its protocol; anything else, or a
+    /// closed connection, gives none.
+    #[tokio::test]
+    async fn handshake_frames_are_told_apart() {
+        for (bytes, expected) in [
+            (&b"\0\0\0\x02Z5"[..], Some("Z5")),
+            (b"\0\0\0\x02M5", Some("M5")),
+            (b"\0\0\0\x05Z3101", Some("Z3101")),
+            (b"\0\0\0\x02Z", None),
+            (b"\0\0\0\x02HT", None),
+            (b"HTTP/1.1 200 OK\r\n", None),
+            (b"\0\0\0\x0aZ123456789", None),
+            (b"", None),
+        ] {
+            assert_eq!(zeo_handshake(bytes).await.as_deref(), expected, "{bytes:?}");
+        }
     }
 }

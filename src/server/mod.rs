@@ -33,7 +33,7 @@ use crate::state::Shared;
 
 pub use connection::{PROTOCOL, PROTOCOL_MSGPACK};
 pub use listener::{
-    Listener, UnixAccess, bind, bind_with_access, bind_with_mode, is_setting_error, probe,
+    Listener, Probe, UnixAccess, bind, bind_with_access, bind_with_mode, is_setting_error, probe,
 };
 
 /// Serves until `shutdown` completes, then closes every connection
