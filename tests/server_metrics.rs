@@ -490,6 +490,30 @@ async fn memory_limit_and_transaction_size_vote_refusals_are_counted() {
     })
     .await;
     assert_eq!(p.value(memory).await, 1.0, "not a memory refusal");
+    // Both are warnings (`journalctl -p warning` shows refusals).
+    p.wait_log(&["WARN", "is full", "memory-limit"]).await;
+    p.wait_log(&[
+        "WARN",
+        "vote of a refused transaction",
+        "max-transaction-bytes",
+    ])
+    .await;
+    // Refused again and again: each counted, the warnings rate-limited
+    // (one per 10 s; two if these took longer).
+    for tid in 3..8 {
+        let o = c.new_oid().await;
+        c.begin(tid).await;
+        c.store(&o, &b(&Z64), &vec![1u8; 1_500_000], tid).await;
+        let err = c.expect_err(
+            "vote",
+            vec![Value::Int(tid)],
+            "ZODB.POSException.StorageError",
+        );
+        assert!(err.await.contains("memory-limit"));
+    }
+    assert_eq!(p.wait_for(memory, 6.0).await, 6.0);
+    let full = p.log_lines(&["WARN", "is full"]);
+    assert!(full.len() <= 2, "{}", full.join("\n"));
     p.stop().await;
 }
 
