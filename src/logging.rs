@@ -13,12 +13,23 @@
 //! when it names the file stderr is (sd_journal_stream_fd(3),
 //! systemd.exec(5) "$JOURNAL_STREAM").
 //!
+//! Warnings that can come in floods (refused connections and votes,
+//! accept errors, failed TLS handshakes, faulty disconnects) go through a
+//! [`Repeated`]: the first one of a kind is a WARN at once, those within
+//! [`WARN_REPEAT_INTERVAL`] after it only DEBUG lines, and the next WARN
+//! after the interval says how many were held back. One refusal per vote
+//! at a small memory limit made 82,493 WARN lines in a soak, and journald's
+//! rate limit then drops *other* lines; the metrics still count every event.
+//!
 //! A leaf: depends on nothing of this crate.
 
 use std::fmt;
 use std::io::IsTerminal;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
@@ -114,9 +125,184 @@ where
     }
 }
 
+/// After a warning of one kind, further ones of that kind within this long
+/// are logged at DEBUG only (counted); the next WARN after it says how many
+/// there were. Long enough that a flood is a line every 10 s, short enough
+/// that a new problem shows within seconds.
+pub const WARN_REPEAT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Rate limit of one kind of warning (one `static` per kind, see the module
+/// docs). Lock-free: two atomics, taken on the hot refusal paths. Use:
+///
+/// ```
+/// use zeotemp::logging::Repeated;
+/// static REFUSED: Repeated = Repeated::new();
+/// match REFUSED.warn() {
+///     Some(more) => tracing::warn!("connection refused{more}"),
+///     None => tracing::debug!("connection refused"),
+/// }
+/// ```
+#[derive(Debug)]
+pub struct Repeated {
+    /// When the last WARN was, in milliseconds since [`epoch`], plus one
+    /// (0: never).
+    last: AtomicU64,
+    /// Events held back since the last WARN.
+    held: AtomicU64,
+}
+
+/// What a WARN line of a [`Repeated`] adds to its text: nothing, or
+/// ` (and N more like it in the last S s, at debug level)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldBack {
+    /// How many were logged at DEBUG only since the previous WARN.
+    pub count: u64,
+    /// Since the previous WARN.
+    pub since: Duration,
+}
+
+impl fmt::Display for HeldBack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.count == 0 {
+            return Ok(());
+        }
+        write!(
+            f,
+            " (and {} more like it in the last {} s, at debug level)",
+            self.count,
+            self.since.as_secs()
+        )
+    }
+}
+
+/// The instant [`Repeated`] counts its milliseconds from (the first use).
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl Repeated {
+    pub const fn new() -> Repeated {
+        Repeated {
+            last: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether this event is logged as a WARN now: `Some` with what was
+    /// held back before it (append it to the line), or `None` (counted; log
+    /// it at DEBUG).
+    pub fn warn(&self) -> Option<HeldBack> {
+        let now = u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.warn_at(now, WARN_REPEAT_INTERVAL)
+    }
+
+    /// [`Repeated::warn`] at `now` (milliseconds on any monotonic clock),
+    /// with `interval` between WARNs: the clock is injected for tests.
+    ///
+    /// Of threads racing past the interval, one wins the exchange and
+    /// warns; the others count as held back. An event counted between the
+    /// exchange and the swap of the count lands in this WARN's count
+    /// instead of the next one's: the total is right either way.
+    pub fn warn_at(&self, now: u64, interval: Duration) -> Option<HeldBack> {
+        let interval = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        let last = self.last.load(Ordering::Acquire);
+        let due = last == 0 || now.saturating_add(1).saturating_sub(last) >= interval;
+        if due
+            && self
+                .last
+                .compare_exchange(
+                    last,
+                    now.saturating_add(1),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            let count = self.held.swap(0, Ordering::AcqRel);
+            let since = Duration::from_millis(now.saturating_add(1).saturating_sub(last));
+            return Some(HeldBack { count, since });
+        }
+        self.held.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+impl Default for Repeated {
+    fn default() -> Repeated {
+        Repeated::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TEN_S: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn the_first_warns_then_repeats_are_held_back_and_counted() {
+        let r = Repeated::new();
+        let first = r.warn_at(5_000, TEN_S).expect("the first one warns");
+        assert_eq!(first.count, 0);
+        assert_eq!(first.to_string(), "", "nothing to add to the first");
+        for t in [5_000, 5_001, 9_000, 14_999] {
+            assert_eq!(r.warn_at(t, TEN_S), None, "at {t} ms: held back");
+        }
+        // The interval is over: a WARN saying how many were held back.
+        let next = r.warn_at(15_000, TEN_S).expect("warns after the interval");
+        assert_eq!(next.count, 4);
+        assert_eq!(next.since, TEN_S);
+        assert_eq!(
+            next.to_string(),
+            " (and 4 more like it in the last 10 s, at debug level)"
+        );
+        // And the count starts again.
+        assert_eq!(r.warn_at(15_001, TEN_S), None);
+        let later = r.warn_at(60_000, TEN_S).unwrap();
+        assert_eq!((later.count, later.since.as_secs()), (1, 45));
+    }
+
+    #[test]
+    fn a_first_event_at_clock_zero_warns_and_starts_the_interval() {
+        let r = Repeated::new();
+        assert!(r.warn_at(0, TEN_S).is_some());
+        assert_eq!(r.warn_at(1, TEN_S), None);
+        assert_eq!(r.warn_at(9_999, TEN_S).map(|h| h.count), None);
+        assert_eq!(r.warn_at(10_000, TEN_S).map(|h| h.count), Some(2));
+    }
+
+    #[test]
+    fn kinds_are_limited_apart() {
+        let (a, b) = (Repeated::new(), Repeated::new());
+        assert!(a.warn_at(100, TEN_S).is_some());
+        assert!(b.warn_at(101, TEN_S).is_some(), "another kind still warns");
+        assert_eq!(a.warn_at(102, TEN_S), None);
+    }
+
+    #[test]
+    fn racing_threads_warn_once_and_lose_no_count() {
+        let r = Repeated::new();
+        let warned: u64 = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| (0..1000).filter(|_| r.warn_at(7, TEN_S).is_some()).count() as u64)
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(warned, 1, "one WARN for 4000 events at one instant");
+        let next = r.warn_at(7 + 10_000, TEN_S).unwrap();
+        assert_eq!(next.count, 3999);
+    }
+
+    #[test]
+    fn the_real_clock_warns_first_then_holds_back() {
+        let r = Repeated::new();
+        assert!(r.warn().is_some());
+        // (10 s cannot pass between these two calls.)
+        assert_eq!(r.warn(), None);
+    }
 
     #[test]
     fn priorities_are_syslogs() {

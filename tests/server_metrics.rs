@@ -214,6 +214,41 @@ async fn max_connections_refusal_is_counted() {
     p.stop().await;
 }
 
+/// 50 clients refused by max-connections: the metric counts all 50, the
+/// log has a warning for the first (with the text operators grep for) and
+/// not one per refusal (the rest are at debug level, rate-limited: one
+/// WARN per 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_counted_but_their_warnings_rate_limited() {
+    let p = Proc::start(&["--max-connections", "1"]).await;
+    let series = "zeotemp_connections_refused_total{reason=\"max-connections\"}";
+    let mut first = Client::registered(p.addr).await;
+    for _ in 0..50 {
+        let mut refused = TcpStream::connect(p.addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(READ_TIMEOUT, refused.read(&mut buf))
+            .await
+            .expect("closed in time")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "a refused connection gets nothing");
+    }
+    assert_eq!(p.wait_for(series, 50.0).await, 50.0);
+    let text = "connection refused: max-connections reached";
+    p.wait_log(&["WARN", text]).await;
+    let warnings = p.log_lines(&["WARN", text]);
+    // One, or two if the 50 took longer than the interval (10 s).
+    assert!(
+        (1..=2).contains(&warnings.len()),
+        "{} warnings for 50 refusals:\n{}",
+        warnings.len(),
+        warnings.join("\n")
+    );
+    // Not at debug level here: the held-back ones are not in the log.
+    assert!(p.log_lines(&[text]).len() <= 2);
+    first.ping_ok().await;
+    p.stop().await;
+}
+
 /// Out of file descriptors (a `LimitNOFILE=` too low for the clients):
 /// accept fails, and is counted; `process_max_fds` is the limit, and
 /// `process_open_fds` shows how close the server came to it.
@@ -455,6 +490,30 @@ async fn memory_limit_and_transaction_size_vote_refusals_are_counted() {
     })
     .await;
     assert_eq!(p.value(memory).await, 1.0, "not a memory refusal");
+    // Both are warnings (`journalctl -p warning` shows refusals).
+    p.wait_log(&["WARN", "is full", "memory-limit"]).await;
+    p.wait_log(&[
+        "WARN",
+        "vote of a refused transaction",
+        "max-transaction-bytes",
+    ])
+    .await;
+    // Refused again and again: each counted, the warnings rate-limited
+    // (one per 10 s; two if these took longer).
+    for tid in 3..8 {
+        let o = c.new_oid().await;
+        c.begin(tid).await;
+        c.store(&o, &b(&Z64), &vec![1u8; 1_500_000], tid).await;
+        let err = c.expect_err(
+            "vote",
+            vec![Value::Int(tid)],
+            "ZODB.POSException.StorageError",
+        );
+        assert!(err.await.contains("memory-limit"));
+    }
+    assert_eq!(p.wait_for(memory, 6.0).await, 6.0);
+    let full = p.log_lines(&["WARN", "is full"]);
+    assert!(full.len() <= 2, "{}", full.join("\n"));
     p.stop().await;
 }
 

@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use super::listener::Counted;
 use super::tls::{HandshakeFailure, Tls};
+use crate::logging::Repeated;
 use crate::protocol::envelope;
 use crate::protocol::frame::{self, FrameError};
 use crate::protocol::value::DecodeLimits;
@@ -45,7 +46,8 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 /// [`Close`]'s `Display`), with the metric's reason ([`Close::reason`]), the
 /// connection's lifetime and counts. The first five are a normal end, logged
 /// at info level (debug for a connection that never completed its ZEO
-/// handshake: a probe); the others are worth a warning.
+/// handshake: a probe); the others are worth a warning (rate-limited per
+/// kind: see [`Close::fault_limit`]).
 #[derive(Debug)]
 pub(super) enum Close {
     /// The client closed its side (`in_handshake`: before its first frame).
@@ -89,16 +91,34 @@ pub(super) enum Close {
 }
 
 impl Close {
-    /// Whether this is a normal end rather than one worth a warning.
-    fn is_normal(&self) -> bool {
-        matches!(
-            self,
+    /// The rate limit of its warning if it is one worth a warning (not a
+    /// normal end): one per kind, so that a flood of one (clients that do
+    /// not read, a scanner's garbage) does not hold back the first of
+    /// another.
+    fn fault_limit(&self) -> Option<&'static Repeated> {
+        static BAD_FRAME: Repeated = Repeated::new();
+        static UNKNOWN_PROTOCOL: Repeated = Repeated::new();
+        static HANDSHAKE_TIMEOUT: Repeated = Repeated::new();
+        static UNDECODABLE: Repeated = Repeated::new();
+        static INCOMPLETE_FRAME: Repeated = Repeated::new();
+        static TRANSACTION_TIMEOUT: Repeated = Repeated::new();
+        static SESSION: Repeated = Repeated::new();
+        static OUTBOX_CLOSED: Repeated = Repeated::new();
+        match self {
             Close::PeerClosed { .. }
-                | Close::ReadError { .. }
-                | Close::WriteError { .. }
-                | Close::Shutdown
-                | Close::AnsweredRuok
-        )
+            | Close::ReadError { .. }
+            | Close::WriteError { .. }
+            | Close::Shutdown
+            | Close::AnsweredRuok => None,
+            Close::BadFrame { .. } => Some(&BAD_FRAME),
+            Close::UnknownProtocol(_) => Some(&UNKNOWN_PROTOCOL),
+            Close::HandshakeTimeout(_) => Some(&HANDSHAKE_TIMEOUT),
+            Close::Undecodable(_) => Some(&UNDECODABLE),
+            Close::IncompleteFrame { .. } => Some(&INCOMPLETE_FRAME),
+            Close::TransactionTimeout => Some(&TRANSACTION_TIMEOUT),
+            Close::Session(_) => Some(&SESSION),
+            Close::OutboxClosed(_) => Some(&OUTBOX_CLOSED),
+        }
     }
 
     /// The reason `zeotemp_disconnects_total` counts this end under.
@@ -132,14 +152,16 @@ struct Lifetime {
 
 /// Counts the end of the connection with `peer`, served since `since`, for
 /// `reason`, and logs it in one line: `text` says why, with the counts
-/// of what it did. A fault is a warning; a normal end of a ZEO session is
-/// info, the end of a probe (no ZEO handshake) debug.
+/// of what it did. A fault (`fault`: its kind's rate limit) is a warning,
+/// rate-limited (the others of its kind within the interval at debug); a
+/// normal end of a ZEO session is info (never limited), the end of a probe
+/// (no ZEO handshake) debug.
 fn log_end(
     shared: &Shared,
     peer: &str,
     since: Instant,
     reason: Disconnect,
-    fault: bool,
+    fault: Option<&Repeated>,
     text: &str,
     life: &Lifetime,
 ) {
@@ -155,16 +177,22 @@ fn log_end(
     };
     let text = printable(text);
     macro_rules! end {
-        ($level:ident) => {
+        ($level:ident, $more:expr) => {
             $level!(
                 %peer, reason = %reason, seconds, requests = s.requests, loads = s.loads,
                 commits = s.commits, aborts = s.aborts, bytes_in, bytes_out,
-                "disconnected: {text}{during}"
+                "disconnected: {text}{during}{}", $more
             )
         };
+        ($level:ident) => {
+            end!($level, "")
+        };
     }
-    if fault {
-        end!(warn);
+    if let Some(limit) = fault {
+        match limit.warn() {
+            Some(more) => end!(warn, more),
+            None => end!(debug),
+        }
     } else if life.session.is_some() {
         end!(info);
     } else {
@@ -306,7 +334,7 @@ pub(super) async fn serve(
         &peer,
         since,
         close.reason(),
-        !close.is_normal(),
+        close.fault_limit(),
         &text,
         &life,
     );
@@ -324,14 +352,17 @@ pub(super) async fn serve(
 
 /// The TLS handshake of a new connection, within `frame-timeout`. When it
 /// failed (counted) or the server is shutting down: the end's reason,
-/// whether it is a fault, and the text for its log line.
+/// the rate limit of its warning if it is a fault (one for TLS errors, one
+/// for timeouts), and the text for its log line.
 async fn tls_handshake(
     tls: &Tls,
     stream: BoxStream,
     peer: &str,
     shared: &Shared,
     stop: &mut watch::Receiver<bool>,
-) -> Result<BoxStream, (Disconnect, bool, String)> {
+) -> Result<BoxStream, (Disconnect, Option<&'static Repeated>, String)> {
+    static TLS_ERROR: Repeated = Repeated::new();
+    static TLS_TIMEOUT: Repeated = Repeated::new();
     // TCP peers by address (the retry delay); unix peers have none.
     let ip = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
     let timeout = shared.config.frame_timeout;
@@ -343,22 +374,22 @@ async fn tls_handshake(
             Ok(s) => Ok(Box::new(s)),
             Err(HandshakeFailure::Refused(reason)) => {
                 shared.faults.tls_handshake_failures.bump(TlsFailure::Error);
-                Err((Disconnect::TlsHandshake, true, format!("TLS handshake failed: {reason}")))
+                Err((Disconnect::TlsHandshake, Some(&TLS_ERROR), format!("TLS handshake failed: {reason}")))
             }
             Err(HandshakeFailure::TimedOut(timeout)) => {
                 shared.faults.tls_handshake_failures.bump(TlsFailure::Timeout);
                 Err((
                     Disconnect::TlsHandshake,
-                    true,
+                    Some(&TLS_TIMEOUT),
                     format!("TLS handshake failed: not completed within frame-timeout ({timeout:?})"),
                 ))
             }
             Err(HandshakeFailure::Closed(reason)) => {
-                Err((Disconnect::Client, false, format!("closed in the TLS handshake: {reason}")))
+                Err((Disconnect::Client, None, format!("closed in the TLS handshake: {reason}")))
             }
         },
         _ = stop.changed() => {
-            Err((Disconnect::Shutdown, false, "closed in the TLS handshake: server shutting down".into()))
+            Err((Disconnect::Shutdown, None, "closed in the TLS handshake: server shutting down".into()))
         }
     }
 }

@@ -16,11 +16,12 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::connection::{self, BoxStream};
 use super::tls::Tls;
 use crate::config::{self, Config, UNIX_SOCKET_GROUP_MODE};
+use crate::logging::Repeated;
 use crate::state::{Refusal, Shared};
 
 /// How each unix-domain socket file is set up once bound.
@@ -542,7 +543,11 @@ pub(super) async fn accept_loop(
             Err(e) => {
                 // Out of file descriptors and the like: log, breathe, go on.
                 shared.faults.connections_refused.bump(Refusal::AcceptError);
-                warn!("accept failed: {e}");
+                static ACCEPT_FAILED: Repeated = Repeated::new();
+                match ACCEPT_FAILED.warn() {
+                    Some(more) => warn!("accept failed: {e}{more}"),
+                    None => debug!("accept failed: {e}"),
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -556,7 +561,13 @@ pub(super) async fn accept_loop(
                 .faults
                 .connections_refused
                 .bump(Refusal::MaxConnections);
-            warn!(%peer, max, "connection refused: max-connections reached");
+            static REFUSED: Repeated = Repeated::new();
+            match REFUSED.warn() {
+                Some(more) => {
+                    warn!(%peer, max, "connection refused: max-connections reached{more}")
+                }
+                None => debug!(%peer, max, "connection refused: max-connections reached"),
+            }
             drop(stream);
             continue;
         };

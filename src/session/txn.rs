@@ -12,8 +12,9 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use tracing::debug;
+use tracing::{debug, warn};
 
+use crate::logging::Repeated;
 use crate::protocol::envelope::{self, Message, tid_value};
 use crate::protocol::value::Value;
 use crate::session::args::Args;
@@ -246,7 +247,20 @@ impl Session {
         };
         if let Some((reason, err)) = txn.refused.clone() {
             txn.commit.refused_vote(reason);
-            debug!(peer = %self.label(), err = %err.to_string().escape_debug(), "vote of a refused transaction");
+            // A warning (README: `journalctl -p warning` shows refusals),
+            // rate-limited: a client looping on a too-large transaction
+            // would be one per vote.
+            static REFUSED: Repeated = Repeated::new();
+            let err_text = err.to_string();
+            let err_text = err_text.escape_debug();
+            match REFUSED.warn() {
+                Some(more) => {
+                    warn!(peer = %self.label(), err = %err_text, "vote of a refused transaction{more}")
+                }
+                None => {
+                    debug!(peer = %self.label(), err = %err_text, "vote of a refused transaction")
+                }
+            }
             self.abort_txn(true);
             self.reply_error(msgid, &err);
             return Outcome::Sent;

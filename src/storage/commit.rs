@@ -24,6 +24,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use crate::logging::Repeated;
 use crate::protocol::ids::{Oid, Tid};
 use crate::storage::stats::VoteRefusal;
 use crate::storage::{
@@ -427,7 +428,12 @@ impl Storage {
             accounted_limit = budget.accounted_limit().unwrap_or_default(),
             used = budget.accounted(),
         );
-        tracing::warn!("{msg}");
+        // At a small limit this is every vote: rate-limited.
+        static FULL: Repeated = Repeated::new();
+        match FULL.warn() {
+            Some(more) => tracing::warn!("{msg}{more}"),
+            None => tracing::debug!("{msg}"),
+        }
         self.stats.votes_refused.bump(VoteRefusal::MemoryLimit);
         Err(StorageError::Storage(msg))
     }
