@@ -43,6 +43,15 @@ pub const DEFAULT_FRAME_TIMEOUT_SECS: u64 = 60;
 /// itself, or that the server closes, gets the same time.)
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 5;
 
+/// Default `log-repeat-interval`: after a warning of one kind (a refused
+/// connection, a vote refused at the memory limit, a slow client, ...),
+/// further ones of that kind within this many seconds are logged at debug
+/// only and counted; the next warning after it says how many there were
+/// (`logging::Repeated`). Long enough that a flood is a line every 10 s,
+/// short enough that a new problem shows within seconds. 0 holds nothing
+/// back.
+pub const DEFAULT_LOG_REPEAT_INTERVAL_SECS: u64 = 10;
+
 /// Default `invalidation-queue-size`: recent transactions remembered for
 /// `getInvalidations` (ZEO's default).
 pub const DEFAULT_INVALIDATION_QUEUE_SIZE: usize = 100;
@@ -413,6 +422,13 @@ pub struct Settings {
     /// that is not valid (`loud`) is a configuration error. [default: info]
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+
+    /// Seconds after a warning of one kind (refusals, slow clients,
+    /// timeouts, TLS failures) during which further ones of that kind are
+    /// logged at debug only, counted in the next warning; the metrics count
+    /// every one. 0 holds nothing back. [default: 10]
+    #[arg(long, value_name = "SECS")]
+    pub log_repeat_interval: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -484,6 +500,9 @@ pub struct Config {
     /// and the metrics ([`DEFAULT_CLASS_TABLE_SIZE`]; 0: none; at most
     /// [`MAX_CLASS_TABLE_SIZE`]).
     pub class_table_size: usize,
+    /// `log-repeat-interval` ([`DEFAULT_LOG_REPEAT_INTERVAL_SECS`]; zero
+    /// holds nothing back).
+    pub log_repeat_interval: Duration,
 }
 
 /// Why there is no default memory limit when the memory the process can
@@ -609,6 +628,7 @@ impl Settings {
             metrics_address: self.metrics_address.or(lower.metrics_address),
             class_table_size: self.class_table_size.or(lower.class_table_size),
             log_level: self.log_level.or(lower.log_level),
+            log_repeat_interval: self.log_repeat_interval.or(lower.log_repeat_interval),
         }
     }
 
@@ -681,6 +701,7 @@ impl Settings {
                 .clone()
                 .or(DEFAULT_METRICS_ADDRESS.map(String::from)),
             class_table_size: self.class_table_size.unwrap_or(DEFAULT_CLASS_TABLE_SIZE),
+            log_repeat_interval: secs(self.log_repeat_interval, DEFAULT_LOG_REPEAT_INTERVAL_SECS),
         })
     }
 }

@@ -20,7 +20,7 @@
 //! | `monitor` | `server_status`/`ruok` and the summary line (`status`), one reading of the figures (`figures`), Prometheus text (`prometheus`) and its endpoint (`http`) |
 //! | `session` | one client's ZEO semantics, no I/O: `dispatch`, `args`, `txn` (two-phase commit), `errors` (POSException wire form), `replies`, `push` (invalidations), `outbox` |
 //! | [`server`] | listeners, one task per connection (handshake, frame loop, timers, `enum Close`), TLS, the collector's loop, shutdown |
-//! | [`logging`] | log lines on stderr, with journald's syslog priority prefix when stderr is journald's stream; a leaf |
+//! | [`logging`] | log lines on stderr, with journald's syslog priority prefix when stderr is journald's stream; warnings that come in floods rate-limited (`Repeated`); depends only on `config` |
 //! | [`rng`] | a tiny deterministic generator for randomized tests and the load generator (`bench/zeotemp-bench`, a crate of its own) |
 //!
 //! Imports go one way: `config`, `protocol` → `storage` → `state` →

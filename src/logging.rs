@@ -16,12 +16,12 @@
 //! Warnings that can come in floods (refused connections and votes,
 //! accept errors, failed TLS handshakes, faulty disconnects) go through a
 //! [`Repeated`]: the first one of a kind is a WARN at once, those within
-//! [`WARN_REPEAT_INTERVAL`] after it only DEBUG lines, and the next WARN
+//! `log-repeat-interval` (10 s) after it only DEBUG lines, and the next WARN
 //! after the interval says how many were held back. One refusal per vote
 //! at a small memory limit made 82,493 WARN lines in a soak, and journald's
 //! rate limit then drops *other* lines; the metrics still count every event.
 //!
-//! A leaf: depends on nothing of this crate.
+//! Depends only on `config` (the interval's default).
 
 use std::fmt;
 use std::io::IsTerminal;
@@ -127,9 +127,23 @@ where
 
 /// After a warning of one kind, further ones of that kind within this long
 /// are logged at DEBUG only (counted); the next WARN after it says how many
-/// there were. Long enough that a flood is a line every 10 s, short enough
-/// that a new problem shows within seconds.
-pub const WARN_REPEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// there were: the `log-repeat-interval` setting (its default,
+/// [`crate::config::DEFAULT_LOG_REPEAT_INTERVAL_SECS`], until the server
+/// sets it with [`set_repeat_interval`]), in milliseconds.
+static WARN_REPEAT_INTERVAL_MS: AtomicU64 =
+    AtomicU64::new(crate::config::DEFAULT_LOG_REPEAT_INTERVAL_SECS * 1000);
+
+/// Sets how long warnings of one kind are held back after one
+/// (`log-repeat-interval`; zero holds nothing back).
+pub fn set_repeat_interval(interval: Duration) {
+    let ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+    WARN_REPEAT_INTERVAL_MS.store(ms, Ordering::Relaxed);
+}
+
+/// The interval [`Repeated::warn`] uses now.
+pub fn repeat_interval() -> Duration {
+    Duration::from_millis(WARN_REPEAT_INTERVAL_MS.load(Ordering::Relaxed))
+}
 
 /// Rate limit of one kind of warning (one `static` per kind, see the module
 /// docs). Lock-free: two atomics, taken on the hot refusal paths. Use:
@@ -194,7 +208,7 @@ impl Repeated {
     /// it at DEBUG).
     pub fn warn(&self) -> Option<HeldBack> {
         let now = u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX - 1);
-        self.warn_at(now, WARN_REPEAT_INTERVAL)
+        self.warn_at(now, repeat_interval())
     }
 
     /// [`Repeated::warn`] at `now` (milliseconds on any monotonic clock),

@@ -247,6 +247,24 @@ async fn refusals_are_counted_but_their_warnings_rate_limited() {
     assert!(p.log_lines(&[text]).len() <= 2);
     first.ping_ok().await;
     p.stop().await;
+
+    // `log-repeat-interval = 0` holds nothing back: a warning each.
+    let p = Proc::start(&["--max-connections", "1", "--log-repeat-interval", "0"]).await;
+    let mut first = Client::registered(p.addr).await;
+    for _ in 0..5 {
+        let mut refused = TcpStream::connect(p.addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let _ = tokio::time::timeout(READ_TIMEOUT, refused.read(&mut buf)).await;
+    }
+    assert_eq!(p.wait_for(series, 5.0).await, 5.0);
+    p.wait_log(&["WARN", text]).await;
+    let deadline = std::time::Instant::now() + READ_TIMEOUT;
+    while p.log_lines(&["WARN", text]).len() < 5 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(p.log_lines(&["WARN", text]).len(), 5);
+    first.ping_ok().await;
+    p.stop().await;
 }
 
 /// Out of file descriptors (a `LimitNOFILE=` too low for the clients):

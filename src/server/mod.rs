@@ -43,6 +43,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    crate::logging::set_repeat_interval(config.log_repeat_interval);
     let shared = Arc::new(Shared::new(config));
     run_shared(listeners, shared, shutdown).await
 }
