@@ -165,6 +165,19 @@ fn invalid_log_filter_is_a_configuration_error() {
     }
 }
 
+/// Kills the process `.0` (SIGKILL) when dropped: a server a test started
+/// never outlives it, whatever happened.
+struct Reap(u32);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
 /// `kill -SIGNAL pid` (the `kill` command: no libc in the dependencies).
 fn send(signal: &str, pid: u32) {
     let status = Command::new("kill")
@@ -195,15 +208,6 @@ fn sighup_is_logged_and_ignored() {
         .expect("the binary runs");
     let pid = child.id();
     // Killed when the test ends, whatever happened.
-    struct Reap(u32);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = Command::new("kill")
-                .args(["-KILL", &self.0.to_string()])
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
-    }
     let _reap = Reap(pid);
     let mut log = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let mut seen = String::new();
@@ -447,15 +451,6 @@ fn check_config_before_a_restart_notes_the_running_server() {
         .spawn()
         .expect("the binary runs");
     // Killed when the test ends, whatever happened.
-    struct Reap(u32);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = Command::new("kill")
-                .args(["-KILL", &self.0.to_string()])
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
-    }
     let _reap = Reap(child.id());
     let (mut tcp, mut metrics, mut unix) = (None, None, false);
     let mut seen = String::new();
