@@ -267,6 +267,30 @@ async fn refusals_are_counted_but_their_warnings_rate_limited() {
     p.stop().await;
 }
 
+/// A misconfigured client that asks for a storage this server does not
+/// serve retries at once, forever: each attempt gets its error reply, the
+/// log one warning per interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_storage_warnings_are_rate_limited() {
+    let p = Proc::start(&[]).await;
+    for _ in 0..20 {
+        let mut c = Client::handshaken(p.addr).await;
+        let err = c
+            .expect_err(
+                "register",
+                vec![s("nope"), Value::Bool(false)],
+                "builtins.ValueError",
+            )
+            .await;
+        assert!(err.contains("unknown storage: nope"), "{err}");
+    }
+    let text = "register: unknown storage";
+    p.wait_log(&["WARN", text]).await;
+    let warnings = p.log_lines(&["WARN", text]);
+    assert!((1..=2).contains(&warnings.len()), "{warnings:?}");
+    p.stop().await;
+}
+
 /// Out of file descriptors (a `LimitNOFILE=` too low for the clients):
 /// accept fails, and is counted; `process_max_fds` is the limit, and
 /// `process_open_fds` shows how close the server came to it.

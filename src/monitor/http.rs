@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 
 use super::figures::Snapshot;
 use super::prometheus::{CONTENT_TYPE, render};
+use crate::logging::Repeated;
 use crate::state::Shared;
 
 /// Bytes of request head (request line and headers) a scraper may send; a
@@ -63,7 +64,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
             a = listener.accept() => match a {
                 Ok(x) => x,
                 Err(e) => {
-                    warn!("metrics: accept failed: {e}");
+                    static ACCEPT_FAILED: Repeated = Repeated::new();
+                    match ACCEPT_FAILED.warn() {
+                        Some(more) => warn!("metrics: accept failed: {e}{more}"),
+                        None => debug!("metrics: accept failed: {e}"),
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

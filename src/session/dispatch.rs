@@ -11,8 +11,9 @@
 
 use std::sync::Arc;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use crate::logging::Repeated;
 use crate::monitor::status;
 use crate::protocol::envelope::{Message, oid_value, tid_value};
 use crate::protocol::ids::{Tid, ctime};
@@ -137,7 +138,14 @@ impl Session {
                 .iter()
                 .map(|n| format!("{n:?}"))
                 .collect();
-            warn!(peer = %self.label(), storage = ?name, "register: unknown storage");
+            // A misconfigured client retries this at once, forever.
+            static UNKNOWN: Repeated = Repeated::new();
+            match UNKNOWN.warn() {
+                Some(more) => warn!(
+                    peer = %self.label(), storage = ?name, "register: unknown storage{more}"
+                ),
+                None => debug!(peer = %self.label(), storage = ?name, "register: unknown storage"),
+            }
             return Err(ZeoError::Value(format!(
                 "unknown storage: {name} (this server serves: {})",
                 served.join(", ")

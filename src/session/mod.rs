@@ -34,6 +34,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
+use crate::logging::Repeated;
 use crate::protocol::envelope::{self, Encoding, Message};
 use crate::protocol::pickle::Dialect;
 use crate::protocol::value::Value;
@@ -204,7 +205,17 @@ impl Session {
             let err = ZeoError::Value(format!(
                 "forbidden pickle global {global}: zeotemp accepts plain data only and never resolves globals"
             ));
-            warn!(peer = %self.label(), method = ?method, global = ?global, "refused a message carrying a pickle global");
+            static GLOBAL: Repeated = Repeated::new();
+            match GLOBAL.warn() {
+                Some(more) => warn!(
+                    peer = %self.label(), method = ?method, global = ?global,
+                    "refused a message carrying a pickle global{more}"
+                ),
+                None => debug!(
+                    peer = %self.label(), method = ?method, global = ?global,
+                    "refused a message carrying a pickle global"
+                ),
+            }
             return self.fail(&msg, err);
         }
         let result = if self.registered.is_none() && method != "register" {
