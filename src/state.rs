@@ -117,8 +117,12 @@ reasons! {
         TlsHandshake => "tls-handshake",
         /// A `ruok` probe, answered.
         Ruok => "ruok",
-        /// The server is shutting down.
+        /// The server is shutting down (also a connection cut off when
+        /// `shutdown-grace` ran out).
         Shutdown => "shutdown",
+        /// The connection's task failed (a panic: a bug, logged with it);
+        /// the server goes on, and so do the other connections.
+        InternalError => "internal-error",
     }
 }
 

@@ -267,6 +267,27 @@ async fn refusals_are_counted_but_their_warnings_rate_limited() {
     p.stop().await;
 }
 
+/// A connection whose task panics (a bug, injected here) is still counted
+/// once, as `internal-error`, with its warning; the server goes on.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_panics_is_counted_once() {
+    let p = Proc::start(&[]).await;
+    let series = "zeotemp_disconnects_total{reason=\"internal-error\"}";
+    assert_eq!(p.value(series).await, 0.0);
+    let mut a = Client::registered(p.addr).await;
+    a.send(false, "_zeotemp_fault_panic", vec![]).await;
+    a.expect_closed("_zeotemp_fault_panic").await;
+    assert_eq!(p.wait_for(series, 1.0).await, 1.0);
+    p.wait_log(&["WARN", "disconnected: its task failed"]).await;
+    let mut b = Client::registered(p.addr).await;
+    b.ping_ok().await;
+    drop(b);
+    // The other connections' ends are counted as before, and this one once.
+    assert_eq!(p.value(series).await, 1.0);
+    p.stop().await;
+}
+
 /// A misconfigured client that asks for a storage this server does not
 /// serve retries at once, forever: each attempt gets its error reply, the
 /// log one warning per interval.

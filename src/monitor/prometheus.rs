@@ -109,7 +109,7 @@ static REASON_FAMILIES: &[(&str, &str, PerReason)] = &[
     ),
     (
         "zeotemp_disconnects_total",
-        "Connections ended, by reason: client, slow-client (over max-outbox-bytes), transaction-timeout, frame-timeout, protocol-error, tls-handshake, ruok (a probe answered), shutdown.",
+        "Connections ended, by reason: client, slow-client (over max-outbox-bytes), transaction-timeout, frame-timeout, protocol-error, tls-handshake, ruok (a probe answered), shutdown (also cut off at shutdown-grace), internal-error (the connection's task failed: a bug).",
         |s| &s.disconnects,
     ),
 ];

@@ -274,6 +274,50 @@ impl Protocol {
 
 /// Serves one accepted connection to its end; `_counted` keeps it in the
 /// connection count (since the accept, TLS handshake included).
+/// Counts and logs a connection's end when [`serve`] does not reach its
+/// own `log_end`: a panic in the connection's task (unwinding drops it) or
+/// the task cut off when `shutdown-grace` ran out (its future is dropped).
+/// So every accepted connection is counted exactly once.
+struct Unended<'a> {
+    shared: &'a Shared,
+    peer: &'a str,
+    since: Instant,
+    /// False once `serve` logged the end itself.
+    armed: bool,
+}
+
+impl Drop for Unended<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        static FAILED: Repeated = Repeated::new();
+        let (reason, fault, text) = if std::thread::panicking() {
+            (
+                Disconnect::InternalError,
+                Some(&FAILED),
+                "its task failed (a bug; the panic is logged above)",
+            )
+        } else {
+            (
+                Disconnect::Shutdown,
+                None,
+                "cut off: the server stopped before the connection ended",
+            )
+        };
+        let life = Lifetime::default();
+        log_end(
+            self.shared,
+            self.peer,
+            self.since,
+            reason,
+            fault,
+            text,
+            &life,
+        );
+    }
+}
+
 pub(super) async fn serve(
     _counted: Counted,
     stream: BoxStream,
@@ -284,11 +328,18 @@ pub(super) async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let since = Instant::now();
+    let mut unended = Unended {
+        shared: &shared,
+        peer: &peer,
+        since,
+        armed: true,
+    };
     let stream = match tls {
         None => stream,
         Some(tls) => match tls_handshake(&tls, stream, &peer, &shared, &mut stop).await {
             Ok(s) => s,
             Err((reason, fault, text)) => {
+                unended.armed = false;
                 let life = Lifetime::default();
                 log_end(&shared, &peer, since, reason, fault, &text, &life);
                 return;
@@ -329,6 +380,7 @@ pub(super) async fn serve(
         bytes_out: conn.wr.bytes_out,
     };
     let text = close.to_string();
+    unended.armed = false;
     log_end(
         &shared,
         &peer,

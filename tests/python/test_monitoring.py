@@ -638,7 +638,7 @@ def test_refusals_and_disconnects_of_stock_clients_are_counted(
             ("zeotemp_disconnects_total",
              ("client", "slow-client", "transaction-timeout",
               "frame-timeout", "protocol-error", "tls-handshake", "ruok",
-              "shutdown"))]:
+              "shutdown", "internal-error"))]:
         assert {dict(k)["reason"]: v for k, v in before[name].items()} == {
             r: 0 for r in reasons}, name
     refused = lambda f, reason: f["zeotemp_votes_refused_total"][  # noqa
