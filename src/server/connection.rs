@@ -150,53 +150,76 @@ struct Lifetime {
     bytes_out: u64,
 }
 
-/// Counts the end of the connection with `peer`, served since `since`, for
-/// `reason`, and logs it in one line: `text` says why, with the counts
-/// of what it did. A fault (`fault`: its kind's rate limit) is a warning,
-/// rate-limited (the others of its kind within the interval at debug); a
-/// normal end of a ZEO session is info (never limited), the end of a probe
-/// (no ZEO handshake) debug.
-fn log_end(
-    shared: &Shared,
-    peer: &str,
+/// The end of one connection, counted and logged exactly once: by
+/// [`End::log`] where [`serve`] ends it, or, when `serve` never gets there
+/// (a panic in the connection's task unwinds it, or the task is cut off
+/// when `shutdown-grace` runs out and its future is dropped), by `Drop`.
+struct End<'a> {
+    shared: &'a Shared,
+    peer: &'a str,
+    /// When the connection was accepted.
     since: Instant,
-    reason: Disconnect,
-    fault: Option<&Repeated>,
-    text: &str,
-    life: &Lifetime,
-) {
-    shared.faults.disconnects.bump(reason);
-    let reason = reason.label();
-    let seconds = (since.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
-    let s = life.session.unwrap_or_default();
-    let (bytes_in, bytes_out) = (life.bytes_in, life.bytes_out);
-    let during = if s.ended_in_transaction {
-        " (during a transaction: aborted)"
-    } else {
-        ""
-    };
-    let text = printable(text);
-    macro_rules! end {
-        ($level:ident, $more:expr) => {
-            $level!(
-                %peer, reason = %reason, seconds, requests = s.requests, loads = s.loads,
-                commits = s.commits, aborts = s.aborts, bytes_in, bytes_out,
-                "disconnected: {text}{during}{}", $more
-            )
+    logged: bool,
+}
+
+impl End<'_> {
+    /// Counts the end for `reason` and logs it in one line: `text` says
+    /// why, with the counts of what the connection did. A fault (`fault`:
+    /// its kind's rate limit) is a warning, rate-limited (the others of its
+    /// kind within the interval at debug); a normal end of a ZEO session is
+    /// info (never limited), the end of a probe (no ZEO handshake) debug.
+    fn log(&mut self, reason: Disconnect, fault: Option<&Repeated>, text: &str, life: &Lifetime) {
+        self.logged = true;
+        self.shared.faults.disconnects.bump(reason);
+        let reason = reason.label();
+        let seconds = (self.since.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
+        let s = life.session.unwrap_or_default();
+        let (bytes_in, bytes_out) = (life.bytes_in, life.bytes_out);
+        let during = if s.ended_in_transaction {
+            " (during a transaction: aborted)"
+        } else {
+            ""
         };
-        ($level:ident) => {
-            end!($level, "")
-        };
-    }
-    if let Some(limit) = fault {
-        match limit.warn() {
-            Some(more) => end!(warn, more),
-            None => end!(debug),
+        let text = printable(text);
+        macro_rules! end {
+            ($level:ident, $more:expr) => {
+                $level!(
+                    peer = %self.peer, reason = %reason, seconds, requests = s.requests, loads = s.loads,
+                    commits = s.commits, aborts = s.aborts, bytes_in, bytes_out,
+                    "disconnected: {text}{during}{}", $more
+                )
+            };
+            ($level:ident) => {
+                end!($level, "")
+            };
         }
-    } else if life.session.is_some() {
-        end!(info);
-    } else {
-        end!(debug);
+        if let Some(limit) = fault {
+            match limit.warn() {
+                Some(more) => end!(warn, more),
+                None => end!(debug),
+            }
+        } else if life.session.is_some() {
+            end!(info);
+        } else {
+            end!(debug);
+        }
+    }
+}
+
+impl Drop for End<'_> {
+    fn drop(&mut self) {
+        if self.logged {
+            return;
+        }
+        static FAILED: Repeated = Repeated::new();
+        let life = Lifetime::default();
+        if std::thread::panicking() {
+            let text = "its task failed (a bug; the panic is logged above)";
+            self.log(Disconnect::InternalError, Some(&FAILED), text, &life);
+        } else {
+            let text = "cut off: the server stopped before the connection ended";
+            self.log(Disconnect::Shutdown, None, text, &life);
+        }
     }
 }
 
@@ -274,50 +297,6 @@ impl Protocol {
 
 /// Serves one accepted connection to its end; `_counted` keeps it in the
 /// connection count (since the accept, TLS handshake included).
-/// Counts and logs a connection's end when [`serve`] does not reach its
-/// own `log_end`: a panic in the connection's task (unwinding drops it) or
-/// the task cut off when `shutdown-grace` ran out (its future is dropped).
-/// So every accepted connection is counted exactly once.
-struct Unended<'a> {
-    shared: &'a Shared,
-    peer: &'a str,
-    since: Instant,
-    /// False once `serve` logged the end itself.
-    armed: bool,
-}
-
-impl Drop for Unended<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        static FAILED: Repeated = Repeated::new();
-        let (reason, fault, text) = if std::thread::panicking() {
-            (
-                Disconnect::InternalError,
-                Some(&FAILED),
-                "its task failed (a bug; the panic is logged above)",
-            )
-        } else {
-            (
-                Disconnect::Shutdown,
-                None,
-                "cut off: the server stopped before the connection ended",
-            )
-        };
-        let life = Lifetime::default();
-        log_end(
-            self.shared,
-            self.peer,
-            self.since,
-            reason,
-            fault,
-            text,
-            &life,
-        );
-    }
-}
-
 pub(super) async fn serve(
     _counted: Counted,
     stream: BoxStream,
@@ -327,21 +306,18 @@ pub(super) async fn serve(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let since = Instant::now();
-    let mut unended = Unended {
+    let mut end = End {
         shared: &shared,
         peer: &peer,
-        since,
-        armed: true,
+        since: Instant::now(),
+        logged: false,
     };
     let stream = match tls {
         None => stream,
         Some(tls) => match tls_handshake(&tls, stream, &peer, &shared, &mut stop).await {
             Ok(s) => s,
             Err((reason, fault, text)) => {
-                unended.armed = false;
-                let life = Lifetime::default();
-                log_end(&shared, &peer, since, reason, fault, &text, &life);
+                end.log(reason, fault, &text, &Lifetime::default());
                 return;
             }
         },
@@ -379,15 +355,10 @@ pub(super) async fn serve(
         bytes_in: conn.bytes_in,
         bytes_out: conn.wr.bytes_out,
     };
-    let text = close.to_string();
-    unended.armed = false;
-    log_end(
-        &shared,
-        &peer,
-        since,
+    end.log(
         close.reason(),
         close.fault_limit(),
-        &text,
+        &close.to_string(),
         &life,
     );
     outbox.close("connection finished");
