@@ -242,6 +242,8 @@ impl Snapshot {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
+        // One reading of /proc/self/status for both RSS figures.
+        let process = ProcessFigures::read(start_time);
         Snapshot {
             version: env!("CARGO_PKG_VERSION").to_string(),
             start_time,
@@ -252,8 +254,11 @@ impl Snapshot {
                 .unwrap_or(0.0),
             connections: shared.connections.load(Ordering::Relaxed),
             max_connections: shared.config.max_connections,
-            resident_bytes: resident_bytes(),
-            process: ProcessFigures::read(start_time),
+            resident_bytes: process
+                .as_ref()
+                .map(|p| p.resident_bytes)
+                .or_else(resident_bytes),
+            process,
             connections_refused: shared.faults.connections_refused.read(),
             tls_handshake_failures: shared.faults.tls_handshake_failures.read(),
             disconnects: shared.faults.disconnects.read(),
