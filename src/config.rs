@@ -478,9 +478,9 @@ pub struct Config {
     /// Resident memory all storages together may take (see
     /// `storage::budget`); `None` is no limit.
     pub memory_limit: Option<usize>,
-    /// The memory the process can have, read at start-up when
-    /// `memory-limit` was not given (its default is a fraction of it).
-    pub memory_ceiling: Option<MemoryCeiling>,
+    /// The memory the process can have, read at start-up: the default
+    /// `memory-limit` is a fraction of it, and a larger one is refused.
+    pub memory_ceiling: MemoryCeiling,
     /// `tls-certificate`: the server's certificate chain (PEM: its own
     /// certificate first, then any intermediates). With `tls-key`, every
     /// listener speaks TLS (the stock server's `<ssl> certificate`); see
@@ -692,7 +692,7 @@ impl Settings {
                 Some(bytes) => (bytes > 0).then_some(bytes),
                 None => default_memory_limit(&ceiling),
             },
-            memory_ceiling: Some(ceiling),
+            memory_ceiling: ceiling,
             tls_certificate: self.tls_certificate.clone(),
             tls_key: self.tls_key.clone(),
             tls_client_ca: self.tls_client_ca.clone(),
@@ -734,13 +734,13 @@ impl Config {
             .collect::<Vec<_>>()
             .join(", ");
         let memory = match (self.memory_limit, self.memory_ceiling) {
-            (Some(m), Some(c)) if Some(m) == default_memory_limit(&c) => format!(
+            (Some(m), c) if Some(m) == default_memory_limit(&c) => format!(
                 "{} for all storages (half of {})",
                 human_bytes(m),
                 c.describe()
             ),
             (Some(m), _) => format!("{} for all storages", human_bytes(m)),
-            (None, Some(c)) if c.bytes().is_none() => format!("no memory limit: {UNKNOWN_CEILING}"),
+            (None, c) if c.bytes().is_none() => format!("no memory limit: {UNKNOWN_CEILING}"),
             (None, _) => "no limit".into(),
         };
         let mut extras = String::new();
@@ -876,15 +876,17 @@ impl Config {
 
     /// Limits too small (or large) to serve anything.
     fn limit_problems(&self) -> Vec<String> {
-        let ceiling = self.memory_ceiling.and_then(|c| c.bytes().map(|b| (b, c)));
         found([
             (
-                matches!((self.memory_limit, ceiling), (Some(m), Some((b, _))) if m > b),
+                matches!(
+                    (self.memory_limit, self.memory_ceiling.bytes()),
+                    (Some(m), Some(ceiling)) if m > ceiling
+                ),
                 format!(
                     "memory-limit = {} is more than the memory this process can have ({}): \
                      the kernel would kill it before a commit is refused at the limit",
                     self.memory_limit.unwrap_or_default(),
-                    ceiling.map(|(_, c)| c.describe()).unwrap_or_default()
+                    self.memory_ceiling.describe()
                 ),
             ),
             (self.threads == 0, "threads must be at least 1".into()),
@@ -1420,7 +1422,7 @@ mod tests {
                 false,
             ),
         ] {
-            cfg.memory_ceiling = Some(ceiling);
+            cfg.memory_ceiling = ceiling;
             let result = cfg.validate();
             assert_eq!(result.is_err(), refused, "{ceiling:?}: {result:?}");
             if let Err(e) = result {
@@ -1439,10 +1441,10 @@ mod tests {
     #[test]
     fn unknown_ceiling_means_no_default_limit_and_says_so() {
         let mut cfg = Settings::default().resolve().unwrap();
-        cfg.memory_ceiling = Some(MemoryCeiling {
+        cfg.memory_ceiling = MemoryCeiling {
             ram: None,
             cgroup: None,
-        });
+        };
         cfg.memory_limit = default_memory_limit(&MemoryCeiling::default());
         assert_eq!(cfg.memory_limit, None);
         assert!(cfg.summary().contains(UNKNOWN_CEILING), "{}", cfg.summary());

@@ -188,7 +188,7 @@ async fn serve(cfg: Config) -> ExitCode {
         env!("CARGO_PKG_VERSION"),
         cfg.summary()
     );
-    if cfg.memory_limit.is_none() && cfg.memory_ceiling.is_some_and(|c| c.bytes().is_none()) {
+    if cfg.memory_limit.is_none() && cfg.memory_ceiling.bytes().is_none() {
         warn!("memory-limit: {}", config::UNKNOWN_CEILING);
     }
     match zeotemp::server::run(listeners, cfg, shutdown).await {
