@@ -690,14 +690,11 @@ impl StorageState {
         self.count_in(&rev);
         let new_record = rev.data.as_ref().map(|d| d.len());
         let new_len = new_record.unwrap_or(0);
-        let obj = match self.objects.entry(oid) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                self.accounted += OBJECT_OVERHEAD;
-                self.limits.memory.add(OBJECT_OVERHEAD);
-                e.insert(Object::default())
-            }
-        };
+        let mut created = false;
+        let obj = self.objects.entry(oid).or_insert_with(|| {
+            created = true;
+            Object::default()
+        });
         let old_record = obj
             .revisions
             .last()
@@ -715,6 +712,9 @@ impl StorageState {
         }
         obj.revisions.push(rev);
         self.current_bytes = self.current_bytes + new_len - old_record.unwrap_or(0);
+        if created {
+            self.account_in(OBJECT_OVERHEAD);
+        }
     }
 
     /// `bytes` more accounted, here and in the process's budget.
