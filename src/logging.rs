@@ -145,17 +145,29 @@ pub fn repeat_interval() -> Duration {
     Duration::from_millis(WARN_REPEAT_INTERVAL_MS.load(Ordering::Relaxed))
 }
 
-/// Rate limit of one kind of warning (one `static` per kind, see the module
-/// docs). Lock-free: two atomics, taken on the hot refusal paths. Use:
+/// Logs a warning of one kind through its own [`Repeated`] (a `static` per
+/// call site): a WARN with what was held back appended, or, within the
+/// interval after the last one, the same line at DEBUG. Fields go in
+/// brackets, then the message:
 ///
 /// ```
-/// use zeotemp::logging::Repeated;
-/// static REFUSED: Repeated = Repeated::new();
-/// match REFUSED.warn() {
-///     Some(more) => tracing::warn!("connection refused{more}"),
-///     None => tracing::debug!("connection refused"),
-/// }
+/// let peer = "127.0.0.1:4242";
+/// zeotemp::warn_repeated!([%peer, max = 10,] "connection refused: max-connections reached");
 /// ```
+#[macro_export]
+macro_rules! warn_repeated {
+    ([$($field:tt)*] $fmt:literal $(, $arg:expr)* $(,)?) => {{
+        static LIMIT: $crate::logging::Repeated = $crate::logging::Repeated::new();
+        match LIMIT.warn() {
+            Some(more) => ::tracing::warn!($($field)* "{}{}", format_args!($fmt $(, $arg)*), more),
+            None => ::tracing::debug!($($field)* $fmt $(, $arg)*),
+        }
+    }};
+}
+
+/// Rate limit of one kind of warning (one `static` per kind, see the module
+/// docs; [`warn_repeated!`](crate::warn_repeated) makes one per call
+/// site). Lock-free: two atomics, taken on the hot refusal paths.
 #[derive(Debug)]
 pub struct Repeated {
     /// When the last WARN was, in milliseconds since [`epoch`], plus one

@@ -18,11 +18,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::figures::Snapshot;
 use super::prometheus::{CONTENT_TYPE, render};
-use crate::logging::Repeated;
 use crate::state::Shared;
 
 /// Bytes of request head (request line and headers) a scraper may send; a
@@ -64,11 +63,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
             a = listener.accept() => match a {
                 Ok(x) => x,
                 Err(e) => {
-                    static ACCEPT_FAILED: Repeated = Repeated::new();
-                    match ACCEPT_FAILED.warn() {
-                        Some(more) => warn!("metrics: accept failed: {e}{more}"),
-                        None => debug!("metrics: accept failed: {e}"),
-                    }
+                    crate::warn_repeated!([] "metrics: accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

@@ -16,12 +16,10 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
-use tracing::{debug, warn};
 
 use super::connection::{self, BoxStream};
 use super::tls::Tls;
 use crate::config::{self, Config, UNIX_SOCKET_GROUP_MODE};
-use crate::logging::Repeated;
 use crate::state::{Refusal, Shared};
 
 /// How each unix-domain socket file is set up once bound.
@@ -543,11 +541,7 @@ pub(super) async fn accept_loop(
             Err(e) => {
                 // Out of file descriptors and the like: log, breathe, go on.
                 shared.faults.connections_refused.bump(Refusal::AcceptError);
-                static ACCEPT_FAILED: Repeated = Repeated::new();
-                match ACCEPT_FAILED.warn() {
-                    Some(more) => warn!("accept failed: {e}{more}"),
-                    None => debug!("accept failed: {e}"),
-                }
+                crate::warn_repeated!([] "accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -561,13 +555,7 @@ pub(super) async fn accept_loop(
                 .faults
                 .connections_refused
                 .bump(Refusal::MaxConnections);
-            static REFUSED: Repeated = Repeated::new();
-            match REFUSED.warn() {
-                Some(more) => {
-                    warn!(%peer, max, "connection refused: max-connections reached{more}")
-                }
-                None => debug!(%peer, max, "connection refused: max-connections reached"),
-            }
+            crate::warn_repeated!([%peer, max,] "connection refused: max-connections reached");
             drop(stream);
             continue;
         };

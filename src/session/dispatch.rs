@@ -11,9 +11,8 @@
 
 use std::sync::Arc;
 
-use tracing::{debug, info, warn};
+use tracing::info;
 
-use crate::logging::Repeated;
 use crate::monitor::status;
 use crate::protocol::envelope::{Message, oid_value, tid_value};
 use crate::protocol::ids::{Tid, ctime};
@@ -139,13 +138,9 @@ impl Session {
                 .map(|n| format!("{n:?}"))
                 .collect();
             // A misconfigured client retries this at once, forever.
-            static UNKNOWN: Repeated = Repeated::new();
-            match UNKNOWN.warn() {
-                Some(more) => warn!(
-                    peer = %self.label(), storage = ?name, "register: unknown storage{more}"
-                ),
-                None => debug!(peer = %self.label(), storage = ?name, "register: unknown storage"),
-            }
+            crate::warn_repeated!(
+                [peer = %self.label(), storage = ?name,] "register: unknown storage"
+            );
             return Err(ZeoError::Value(format!(
                 "unknown storage: {name} (this server serves: {})",
                 served.join(", ")

@@ -32,9 +32,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::oneshot;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
-use crate::logging::Repeated;
 use crate::protocol::envelope::{self, Encoding, Message};
 use crate::protocol::pickle::Dialect;
 use crate::protocol::value::Value;
@@ -205,17 +204,10 @@ impl Session {
             let err = ZeoError::Value(format!(
                 "forbidden pickle global {global}: zeotemp accepts plain data only and never resolves globals"
             ));
-            static GLOBAL: Repeated = Repeated::new();
-            match GLOBAL.warn() {
-                Some(more) => warn!(
-                    peer = %self.label(), method = ?method, global = ?global,
-                    "refused a message carrying a pickle global{more}"
-                ),
-                None => debug!(
-                    peer = %self.label(), method = ?method, global = ?global,
-                    "refused a message carrying a pickle global"
-                ),
-            }
+            crate::warn_repeated!(
+                [peer = %self.label(), method = ?method, global = ?global,]
+                "refused a message carrying a pickle global"
+            );
             return self.fail(&msg, err);
         }
         let result = if self.registered.is_none() && method != "register" {

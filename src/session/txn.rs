@@ -12,9 +12,8 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use tracing::{debug, warn};
+use tracing::debug;
 
-use crate::logging::Repeated;
 use crate::protocol::envelope::{self, Message, tid_value};
 use crate::protocol::value::Value;
 use crate::session::args::Args;
@@ -250,17 +249,11 @@ impl Session {
             // A warning (README: `journalctl -p warning` shows refusals),
             // rate-limited: a client looping on a too-large transaction
             // would be one per vote.
-            static REFUSED: Repeated = Repeated::new();
             let err_text = err.to_string();
             let err_text = err_text.escape_debug();
-            match REFUSED.warn() {
-                Some(more) => {
-                    warn!(peer = %self.label(), err = %err_text, "vote of a refused transaction{more}")
-                }
-                None => {
-                    debug!(peer = %self.label(), err = %err_text, "vote of a refused transaction")
-                }
-            }
+            crate::warn_repeated!(
+                [peer = %self.label(), err = %err_text,] "vote of a refused transaction"
+            );
             self.abort_txn(true);
             self.reply_error(msgid, &err);
             return Outcome::Sent;

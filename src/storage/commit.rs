@@ -24,7 +24,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use crate::logging::Repeated;
 use crate::protocol::ids::{Oid, Tid};
 use crate::storage::stats::VoteRefusal;
 use crate::storage::{
@@ -429,11 +428,7 @@ impl Storage {
             used = budget.accounted(),
         );
         // At a small limit this is every vote: rate-limited.
-        static FULL: Repeated = Repeated::new();
-        match FULL.warn() {
-            Some(more) => tracing::warn!("{msg}{more}"),
-            None => tracing::debug!("{msg}"),
-        }
+        crate::warn_repeated!([] "{msg}");
         self.stats.votes_refused.bump(VoteRefusal::MemoryLimit);
         Err(StorageError::Storage(msg))
     }
