@@ -116,6 +116,13 @@ pub fn decode_message_bytes(
     into_message(pickle::decode_bytes(payload, limits)?, protocol1)
 }
 
+/// [`decode_message`] for a frame a client sent: its short bytes values
+/// (oids, tids) share the frame's buffer ([`pickle::decode_request`]).
+pub fn decode_request(payload: &Bytes, limits: &DecodeLimits) -> Result<Message, MarshalError> {
+    let protocol1 = is_protocol1(payload);
+    into_message(pickle::decode_request(payload, limits)?, protocol1)
+}
+
 /// Decodes one msgpack (`M5`) frame payload. Arrays decode to tuples;
 /// the method name must be a msgpack `str` (a Python-2 client over msgpack
 /// sends it as `bin`, which the stock server refuses too).

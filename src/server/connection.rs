@@ -7,6 +7,7 @@ use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -516,6 +517,19 @@ impl Conn<'_> {
     async fn serve_session(&mut self, session: &mut Session, protocol: Protocol) -> Close {
         let mut lock_wait: Option<LockWait> = None;
         let mut incomplete = IncompleteFrameTimer::new(self.shared.config.frame_timeout);
+        // The server's stop: one future, polled once to register this task
+        // with the watch (the registration stays until the stop wakes the
+        // task); each wait then only looks at the watch's version. A new
+        // `changed()` per wait registered with the watch's `Notify`, and
+        // left it again, under its lock, once per request of a client that
+        // sends one at a time. Unconstrained: a poll refused for the task's
+        // coop budget would not register it.
+        let mut stop = self.stop.clone();
+        let mut stopped = std::pin::pin!(tokio::task::unconstrained(async move {
+            // An error (the sender gone) is a stop too.
+            let _ = stop.changed().await;
+        }));
+        let mut stop_armed = false;
         loop {
             let progressed = match self
                 .handle_buffered(session, &mut lock_wait, protocol)
@@ -528,7 +542,13 @@ impl Conn<'_> {
                 return Close::OutboxClosed(reason);
             }
             if let Err(close) = self
-                .wait(session, &mut lock_wait, &mut incomplete, progressed)
+                .wait(
+                    session,
+                    &mut lock_wait,
+                    &mut incomplete,
+                    progressed,
+                    (stopped.as_mut(), &mut stop_armed),
+                )
                 .await
             {
                 return close;
@@ -551,7 +571,7 @@ impl Conn<'_> {
         };
         let outbox = &self.outbox;
         let mut progressed = false;
-        while outbox.closed_reason().is_none() && !outbox.is_backlogged() {
+        while outbox.takes_requests() {
             let payload = match frame::parse(&mut self.buf, max) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
@@ -565,7 +585,7 @@ impl Conn<'_> {
             progressed = true;
             let decoded = match protocol {
                 Protocol::M5 => envelope::decode_msgpack_message(&payload, &limits),
-                Protocol::Z5 => envelope::decode_message(&payload, &limits),
+                Protocol::Z5 => envelope::decode_request(&payload, &limits),
             };
             let msg = decoded.map_err(|e| Close::Undecodable(e.to_string()))?;
             match session.handle(msg) {
@@ -593,7 +613,22 @@ impl Conn<'_> {
         lock_wait: &mut Option<LockWait>,
         incomplete: &mut IncompleteFrameTimer,
         progressed: bool,
+        (mut stopped, stop_armed): (Pin<&mut impl Future<Output = ()>>, &mut bool),
     ) -> Result<(), Close> {
+        // The server's stop first, so that a client keeping the socket busy
+        // (reads and writes always ready) cannot starve it: a client that
+        // kept pipelining requests was served until the shutdown grace ran
+        // out, then reset.
+        if self.stop.has_changed().unwrap_or(true) {
+            return Err(Close::Shutdown);
+        }
+        if !*stop_armed {
+            let polled = std::future::poll_fn(|cx| Poll::Ready(stopped.as_mut().poll(cx))).await;
+            if polled.is_ready() {
+                return Err(Close::Shutdown);
+            }
+            *stop_armed = true;
+        }
         let outbox = &self.outbox;
         let deadline = session
             .lock_held_since()
@@ -605,11 +640,9 @@ impl Conn<'_> {
             // The commit lock's grant and deadline first: they are rare and
             // cheap, and a client that keeps the socket busy (reads and
             // writes always ready) must not starve them, or it would hold
-            // the lock it was granted with no deadline, or past it. The
-            // server's stop next, for the same reason (a client that kept
-            // pipelining requests was served until the shutdown grace ran
-            // out, then reset). Then replies: they free the client to send
-            // more.
+            // the lock it was granted with no deadline, or past it. Then
+            // replies: they free the client to send more. (The server's
+            // stop wakes the task through the future polled above.)
             biased;
             granted = async { (&mut lock_wait.as_mut().expect("guarded").granted).await }, if lock_wait.is_some() => {
                 let wait = lock_wait.take().map(|w| w.wait);
@@ -621,7 +654,6 @@ impl Conn<'_> {
                 session.lock_timed_out();
                 return Err(Close::TransactionTimeout);
             }
-            _ = self.stop.changed() => return Err(Close::Shutdown),
             r = self.wr.write_some(), if writing => {
                 if let Err(error) = r {
                     outbox.close("write failed");
@@ -634,7 +666,7 @@ impl Conn<'_> {
                 Err(error) => return Err(Close::ReadError { in_handshake: false, error }),
             },
             // Pushes from other connections (invalidations) while idle.
-            _ = outbox.wait_frames(), if !writing => {}
+            _ = std::future::poll_fn(|cx| outbox.poll_frames(cx)), if !writing => {}
             // An overflow (another connection's commit pushed past the
             // bound) while the socket takes nothing.
             reason = outbox.wait_closed(), if writing => return Err(Close::OutboxClosed(reason)),
@@ -645,6 +677,9 @@ impl Conn<'_> {
                 });
             }
         }
+        // Running again: what the session pushes for itself from here on
+        // is written before the task waits again, without a wake-up.
+        outbox.unpark();
         Ok(())
     }
 

@@ -21,6 +21,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -32,13 +33,16 @@ struct State {
     frames: VecDeque<Bytes>,
     bytes: usize,
     closed: Option<&'static str>,
+    /// The connection's task while it waits for frames
+    /// ([`Outbox::poll_frames`]); a push or close wakes it (once) and
+    /// [`Outbox::unpark`] forgets it when the task runs again, so the
+    /// task's own replies never wake it for nothing.
+    writer: Option<Waker>,
 }
 
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<State>,
-    /// Wakes the connection's task to write: frames queued, or closed.
-    wake_writer: Notify,
     /// Wakes [`Outbox::wait_closed`]: the outbox closed.
     wake_closed: Notify,
     max_bytes: usize,
@@ -60,7 +64,6 @@ impl Outbox {
     pub fn with_read_pause(max_bytes: usize, read_pause: usize) -> Outbox {
         Outbox {
             state: Mutex::new(State::default()),
-            wake_writer: Notify::new(),
             wake_closed: Notify::new(),
             max_bytes,
             read_pause: effective_read_pause(max_bytes, read_pause),
@@ -87,15 +90,17 @@ impl Outbox {
         // reading.
         if st.bytes > 0 && st.bytes + frame.len() > self.max_bytes {
             st.closed = Some("client is not reading: outbound queue over max-outbox-bytes");
+            let writer = st.writer.take();
             drop(st);
-            self.wake_writer.notify_one();
+            wake(writer);
             self.wake_closed.notify_waiters();
             return false;
         }
         st.bytes += frame.len();
         st.frames.push_back(frame);
+        let writer = st.writer.take();
         drop(st);
-        self.wake_writer.notify_one();
+        wake(writer);
         true
     }
 
@@ -106,8 +111,9 @@ impl Outbox {
         if st.closed.is_none() {
             st.closed = Some(reason);
         }
+        let writer = st.writer.take();
         drop(st);
-        self.wake_writer.notify_one();
+        wake(writer);
         self.wake_closed.notify_waiters();
     }
 
@@ -134,6 +140,13 @@ impl Outbox {
         self.lock().bytes
     }
 
+    /// True while the connection may take its next request: not closed,
+    /// not backlogged (one look at the queue for the two).
+    pub fn takes_requests(&self) -> bool {
+        let st = self.lock();
+        st.closed.is_none() && st.bytes <= self.read_pause
+    }
+
     /// True while the reader side should stop taking new requests.
     pub fn is_backlogged(&self) -> bool {
         self.lock().bytes > self.read_pause
@@ -148,19 +161,37 @@ impl Outbox {
         n
     }
 
-    /// For the connection's writer: waits until frames are queued or the
-    /// outbox is closed.
-    pub async fn wait_frames(&self) {
-        loop {
-            let notified = self.wake_writer.notified();
-            {
-                let st = self.lock();
-                if !st.frames.is_empty() || st.closed.is_some() {
-                    return;
-                }
-            }
-            notified.await;
+    /// For the connection's task: ready once frames are queued or the
+    /// outbox is closed; until then the task is woken by the next push or
+    /// close (from any thread). A waker instead of a `Notify`: the
+    /// connection polls this every time it parks (once per request of a
+    /// client that sends one at a time), and a `Notify` waiter is
+    /// registered, and removed again, under the `Notify`'s own lock each
+    /// time, while every reply the task pushes for itself left a permit
+    /// that woke it once more for nothing.
+    pub fn poll_frames(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.lock();
+        if !st.frames.is_empty() || st.closed.is_some() {
+            return Poll::Ready(());
         }
+        match &mut st.writer {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// For the connection's task, once it runs again: pushes need not wake
+    /// it until it waits again ([`Outbox::poll_frames`]); it looks at the
+    /// queue before it does.
+    pub fn unpark(&self) {
+        self.lock().writer = None;
+    }
+
+    /// Waits until frames are queued or the outbox is closed (tests).
+    #[cfg(test)]
+    async fn wait_frames(&self) {
+        std::future::poll_fn(|cx| self.poll_frames(cx)).await
     }
 
     /// For tests: waits for frames and takes all queued ones.
@@ -178,6 +209,13 @@ impl Outbox {
     pub fn written(&self, n: usize) {
         let mut st = self.lock();
         st.bytes = st.bytes.saturating_sub(n);
+    }
+}
+
+/// Wakes the connection's task, if it was waiting (outside the lock).
+fn wake(writer: Option<Waker>) {
+    if let Some(w) = writer {
+        w.wake();
     }
 }
 

@@ -74,10 +74,28 @@ struct Item {
     weight: usize,
 }
 
+/// The fast path's value and mark stacks, kept per thread between
+/// messages ([`Decoder::run_flat`]). `Cell` and not `RefCell`: they are
+/// taken out for the length of one decode and put back.
+type FlatStacks = (Vec<(Value, usize)>, Vec<usize>);
+
+thread_local! {
+    static FLAT_STACKS: std::cell::Cell<FlatStacks> = const {
+        std::cell::Cell::new((Vec::new(), Vec::new()))
+    };
+}
+
+/// Stacks that grew past this many entries (a deep or wide message) are
+/// dropped after use instead of being kept for the next message: a
+/// thread keeps at most a few KiB.
+const MAX_KEPT_STACK: usize = 64;
+
 pub(super) struct Decoder<'a> {
     data: &'a [u8],
-    /// Set by [`decode_bytes`]: bytes values are slices of this buffer.
+    /// Set by [`decode_bytes`] and [`decode_request`]: bytes values of up
+    /// to `share_up_to` bytes are slices of this buffer, not copies.
     source: Option<&'a Bytes>,
+    share_up_to: usize,
     pos: usize,
     /// Offset of the opcode being executed, for error messages.
     op_offset: usize,
@@ -107,11 +125,13 @@ impl<'a> Decoder<'a> {
         Decoder {
             data,
             source,
+            share_up_to: usize::MAX,
             pos: 0,
             op_offset: 0,
-            // Room for a whole ZEO request envelope without regrowing.
-            stack: Vec::with_capacity(8),
-            marks: Vec::with_capacity(2),
+            // Empty until the full decoder runs ([`Self::run_full`]): the
+            // fast path has stacks of its own.
+            stack: Vec::new(),
+            marks: Vec::new(),
             memo: HashMap::new(),
 
             next_id: 0,
@@ -120,6 +140,12 @@ impl<'a> Decoder<'a> {
             items_left: limits.max_items,
             max_items: limits.max_items,
         }
+    }
+
+    /// Bytes values longer than `n` are copied instead of shared.
+    pub(super) fn sharing_up_to(mut self, n: usize) -> Self {
+        self.share_up_to = n;
+        self
     }
 
     // -- errors -------------------------------------------------------------
@@ -221,8 +247,8 @@ impl<'a> Decoder<'a> {
     fn bytes_of(&self, s: &'a [u8]) -> Bytes {
         match self.source {
             // `s` was taken from `data`, which is `source`'s own buffer.
-            Some(src) => src.slice_ref(s),
-            None => Bytes::copy_from_slice(s),
+            Some(src) if s.len() <= self.share_up_to => src.slice_ref(s),
+            _ => Bytes::copy_from_slice(s),
         }
     }
 
@@ -566,6 +592,9 @@ impl<'a> Decoder<'a> {
 
     /// The full decoder (memo, copy limits, every opcode), from `pos`.
     pub(super) fn run_full(mut self) -> Result<Value, PickleError> {
+        // Room for a whole ZEO request envelope without regrowing.
+        self.stack.reserve(8);
+        self.marks.reserve(2);
         loop {
             self.op_offset = self.pos;
             let Some(&opcode) = self.data.get(self.pos) else {
@@ -589,8 +618,24 @@ impl<'a> Decoder<'a> {
     /// `max_depth` — and the caller decodes from the start with the full
     /// decoder, which gives the same value or the proper error.
     fn run_flat(&mut self) -> Option<Value> {
-        let mut stack: Vec<(Value, usize)> = Vec::with_capacity(8);
-        let mut marks: Vec<usize> = Vec::with_capacity(2);
+        // The thread's stacks from the last message (emptied), so a request
+        // costs no allocation for them.
+        let (mut stack, mut marks) = FLAT_STACKS.take();
+        let value = self.run_flat_on(&mut stack, &mut marks);
+        stack.clear();
+        marks.clear();
+        if stack.capacity() <= MAX_KEPT_STACK && marks.capacity() <= MAX_KEPT_STACK {
+            FLAT_STACKS.set((stack, marks));
+        }
+        value
+    }
+
+    /// [`Self::run_flat`] on the given (empty) stacks.
+    fn run_flat_on(
+        &mut self,
+        stack: &mut Vec<(Value, usize)>,
+        marks: &mut Vec<usize>,
+    ) -> Option<Value> {
         loop {
             let opcode = self.u8().ok()?;
             let scalar = match opcode {

@@ -145,6 +145,21 @@ pub fn decode_bytes(data: &Bytes, limits: &DecodeLimits) -> Result<Value, Pickle
     Decoder::new(data, Some(data), limits).run()
 }
 
+/// Bytes values up to this long are shared with the frame they came in by
+/// [`decode_request`] (a reference count, not an allocation and a copy):
+/// the oids and tids of every request, which live no longer than its
+/// handling. Longer ones (object records, which a transaction keeps) are
+/// copied, so they never keep a connection's read buffer alive.
+pub const SHARED_BYTES_MAX: usize = 16;
+
+/// Like [`decode`], for a request frame held in `data`: bytes values of up
+/// to [`SHARED_BYTES_MAX`] bytes are slices of `data`.
+pub fn decode_request(data: &Bytes, limits: &DecodeLimits) -> Result<Value, PickleError> {
+    Decoder::new(data, Some(data), limits)
+        .sharing_up_to(SHARED_BYTES_MAX)
+        .run()
+}
+
 /// A whole pickle of `v`: `PROTO 3` (none for [`Dialect::Py2Protocol1`]),
 /// the value, `STOP`.
 pub fn encode(v: &Value, dialect: Dialect) -> Bytes {
