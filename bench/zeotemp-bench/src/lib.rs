@@ -104,6 +104,9 @@ pub struct Options {
     pub object_size: usize,
     /// The server's process, for its CPU time and peak RSS (Linux `/proc`).
     pub server_pid: Option<u32>,
+    /// Created when the measured window starts (after setup), so that a
+    /// script can attach tools to the server then (`bench/per_request.py`).
+    pub start_file: Option<std::path::PathBuf>,
 }
 
 /// The figures of one run; serialized as the `--json` line.
@@ -227,6 +230,9 @@ pub async fn run(opts: &Options) -> Result<Report, BenchError> {
         conns.push(ClientConn::open(&opts.address, &opts.storage).await?.0);
     }
 
+    if let Some(path) = &opts.start_file {
+        std::fs::write(path, b"")?;
+    }
     let cpu_before = opts.server_pid.map(server_cpu_ticks).transpose()?;
     let start = Instant::now();
     let deadline = start + opts.duration;

@@ -62,6 +62,11 @@ struct Cli {
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
 
+    /// Create FILE when the measured window starts (after setup), for
+    /// scripts that attach tools (strace, perf) to the server then.
+    #[arg(long, value_name = "FILE")]
+    start_file: Option<std::path::PathBuf>,
+
     /// Print one JSON object on stdout (the human-readable block goes to
     /// stderr).
     #[arg(long)]
@@ -84,6 +89,7 @@ fn main() -> ExitCode {
         objects: cli.objects,
         object_size: cli.object_size,
         server_pid: cli.server_pid,
+        start_file: cli.start_file,
     };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -68,6 +68,7 @@ async fn every_workload_runs_and_reports() {
             object_size: 200,
             // The server runs in this process.
             server_pid: Some(std::process::id()),
+            start_file: None,
         };
         let r = tokio::time::timeout(Duration::from_secs(60), bench::run(&opts))
             .await
@@ -123,6 +124,9 @@ async fn binary_prints_json() {
     })
     .await;
     let addr = srv.addr;
+    let start_file =
+        std::env::temp_dir().join(format!("zeotemp-bench-start-{}", std::process::id()));
+    let _ = std::fs::remove_file(&start_file);
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_zeotemp-bench"))
         .args(["--address", &addr.to_string(), "--workload", "echo"])
         .args([
@@ -134,6 +138,8 @@ async fn binary_prints_json() {
             "0.5",
         ])
         .args(["--server-pid", &std::process::id().to_string(), "--json"])
+        .arg("--start-file")
+        .arg(&start_file)
         .output()
         .await
         .unwrap();
@@ -144,6 +150,8 @@ async fn binary_prints_json() {
     }
     assert!(v["ops"].as_u64().unwrap() > 0);
     assert_eq!(v["errors"], 0);
+    assert!(start_file.exists(), "--start-file created");
+    let _ = std::fs::remove_file(&start_file);
     srv.stop().await;
 }
 
