@@ -409,6 +409,10 @@ def main(argv=None):
         "zeotemp-counted (its own run); stock server: libc malloc + calloc + "
         "realloc calls under PYTHONMALLOC=malloc (perf uprobes, its own run); "
         "alloc bytes/req for zeotemp only.",
+        "The stock server sends an `info` (storage size) after every commit, "
+        "and MappingStorage.getSize walks every revision of every object: "
+        "its cost per transaction grows with --objects and the history "
+        "(a cProfile of a zope run: most of its time).",
     ]
     results, syscalls, allocs = {}, {}, {}
     have_strace = shutil.which("strace") is not None
