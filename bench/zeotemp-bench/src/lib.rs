@@ -135,7 +135,9 @@ pub struct Report {
     pub commits: u64,
     /// `invalidateTransaction` messages received in the measured window.
     pub invalidations: u64,
-    /// `zope`: loads of objects named by an invalidation.
+    /// `zope`: loads of objects named by an invalidation (or stored by a
+    /// transaction a `ConflictError` aborted), queued when the next
+    /// transaction's `lastTransaction` is answered.
     pub invalidated_loads: u64,
     /// `zope`: loads of a random object (cache misses).
     pub random_loads: u64,
