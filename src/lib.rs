@@ -50,3 +50,7 @@ pub mod server;
 mod session;
 mod state;
 pub mod storage;
+
+/// The hook through which the binary built with `count-allocations` hands
+/// its counting allocator's figures to the metrics.
+pub use monitor::figures::{AllocationCounts, register_allocation_counter};

@@ -67,7 +67,9 @@ fn settings(cli: &Cli) -> Result<(Config, tracing_subscriber::EnvFilter), config
     Ok((cfg, filter))
 }
 
-fn main() -> ExitCode {
+// `pub(crate)`: bench/alloc-count's `zeotemp-counted` (this binary with a
+// counting allocator) includes this file as a module and calls it.
+pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.man_page {
         // The page is generated from the options above, so it cannot drift.

@@ -36,6 +36,30 @@ pub struct Snapshot {
     pub memory_limit: Option<usize>,
     pub accounted_limit: Option<usize>,
     pub storages: Vec<StorageFigures>,
+    /// The heap allocations counted so far, in a binary built with the
+    /// `count-allocations` feature (`None` otherwise).
+    pub allocations: Option<AllocationCounts>,
+}
+
+/// A counting allocator's figures since the process started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AllocationCounts {
+    pub allocations: u64,
+    pub reallocations: u64,
+    /// Bytes asked for by allocations and by growing reallocations.
+    pub bytes: u64,
+}
+
+/// Where [`Snapshot::take`] reads [`AllocationCounts`]: registered by the
+/// binary built with `count-allocations` (the library has no allocator of
+/// its own and no `unsafe`).
+static ALLOCATION_COUNTER: std::sync::OnceLock<fn() -> AllocationCounts> =
+    std::sync::OnceLock::new();
+
+/// Registers the function that reads the process's allocation counts (the
+/// first registration wins).
+pub fn register_allocation_counter(read: fn() -> AllocationCounts) {
+    let _ = ALLOCATION_COUNTER.set(read);
 }
 
 /// The process's figures, named after the `process_*` metrics of the
@@ -268,6 +292,7 @@ impl Snapshot {
                 .memory_limit
                 .map(crate::storage::budget::accounted_limit),
             storages,
+            allocations: ALLOCATION_COUNTER.get().map(|read| read()),
         }
     }
 }

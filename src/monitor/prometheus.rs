@@ -14,7 +14,7 @@
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 
-use super::figures::{ProcessFigures, Snapshot, StorageFigures};
+use super::figures::{AllocationCounts, ProcessFigures, Snapshot, StorageFigures};
 
 /// `Content-Type` of the Prometheus text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -284,6 +284,9 @@ pub fn render(snap: &Snapshot) -> String {
     if let Some(p) = &snap.process {
         process_families(&mut out, p);
     }
+    if let Some(a) = &snap.allocations {
+        allocation_families(&mut out, a);
+    }
     storage_families(&mut out, snap);
     out
 }
@@ -454,6 +457,31 @@ fn process_families(out: &mut String, p: &ProcessFigures) {
     }
 }
 
+/// The counting allocator's counters (a `count-allocations` build only).
+fn allocation_families(out: &mut String, a: &AllocationCounts) {
+    let families = [
+        (
+            "zeotemp_allocations_total",
+            "Heap allocations since the process started (count-allocations build).",
+            a.allocations,
+        ),
+        (
+            "zeotemp_reallocations_total",
+            "Heap reallocations since the process started (count-allocations build).",
+            a.reallocations,
+        ),
+        (
+            "zeotemp_allocated_bytes_total",
+            "Bytes asked for by heap allocations and growing reallocations (count-allocations build).",
+            a.bytes,
+        ),
+    ];
+    for (name, help, n) in families {
+        family(out, name, Kind::Counter, help);
+        sample(out, name, None, Num::Int(n));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -513,6 +541,29 @@ mod tests {
                     ..StorageFigures::default()
                 },
             ],
+            allocations: None,
+        }
+    }
+
+    #[test]
+    fn allocation_counters_only_when_counted() {
+        let plain = render(&snapshot());
+        assert!(!plain.contains("zeotemp_allocations_total"), "{plain}");
+        let counted = render(&Snapshot {
+            allocations: Some(AllocationCounts {
+                allocations: 7,
+                reallocations: 2,
+                bytes: 4096,
+            }),
+            ..snapshot()
+        });
+        for line in [
+            "# TYPE zeotemp_allocations_total counter",
+            "zeotemp_allocations_total 7",
+            "zeotemp_reallocations_total 2",
+            "zeotemp_allocated_bytes_total 4096",
+        ] {
+            assert!(counted.lines().any(|l| l == line), "{line} in {counted}");
         }
     }
 

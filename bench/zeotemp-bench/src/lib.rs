@@ -23,7 +23,20 @@
 //!   transactions rewriting 1–2 hot objects on the serial last seen,
 //!   resolving vote conflicts as ZEO 5's client does (re-store on the
 //!   committed serial, vote again);
-//! * `echo`: `ping` round trips.
+//! * `echo`: `ping` round trips;
+//! * `zope`: the stock `ClientStorage`'s shape — one request in flight per
+//!   connection (`in_flight` is ignored), Zope-like transactions in a loop:
+//!   `lastTransaction()` (what `server-sync on` sends), then `loadBefore`
+//!   of every object an `invalidateTransaction` named since the
+//!   connection's last transaction, and in 1 of 4 transactions one random
+//!   object (a cache miss); half of the transactions then commit
+//!   (`tpc_begin`, `storea`, `vote`, `tpc_finish`): the connection's own
+//!   session object and, in 1 of 10 commits, one of a few shared objects.
+//!   Every commit's invalidations reach every other connection; a conflict
+//!   is resolved as in `session` (a vote's conflict dicts: store again on
+//!   the committed serial) or, on a `ConflictError`, by aborting, reloading
+//!   the objects and committing again in the next transaction, as Zope
+//!   retries a request.
 //!
 //! Every reply that arrives inside the measured window counts as an
 //! operation and its latency (request written → reply parsed) is kept;
@@ -57,6 +70,7 @@ pub enum Workload {
     Commit,
     Session,
     Echo,
+    Zope,
 }
 
 impl Workload {
@@ -66,6 +80,7 @@ impl Workload {
             Workload::Commit => "commit",
             Workload::Session => "session",
             Workload::Echo => "echo",
+            Workload::Zope => "zope",
         }
     }
 }
@@ -83,12 +98,15 @@ pub struct Options {
     /// transaction).
     pub in_flight: usize,
     pub duration: Duration,
-    /// Objects committed in setup (`load`, `session`).
+    /// Objects committed in setup (`load`, `session`, `zope`).
     pub objects: usize,
     /// Bytes per object record.
     pub object_size: usize,
     /// The server's process, for its CPU time and peak RSS (Linux `/proc`).
     pub server_pid: Option<u32>,
+    /// Created when the measured window starts (after setup), so that a
+    /// script can attach tools to the server then (`bench/per_request.py`).
+    pub start_file: Option<std::path::PathBuf>,
 }
 
 /// The figures of one run; serialized as the `--json` line.
@@ -101,12 +119,28 @@ pub struct Report {
     /// Replies received in the measured window.
     pub ops: u64,
     pub ops_per_s: f64,
-    /// Transactions finished (`commit`, `session`).
+    /// Transactions finished (`commit`, `session`; `zope`: every Zope
+    /// transaction, read-only or committing, not those a conflict aborted).
     pub txns: u64,
     pub txns_per_s: f64,
+    /// Request latency (request written → reply parsed).
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
+    /// `zope`: latency of a whole transaction (`lastTransaction` written →
+    /// last reply parsed); 0 for the other workloads.
+    pub txn_p50_us: f64,
+    pub txn_p99_us: f64,
+    /// Transactions that reached `tpc_finish` (every workload).
+    pub commits: u64,
+    /// `invalidateTransaction` messages received in the measured window.
+    pub invalidations: u64,
+    /// `zope`: loads of objects named by an invalidation (or stored by a
+    /// transaction a `ConflictError` aborted), queued when the next
+    /// transaction's `lastTransaction` is answered.
+    pub invalidated_loads: u64,
+    /// `zope`: loads of a random object (cache misses).
+    pub random_loads: u64,
     pub errors: u64,
     /// Transactions aborted on a ConflictError / ReadConflictError reply
     /// (or after 9 votes that still returned conflicts, as ZEO's client).
@@ -115,6 +149,15 @@ pub struct Report {
     /// again on the committed serial.
     pub conflicts_resolved: u64,
     pub server_cpu_s: Option<f64>,
+    /// `server_cpu_s` split into user and system (kernel) time.
+    pub server_user_s: Option<f64>,
+    pub server_sys_s: Option<f64>,
+    /// Server CPU (user + system, user, system) per reply, in µs.
+    pub server_cpu_us_per_op: Option<f64>,
+    pub server_user_us_per_op: Option<f64>,
+    pub server_sys_us_per_op: Option<f64>,
+    /// Server CPU per transaction, in µs (when there were transactions).
+    pub server_cpu_us_per_txn: Option<f64>,
     pub server_peak_rss_kib: Option<u64>,
 }
 
@@ -143,6 +186,15 @@ const COMMIT_STORES: usize = 5;
 /// Votes before a transaction that keeps conflicting is given up (ZEO 5's
 /// `ClientStorage.tpc_vote` stops after 9 attempts).
 const MAX_VOTES: u32 = 9;
+/// `zope`: objects every connection may rewrite (besides its own session
+/// object), numbered after the session objects.
+const ZOPE_SHARED: usize = 4;
+/// `zope`: 1 in this many transactions loads one random object.
+const ZOPE_RANDOM_LOAD_EVERY: usize = 4;
+/// `zope`: 1 in this many transactions commits.
+const ZOPE_COMMIT_EVERY: usize = 2;
+/// `zope`: 1 in this many commits also rewrites a shared object.
+const ZOPE_SHARED_EVERY: usize = 10;
 /// Linux's `USER_HZ`: `/proc/PID/stat` counts CPU time in ticks of
 /// `sysconf(_SC_CLK_TCK)`, which is 100 on every mainstream Linux ABI; it
 /// is hard-coded to avoid a libc dependency.
@@ -158,20 +210,31 @@ pub async fn run(opts: &Options) -> Result<Report, BenchError> {
     opts.check()?;
     let data = Bytes::from(vec![FILLER; opts.object_size]);
     let objects = match opts.workload {
-        Workload::Load | Workload::Session => setup(opts, &data).await?,
+        Workload::Load | Workload::Session | Workload::Zope => setup(opts, &data).await?,
         Workload::Commit | Workload::Echo => Objects::default(),
     };
+    let by_oid = objects
+        .oids
+        .iter()
+        .enumerate()
+        .map(|(n, o)| (oid_u64(o), n))
+        .collect();
     let plan = Arc::new(Plan {
         workload: opts.workload,
         in_flight: opts.in_flight,
+        connections: opts.connections,
         data,
         objects,
+        by_oid,
     });
     let mut conns = Vec::with_capacity(opts.connections);
     for _ in 0..opts.connections {
         conns.push(ClientConn::open(&opts.address, &opts.storage).await?.0);
     }
 
+    if let Some(path) = &opts.start_file {
+        std::fs::write(path, b"")?;
+    }
     let cpu_before = opts.server_pid.map(server_cpu_ticks).transpose()?;
     let start = Instant::now();
     let deadline = start + opts.duration;
@@ -191,19 +254,28 @@ pub async fn run(opts: &Options) -> Result<Report, BenchError> {
         per_conn.push(s);
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let server_cpu_s = match (opts.server_pid, cpu_before) {
-        (Some(pid), Some(before)) => {
-            Some(server_cpu_ticks(pid)?.saturating_sub(before) as f64 / CLK_TCK)
+    let cpu = match (opts.server_pid, cpu_before) {
+        (Some(pid), Some((user0, sys0))) => {
+            let (user1, sys1) = server_cpu_ticks(pid)?;
+            Some((
+                user1.saturating_sub(user0) as f64 / CLK_TCK,
+                sys1.saturating_sub(sys0) as f64 / CLK_TCK,
+            ))
         }
         _ => None,
     };
     let server_peak_rss_kib = opts.server_pid.and_then(server_peak_rss_kib);
 
     let all = Stats::merged(per_conn);
+    let per = |s: f64, n: u64| (n > 0).then(|| s * 1e6 / n as f64);
     Ok(Report {
         workload: opts.workload,
         connections: opts.connections,
-        in_flight: opts.in_flight,
+        in_flight: if opts.workload == Workload::Zope {
+            1
+        } else {
+            opts.in_flight
+        },
         duration_s: elapsed,
         ops: all.ops,
         ops_per_s: all.ops as f64 / elapsed,
@@ -212,10 +284,22 @@ pub async fn run(opts: &Options) -> Result<Report, BenchError> {
         p50_us: all.latency_us(0.50),
         p99_us: all.latency_us(0.99),
         p999_us: all.latency_us(0.999),
+        txn_p50_us: quantile_us(&all.txn_lat, 0.50),
+        txn_p99_us: quantile_us(&all.txn_lat, 0.99),
+        commits: all.commits,
+        invalidations: all.invalidations,
+        invalidated_loads: all.invalidated_loads,
+        random_loads: all.random_loads,
         errors: all.errors,
         conflicts_retried: all.conflicts_retried,
         conflicts_resolved: all.conflicts_resolved,
-        server_cpu_s,
+        server_cpu_s: cpu.map(|(u, s)| u + s),
+        server_user_s: cpu.map(|(u, _)| u),
+        server_sys_s: cpu.map(|(_, s)| s),
+        server_cpu_us_per_op: cpu.and_then(|(u, s)| per(u + s, all.ops)),
+        server_user_us_per_op: cpu.and_then(|(u, _)| per(u, all.ops)),
+        server_sys_us_per_op: cpu.and_then(|(_, s)| per(s, all.ops)),
+        server_cpu_us_per_txn: cpu.and_then(|(u, s)| per(u + s, all.txns)),
         server_peak_rss_kib,
     })
 }
@@ -232,6 +316,12 @@ impl Options {
             return Err(BenchError::Protocol(
                 "load and session need at least one object".into(),
             ));
+        }
+        if self.workload == Workload::Zope && self.objects < self.connections + ZOPE_SHARED {
+            return Err(BenchError::Protocol(format!(
+                "zope needs at least connections + {ZOPE_SHARED} objects \
+                 (a session object per connection and the shared ones)"
+            )));
         }
         Ok(())
     }
@@ -253,6 +343,18 @@ impl Report {
         if self.txns > 0 {
             s += &format!("txns       {} ({:.0}/s)\n", self.txns, self.txns_per_s);
         }
+        if self.workload == Workload::Zope {
+            s += &format!(
+                "txn time   p50 {:.1} us, p99 {:.1} us\n\
+                 commits    {}, invalidations received {}, loads after them {}, random loads {}\n",
+                self.txn_p50_us,
+                self.txn_p99_us,
+                self.commits,
+                self.invalidations,
+                self.invalidated_loads,
+                self.random_loads
+            );
+        }
         s += &format!(
             "latency    p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us\n\
              errors     {}, conflicts retried {}, resolved {}\n",
@@ -263,11 +365,23 @@ impl Report {
             self.conflicts_retried,
             self.conflicts_resolved
         );
-        if let Some(cpu) = self.server_cpu_s {
+        if let (Some(cpu), Some(user), Some(sys)) =
+            (self.server_cpu_s, self.server_user_s, self.server_sys_s)
+        {
             s += &format!(
-                "server     {cpu:.2} CPU s ({:.0} % of one core)\n",
+                "server     {cpu:.2} CPU s ({:.0} % of one core): user {user:.2} s, system {sys:.2} s\n",
                 100.0 * cpu / self.duration_s
             );
+        }
+        if let (Some(c), Some(u), Some(k)) = (
+            self.server_cpu_us_per_op,
+            self.server_user_us_per_op,
+            self.server_sys_us_per_op,
+        ) {
+            s += &format!("per reply  {c:.2} CPU us (user {u:.2}, system {k:.2})\n");
+        }
+        if let Some(t) = self.server_cpu_us_per_txn {
+            s += &format!("per txn    {t:.1} CPU us\n");
         }
         if let Some(rss) = self.server_peak_rss_kib {
             s += &format!("server     peak RSS {:.1} MiB\n", rss as f64 / 1024.0);
@@ -276,10 +390,10 @@ impl Report {
     }
 }
 
-/// `utime + stime` of `pid`, in clock ticks (fields 14 and 15 of
-/// `/proc/PID/stat`; the command name before them may hold spaces, so
-/// fields are counted after its closing parenthesis).
-fn server_cpu_ticks(pid: u32) -> io::Result<u64> {
+/// `(utime, stime)` of `pid`, in clock ticks (fields 14 and 15 of
+/// `/proc/PID/stat`, all threads together; the command name before them
+/// may hold spaces, so fields are counted after its closing parenthesis).
+fn server_cpu_ticks(pid: u32) -> io::Result<(u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "unreadable /proc/PID/stat");
     let rest = stat.rsplit_once(')').ok_or_else(bad)?.1;
@@ -288,7 +402,7 @@ fn server_cpu_ticks(pid: u32) -> io::Result<u64> {
     let num = |i: usize| -> io::Result<u64> {
         fields.get(i).and_then(|f| f.parse().ok()).ok_or_else(bad)
     };
-    Ok(num(14 - 3)? + num(15 - 3)?)
+    Ok((num(14 - 3)?, num(15 - 3)?))
 }
 
 /// The peak resident set (`VmHWM`) of `pid`, in KiB.
@@ -309,9 +423,12 @@ struct Objects {
 struct Plan {
     workload: Workload,
     in_flight: usize,
+    connections: usize,
     /// The record every store writes (`object_size` filler bytes).
     data: Bytes,
     objects: Objects,
+    /// Object number of each setup oid (`zope`'s invalidations).
+    by_oid: std::collections::HashMap<u64, usize>,
 }
 
 /// Commits `opts.objects` records through one connection, `SETUP_BATCH`
@@ -389,6 +506,10 @@ fn oid_bytes(v: &Value) -> Result<Bytes, BenchError> {
         Value::Bytes(x) | Value::PyStr(x) if x.len() == 8 => Ok(x.clone()),
         other => Err(BenchError::Protocol(format!("not an oid: {other:?}"))),
     }
+}
+
+fn oid_u64(oid: &[u8]) -> u64 {
+    u64::from_be_bytes(oid.try_into().unwrap_or(Z64))
 }
 
 fn tid_of(v: &Value) -> Result<[u8; 8], BenchError> {
@@ -555,9 +676,12 @@ fn store_args(oid: &Bytes, serial: &[u8; 8], data: &Bytes, txn: &Value) -> Vec<V
 /// `Some((msgid, reply))` for a reply, `None` for a server push
 /// (invalidations, `info`).
 fn decode_reply(frame: &Bytes) -> Result<Option<(Value, Reply)>, BenchError> {
-    let m = envelope::decode_message_bytes(frame, &DecodeLimits::default())
-        .map_err(|e| BenchError::Protocol(e.to_string()))?;
-    Ok(m.into_reply())
+    Ok(decode(frame)?.into_reply())
+}
+
+fn decode(frame: &Bytes) -> Result<envelope::Message, BenchError> {
+    envelope::decode_message_bytes(frame, &DecodeLimits::default())
+        .map_err(|e| BenchError::Protocol(e.to_string()))
 }
 
 /// How a reply is matched to its request: integer msgids, and
@@ -583,6 +707,8 @@ fn key_of(msgid: &Value) -> Option<Key> {
 enum What {
     /// A load of object number n.
     Load(usize),
+    /// `lastTransaction` (`zope`).
+    Sync,
     Ping,
     NewOids,
     Vote,
@@ -603,16 +729,50 @@ struct Txn {
     votes: u32,
 }
 
+/// A `zope` transaction under way.
+struct ZopeTxn {
+    started: Instant,
+    /// `lastTransaction` has been answered.
+    synced: bool,
+    /// Object numbers still to load (popped from the end).
+    loads: Vec<usize>,
+    /// The transaction commits after its loads.
+    commit: bool,
+    /// Its commit has been started (and is finished when `txn` is `None`).
+    committing: bool,
+}
+
 /// Per-connection counters, merged at the end.
 #[derive(Default)]
 struct Stats {
     /// Latencies in units of 100 ns (u32: up to 7 minutes).
     lat: Vec<u32>,
+    /// `zope` transaction latencies, in units of 100 ns.
+    txn_lat: Vec<u32>,
     ops: u64,
     txns: u64,
+    commits: u64,
+    invalidations: u64,
+    invalidated_loads: u64,
+    random_loads: u64,
     errors: u64,
     conflicts_retried: u64,
     conflicts_resolved: u64,
+}
+
+/// 100 ns ticks since `since`, saturated to `u32`.
+fn ticks(since: Instant, now: Instant) -> u32 {
+    u32::try_from((now - since).as_nanos() / 100).unwrap_or(u32::MAX)
+}
+
+/// The latency at quantile `q` of sorted 100 ns ticks, in µs (0 without
+/// any).
+fn quantile_us(lat: &[u32], q: f64) -> f64 {
+    if lat.is_empty() {
+        return 0.0;
+    }
+    let i = ((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1;
+    f64::from(lat[i]) / 10.0
 }
 
 impl Stats {
@@ -624,25 +784,25 @@ impl Stats {
         };
         for s in per_conn {
             all.lat.extend_from_slice(&s.lat);
+            all.txn_lat.extend_from_slice(&s.txn_lat);
             all.ops += s.ops;
             all.txns += s.txns;
+            all.commits += s.commits;
+            all.invalidations += s.invalidations;
+            all.invalidated_loads += s.invalidated_loads;
+            all.random_loads += s.random_loads;
             all.errors += s.errors;
             all.conflicts_retried += s.conflicts_retried;
             all.conflicts_resolved += s.conflicts_resolved;
         }
         all.lat.sort_unstable();
+        all.txn_lat.sort_unstable();
         all
     }
 
-    /// The latency at quantile `q` of sorted latencies, in µs (0 without
-    /// any).
+    /// The request latency at quantile `q`, in µs (0 without any).
     fn latency_us(&self, q: f64) -> f64 {
-        let lat = &self.lat;
-        if lat.is_empty() {
-            return 0.0;
-        }
-        let i = ((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1;
-        f64::from(lat[i]) / 10.0
+        quantile_us(&self.lat, q)
     }
 }
 
@@ -655,15 +815,32 @@ struct Worker {
     /// A txn id per connection, as each ZEO client has its own.
     txn_id: Value,
     oid_pool: Vec<Bytes>,
-    /// Serials last seen of the hot objects (`session`).
+    /// Serials last seen of the hot objects (`session`), of every object
+    /// (`zope`).
     serials: Vec<[u8; 8]>,
     stats: Stats,
+    /// The connection's number (`zope`: its session object).
+    n: usize,
+    /// `zope`: the transaction under way.
+    ztxn: Option<ZopeTxn>,
+    /// `zope`: objects invalidated since the last transaction started, in
+    /// arrival order, each once (`stale` marks them).
+    invalidated: Vec<usize>,
+    stale: Vec<bool>,
+    /// `zope`: what a conflict aborted, committed again by the next
+    /// transaction.
+    retry: Option<Vec<(Bytes, Option<usize>)>>,
 }
 
 impl Worker {
     fn new(conn: ClientConn, plan: Arc<Plan>, n: u64) -> Worker {
-        let hot = plan.objects.oids.len().min(HOT_SET);
+        let hot = if plan.workload == Workload::Zope {
+            plan.objects.oids.len()
+        } else {
+            plan.objects.oids.len().min(HOT_SET)
+        };
         let serials = plan.objects.serials[..hot].to_vec();
+        let stale = vec![false; hot];
         Worker {
             conn,
             plan,
@@ -676,6 +853,11 @@ impl Worker {
             oid_pool: Vec::new(),
             serials,
             stats: Stats::default(),
+            n: n as usize,
+            ztxn: None,
+            invalidated: Vec::new(),
+            stale,
+            retry: None,
         }
     }
 
@@ -696,7 +878,10 @@ impl Worker {
             }
             let now = Instant::now();
             while let Some(f) = self.conn.buffered_frame()? {
-                if let Some((msgid, reply)) = decode_reply(&f)? {
+                let m = decode(&f)?;
+                if m.method == "invalidateTransaction" {
+                    self.on_invalidation(&m.args);
+                } else if let Some((msgid, reply)) = m.into_reply() {
                     self.on_reply(&msgid, reply, now)?;
                 }
             }
@@ -749,6 +934,105 @@ impl Worker {
                         self.load(n);
                     }
                 }
+            }
+            Workload::Zope => {
+                if self.pending.is_empty() {
+                    self.zope_step();
+                }
+            }
+        }
+    }
+
+    /// `zope`: the next request of the transaction under way (the
+    /// previous one has been answered), finishing it and starting the next
+    /// one when it has nothing left to send.
+    fn zope_step(&mut self) {
+        let Some(z) = &mut self.ztxn else {
+            self.ztxn = Some(ZopeTxn {
+                started: Instant::now(),
+                synced: false,
+                loads: Vec::new(),
+                commit: false,
+                committing: false,
+            });
+            let id = self.conn.push_call("lastTransaction", vec![]);
+            self.expect(Key::Int(id), What::Sync);
+            return;
+        };
+        if !z.synced {
+            // Unreachable: `lastTransaction` is outstanding until then.
+            return;
+        }
+        if let Some(n) = z.loads.pop() {
+            self.load(n);
+            return;
+        }
+        if z.commit && !z.committing {
+            z.committing = true;
+            let stores = self.retry.take().unwrap_or_else(|| {
+                let me = self.n;
+                let mut stores = vec![(self.plan.objects.oids[me].clone(), Some(me))];
+                if self.rng.below(ZOPE_SHARED_EVERY) == 0 {
+                    let shared = self.plan.connections + self.rng.below(ZOPE_SHARED);
+                    stores.push((self.plan.objects.oids[shared].clone(), Some(shared)));
+                }
+                stores
+            });
+            self.begin(stores);
+            return;
+        }
+        // Loaded everything and committed (or the conflict's abort came
+        // back): the transaction is over.
+        if let Some(z) = self.ztxn.take() {
+            if self.retry.is_none() {
+                self.stats.txns += 1;
+                self.stats.txn_lat.push(ticks(z.started, Instant::now()));
+            }
+            self.zope_step();
+        }
+    }
+
+    /// `lastTransaction` answered: the loads (everything invalidated since
+    /// the last one, and 1 in 4 transactions a random object) and whether
+    /// this transaction commits (half of them, and always after a
+    /// conflict).
+    fn zope_synced(&mut self) {
+        let mut loads: Vec<usize> = self.invalidated.drain(..).rev().collect();
+        for &n in &loads {
+            self.stale[n] = false;
+        }
+        self.stats.invalidated_loads += loads.len() as u64;
+        if self.rng.below(ZOPE_RANDOM_LOAD_EVERY) == 0 {
+            loads.push(self.rng.below(self.plan.objects.oids.len()));
+            self.stats.random_loads += 1;
+        }
+        let commit = self.retry.is_some() || self.rng.below(ZOPE_COMMIT_EVERY) == 0;
+        if let Some(z) = &mut self.ztxn {
+            z.synced = true;
+            z.loads = loads;
+            z.commit = commit;
+        }
+    }
+
+    /// An `invalidateTransaction(tid, oids)` push: counted, and (`zope`)
+    /// its objects marked for loading in the next transaction.
+    fn on_invalidation(&mut self, args: &Value) {
+        self.stats.invalidations += 1;
+        if self.plan.workload != Workload::Zope {
+            return;
+        }
+        let Value::Tuple(t) = args else { return };
+        let Some(Value::List(oids)) = t.get(1) else {
+            return;
+        };
+        for o in oids {
+            let Some(x) = o.as_bytes() else { continue };
+            if let Some(&n) = self.plan.by_oid.get(&oid_u64(x))
+                && let Some(s) = self.stale.get_mut(n)
+                && !*s
+            {
+                *s = true;
+                self.invalidated.push(n);
             }
         }
     }
@@ -839,13 +1123,11 @@ impl Worker {
         let Some(p) = self.pending.remove(at) else {
             return Ok(());
         };
-        let ticks = (now - p.sent).as_nanos() / 100;
-        self.stats
-            .lat
-            .push(u32::try_from(ticks).unwrap_or(u32::MAX));
+        self.stats.lat.push(ticks(p.sent, now));
         self.stats.ops += 1;
         match (p.what, reply) {
             (What::Ping, Ok(_)) => {}
+            (What::Sync, Ok(_)) => self.zope_synced(),
             (What::Load(n), Ok(Value::Tuple(t))) => {
                 if n < self.serials.len()
                     && let Some(Ok(serial)) = t.get(1).map(tid_of)
@@ -866,9 +1148,28 @@ impl Worker {
                         self.serials[n] = tid;
                     }
                 }
-                self.stats.txns += 1;
+                self.stats.commits += 1;
+                // `zope` counts its transactions when they end.
+                if self.plan.workload != Workload::Zope {
+                    self.stats.txns += 1;
+                }
             }
-            (What::Abort, _) => self.txn = None,
+            (What::Abort, _) => {
+                if let Some(t) = self.txn.take()
+                    && self.plan.workload == Workload::Zope
+                {
+                    // As Zope retries a request on ConflictError: the next
+                    // transaction reloads what was stored and commits it
+                    // again on the serials it loads.
+                    for n in t.stores.iter().filter_map(|s| s.1) {
+                        if !self.stale[n] {
+                            self.stale[n] = true;
+                            self.invalidated.push(n);
+                        }
+                    }
+                    self.retry = Some(t.stores);
+                }
+            }
             (What::Vote | What::Finish, Err((class, _))) => {
                 if class.ends_with("ConflictError") {
                     self.stats.conflicts_retried += 1;
@@ -877,7 +1178,7 @@ impl Worker {
                 }
                 self.txn_call("tpc_abort", What::Abort);
             }
-            (What::Load(_) | What::Ping | What::NewOids, _) => self.stats.errors += 1,
+            (What::Load(_) | What::Sync | What::Ping | What::NewOids, _) => self.stats.errors += 1,
         }
         Ok(())
     }
@@ -936,6 +1237,7 @@ mod tests {
             errors: 2,
             conflicts_retried: 3,
             conflicts_resolved: 4,
+            ..Stats::default()
         };
         // Latencies 1..=1000 (in 100 ns) over two connections.
         let all = Stats::merged(vec![

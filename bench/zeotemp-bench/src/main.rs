@@ -9,8 +9,10 @@ use clap::Parser;
 use zeotemp_bench::{Options, Workload};
 
 /// Drives a ZEO 5 server (zeotemp or the stock Python ZEO) with pipelined
-/// requests over N connections and reports throughput, latency
-/// percentiles and, with --server-pid, the server's CPU time and peak RSS.
+/// requests (or, zope, the real client's one at a time) over N connections
+/// and reports throughput, latency percentiles and, with --server-pid, the
+/// server's CPU time (user and system, per reply and per transaction) and
+/// peak RSS.
 #[derive(Parser, Debug)]
 #[command(name = "zeotemp-bench", version, about, long_about)]
 struct Cli {
@@ -24,7 +26,12 @@ struct Cli {
 
     /// load: pipelined loadBefore of random objects; commit: transactions
     /// of 5 new objects; session: 90 % hot loads, 10 % rewrites of 1-2 hot
-    /// objects with conflict resolution; echo: ping round trips.
+    /// objects with conflict resolution; echo: ping round trips; zope: the
+    /// stock ClientStorage's shape, one request in flight per connection
+    /// (--in-flight ignored): per transaction lastTransaction, loads of the
+    /// objects invalidated since the last one (and 1 in 4 a random object),
+    /// and half of them commit the connection's session object (1 in 10
+    /// also a shared one), whose invalidations reach every other connection.
     #[arg(short, long, value_enum)]
     workload: Workload,
 
@@ -41,7 +48,8 @@ struct Cli {
     #[arg(short, long, value_name = "SECS", default_value_t = 10.0)]
     duration: f64,
 
-    /// Objects committed in setup (load, session).
+    /// Objects committed in setup (load, session, zope; zope needs at least
+    /// connections + 4).
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     objects: usize,
 
@@ -53,6 +61,11 @@ struct Cli {
     /// window and its peak RSS (from /proc).
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
+
+    /// Create FILE when the measured window starts (after setup), for
+    /// scripts that attach tools (strace, perf) to the server then.
+    #[arg(long, value_name = "FILE")]
+    start_file: Option<std::path::PathBuf>,
 
     /// Print one JSON object on stdout (the human-readable block goes to
     /// stderr).
@@ -76,6 +89,7 @@ fn main() -> ExitCode {
         objects: cli.objects,
         object_size: cli.object_size,
         server_pid: cli.server_pid,
+        start_file: cli.start_file,
     };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -14,7 +14,7 @@ use common::Server;
 use zeotemp::config::Config;
 use zeotemp_bench::{self as bench, Options, Workload};
 
-const KEYS: [&str; 14] = [
+const KEYS: [&str; 25] = [
     "workload",
     "connections",
     "in_flight",
@@ -27,7 +27,18 @@ const KEYS: [&str; 14] = [
     "p999_us",
     "errors",
     "conflicts_retried",
+    "txn_p50_us",
+    "txn_p99_us",
+    "commits",
+    "invalidations",
+    "invalidated_loads",
+    "random_loads",
     "server_cpu_s",
+    "server_user_s",
+    "server_sys_s",
+    "server_cpu_us_per_op",
+    "server_user_us_per_op",
+    "server_sys_us_per_op",
     "server_peak_rss_kib",
 ];
 
@@ -44,6 +55,7 @@ async fn every_workload_runs_and_reports() {
         Workload::Load,
         Workload::Commit,
         Workload::Session,
+        Workload::Zope,
     ] {
         let opts = Options {
             address: addr.to_string(),
@@ -56,6 +68,7 @@ async fn every_workload_runs_and_reports() {
             object_size: 200,
             // The server runs in this process.
             server_pid: Some(std::process::id()),
+            start_file: None,
         };
         let r = tokio::time::timeout(Duration::from_secs(60), bench::run(&opts))
             .await
@@ -63,12 +76,30 @@ async fn every_workload_runs_and_reports() {
             .unwrap_or_else(|e| panic!("{workload:?}: {e}"));
         assert!(r.ops > 0, "{workload:?} did operations: {r:?}");
         assert_eq!(r.errors, 0, "{workload:?} without errors: {r:?}");
-        if workload != Workload::Session {
+        if !matches!(workload, Workload::Session | Workload::Zope) {
             assert_eq!(r.conflicts_retried, 0, "{r:?}");
         }
-        if matches!(workload, Workload::Commit | Workload::Session) {
-            assert!(r.txns > 0, "{workload:?} committed: {r:?}");
+        if matches!(
+            workload,
+            Workload::Commit | Workload::Session | Workload::Zope
+        ) {
+            assert!(r.txns > 0, "{workload:?} did transactions: {r:?}");
+            assert!(r.commits > 0, "{workload:?} committed: {r:?}");
+            assert!(r.server_cpu_us_per_txn.is_some(), "{r:?}");
         }
+        if workload == Workload::Zope {
+            // Two connections: each one's commits invalidate its session
+            // object in the other, which loads it in its next transaction.
+            assert!(r.invalidations > 0, "{r:?}");
+            assert!(r.invalidated_loads > 0, "{r:?}");
+            assert_eq!(r.in_flight, 1, "one request at a time: {r:?}");
+            assert!(r.txn_p50_us > 0.0 && r.txn_p50_us <= r.txn_p99_us, "{r:?}");
+        } else {
+            assert_eq!((r.invalidated_loads, r.random_loads), (0, 0), "{r:?}");
+        }
+        let (user, sys) = (r.server_user_s.unwrap(), r.server_sys_s.unwrap());
+        assert!((user + sys - r.server_cpu_s.unwrap()).abs() < 1e-9, "{r:?}");
+        assert!(r.server_cpu_us_per_op.is_some(), "{r:?}");
         assert!(r.p50_us <= r.p99_us && r.p99_us <= r.p999_us, "{r:?}");
         assert!(r.server_cpu_s.is_some() && r.server_peak_rss_kib.unwrap() > 0);
 
@@ -93,6 +124,9 @@ async fn binary_prints_json() {
     })
     .await;
     let addr = srv.addr;
+    let start_file =
+        std::env::temp_dir().join(format!("zeotemp-bench-start-{}", std::process::id()));
+    let _ = std::fs::remove_file(&start_file);
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_zeotemp-bench"))
         .args(["--address", &addr.to_string(), "--workload", "echo"])
         .args([
@@ -104,6 +138,8 @@ async fn binary_prints_json() {
             "0.5",
         ])
         .args(["--server-pid", &std::process::id().to_string(), "--json"])
+        .arg("--start-file")
+        .arg(&start_file)
         .output()
         .await
         .unwrap();
@@ -114,6 +150,8 @@ async fn binary_prints_json() {
     }
     assert!(v["ops"].as_u64().unwrap() > 0);
     assert_eq!(v["errors"], 0);
+    assert!(start_file.exists(), "--start-file created");
+    let _ = std::fs::remove_file(&start_file);
     srv.stop().await;
 }
 
