@@ -287,7 +287,7 @@ async fn msgpack_setting_announces_m5_and_z5_answers_get_pickle() {
     assert_eq!(payload[..2], [0x80, 3], "a pickle");
     let reply = envelope::decode_message(&payload, &DecodeLimits::default()).unwrap();
     assert_eq!(
-        (reply.msgid, reply.method.as_str()),
+        (reply.msgid, reply.method.as_ref()),
         (Value::Int(1), ".reply")
     );
     assert_eq!(reply.args.as_bytes().map(<[u8]>::len), Some(8));

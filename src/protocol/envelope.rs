@@ -36,6 +36,7 @@
 //! This module does no I/O and knows nothing of methods or storages.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use std::borrow::Cow;
 
 use crate::protocol::frame;
 use crate::protocol::ids::{Oid, Tid};
@@ -69,8 +70,9 @@ pub struct Message {
     pub msgid: Value,
     /// The flags were truthy: no reply is expected.
     pub oneway: bool,
-    /// The method name (or `.reply`), as text.
-    pub method: String,
+    /// The method name (or `.reply`), as text: one of [`KNOWN_NAMES`]
+    /// without an allocation, or a copy of what the client sent.
+    pub method: Cow<'static, str>,
     /// The arguments as sent; normally a tuple (the session checks).
     pub args: Value,
     /// `Py2Protocol1` if the pickle has no `PROTO` (protocol 0/1, as ZEO
@@ -120,7 +122,76 @@ pub fn decode_message_bytes(
 /// (oids, tids) share the frame's buffer ([`pickle::decode_request`]).
 pub fn decode_request(payload: &Bytes, limits: &DecodeLimits) -> Result<Message, MarshalError> {
     let protocol1 = is_protocol1(payload);
+    // Every stock client's request: its parts straight off the decoder's
+    // stack, its name not copied (`into_message` for anything else, which
+    // also gives the errors).
+    if let Some(e) = pickle::decode_envelope(payload, limits) {
+        return Ok(Message {
+            msgid: e.msgid,
+            oneway: e.flags.is_truthy(),
+            method: method_name(e.name),
+            args: e.args,
+            dialect: dialect_of(protocol1, e.name_is_pystr),
+        });
+    }
     into_message(pickle::decode_request(payload, limits)?, protocol1)
+}
+
+/// The names of ZEO's methods and pushes, most used first: a message
+/// naming one of them carries it as a `&'static str`
+/// ([`Message::method`]).
+pub const KNOWN_NAMES: &[&str] = &[
+    "loadBefore",
+    "lastTransaction",
+    "storea",
+    "tpc_begin",
+    "vote",
+    "tpc_finish",
+    "tpc_abort",
+    "ping",
+    ".reply",
+    "invalidateTransaction",
+    "info",
+    "new_oids",
+    "getInvalidations",
+    "loadSerial",
+    "checkCurrentSerialInTransaction",
+    "deleteObject",
+    "register",
+    "get_info",
+    "getTid",
+    "history",
+    "pack",
+    "server_status",
+    "set_client_label",
+    "undoLog",
+    "undoInfo",
+    "iterator_gc",
+    "receiveBlobStart",
+    "receiveBlobChunk",
+    "receiveBlobStop",
+    "serialnos",
+];
+
+/// `name` as a message's method: the static copy of a known name, else a
+/// copy.
+fn method_name(name: &str) -> Cow<'static, str> {
+    match KNOWN_NAMES.iter().find(|k| **k == name) {
+        Some(k) => Cow::Borrowed(k),
+        None => Cow::Owned(name.to_owned()),
+    }
+}
+
+/// The dialect of a message: [`Dialect::Py2Protocol1`] without `PROTO`,
+/// else by the name's type (see [`Message::dialect`]).
+fn dialect_of(protocol1: bool, name_is_pystr: bool) -> Dialect {
+    // Only Python 2 ZEO clients pickle with protocol 1; whatever the name's
+    // opcode, such a peer reads protocol 1 at most.
+    match (protocol1, name_is_pystr) {
+        (true, _) => Dialect::Py2Protocol1,
+        (false, true) => Dialect::Py2,
+        (false, false) => Dialect::Py3,
+    }
 }
 
 /// Decodes one msgpack (`M5`) frame payload. Arrays decode to tuples;
@@ -147,21 +218,15 @@ fn into_message(value: Value, protocol1: bool) -> Result<Message, MarshalError> 
     let [msgid, flags, name, args]: [Value; 4] = items
         .try_into()
         .map_err(|_| MarshalError::NotAMessage("tuple".to_owned()))?;
-    let (method, dialect) = match name {
-        Value::Str(s) => (s, Dialect::Py3),
-        Value::PyStr(b) => match String::from_utf8(b.to_vec()) {
-            Ok(s) => (s, Dialect::Py2),
+    let (method, pystr) = match &name {
+        Value::Str(s) => (method_name(s), false),
+        Value::PyStr(b) => match std::str::from_utf8(b) {
+            Ok(s) => (method_name(s), true),
             Err(_) => return Err(MarshalError::BadMethodName("non-UTF-8 bytes")),
         },
         other => return Err(MarshalError::BadMethodName(other.type_name())),
     };
-    // Only Python 2 ZEO clients pickle with protocol 1; whatever the name's
-    // opcode, such a peer reads protocol 1 at most.
-    let dialect = if protocol1 {
-        Dialect::Py2Protocol1
-    } else {
-        dialect
-    };
+    let dialect = dialect_of(protocol1, pystr);
     Ok(Message {
         msgid,
         oneway: flags.is_truthy(),
@@ -502,12 +567,12 @@ mod tests {
         // Whatever the method name's opcode, no PROTO means protocol 1.
         let m = decode("284b014930300a580400000070696e6729742e").unwrap();
         assert_eq!(
-            (m.method.as_str(), m.dialect),
+            (m.method.as_ref(), m.dialect),
             ("ping", Dialect::Py2Protocol1)
         );
         // A PROTO 2 pickle (any PROTO) is not protocol 1: the name decides.
         let m = decode("8002284b01895504706e6f6729742e").unwrap();
-        assert_eq!((m.method.as_str(), m.dialect), ("pnog", Dialect::Py2));
+        assert_eq!((m.method.as_ref(), m.dialect), ("pnog", Dialect::Py2));
         // one-way: INT 01
         let m = decode("284b004930310a5504696e666f29742e").unwrap();
         assert!(m.oneway);
@@ -629,6 +694,91 @@ mod tests {
         // globals pass through for the session to refuse
         let m = decode("8003284b0189580100000078636275696c74696e730a6576616c0a85742e").unwrap();
         assert_eq!(m.args.forbidden_global().as_deref(), Some("builtins.eval"));
+    }
+
+    /// The request fast path gives what the general path gives (the same
+    /// message, or an error where it fails) on random requests: names of
+    /// both kinds in and out of the name's place, nested tuples around
+    /// them, the opcodes the fast path knows and some it does not.
+    #[test]
+    fn request_fast_path_agrees_with_the_general_path() {
+        let mut rng = crate::rng::XorShift64::new(16);
+        let limits = DecodeLimits {
+            max_depth: 4,
+            max_items: 12,
+        };
+        let pieces: &[&[u8]] = &[
+            b"(",
+            b"t",
+            b"\x85",
+            b"\x86",
+            b"\x87",
+            b")",
+            b"}",
+            b"N",
+            b"\x88",
+            b"\x89",
+            b"K\x05",
+            b"\x8a\x06\xd0\xa7\xf5\xd0\xde\x7f",
+            b"\x8a\x09\x01\x02\x03\x04\x05\x06\x07\x08\x80",
+            b"X\x04\x00\x00\x00ping",
+            b"X\x0a\x00\x00\x00loadBefore",
+            b"\x8c\x03odd",
+            b"X\x01\x00\x00\x00\xff",
+            b"U\x04vote",
+            b"U\x01\xff",
+            b"C\x08\x00\x00\x00\x00\x00\x00\x00\x01",
+            b"C\x03abc",
+            b"q\x00",
+            b"e",
+        ];
+        let names: &[&[u8]] = &[
+            b"X\x0a\x00\x00\x00loadBefore",
+            b"X\x04\x00\x00\x00ping",
+            b"\x8c\x03odd",
+            b"U\x04vote",
+            b"U\x01\xff",
+            b"K\x05",
+        ];
+        let mut fast = 0;
+        for i in 0..20_000 {
+            let mut p = Vec::new();
+            if rng.below(5) > 0 {
+                p.extend_from_slice(b"\x80\x03");
+            }
+            if rng.below(6) > 0 {
+                p.push(b'(');
+            }
+            let piece = |p: &mut Vec<u8>, rng: &mut crate::rng::XorShift64| {
+                p.extend_from_slice(pieces[rng.below(pieces.len())])
+            };
+            if i % 2 == 0 {
+                // Shaped like a request: two items, a name, arguments.
+                piece(&mut p, &mut rng);
+                piece(&mut p, &mut rng);
+                p.extend_from_slice(names[rng.below(names.len())]);
+                p.push(b'(');
+                for _ in 0..rng.below(4) {
+                    piece(&mut p, &mut rng);
+                }
+                p.push(b't');
+            } else {
+                for _ in 0..rng.below(8) {
+                    piece(&mut p, &mut rng);
+                }
+            }
+            if rng.below(6) > 0 {
+                p.push(b't');
+            }
+            if rng.below(8) > 0 {
+                p.push(b'.');
+            }
+            let p = Bytes::from(p);
+            let general = decode_message(&p, &limits);
+            assert_eq!(decode_request(&p, &limits), general, "{}", hex(&p));
+            fast += usize::from(pickle::decode_envelope(&p, &limits).is_some());
+        }
+        assert!(fast > 300, "only {fast} requests on the fast path");
     }
 
     #[test]
@@ -891,7 +1041,7 @@ mod tests {
             ] {
                 let m = dec(enc, &encode_request(enc, &msgid, oneway, method, &args));
                 assert_eq!(
-                    (&m.msgid, m.oneway, m.method.as_str(), &m.args),
+                    (&m.msgid, m.oneway, m.method.as_ref(), &m.args),
                     (&msgid, oneway, method, &args),
                     "{enc:?}"
                 );

@@ -55,7 +55,7 @@ impl Session {
     /// Runs the method `msg` names (the session is registered, or this is
     /// `register`).
     pub(super) fn dispatch(&mut self, msg: &Message) -> Res<Outcome> {
-        let method = msg.method.as_str();
+        let method = msg.method.as_ref();
         let a = Args::new(method, &msg.args)?;
         let reply = |v: Value| Ok(Outcome::Reply(v));
         match method {

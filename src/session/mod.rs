@@ -184,7 +184,7 @@ impl Session {
             self.dialect = msg.dialect;
             self.dialect_known = true;
         }
-        let method = msg.method.as_str();
+        let method = msg.method.as_ref();
         self.counts.requests += 1;
         if matches!(method, "loadBefore" | "loadSerial") {
             self.counts.loads += 1;

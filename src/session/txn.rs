@@ -435,7 +435,7 @@ mod tests {
         Message {
             msgid: Value::Int(msgid),
             oneway: matches!(method, "tpc_begin" | "storea"),
-            method: method.into(),
+            method: method.to_owned().into(),
             args: Value::Tuple(args),
             dialect: Dialect::Py3,
         }

@@ -74,6 +74,36 @@ struct Item {
     weight: usize,
 }
 
+/// What the fast path made of a pickle: a value, or a request's parts.
+enum Flat<'a> {
+    Value(Value),
+    Envelope(FlatEnvelope<'a>),
+}
+
+/// A request `(msgid, flags, name, args)` from [`Decoder::run_envelope`]:
+/// the outer tuple's items, the name as text borrowed from the pickle.
+pub struct FlatEnvelope<'a> {
+    pub msgid: Value,
+    pub flags: Value,
+    pub name: &'a str,
+    /// The name was a Python 2 `str` (`SHORT_BINSTRING` / `BINSTRING`), not
+    /// text.
+    pub name_is_pystr: bool,
+    pub args: Value,
+}
+
+/// The depth recorded for the name's placeholder on the fast path's stack
+/// ([`Decoder::run_envelope`]): no real depth comes near it, and a tuple
+/// that takes the placeholder in (anything but the outer one) sends the
+/// message to the full decoder.
+const NAME_HERE: usize = usize::MAX;
+
+/// The next value pushed will be the third item of the outer tuple (the
+/// `MARK` at the bottom of the stack, two items above it).
+fn is_name_slot(stack: &[(Value, usize)], marks: &[usize]) -> bool {
+    marks == [0] && stack.len() == 2
+}
+
 /// The fast path's value and mark stacks, kept per thread between
 /// messages ([`Decoder::run_flat`]). `Cell` and not `RefCell`: they are
 /// taken out for the length of one decode and put back.
@@ -92,6 +122,9 @@ const MAX_KEPT_STACK: usize = 64;
 
 pub(super) struct Decoder<'a> {
     data: &'a [u8],
+    /// The request's name, found by [`Self::run_envelope`] (and whether it
+    /// was a Python 2 `str`).
+    name: Option<(&'a str, bool)>,
     /// Set by [`decode_bytes`] and [`decode_request`]: bytes values of up
     /// to `share_up_to` bytes are slices of this buffer, not copies.
     source: Option<&'a Bytes>,
@@ -126,6 +159,7 @@ impl<'a> Decoder<'a> {
             data,
             source,
             share_up_to: usize::MAX,
+            name: None,
             pos: 0,
             op_offset: 0,
             // Empty until the full decoder runs ([`Self::run_full`]): the
@@ -618,24 +652,44 @@ impl<'a> Decoder<'a> {
     /// `max_depth` — and the caller decodes from the start with the full
     /// decoder, which gives the same value or the proper error.
     fn run_flat(&mut self) -> Option<Value> {
-        // The thread's stacks from the last message (emptied), so a request
-        // costs no allocation for them.
+        match self.with_flat_stacks(false)? {
+            Flat::Value(v) => Some(v),
+            Flat::Envelope(_) => None,
+        }
+    }
+
+    /// The fast path for a whole request, `(msgid, flags, name, args)`:
+    /// [`Self::run_flat`], but the outer tuple's items are returned as they
+    /// are (no vector for them) and the name is left in the pickle (no
+    /// string for it). `None` for anything else, as [`Self::run_flat`].
+    pub(super) fn run_envelope(mut self) -> Option<FlatEnvelope<'a>> {
+        match self.with_flat_stacks(true)? {
+            Flat::Envelope(e) => Some(e),
+            Flat::Value(_) => None,
+        }
+    }
+
+    /// Runs the fast path on the thread's stacks from the last message
+    /// (emptied), so a request costs no allocation for them.
+    fn with_flat_stacks(&mut self, envelope: bool) -> Option<Flat<'a>> {
         let (mut stack, mut marks) = FLAT_STACKS.take();
-        let value = self.run_flat_on(&mut stack, &mut marks);
+        let flat = self.run_flat_on(&mut stack, &mut marks, envelope);
         stack.clear();
         marks.clear();
         if stack.capacity() <= MAX_KEPT_STACK && marks.capacity() <= MAX_KEPT_STACK {
             FLAT_STACKS.set((stack, marks));
         }
-        value
+        flat
     }
 
-    /// [`Self::run_flat`] on the given (empty) stacks.
+    /// [`Self::run_flat`] on the given (empty) stacks; with `envelope`, as
+    /// [`Self::run_envelope`].
     fn run_flat_on(
         &mut self,
         stack: &mut Vec<(Value, usize)>,
         marks: &mut Vec<usize>,
-    ) -> Option<Value> {
+        envelope: bool,
+    ) -> Option<Flat<'a>> {
         loop {
             let opcode = self.u8().ok()?;
             let scalar = match opcode {
@@ -647,7 +701,7 @@ impl<'a> Decoder<'a> {
                 }
                 op::STOP => {
                     return match (stack.len(), marks.is_empty(), self.pos == self.data.len()) {
-                        (1, true, true) => stack.pop().map(|(v, _)| v),
+                        (1, true, true) if !envelope => stack.pop().map(|(v, _)| Flat::Value(v)),
                         _ => None,
                     };
                 }
@@ -665,19 +719,44 @@ impl<'a> Decoder<'a> {
                             stack.len().checked_sub(n).filter(|f| *f >= base)?
                         }
                     };
-                    let depth = 1 + stack
-                        .get(from..)?
-                        .iter()
-                        .map(|(_, d)| *d)
-                        .max()
-                        .unwrap_or(0);
+                    let (mut inner, mut holds_name) = (0, false);
+                    for (_, d) in stack.get(from..)? {
+                        match *d {
+                            NAME_HERE => holds_name = true,
+                            d => inner = inner.max(d),
+                        }
+                    }
+                    let outer = envelope && from == 0 && marks.is_empty();
+                    // The name's placeholder anywhere but in the outer
+                    // tuple: not a request.
+                    if holds_name && !outer {
+                        return None;
+                    }
+                    let depth = 1 + inner;
                     if depth > self.max_depth {
                         return None;
                     }
-                    let values: Vec<Value> = stack.drain(from..).map(|(v, _)| v).collect();
                     self.items_left = self.items_left.checked_sub(1)?;
+                    if outer {
+                        return self.envelope_of(stack);
+                    }
+                    let values: Vec<Value> = stack.drain(from..).map(|(v, _)| v).collect();
                     stack.push((Value::Tuple(values), depth));
                     continue;
+                }
+                // `tpc_begin`'s empty extension.
+                op::EMPTY_DICT => {
+                    if self.max_depth == 0 {
+                        return None;
+                    }
+                    self.items_left = self.items_left.checked_sub(1)?;
+                    stack.push((Value::Dict(Vec::new()), 1));
+                    continue;
+                }
+                // A Python 3 client's transaction id (`id(txn)`).
+                op::LONG1 => {
+                    let n = usize::from(self.u8().ok()?);
+                    int_from_le_twos(self.take(n).ok()?)
                 }
                 op::NONE => Value::None,
                 op::NEWTRUE => Value::Bool(true),
@@ -692,7 +771,14 @@ impl<'a> Decoder<'a> {
                         usize::from(self.u8().ok()?)
                     };
                     let b = self.take(n).ok()?;
-                    Value::Str(std::str::from_utf8(b).ok()?.to_owned())
+                    let text = std::str::from_utf8(b).ok()?;
+                    if envelope && is_name_slot(stack, marks) {
+                        self.name = Some((text, false));
+                        self.items_left = self.items_left.checked_sub(1)?;
+                        stack.push((Value::None, NAME_HERE));
+                        continue;
+                    }
+                    Value::Str(text.to_owned())
                 }
                 op::SHORT_BINBYTES | op::BINBYTES => {
                     let n = if opcode == op::BINBYTES {
@@ -710,6 +796,13 @@ impl<'a> Decoder<'a> {
                         usize::from(self.u8().ok()?)
                     };
                     let b = self.take(n).ok()?;
+                    if envelope && is_name_slot(stack, marks) {
+                        // A Python 2 client's `str` name: it must be text.
+                        self.name = Some((std::str::from_utf8(b).ok()?, true));
+                        self.items_left = self.items_left.checked_sub(1)?;
+                        stack.push((Value::None, NAME_HERE));
+                        continue;
+                    }
                     Value::PyStr(self.bytes_of(b))
                 }
                 _ => return None,
@@ -717,6 +810,27 @@ impl<'a> Decoder<'a> {
             self.items_left = self.items_left.checked_sub(1)?;
             stack.push((scalar, 0));
         }
+    }
+
+    /// The outer tuple of a request just closed (its `TUPLE`, the `MARK`
+    /// at the bottom): its four items, if the name is the third and
+    /// `STOP` ends the pickle.
+    fn envelope_of(&mut self, stack: &mut Vec<(Value, usize)>) -> Option<Flat<'a>> {
+        let ends = self.data.get(self.pos..) == Some(&[op::STOP][..]);
+        let name = self.name.take();
+        if !ends || stack.len() != 4 || stack[2].1 != NAME_HERE {
+            return None;
+        }
+        let (name, name_is_pystr) = name?;
+        let mut items = stack.drain(..).map(|(v, _)| v);
+        let (msgid, flags, _, args) = (items.next()?, items.next()?, items.next()?, items.next()?);
+        Some(Flat::Envelope(FlatEnvelope {
+            msgid,
+            flags,
+            name,
+            name_is_pystr,
+            args,
+        }))
     }
 
     fn stop(mut self) -> Result<Value, PickleError> {
@@ -1371,6 +1485,10 @@ mod tests {
             b"C\x09short",
             b"l",
             b"c",
+            b"\x8a\x06\xd0\xa7\xf5\xd0\xde\x7f",
+            b"\x8a\x09\x01\x02\x03\x04\x05\x06\x07\x08\x80",
+            b"\x8a\x00",
+            b"\x8a\x05ab",
         ];
         let mut fast_hits = 0;
         for _ in 0..20_000 {

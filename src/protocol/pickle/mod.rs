@@ -52,6 +52,7 @@ pub(crate) mod testing;
 
 use crate::protocol::value::{DecodeLimits, Value};
 use decode::Decoder;
+pub use decode::FlatEnvelope;
 pub use encode::{
     close_tuple, encode_bytes_into, encode_into, encode_str_into, open_tuple, put_proto, size_hint,
 };
@@ -158,6 +159,17 @@ pub fn decode_request(data: &Bytes, limits: &DecodeLimits) -> Result<Value, Pick
     Decoder::new(data, Some(data), limits)
         .sharing_up_to(SHARED_BYTES_MAX)
         .run()
+}
+
+/// The fast path for a request frame held in `data`, `(msgid, flags, name,
+/// args)` with the name borrowed from `data` (short bytes values shared as
+/// by [`decode_request`]). `None` when the frame is not the plain,
+/// memo-free pickle stock clients write, or not valid: decode it with
+/// [`decode_request`], which gives the same parts or the error.
+pub fn decode_envelope<'a>(data: &'a Bytes, limits: &DecodeLimits) -> Option<FlatEnvelope<'a>> {
+    Decoder::new(data, Some(data), limits)
+        .sharing_up_to(SHARED_BYTES_MAX)
+        .run_envelope()
 }
 
 /// A whole pickle of `v`: `PROTO 3` (none for [`Dialect::Py2Protocol1`]),
