@@ -343,13 +343,54 @@ fn encode_frame(
 /// by `items`, `TUPLE STOP`. `hint` is about what the items take, so the
 /// buffer is allocated once.
 fn encode_with(dialect: Dialect, hint: usize, items: impl FnOnce(&mut BytesMut)) -> Bytes {
-    let mut out = BytesMut::with_capacity(32 + hint);
-    frame::put(&mut out, |out| {
-        pickle::put_proto(out, dialect);
-        out.put_u8(op::MARK);
-        items(out);
-        out.put_slice(&[op::TUPLE, op::STOP]);
-    });
+    framed(32 + hint, |out| {
+        frame::put(out, |out| {
+            pickle::put_proto(out, dialect);
+            out.put_u8(op::MARK);
+            items(out);
+            out.put_slice(&[op::TUPLE, op::STOP]);
+        })
+    })
+}
+
+/// Frames up to this size (by their hint) are written into the thread's
+/// scratch buffer and copied out at their exact size; bigger ones (large
+/// records) into a buffer of their own, without the copy.
+const SCRATCH_MAX: usize = 16 * 1024;
+
+thread_local! {
+    /// [`framed`]'s scratch buffer, reused frame after frame.
+    static SCRATCH: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+}
+
+/// A frame written by `write` (about `hint` bytes). A small frame (every
+/// reply but a large record's) costs one allocation of exactly its size:
+/// it is written into the thread's scratch buffer and copied out. A buffer
+/// of its own would be sized by the hint, so turning it into `Bytes` would
+/// allocate a second time for the shared header (`Bytes` from a vector
+/// with spare room), and each of the two is freed again once the frame is
+/// written.
+fn framed(hint: usize, write: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut write = Some(write);
+    if hint <= SCRATCH_MAX
+        && let Some(frame) = SCRATCH.with(|s| {
+            let mut out = s.try_borrow_mut().ok()?;
+            out.clear();
+            (write.take()?)(&mut out);
+            let frame = Bytes::copy_from_slice(&out);
+            // A frame far past its hint leaves no big buffer behind.
+            if out.capacity() > 2 * SCRATCH_MAX {
+                *out = BytesMut::new();
+            }
+            Some(frame)
+        })
+    {
+        return frame;
+    }
+    let mut out = BytesMut::with_capacity(hint);
+    if let Some(write) = write {
+        write(&mut out);
+    }
     out.freeze()
 }
 
@@ -371,12 +412,12 @@ pub fn encode_msgpack_reply_with(
 /// A frame of the msgpack array header for four items and the items
 /// written by `items`.
 fn encode_msgpack_with(hint: usize, items: impl FnOnce(&mut BytesMut)) -> Bytes {
-    let mut out = BytesMut::with_capacity(16 + hint);
-    frame::put(&mut out, |out| {
-        msgpack::put_array_header(out, 4);
-        items(out);
-    });
-    out.freeze()
+    framed(16 + hint, |out| {
+        frame::put(out, |out| {
+            msgpack::put_array_header(out, 4);
+            items(out);
+        })
+    })
 }
 
 /// An oid as ZEO sends it: an 8-byte string.

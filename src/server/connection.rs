@@ -541,6 +541,27 @@ impl Conn<'_> {
             if let Some(reason) = self.outbox.closed_reason() {
                 return Close::OutboxClosed(reason);
             }
+            // The replies to what was just handled leave at once if the
+            // socket takes them (it nearly always does), without a trip
+            // through `wait`'s select; `wait` writes whatever is left.
+            if progressed && self.wr.has_pending() {
+                let write = std::pin::pin!(self.wr.write_some());
+                match poll_once(write).await {
+                    Poll::Ready(Err(error)) => {
+                        self.outbox.close("write failed");
+                        return Close::WriteError {
+                            in_handshake: false,
+                            error,
+                        };
+                    }
+                    // Written: the outbox may no longer be backlogged, so
+                    // the frames that handling left buffered for that are
+                    // handled before the task waits (with nothing to read
+                    // it would wait for ever).
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Pending => {}
+                }
+            }
             if let Err(close) = self
                 .wait(
                     session,
@@ -623,8 +644,7 @@ impl Conn<'_> {
             return Err(Close::Shutdown);
         }
         if !*stop_armed {
-            let polled = std::future::poll_fn(|cx| Poll::Ready(stopped.as_mut().poll(cx))).await;
-            if polled.is_ready() {
+            if poll_once(stopped.as_mut()).await.is_ready() {
                 return Err(Close::Shutdown);
             }
             *stop_armed = true;
@@ -701,6 +721,13 @@ impl Conn<'_> {
         })
         .await;
     }
+}
+
+/// Polls `fut` once: its result if it is ready now, else `Pending` (and
+/// `fut` is dropped; [`Writer::write_some`] writes nothing unless it
+/// completes).
+async fn poll_once<F: Future>(mut fut: Pin<&mut F>) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await
 }
 
 /// The `frame-timeout` of a message that has started to arrive: armed
