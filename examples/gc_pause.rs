@@ -4,8 +4,9 @@
 //! containers of 1,000 leaves, 200-byte records), unlinks half of the
 //! containers, then packs (history drop + a full collection) while two
 //! threads load random objects and one commits small transactions, all the
-//! time. Prints the collector's longest lock hold, the slowest load and the
-//! slowest commit seen during the collection, and the cycle's duration.
+//! time. Prints the longest hold of the storage lock by the history drop and
+//! by each phase of the collection (which one is the longest), the slowest
+//! load and the slowest commit seen during the pack, and its duration.
 //!
 //!     cargo run --release --example gc_pause [-- OBJECTS]
 
@@ -16,7 +17,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use zeotemp::protocol::ids::{Oid, Tid};
 use zeotemp::protocol::value::Value;
-use zeotemp::storage::{GcOutcome, LockAttempt, Storage, StorageLimits, TxnMeta, TxnOp, Vote};
+use zeotemp::storage::{
+    GcOutcome, HoldKind, LockAttempt, Storage, StorageLimits, TxnMeta, TxnOp, Vote,
+};
 
 fn store(oid: u64, serial: Tid, refs: Vec<u64>) -> TxnOp {
     TxnOp::Store {
@@ -118,7 +121,8 @@ fn main() {
     };
     std::thread::sleep(Duration::from_millis(200));
     let t_gc = Instant::now();
-    let outcome = s.pack(Tid(root_tid.0 + 1)).gc;
+    let report = s.pack(Tid(root_tid.0 + 1));
+    let outcome = report.gc;
     let took = t_gc.elapsed();
     std::thread::sleep(Duration::from_millis(100));
     stop.store(true, Ordering::Relaxed);
@@ -131,6 +135,7 @@ fn main() {
         examined,
         freed,
         longest_pause,
+        holds,
     } = outcome
     else {
         panic!("unexpected {outcome:?}")
@@ -139,8 +144,28 @@ fn main() {
     println!("objects freed:           {freed}");
     println!("pack (prune + collect):  {took:?}");
     println!(
-        "longest collector pause: {longest_pause:?} (longest single hold of the storage lock)"
+        "longest collector pause: {longest_pause:?} (longest single hold of the storage lock, {})",
+        holds.longest().0.name()
     );
+    println!("storage-lock holds by kind (read or write; either blocks commits):");
+    println!("  kind                  holds     longest        mean");
+    let ms = |d: Duration| format!("{:.3} ms", d.as_secs_f64() * 1e3);
+    println!(
+        "  {:<19} {:>7} {:>11}",
+        "history drop (w)",
+        1,
+        ms(report.prune_hold)
+    );
+    for kind in HoldKind::ALL {
+        let h = holds.get(kind);
+        println!(
+            "  {:<19} {:>7} {:>11} {:>11}",
+            format!("{} ({})", kind.name(), kind.lock()),
+            h.count,
+            ms(h.longest),
+            ms(h.total / h.count.max(1) as u32)
+        );
+    }
     println!(
         "slowest load during it:  {:?} ({} loads)",
         loads.iter().map(|l| l.0).max().unwrap_or_default(),

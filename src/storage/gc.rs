@@ -65,6 +65,90 @@ pub const SWEEP_CHUNK: usize = 20_000;
 /// Objects freed per write-lock hold.
 pub const FREE_CHUNK: usize = 5_000;
 
+/// The kinds of storage-lock hold a cycle takes, in cycle order (each is
+/// timed: see [`Holds`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldKind {
+    /// Write lock: a new epoch, the barrier on.
+    Start,
+    /// Read lock: the oids that exist as the cycle starts.
+    Snapshot,
+    /// Read lock: objects written since the cutoff marked as roots.
+    MarkYoung,
+    /// Read lock: traversal from the root.
+    Mark,
+    /// Read lock: the unmarked objects among the snapshot.
+    Candidates,
+    /// Write lock: marking finished, the unmarked condemned.
+    Condemn,
+    /// Write lock: condemned objects removed.
+    Free,
+    /// Write lock: the barrier off.
+    End,
+}
+
+impl HoldKind {
+    pub const ALL: [HoldKind; 8] = [
+        HoldKind::Start,
+        HoldKind::Snapshot,
+        HoldKind::MarkYoung,
+        HoldKind::Mark,
+        HoldKind::Candidates,
+        HoldKind::Condemn,
+        HoldKind::Free,
+        HoldKind::End,
+    ];
+
+    /// "r" or "w": which side of the storage lock it takes.
+    pub fn lock(self) -> &'static str {
+        match self {
+            HoldKind::Start | HoldKind::Condemn | HoldKind::Free | HoldKind::End => "w",
+            _ => "r",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HoldKind::Start => "start",
+            HoldKind::Snapshot => "snapshot",
+            HoldKind::MarkYoung => "mark-young",
+            HoldKind::Mark => "mark",
+            HoldKind::Candidates => "candidates",
+            HoldKind::Condemn => "condemn",
+            HoldKind::Free => "free",
+            HoldKind::End => "end",
+        }
+    }
+}
+
+/// The storage-lock holds of one kind in one cycle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HoldFigures {
+    pub count: usize,
+    pub total: Duration,
+    pub longest: Duration,
+}
+
+/// The storage-lock holds of one cycle, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Holds([HoldFigures; HoldKind::ALL.len()]);
+
+impl Holds {
+    pub fn get(&self, kind: HoldKind) -> HoldFigures {
+        self.0[kind as usize]
+    }
+
+    /// The longest hold of all, and its kind.
+    pub fn longest(&self) -> (HoldKind, Duration) {
+        HoldKind::ALL
+            .iter()
+            .map(|&k| (k, self.get(k).longest))
+            .fold((HoldKind::Start, Duration::ZERO), |a, b| {
+                if b.1 > a.1 { b } else { a }
+            })
+    }
+}
+
 /// Where a cycle is when it calls the test hook (between lock holds).
 #[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +232,8 @@ pub enum GcOutcome {
         freed: usize,
         /// Longest lock hold in this cycle.
         longest_pause: Duration,
+        /// The holds of each kind (how many, how long).
+        holds: Box<Holds>,
     },
     /// Some retained record, or one the voted transaction writes, could
     /// not be scanned: nothing was freed.
@@ -164,6 +250,7 @@ impl std::fmt::Display for GcOutcome {
                 examined,
                 freed,
                 longest_pause,
+                ..
             } => write!(
                 f,
                 "collected: {freed} of {examined} objects freed (longest lock hold {:.1} ms)",
@@ -327,16 +414,51 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Times each lock hold of one cycle.
+#[derive(Default)]
 struct Pauses {
     longest: Duration,
+    holds: Holds,
 }
 
 impl Pauses {
-    fn hold<R>(&mut self, f: impl FnOnce() -> R) -> R {
+    /// Runs `f` under the read lock; records how long it was held.
+    fn read<R>(
+        &mut self,
+        storage: &Storage,
+        kind: HoldKind,
+        f: impl FnOnce(&StorageState) -> R,
+    ) -> R {
+        let st = storage.read();
         let t = Instant::now();
-        let r = f();
-        self.longest = self.longest.max(t.elapsed());
+        let r = f(&st);
+        drop(st);
+        self.record(kind, t.elapsed());
         r
+    }
+
+    /// Runs `f` under the write lock; records how long it was held.
+    fn write<R>(
+        &mut self,
+        storage: &Storage,
+        kind: HoldKind,
+        f: impl FnOnce(&mut StorageState) -> R,
+    ) -> R {
+        let mut st = storage.write();
+        let t = Instant::now();
+        let r = f(&mut st);
+        drop(st);
+        self.record(kind, t.elapsed());
+        r
+    }
+
+    /// One hold of the lock, from when it was taken until it was released
+    /// (waiting for it is not counted: that is others holding it).
+    fn record(&mut self, kind: HoldKind, took: Duration) {
+        self.longest = self.longest.max(took);
+        let figures = &mut self.holds.0[kind as usize];
+        figures.count += 1;
+        figures.total += took;
+        figures.longest = figures.longest.max(took);
     }
 }
 
@@ -366,9 +488,7 @@ impl Storage {
     fn cycle(&self, keep_written_since: Tid) -> GcOutcome {
         let cycle_start = Instant::now();
         self.dirty.store(0, Ordering::Relaxed);
-        let mut pauses = Pauses {
-            longest: Duration::ZERO,
-        };
+        let mut pauses = Pauses::default();
 
         // 1. start
         self.start_cycle(&mut pauses);
@@ -417,8 +537,7 @@ impl Storage {
     /// Phase 1 (write lock, brief): a new mark epoch; the root is marked;
     /// the commit barrier is switched on.
     fn start_cycle(&self, pauses: &mut Pauses) {
-        pauses.hold(|| {
-            let mut st = self.write();
+        pauses.write(self, HoldKind::Start, |st| {
             lock(&st.gc.reached_unscannable).clear();
             st.gc.epoch = st.gc.epoch.wrapping_add(1).max(1);
             st.gc.active = true;
@@ -432,8 +551,7 @@ impl Storage {
     /// The objects that exist as the cycle starts (the only possible
     /// candidates), and the configured chunk size (0: the defaults).
     fn existing_objects(&self, pauses: &mut Pauses) -> (Vec<Oid>, usize) {
-        pauses.hold(|| {
-            let st = self.read();
+        pauses.read(self, HoldKind::Snapshot, |st| {
             (st.objects.keys().copied().collect(), st.gc.chunk)
         })
     }
@@ -451,8 +569,7 @@ impl Storage {
     ) {
         let mut grey = vec![Oid::ROOT];
         for chunk in existing.chunks(sweep_chunk) {
-            pauses.hold(|| {
-                let st = self.read();
+            pauses.read(self, HoldKind::MarkYoung, |st| {
                 let epoch = st.gc.epoch;
                 for oid in chunk {
                     let Some(obj) = st.objects.get(oid) else {
@@ -469,8 +586,7 @@ impl Storage {
             });
         }
         loop {
-            let more = pauses.hold(|| {
-                let st = self.read();
+            let more = pauses.read(self, HoldKind::Mark, |st| {
                 st.mark_some(&mut grey, mark_chunk);
                 !grey.is_empty() || !lock(&st.gc.shaded).is_empty()
             });
@@ -489,8 +605,7 @@ impl Storage {
     ) -> Vec<Oid> {
         let mut candidates = Vec::new();
         for chunk in existing.chunks(sweep_chunk) {
-            pauses.hold(|| {
-                let st = self.read();
+            pauses.read(self, HoldKind::Candidates, |st| {
                 let epoch = st.gc.epoch;
                 candidates.extend(chunk.iter().copied().filter(|oid| {
                     st.objects
@@ -508,8 +623,7 @@ impl Storage {
     /// module docs). `Err` with the oids of records that cannot be scanned
     /// if nothing may be freed.
     fn condemn(&self, pauses: &mut Pauses) -> Result<(), Vec<Oid>> {
-        pauses.hold(|| {
-            let mut st = self.write();
+        pauses.write(self, HoldKind::Condemn, |st| {
             let pinned_unscannable = lock(&st.gc.pinned).unscannable.clone();
             if !pinned_unscannable.is_empty() {
                 // A record that cannot be scanned is voted: its references
@@ -544,8 +658,7 @@ impl Storage {
         let mut freed = 0;
         for part in candidates.chunks(free_chunk) {
             let mut garbage = Vec::new();
-            pauses.hold(|| {
-                let mut st = self.write();
+            pauses.write(self, HoldKind::Free, |st| {
                 let epoch = st.gc.epoch;
                 for &oid in part {
                     let unmarked = st
@@ -568,8 +681,7 @@ impl Storage {
     /// The cycle is over (write lock, brief): the commit barrier is
     /// switched off and votes no longer check for condemned objects.
     fn end_cycle(&self, pauses: &mut Pauses) {
-        pauses.hold(|| {
-            let mut st = self.write();
+        pauses.write(self, HoldKind::End, |st| {
             st.gc.active = false;
             st.gc.sweeping = false;
         });
@@ -600,6 +712,7 @@ impl Storage {
             examined,
             freed,
             longest_pause: pauses.longest,
+            holds: Box::new(pauses.holds),
         }
     }
 

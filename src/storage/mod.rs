@@ -54,7 +54,7 @@ pub mod stats;
 pub use budget::MemoryBudget;
 pub use classes::{ClassId, ClassRow, ClassTable};
 pub use commit::{Conflict, LockAttempt, SHUTDOWN_HOLDER, Transaction, TxnOp, Vote, VotedTxn};
-pub use gc::GcOutcome;
+pub use gc::{GcOutcome, HoldFigures, HoldKind, Holds};
 pub use stats::Stats;
 
 /// Bytes accounted for each retained revision beyond its record: the
@@ -460,7 +460,11 @@ impl Storage {
     /// Tells every subscriber the new size, like ZEO does after a pack.
     pub fn pack(&self, t: Tid) -> PackReport {
         let started = std::time::Instant::now();
-        let pruned_revisions = self.write().prune_until(t);
+        let mut st = self.write();
+        let held = std::time::Instant::now();
+        let pruned_revisions = st.prune_until(t);
+        drop(st);
+        let prune_hold = held.elapsed();
         let gc = self.collect(t);
         let st = self.read();
         let (objects, bytes) = (st.objects.len(), st.current_bytes);
@@ -469,6 +473,7 @@ impl Storage {
         }
         PackReport {
             pruned_revisions,
+            prune_hold,
             gc,
             objects,
             bytes,
@@ -865,6 +870,8 @@ impl Drop for StorageState {
 pub struct PackReport {
     /// Old revisions dropped (and objects whose last revision was a delete).
     pub pruned_revisions: usize,
+    /// How long dropping them held the storage's write lock.
+    pub prune_hold: Duration,
     /// The collection that followed.
     pub gc: GcOutcome,
     /// Objects and current bytes left.
