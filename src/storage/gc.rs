@@ -11,16 +11,22 @@
 //! A cycle:
 //! 1. *start* (write lock, brief): a new mark epoch; the root is marked;
 //!    the commit barrier is switched on;
-//! 2. *mark* (read lock, in chunks of [`MARK_CHUNK`] objects, released in
-//!    between so commits go on): pop a reached object, mark what its
-//!    revisions reference. Marks are atomics, so loads run beside this;
-//! 3. *find candidates* (read lock, in chunks): objects not marked, among
-//!    those that existed when the cycle started;
-//! 4. *condemn* (write lock, brief): finish marking what commits shaded
+//! 2. *snapshot* (read lock, a few shards of the object map per hold): the
+//!    oids of the objects that exist (the only possible candidates);
+//! 3. *mark* (read lock, released in between so commits go on): the
+//!    objects written since the cutoff, then pop a reached object, mark
+//!    what its revisions reference. Marks are atomics, so loads run beside
+//!    this;
+//! 4. *find candidates* (read lock): objects not marked, among those that
+//!    existed when the cycle started;
+//! 5. *condemn* (write lock, brief): finish marking what commits shaded
 //!    since and what the voted transaction pinned; every object still
 //!    unmarked is now condemned;
-//! 5. *free* (write lock, in chunks of [`FREE_CHUNK`] objects, released in
-//!    between so commits go on): free the condemned candidates.
+//! 6. *free* (write lock, released in between so commits go on): free the
+//!    condemned candidates.
+//!
+//! Phases 2, 3, 4 and 6 each hold the lock for about [`GC_HOLD_BUDGET`] at
+//! a time, then release it and take it again.
 //!
 //! The commit barrier (`finish` during a cycle) marks every written object
 //! and shades every object its new revisions reference, so an edge added
@@ -53,17 +59,22 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::oidhash::OID_MAP_SHARDS;
 use super::{Storage, StorageState};
 use crate::protocol::ids::{Oid, Tid};
 
-/// Objects marked per read-lock hold.
-pub const MARK_CHUNK: usize = 20_000;
+/// How long the collector works per hold of the storage lock before it
+/// lets commits (and, behind a waiting commit, loads) in: every phase that
+/// goes through objects (snapshot, marking, finding and freeing garbage)
+/// stops once this is spent, releases the lock and takes it again. A
+/// budget of time, not of objects, because what an object costs varies
+/// (a container with a thousand references, a cold cache line); at one
+/// million objects a cycle takes a few hundred holds.
+pub const GC_HOLD_BUDGET: Duration = Duration::from_millis(1);
 
-/// Objects checked per read-lock hold when looking for unmarked ones.
-pub const SWEEP_CHUNK: usize = 20_000;
-
-/// Objects freed per write-lock hold.
-pub const FREE_CHUNK: usize = 5_000;
+/// Objects handled between two looks at the clock within a hold (reading
+/// it costs about as much as handling a few objects).
+pub const GC_CLOCK_EVERY: usize = 128;
 
 /// The kinds of storage-lock hold a cycle takes, in cycle order (each is
 /// timed: see [`Holds`]).
@@ -153,6 +164,8 @@ impl Holds {
 #[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum GcStep {
+    /// One hold of the snapshot of the existing oids is over.
+    Snapshot,
     /// The candidates are known; nothing is condemned or freed yet.
     Candidates,
     /// The unmarked candidates are condemned; nothing is freed yet.
@@ -188,8 +201,9 @@ pub struct GcState {
     /// cycle frees nothing. (An unreachable one does not matter: it is
     /// garbage itself, whatever it refers to, and is freed with the rest.)
     reached_unscannable: Mutex<Vec<Oid>>,
-    /// Objects per lock hold; 0 means the defaults. Tests set 1 to make
-    /// commits interleave with marking as much as possible.
+    /// Objects per lock hold; 0 means holds bounded by [`GC_HOLD_BUDGET`].
+    /// Tests set 1 to make commits interleave with the cycle as much as
+    /// possible.
     chunk: usize,
 }
 
@@ -349,12 +363,15 @@ impl StorageState {
         lock(&self.gc.shaded).extend(shaded);
     }
 
-    /// Marks what `grey` objects reference, at most `budget` objects.
-    fn mark_some(&self, grey: &mut Vec<Oid>, budget: usize) {
+    /// Marks what `grey` objects reference until `budget` is spent.
+    fn mark_some(&self, grey: &mut Vec<Oid>, budget: &mut Budget) {
         let epoch = self.gc.epoch;
         grey.append(&mut lock(&self.gc.shaded));
-        for _ in 0..budget {
-            let Some(oid) = grey.pop() else { return };
+        while let Some(oid) = grey.pop() {
+            if budget.spent() {
+                grey.push(oid);
+                return;
+            }
             let Some(obj) = self.objects.get(&oid) else {
                 continue;
             };
@@ -363,6 +380,7 @@ impl StorageState {
                     lock(&self.gc.reached_unscannable).push(oid);
                     continue;
                 };
+                budget.followed(refs.len());
                 for r in refs.iter() {
                     if let Some(child) = self.objects.get(r)
                         && child.mark.swap(epoch, Ordering::Relaxed) != epoch
@@ -389,7 +407,7 @@ impl StorageState {
             })
             .collect();
         loop {
-            self.mark_some(&mut grey, usize::MAX);
+            self.mark_some(&mut grey, &mut Budget::unlimited());
             if grey.is_empty() && lock(&self.gc.shaded).is_empty() {
                 break;
             }
@@ -462,6 +480,64 @@ impl Pauses {
     }
 }
 
+/// Ends a lock hold once [`GC_HOLD_BUDGET`] is spent (or, with a chunk
+/// set for tests, after that many objects).
+struct Budget {
+    started: Instant,
+    /// Objects handled in this hold.
+    steps: usize,
+    /// Objects per hold; 0: bounded by time; `usize::MAX`: no bound.
+    max_steps: usize,
+    /// Objects and references handled in this hold.
+    work: usize,
+    /// `work` at which to look at the clock next.
+    next_look: usize,
+}
+
+impl Budget {
+    /// A hold that starts now; `chunk` as in [`GcState::chunk`].
+    fn new(chunk: usize) -> Budget {
+        Budget {
+            started: Instant::now(),
+            steps: 0,
+            max_steps: chunk,
+            work: 0,
+            next_look: GC_CLOCK_EVERY,
+        }
+    }
+
+    fn unlimited() -> Budget {
+        Budget::new(usize::MAX)
+    }
+
+    /// Called before handling each object: true if the hold should end
+    /// instead (never for the first object of a hold).
+    fn spent(&mut self) -> bool {
+        let started = self.started;
+        self.step(|| started.elapsed())
+    }
+
+    /// `spent` with the hold's duration so far given by `elapsed`, which is
+    /// called once every [`GC_CLOCK_EVERY`] objects or references.
+    fn step(&mut self, elapsed: impl FnOnce() -> Duration) -> bool {
+        self.steps += 1;
+        self.work += 1;
+        if self.max_steps != 0 {
+            return self.steps > self.max_steps;
+        }
+        if self.work < self.next_look {
+            return false;
+        }
+        self.next_look = self.work + GC_CLOCK_EVERY;
+        elapsed() >= GC_HOLD_BUDGET
+    }
+
+    /// Counts `n` references followed (work on top of the object's).
+    fn followed(&mut self, n: usize) {
+        self.work += n;
+    }
+}
+
 impl Storage {
     /// Runs one whole collection cycle now, after any cycle in progress
     /// (for `pack` and memory pressure).
@@ -491,25 +567,14 @@ impl Storage {
         let mut pauses = Pauses::default();
 
         // 1. start
-        self.start_cycle(&mut pauses);
-        let (existing, chunk) = self.existing_objects(&mut pauses);
-        let (mark_chunk, sweep_chunk) = if chunk == 0 {
-            (MARK_CHUNK, SWEEP_CHUNK)
-        } else {
-            (chunk, chunk)
-        };
+        let (len, chunk) = self.start_cycle(&mut pauses);
+        let existing = self.existing_objects(&mut pauses, len, chunk);
 
         // 2. mark, from the root and from recently written objects
-        self.mark(
-            &mut pauses,
-            &existing,
-            keep_written_since,
-            mark_chunk,
-            sweep_chunk,
-        );
+        self.mark(&mut pauses, &existing, keep_written_since, chunk);
 
         // 3. candidates
-        let candidates = self.find_candidates(&mut pauses, &existing, sweep_chunk);
+        let candidates = self.find_candidates(&mut pauses, &existing, chunk);
 
         #[cfg(test)]
         self.between_holds(GcStep::Candidates);
@@ -535,8 +600,9 @@ impl Storage {
     }
 
     /// Phase 1 (write lock, brief): a new mark epoch; the root is marked;
-    /// the commit barrier is switched on.
-    fn start_cycle(&self, pauses: &mut Pauses) {
+    /// the commit barrier is switched on. Returns the number of objects and
+    /// the configured chunk (0: holds bounded by time).
+    fn start_cycle(&self, pauses: &mut Pauses) -> (usize, usize) {
         pauses.write(self, HoldKind::Start, |st| {
             lock(&st.gc.reached_unscannable).clear();
             st.gc.epoch = st.gc.epoch.wrapping_add(1).max(1);
@@ -545,33 +611,57 @@ impl Storage {
             if let Some(root) = st.objects.get(&Oid::ROOT) {
                 root.mark.store(st.gc.epoch, Ordering::Relaxed);
             }
-        });
-    }
-
-    /// The objects that exist as the cycle starts (the only possible
-    /// candidates), and the configured chunk size (0: the defaults).
-    fn existing_objects(&self, pauses: &mut Pauses) -> (Vec<Oid>, usize) {
-        pauses.read(self, HoldKind::Snapshot, |st| {
-            (st.objects.keys().copied().collect(), st.gc.chunk)
+            (st.objects.len(), st.gc.chunk)
         })
     }
 
-    /// Phase 2 (read lock, in chunks): marks from the root and from the
-    /// objects written at or after `keep_written_since`, until nothing is
-    /// left to traverse (including what commits shaded meanwhile).
-    fn mark(
-        &self,
-        pauses: &mut Pauses,
-        existing: &[Oid],
-        keep_written_since: Tid,
-        mark_chunk: usize,
-        sweep_chunk: usize,
-    ) {
+    /// Phase 2: the objects that exist as the cycle starts (the only possible
+    /// candidates), about `len` of them, taken a shard of the object map at
+    /// a time in holds bounded like the others (a hold ends after the shard
+    /// in which its budget ran out).
+    ///
+    /// Objects that commits add between two holds may be taken too: the
+    /// barrier has marked them, so they are never candidates. An object
+    /// removed before its shard is taken is not there to free. Every object
+    /// that exists throughout is taken exactly once.
+    fn existing_objects(&self, pauses: &mut Pauses, len: usize, chunk: usize) -> Vec<Oid> {
+        // Allocated outside the lock; a few more for objects added meanwhile.
+        let mut oids: Vec<Oid> = Vec::with_capacity(len + len / 64 + 16);
+        let mut shard = 0;
+        while shard < OID_MAP_SHARDS {
+            pauses.read(self, HoldKind::Snapshot, |st| {
+                let mut budget = Budget::new(chunk);
+                while shard < OID_MAP_SHARDS {
+                    if budget.spent() {
+                        return;
+                    }
+                    oids.extend(st.objects.shard_keys(shard));
+                    budget.followed(st.objects.shard_len(shard));
+                    shard += 1;
+                }
+            });
+            #[cfg(test)]
+            self.between_holds(GcStep::Snapshot);
+        }
+        oids
+    }
+
+    /// Phase 3 (read lock, in holds bounded by [`GC_HOLD_BUDGET`]): marks
+    /// from the root and from the objects written at or after
+    /// `keep_written_since`, until nothing is left to traverse (including
+    /// what commits shaded meanwhile).
+    fn mark(&self, pauses: &mut Pauses, existing: &[Oid], keep_written_since: Tid, chunk: usize) {
         let mut grey = vec![Oid::ROOT];
-        for chunk in existing.chunks(sweep_chunk) {
+        let mut next = 0;
+        while next < existing.len() {
             pauses.read(self, HoldKind::MarkYoung, |st| {
                 let epoch = st.gc.epoch;
-                for oid in chunk {
+                let mut budget = Budget::new(chunk);
+                for oid in &existing[next..] {
+                    if budget.spent() {
+                        return;
+                    }
+                    next += 1;
                     let Some(obj) = st.objects.get(oid) else {
                         continue;
                     };
@@ -587,7 +677,7 @@ impl Storage {
         }
         loop {
             let more = pauses.read(self, HoldKind::Mark, |st| {
-                st.mark_some(&mut grey, mark_chunk);
+                st.mark_some(&mut grey, &mut Budget::new(chunk));
                 !grey.is_empty() || !lock(&st.gc.shaded).is_empty()
             });
             if !more {
@@ -596,28 +686,34 @@ impl Storage {
         }
     }
 
-    /// Phase 3 (read lock, in chunks): the existing objects still unmarked.
-    fn find_candidates(
-        &self,
-        pauses: &mut Pauses,
-        existing: &[Oid],
-        sweep_chunk: usize,
-    ) -> Vec<Oid> {
+    /// Phase 4 (read lock, in holds bounded by [`GC_HOLD_BUDGET`]): the
+    /// existing objects still unmarked.
+    fn find_candidates(&self, pauses: &mut Pauses, existing: &[Oid], chunk: usize) -> Vec<Oid> {
         let mut candidates = Vec::new();
-        for chunk in existing.chunks(sweep_chunk) {
+        let mut next = 0;
+        while next < existing.len() {
             pauses.read(self, HoldKind::Candidates, |st| {
                 let epoch = st.gc.epoch;
-                candidates.extend(chunk.iter().copied().filter(|oid| {
-                    st.objects
+                let mut budget = Budget::new(chunk);
+                for oid in &existing[next..] {
+                    if budget.spent() {
+                        return;
+                    }
+                    next += 1;
+                    if st
+                        .objects
                         .get(oid)
                         .is_some_and(|o| o.mark.load(Ordering::Relaxed) != epoch)
-                }));
+                    {
+                        candidates.push(*oid);
+                    }
+                }
             });
         }
         candidates
     }
 
-    /// Phase 4 (write lock, brief): finish marking (what commits shaded
+    /// Phase 5 (write lock, brief): finish marking (what commits shaded
     /// since, what the voted transaction pinned); every candidate still
     /// unmarked is then garbage, and no vote may bring it back (see the
     /// module docs). `Err` with the oids of records that cannot be scanned
@@ -646,21 +742,26 @@ impl Storage {
         })
     }
 
-    /// Phase 5 (write lock, in chunks): frees the condemned candidates;
-    /// returns how many objects were freed.
+    /// Phase 6 (write lock, in holds bounded by [`GC_HOLD_BUDGET`]): frees
+    /// the condemned candidates; returns how many objects were freed.
     ///
     /// Commits go on in between; they cannot link a condemned object nor
     /// commit a record that cannot be scanned, so marking stays complete
     /// and nothing condemned is kept (nor is the sweep stopped half-way).
     /// Freed objects are dropped outside the lock.
     fn free(&self, pauses: &mut Pauses, candidates: &[Oid], chunk: usize) -> usize {
-        let free_chunk = if chunk == 0 { FREE_CHUNK } else { chunk };
         let mut freed = 0;
-        for part in candidates.chunks(free_chunk) {
+        let mut next = 0;
+        while next < candidates.len() {
             let mut garbage = Vec::new();
             pauses.write(self, HoldKind::Free, |st| {
                 let epoch = st.gc.epoch;
-                for &oid in part {
+                let mut budget = Budget::new(chunk);
+                for &oid in &candidates[next..] {
+                    if budget.spent() {
+                        return;
+                    }
+                    next += 1;
                     let unmarked = st
                         .objects
                         .get(&oid)
@@ -716,8 +817,10 @@ impl Storage {
         }
     }
 
-    /// Sets how many objects the collector handles per lock hold (0: the
-    /// defaults). For tests that make commits race the collector.
+    /// Sets how many objects (shards of the object map, for the snapshot)
+    /// the collector handles per lock hold (0, the default: as many as fit
+    /// in [`GC_HOLD_BUDGET`]). For tests that make commits race the
+    /// collector.
     pub fn set_gc_chunk(&self, n: usize) {
         self.write().gc.chunk = n;
     }
@@ -1040,6 +1143,82 @@ mod tests {
                 assert!(!exists(&s, 1) && !exists(&s, 2), "the garbage went");
             }
         }
+    }
+
+    /// The snapshot of the existing objects is taken a shard of the object
+    /// map per hold (one per hold with a chunk of 1), and commits add
+    /// objects between holds, one of them linking a garbage object: every
+    /// other garbage object is still found (none is missed), and nothing a
+    /// commit added or linked meanwhile is freed.
+    #[test]
+    fn snapshot_in_holds_misses_no_garbage() {
+        let s = storage();
+        s.set_gc_chunk(1);
+        let root = s.read().get_tid(Oid::ROOT).unwrap();
+        let mut ops: Vec<TxnOp> = (1..=300).map(|o| store(o, Tid::ZERO, &[])).collect();
+        ops.push(store(0, root, &(1..=100).collect::<Vec<u64>>()));
+        let t = commit(&s, ops);
+        let added = Arc::new(Mutex::new(Vec::new()));
+        let log = added.clone();
+        on_gc_step(&s, move |s, step| {
+            if step != GcStep::Snapshot {
+                return;
+            }
+            let mut added = lock(&log);
+            let oid = 1_000 + added.len() as u64;
+            // The first one links garbage object 150.
+            let refs: &[u64] = if added.is_empty() { &[150] } else { &[] };
+            commit(s, vec![store(oid, Tid::ZERO, refs)]);
+            added.push(oid);
+        });
+        let GcOutcome::Collected { freed, holds, .. } = s.pack(Tid(t.0 + 1)).gc else {
+            panic!("collected")
+        };
+        // One hold per shard: a commit ran between every two of them.
+        assert_eq!(holds.get(HoldKind::Snapshot).count, OID_MAP_SHARDS);
+        let added = lock(&added).clone();
+        assert_eq!(added.len(), OID_MAP_SHARDS);
+        assert_eq!(freed, 199, "every unlinked object but 150");
+        assert!((1..=100).all(|o| exists(&s, o)));
+        assert!(exists(&s, 150));
+        assert!((101..=300).filter(|o| *o != 150).all(|o| !exists(&s, o)));
+        assert!(added.iter().all(|o| exists(&s, *o)));
+    }
+
+    /// A hold ends once its time budget is spent, looked at every
+    /// GC_CLOCK_EVERY objects or references; or, with a chunk set, after
+    /// that many objects. (A made-up clock: no timing is measured.)
+    #[test]
+    fn a_hold_ends_when_its_budget_is_spent() {
+        let tick = GC_HOLD_BUDGET / 4;
+        // The clock advances a quarter of the budget per look.
+        let mut b = Budget::new(0);
+        let mut looks = 0u32;
+        let mut objects = 0;
+        while !b.step(|| {
+            looks += 1;
+            tick * looks
+        }) {
+            objects += 1;
+        }
+        assert_eq!(looks, 4);
+        assert_eq!(objects, 4 * GC_CLOCK_EVERY - 1);
+        // References followed count towards the next look.
+        let mut b = Budget::new(0);
+        let mut looks = 0;
+        b.followed(10 * GC_CLOCK_EVERY);
+        assert!(b.step(|| {
+            looks += 1;
+            GC_HOLD_BUDGET
+        }));
+        assert_eq!(looks, 1);
+        // A set chunk: that many objects, whatever the clock says.
+        let mut b = Budget::new(3);
+        let ends: Vec<bool> = (0..4).map(|_| b.step(|| Duration::MAX)).collect();
+        assert_eq!(ends, [false, false, false, true]);
+        // Unlimited (finishing the marking under the write lock).
+        let mut b = Budget::unlimited();
+        assert!((0..10 * GC_CLOCK_EVERY).all(|_| !b.step(|| Duration::MAX)));
     }
 
     /// A transaction voted before the sweep stores on a garbage object (its

@@ -41,7 +41,7 @@ use bytes::Bytes;
 
 use crate::protocol::ids::{Clock, Oid, Tid};
 use crate::protocol::value::Value;
-use crate::storage::oidhash::OidMap;
+use crate::storage::oidhash::ShardedOidMap;
 
 pub mod budget;
 pub mod classes;
@@ -210,7 +210,7 @@ pub trait Subscriber: Send + Sync {
 
 /// The state behind the storage's read/write lock.
 pub struct StorageState {
-    objects: OidMap<Oid, Object>,
+    objects: ShardedOidMap<Object>,
     /// The tid of the start-up transaction (the root's first revision):
     /// no other object of this run has a revision at or before it.
     first_tid: Tid,
@@ -324,7 +324,7 @@ impl Storage {
         let mut classes = ClassTable::default();
         let root_class = classes.intern(refs::class_name(EMPTY_ROOT_RECORD).as_deref());
         classes.add(root_class, EMPTY_ROOT_RECORD.len());
-        let mut objects = OidMap::default();
+        let mut objects = ShardedOidMap::default();
         objects.insert(
             Oid::ROOT,
             Object {
@@ -695,11 +695,7 @@ impl StorageState {
         self.count_in(&rev);
         let new_record = rev.data.as_ref().map(|d| d.len());
         let new_len = new_record.unwrap_or(0);
-        let mut created = false;
-        let obj = self.objects.entry(oid).or_insert_with(|| {
-            created = true;
-            Object::default()
-        });
+        let (obj, created) = self.objects.get_or_insert_with(oid, Object::default);
         let old_record = obj
             .revisions
             .last()
