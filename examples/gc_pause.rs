@@ -148,7 +148,7 @@ fn main() {
         holds.longest().0.name()
     );
     println!("storage-lock holds by kind (read or write; either blocks commits):");
-    println!("  kind                  holds     longest        mean");
+    println!("  kind                  holds     longest        mean  <1ms <2ms <5ms <10ms >=10ms");
     let ms = |d: Duration| format!("{:.3} ms", d.as_secs_f64() * 1e3);
     println!(
         "  {:<19} {:>7} {:>11}",
@@ -158,12 +158,18 @@ fn main() {
     );
     for kind in HoldKind::ALL {
         let h = holds.get(kind);
+        let b = h.buckets;
         println!(
-            "  {:<19} {:>7} {:>11} {:>11}",
+            "  {:<19} {:>7} {:>11} {:>11} {:>5} {:>4} {:>4} {:>5} {:>6}",
             format!("{} ({})", kind.name(), kind.lock()),
             h.count,
             ms(h.longest),
-            ms(h.total / h.count.max(1) as u32)
+            ms(h.total / h.count.max(1) as u32),
+            b[0],
+            b[1],
+            b[2],
+            b[3],
+            b[4]
         );
     }
     println!(
@@ -172,5 +178,9 @@ fn main() {
         loads.iter().map(|l| l.1).sum::<u64>()
     );
     println!("slowest commit during it: {commit_worst:?} ({commits} commits)");
+    let all = HoldKind::ALL.map(|k| holds.get(k));
+    let count: usize = all.iter().map(|h| h.count).sum();
+    let over_5ms: usize = all.iter().map(|h| h.buckets[3] + h.buckets[4]).sum();
+    println!("collector holds:         {count}, {over_5ms} of them 5 ms or longer");
     println!("objects left:            {}", s.read().len());
 }

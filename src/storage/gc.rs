@@ -11,22 +11,20 @@
 //! A cycle:
 //! 1. *start* (write lock, brief): a new mark epoch; the root is marked;
 //!    the commit barrier is switched on;
-//! 2. *snapshot* (read lock, a few shards of the object map per hold): the
-//!    oids of the objects that exist (the only possible candidates);
-//! 3. *mark* (read lock, released in between so commits go on): the
-//!    objects written since the cutoff, then pop a reached object, mark
-//!    what its revisions reference. Marks are atomics, so loads run beside
-//!    this;
-//! 4. *find candidates* (read lock): objects not marked, among those that
-//!    existed when the cycle started;
-//! 5. *condemn* (write lock, brief): finish marking what commits shaded
+//! 2. *mark* (read lock, released in between so commits go on): mark the
+//!    objects written since the cutoff, going through the object map a few
+//!    shards at a time; then pop a reached object, mark what its revisions
+//!    reference. Marks are atomics, so loads run beside this;
+//! 3. *find candidates* (read lock, a few shards at a time): objects not
+//!    marked (those created since the start are marked by the barrier);
+//! 4. *condemn* (write lock, brief): finish marking what commits shaded
 //!    since and what the voted transaction pinned; every object still
 //!    unmarked is now condemned;
-//! 6. *free* (write lock, released in between so commits go on): free the
+//! 5. *free* (write lock, released in between so commits go on): free the
 //!    condemned candidates.
 //!
-//! Phases 2, 3, 4 and 6 each hold the lock for about [`GC_HOLD_BUDGET`] at
-//! a time, then release it and take it again.
+//! Phases 2, 3 and 5 hold the lock for about [`GC_HOLD_BUDGET`] at a time,
+//! then release it and take it again.
 //!
 //! The commit barrier (`finish` during a cycle) marks every written object
 //! and shades every object its new revisions reference, so an edge added
@@ -65,7 +63,7 @@ use crate::protocol::ids::{Oid, Tid};
 
 /// How long the collector works per hold of the storage lock before it
 /// lets commits (and, behind a waiting commit, loads) in: every phase that
-/// goes through objects (snapshot, marking, finding and freeing garbage)
+/// goes through objects (marking, finding and freeing garbage)
 /// stops once this is spent, releases the lock and takes it again. A
 /// budget of time, not of objects, because what an object costs varies
 /// (a container with a thousand references, a cold cache line); at one
@@ -82,13 +80,12 @@ pub const GC_CLOCK_EVERY: usize = 128;
 pub enum HoldKind {
     /// Write lock: a new epoch, the barrier on.
     Start,
-    /// Read lock: the oids that exist as the cycle starts.
-    Snapshot,
-    /// Read lock: objects written since the cutoff marked as roots.
+    /// Read lock: objects written since the cutoff marked as roots (a few
+    /// shards of the object map per hold).
     MarkYoung,
     /// Read lock: traversal from the root.
     Mark,
-    /// Read lock: the unmarked objects among the snapshot.
+    /// Read lock: the unmarked objects (a few shards per hold).
     Candidates,
     /// Write lock: marking finished, the unmarked condemned.
     Condemn,
@@ -99,9 +96,8 @@ pub enum HoldKind {
 }
 
 impl HoldKind {
-    pub const ALL: [HoldKind; 8] = [
+    pub const ALL: [HoldKind; 7] = [
         HoldKind::Start,
-        HoldKind::Snapshot,
         HoldKind::MarkYoung,
         HoldKind::Mark,
         HoldKind::Candidates,
@@ -121,7 +117,6 @@ impl HoldKind {
     pub fn name(self) -> &'static str {
         match self {
             HoldKind::Start => "start",
-            HoldKind::Snapshot => "snapshot",
             HoldKind::MarkYoung => "mark-young",
             HoldKind::Mark => "mark",
             HoldKind::Candidates => "candidates",
@@ -138,7 +133,18 @@ pub struct HoldFigures {
     pub count: usize,
     pub total: Duration,
     pub longest: Duration,
+    /// How many holds were shorter than each of [`HOLD_BUCKETS`] (and not
+    /// shorter than the one before), then how many were longer than all.
+    pub buckets: [usize; HOLD_BUCKETS.len() + 1],
 }
+
+/// The upper bounds of the buckets of [`HoldFigures::buckets`].
+pub const HOLD_BUCKETS: [Duration; 4] = [
+    Duration::from_millis(1),
+    Duration::from_millis(2),
+    Duration::from_millis(5),
+    Duration::from_millis(10),
+];
 
 /// The storage-lock holds of one cycle, by kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -164,8 +170,9 @@ impl Holds {
 #[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum GcStep {
-    /// One hold of the snapshot of the existing oids is over.
-    Snapshot,
+    /// One hold going through shards of the object map (marking what was
+    /// written since the cutoff, or finding candidates) is over.
+    Scanned,
     /// The candidates are known; nothing is condemned or freed yet.
     Candidates,
     /// The unmarked candidates are condemned; nothing is freed yet.
@@ -477,6 +484,7 @@ impl Pauses {
         figures.count += 1;
         figures.total += took;
         figures.longest = figures.longest.max(took);
+        figures.buckets[HOLD_BUCKETS.partition_point(|b| *b <= took)] += 1;
     }
 }
 
@@ -567,14 +575,13 @@ impl Storage {
         let mut pauses = Pauses::default();
 
         // 1. start
-        let (len, chunk) = self.start_cycle(&mut pauses);
-        let existing = self.existing_objects(&mut pauses, len, chunk);
+        let chunk = self.start_cycle(&mut pauses);
 
         // 2. mark, from the root and from recently written objects
-        self.mark(&mut pauses, &existing, keep_written_since, chunk);
+        self.mark(&mut pauses, keep_written_since, chunk);
 
         // 3. candidates
-        let candidates = self.find_candidates(&mut pauses, &existing, chunk);
+        let (candidates, examined) = self.find_candidates(&mut pauses, chunk);
 
         #[cfg(test)]
         self.between_holds(GcStep::Candidates);
@@ -596,13 +603,13 @@ impl Storage {
             return GcOutcome::KeptEverything { unscannable };
         }
 
-        self.record_collection(cycle_start, existing.len(), freed, &pauses)
+        self.record_collection(cycle_start, examined, freed, &pauses)
     }
 
     /// Phase 1 (write lock, brief): a new mark epoch; the root is marked;
-    /// the commit barrier is switched on. Returns the number of objects and
-    /// the configured chunk (0: holds bounded by time).
-    fn start_cycle(&self, pauses: &mut Pauses) -> (usize, usize) {
+    /// the commit barrier is switched on. Returns the configured chunk (0:
+    /// holds bounded by time).
+    fn start_cycle(&self, pauses: &mut Pauses) -> usize {
         pauses.write(self, HoldKind::Start, |st| {
             lock(&st.gc.reached_unscannable).clear();
             st.gc.epoch = st.gc.epoch.wrapping_add(1).max(1);
@@ -611,69 +618,47 @@ impl Storage {
             if let Some(root) = st.objects.get(&Oid::ROOT) {
                 root.mark.store(st.gc.epoch, Ordering::Relaxed);
             }
-            (st.objects.len(), st.gc.chunk)
+            st.gc.chunk
         })
     }
 
-    /// Phase 2: the objects that exist as the cycle starts (the only possible
-    /// candidates), about `len` of them, taken a shard of the object map at
-    /// a time in holds bounded like the others (a hold ends after the shard
-    /// in which its budget ran out).
+    /// Phase 2 (read lock, in holds bounded by [`GC_HOLD_BUDGET`]): marks
+    /// from the root and from the objects written at or after
+    /// `keep_written_since`, until nothing is left to traverse (including
+    /// what commits shaded meanwhile).
     ///
-    /// Objects that commits add between two holds may be taken too: the
-    /// barrier has marked them, so they are never candidates. An object
-    /// removed before its shard is taken is not there to free. Every object
-    /// that exists throughout is taken exactly once.
-    fn existing_objects(&self, pauses: &mut Pauses, len: usize, chunk: usize) -> Vec<Oid> {
-        // Allocated outside the lock; a few more for objects added meanwhile.
-        let mut oids: Vec<Oid> = Vec::with_capacity(len + len / 64 + 16);
+    /// The objects are gone through a few shards of the object map per
+    /// hold (a hold ends after the shard in which its budget ran out).
+    /// What commits write between two holds is marked, and what it
+    /// references shaded, by the barrier: a shard taken after a commit
+    /// needs nothing more for it.
+    fn mark(&self, pauses: &mut Pauses, keep_written_since: Tid, chunk: usize) {
+        let mut grey = vec![Oid::ROOT];
         let mut shard = 0;
         while shard < OID_MAP_SHARDS {
-            pauses.read(self, HoldKind::Snapshot, |st| {
+            pauses.read(self, HoldKind::MarkYoung, |st| {
+                let epoch = st.gc.epoch;
                 let mut budget = Budget::new(chunk);
                 while shard < OID_MAP_SHARDS {
                     if budget.spent() {
                         return;
                     }
-                    oids.extend(st.objects.shard_keys(shard));
-                    budget.followed(st.objects.shard_len(shard));
+                    let objects = &st.objects.shards()[shard];
+                    budget.followed(objects.len());
+                    for (oid, obj) in objects {
+                        let young = obj
+                            .revisions
+                            .last()
+                            .is_some_and(|r| r.tid >= keep_written_since);
+                        if young && obj.mark.swap(epoch, Ordering::Relaxed) != epoch {
+                            grey.push(*oid);
+                        }
+                    }
                     shard += 1;
                 }
             });
             #[cfg(test)]
-            self.between_holds(GcStep::Snapshot);
-        }
-        oids
-    }
-
-    /// Phase 3 (read lock, in holds bounded by [`GC_HOLD_BUDGET`]): marks
-    /// from the root and from the objects written at or after
-    /// `keep_written_since`, until nothing is left to traverse (including
-    /// what commits shaded meanwhile).
-    fn mark(&self, pauses: &mut Pauses, existing: &[Oid], keep_written_since: Tid, chunk: usize) {
-        let mut grey = vec![Oid::ROOT];
-        let mut next = 0;
-        while next < existing.len() {
-            pauses.read(self, HoldKind::MarkYoung, |st| {
-                let epoch = st.gc.epoch;
-                let mut budget = Budget::new(chunk);
-                for oid in &existing[next..] {
-                    if budget.spent() {
-                        return;
-                    }
-                    next += 1;
-                    let Some(obj) = st.objects.get(oid) else {
-                        continue;
-                    };
-                    let young = obj
-                        .revisions
-                        .last()
-                        .is_some_and(|r| r.tid >= keep_written_since);
-                    if young && obj.mark.swap(epoch, Ordering::Relaxed) != epoch {
-                        grey.push(*oid);
-                    }
-                }
-            });
+            self.between_holds(GcStep::Scanned);
         }
         loop {
             let more = pauses.read(self, HoldKind::Mark, |st| {
@@ -686,34 +671,42 @@ impl Storage {
         }
     }
 
-    /// Phase 4 (read lock, in holds bounded by [`GC_HOLD_BUDGET`]): the
-    /// existing objects still unmarked.
-    fn find_candidates(&self, pauses: &mut Pauses, existing: &[Oid], chunk: usize) -> Vec<Oid> {
+    /// Phase 3 (read lock, in holds bounded by [`GC_HOLD_BUDGET`], a few
+    /// shards of the object map per hold): the unmarked objects, and how
+    /// many objects were looked at. An object that a commit adds meanwhile
+    /// is marked by the barrier, so every candidate existed when the cycle
+    /// started.
+    fn find_candidates(&self, pauses: &mut Pauses, chunk: usize) -> (Vec<Oid>, usize) {
         let mut candidates = Vec::new();
-        let mut next = 0;
-        while next < existing.len() {
+        let mut examined = 0;
+        let mut shard = 0;
+        while shard < OID_MAP_SHARDS {
             pauses.read(self, HoldKind::Candidates, |st| {
                 let epoch = st.gc.epoch;
                 let mut budget = Budget::new(chunk);
-                for oid in &existing[next..] {
+                while shard < OID_MAP_SHARDS {
                     if budget.spent() {
                         return;
                     }
-                    next += 1;
-                    if st
-                        .objects
-                        .get(oid)
-                        .is_some_and(|o| o.mark.load(Ordering::Relaxed) != epoch)
-                    {
-                        candidates.push(*oid);
-                    }
+                    let objects = &st.objects.shards()[shard];
+                    budget.followed(objects.len());
+                    examined += objects.len();
+                    candidates.extend(
+                        objects
+                            .iter()
+                            .filter(|(_, o)| o.mark.load(Ordering::Relaxed) != epoch)
+                            .map(|(oid, _)| *oid),
+                    );
+                    shard += 1;
                 }
             });
+            #[cfg(test)]
+            self.between_holds(GcStep::Scanned);
         }
-        candidates
+        (candidates, examined)
     }
 
-    /// Phase 5 (write lock, brief): finish marking (what commits shaded
+    /// Phase 4 (write lock, brief): finish marking (what commits shaded
     /// since, what the voted transaction pinned); every candidate still
     /// unmarked is then garbage, and no vote may bring it back (see the
     /// module docs). `Err` with the oids of records that cannot be scanned
@@ -742,7 +735,7 @@ impl Storage {
         })
     }
 
-    /// Phase 6 (write lock, in holds bounded by [`GC_HOLD_BUDGET`]): frees
+    /// Phase 5 (write lock, in holds bounded by [`GC_HOLD_BUDGET`]): frees
     /// the condemned candidates; returns how many objects were freed.
     ///
     /// Commits go on in between; they cannot link a condemned object nor
@@ -817,8 +810,8 @@ impl Storage {
         }
     }
 
-    /// Sets how many objects (shards of the object map, for the snapshot)
-    /// the collector handles per lock hold (0, the default: as many as fit
+    /// Sets how many objects (shards of the object map, when going through
+    /// it) the collector handles per lock hold (0, the default: as many as fit
     /// in [`GC_HOLD_BUDGET`]). For tests that make commits race the
     /// collector.
     pub fn set_gc_chunk(&self, n: usize) {
@@ -1145,13 +1138,14 @@ mod tests {
         }
     }
 
-    /// The snapshot of the existing objects is taken a shard of the object
-    /// map per hold (one per hold with a chunk of 1), and commits add
-    /// objects between holds, one of them linking a garbage object: every
-    /// other garbage object is still found (none is missed), and nothing a
-    /// commit added or linked meanwhile is freed.
+    /// The collector goes through the object map a shard per hold (with a
+    /// chunk of 1) to mark what was written recently and to find
+    /// candidates, and commits add objects between holds, the first one
+    /// linking a garbage object: every other garbage object is still found
+    /// (none is missed), and nothing a commit added or linked meanwhile is
+    /// freed.
     #[test]
-    fn snapshot_in_holds_misses_no_garbage() {
+    fn scanning_in_holds_misses_no_garbage() {
         let s = storage();
         s.set_gc_chunk(1);
         let root = s.read().get_tid(Oid::ROOT).unwrap();
@@ -1161,7 +1155,7 @@ mod tests {
         let added = Arc::new(Mutex::new(Vec::new()));
         let log = added.clone();
         on_gc_step(&s, move |s, step| {
-            if step != GcStep::Snapshot {
+            if step != GcStep::Scanned {
                 return;
             }
             let mut added = lock(&log);
@@ -1175,9 +1169,10 @@ mod tests {
             panic!("collected")
         };
         // One hold per shard: a commit ran between every two of them.
-        assert_eq!(holds.get(HoldKind::Snapshot).count, OID_MAP_SHARDS);
+        assert_eq!(holds.get(HoldKind::MarkYoung).count, OID_MAP_SHARDS);
+        assert_eq!(holds.get(HoldKind::Candidates).count, OID_MAP_SHARDS);
         let added = lock(&added).clone();
-        assert_eq!(added.len(), OID_MAP_SHARDS);
+        assert_eq!(added.len(), 2 * OID_MAP_SHARDS);
         assert_eq!(freed, 199, "every unlinked object but 150");
         assert!((1..=100).all(|o| exists(&s, o)));
         assert!(exists(&s, 150));

@@ -54,7 +54,7 @@ pub mod stats;
 pub use budget::MemoryBudget;
 pub use classes::{ClassId, ClassRow, ClassTable};
 pub use commit::{Conflict, LockAttempt, SHUTDOWN_HOLDER, Transaction, TxnOp, Vote, VotedTxn};
-pub use gc::{GcOutcome, HoldFigures, HoldKind, Holds};
+pub use gc::{GcOutcome, HOLD_BUCKETS, HoldFigures, HoldKind, Holds};
 pub use stats::Stats;
 
 /// Bytes accounted for each retained revision beyond its record: the

@@ -79,20 +79,21 @@ impl Hasher for OidHasher {
     }
 }
 
-/// Shards of a [`ShardedOidMap`].
+/// Shards of a [`ShardedOidMap`] (a power of two).
 pub const OID_MAP_SHARDS: usize = 256;
+const _: () = assert!(OID_MAP_SHARDS.is_power_of_two() && OID_MAP_SHARDS > 1);
 
-/// An oid-keyed map split into [`OID_MAP_SHARDS`] maps by the oid's hash
-/// (bits the shards' own tables do not use), so that it can be gone
-/// through a shard at a time: the collector's snapshot of the storage's
-/// objects takes a few shards per hold of the storage lock instead of all
-/// of them at once, and nothing it has not reached yet can move from
-/// under it. A map that grows also rehashes one shard, not all objects.
+/// An oid-keyed map split into [`OID_MAP_SHARDS`] maps by a keyed
+/// multiplicative hash of the oid (its top bits), so that it can be gone
+/// through a shard at a time: the collector takes a few shards per hold of
+/// the storage lock instead of all objects at once. A map that grows also
+/// rehashes one shard, not all objects.
 #[derive(Debug)]
 pub struct ShardedOidMap<V> {
     shards: Box<[OidMap<Oid, V>]>,
     len: usize,
-    hasher: OidBuildHasher,
+    /// This process's key (as the shards' hasher's).
+    key: u64,
 }
 
 impl<V> Default for ShardedOidMap<V> {
@@ -100,26 +101,32 @@ impl<V> Default for ShardedOidMap<V> {
         ShardedOidMap {
             shards: (0..OID_MAP_SHARDS).map(|_| OidMap::default()).collect(),
             len: 0,
-            hasher: OidBuildHasher::default(),
+            key: OidBuildHasher::default().key,
         }
     }
 }
 
 impl<V> ShardedOidMap<V> {
+    /// One multiply (the shard's table hashes the oid again anyway): the
+    /// top bits of a product depend on every bit of the oid.
+    #[inline]
     fn shard(&self, oid: &Oid) -> usize {
-        // The tables use the low bits (bucket) and the top 7 (tag).
-        (self.hasher.hash_one(oid) >> 32) as usize % OID_MAP_SHARDS
+        let h = (oid.0 ^ self.key).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (h >> (64 - OID_MAP_SHARDS.trailing_zeros())) as usize
     }
 
+    #[inline]
     pub fn get(&self, oid: &Oid) -> Option<&V> {
         self.shards[self.shard(oid)].get(oid)
     }
 
+    #[inline]
     pub fn get_mut(&mut self, oid: &Oid) -> Option<&mut V> {
         let i = self.shard(oid);
         self.shards[i].get_mut(oid)
     }
 
+    #[inline]
     pub fn insert(&mut self, oid: Oid, value: V) -> Option<V> {
         let i = self.shard(&oid);
         let old = self.shards[i].insert(oid, value);
@@ -131,6 +138,7 @@ impl<V> ShardedOidMap<V> {
 
     /// The value of `oid`, inserted by `make` if there was none (and then
     /// `true`).
+    #[inline]
     pub fn get_or_insert_with(&mut self, oid: Oid, make: impl FnOnce() -> V) -> (&mut V, bool) {
         let i = self.shard(&oid);
         let mut created = false;
@@ -144,6 +152,7 @@ impl<V> ShardedOidMap<V> {
         (value, created)
     }
 
+    #[inline]
     pub fn remove(&mut self, oid: &Oid) -> Option<V> {
         let i = self.shard(oid);
         let old = self.shards[i].remove(oid);
@@ -153,22 +162,19 @@ impl<V> ShardedOidMap<V> {
         old
     }
 
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
 
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
-    /// The oids of shard `i` (`0..OID_MAP_SHARDS`; none past the end).
-    pub fn shard_keys(&self, i: usize) -> impl Iterator<Item = &Oid> {
-        self.shards.get(i).into_iter().flat_map(|s| s.keys())
-    }
-
-    /// How many oids shard `i` holds.
-    pub fn shard_len(&self, i: usize) -> usize {
-        self.shards.get(i).map_or(0, |s| s.len())
+    /// The shards, each a map of its own.
+    pub fn shards(&self) -> &[OidMap<Oid, V>] {
+        &self.shards
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&Oid, &V)> {
@@ -217,14 +223,9 @@ mod tests {
         assert_eq!(m.remove(&Oid(1)), None);
         assert_eq!(m.len(), 10_000);
         // Every oid is in exactly one shard, and the shards are not lopsided.
-        let mut all: Vec<Oid> = (0..OID_MAP_SHARDS + 1)
-            .flat_map(|i| m.shard_keys(i).copied())
-            .collect();
-        assert_eq!(
-            (0..OID_MAP_SHARDS).map(|i| m.shard_len(i)).sum::<usize>(),
-            10_000
-        );
-        assert!((0..OID_MAP_SHARDS).all(|i| m.shard_len(i) > 10 && m.shard_len(i) < 80));
+        assert_eq!(m.shards().len(), OID_MAP_SHARDS);
+        let mut all: Vec<Oid> = m.shards().iter().flat_map(|s| s.keys().copied()).collect();
+        assert!(m.shards().iter().all(|s| s.len() > 10 && s.len() < 80));
         all.sort();
         all.dedup();
         assert_eq!(all.len(), 10_000);
