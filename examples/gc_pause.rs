@@ -8,7 +8,10 @@
 //! by each phase of the collection (which one is the longest), the slowest
 //! load and the slowest commit seen during the pack, and its duration.
 //!
-//!     cargo run --release --example gc_pause [-- OBJECTS]
+//!     cargo run --release --example gc_pause [-- OBJECTS [alone]]
+//!
+//! With `alone`, nothing loads or commits during the pack (to count its
+//! own work, e.g. under `valgrind --tool=callgrind`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,7 +89,8 @@ fn main() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut loaders = Vec::new();
-    for k in 0..2u64 {
+    let alone = std::env::args().nth(2).as_deref() == Some("alone");
+    for k in 0..if alone { 0 } else { 2u64 } {
         let (s, stop) = (s.clone(), stop.clone());
         loaders.push(std::thread::spawn(move || {
             let (mut worst, mut count, mut x) = (Duration::ZERO, 0u64, 0x9e37_79b9u64 + k);
@@ -109,7 +113,7 @@ fn main() {
         std::thread::spawn(move || {
             let (mut worst, mut count, mut serial) = (Duration::ZERO, 0u64, Tid::ZERO);
             let oid = 10 * n + 7; // linked from nothing, written each time
-            while !stop.load(Ordering::Relaxed) {
+            while !alone && !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 serial = commit(&s, 2, vec![store(oid, serial, vec![])]);
                 worst = worst.max(t.elapsed());
