@@ -248,7 +248,8 @@ pub struct GcStats {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GcOutcome {
     Collected {
-        /// Objects that existed at the start of the cycle.
+        /// Objects looked at for candidates (those that existed at the start
+        /// of the cycle, and some that commits added since).
         examined: usize,
         freed: usize,
         /// Longest lock hold in this cycle.
