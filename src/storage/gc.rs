@@ -1181,6 +1181,36 @@ mod tests {
         assert!(added.iter().all(|o| exists(&s, *o)));
     }
 
+    /// Objects written since the cutoff are roots, found a shard per hold
+    /// while commits run in between: what they reference is kept however
+    /// old and unlinked; the rest of the old garbage goes.
+    #[test]
+    fn recently_written_objects_are_roots_when_scanned_in_holds() {
+        let s = storage();
+        s.set_gc_chunk(1);
+        // Old and unlinked: 1..=100.
+        commit(&s, (1..=100).map(|o| store(o, Tid::ZERO, &[])).collect());
+        // Recent and unlinked, each referencing an old one: 201..=250.
+        let recent: Vec<TxnOp> = (201..=250)
+            .map(|o| store(o, Tid::ZERO, &[o - 200]))
+            .collect();
+        let t = commit(&s, recent);
+        let next = Arc::new(Mutex::new(1_000u64));
+        on_gc_step(&s, move |s, step| {
+            if step == GcStep::Scanned {
+                let mut oid = lock(&next);
+                commit(s, vec![store(*oid, Tid::ZERO, &[])]);
+                *oid += 1;
+            }
+        });
+        let GcOutcome::Collected { freed, .. } = s.collect(t) else {
+            panic!("collected")
+        };
+        assert_eq!(freed, 50, "the old objects no recent one references");
+        assert!((1..=50).chain(201..=250).all(|o| exists(&s, o)));
+        assert!((51..=100).all(|o| !exists(&s, o)));
+    }
+
     /// A hold ends once its time budget is spent, looked at every
     /// GC_CLOCK_EVERY objects or references; or, with a chunk set, after
     /// that many objects. (A made-up clock: no timing is measured.)
