@@ -641,10 +641,12 @@ impl Storage {
                 let epoch = st.gc.epoch;
                 let mut budget = Budget::new(chunk);
                 while shard < OID_MAP_SHARDS {
-                    if budget.spent() {
+                    let objects = &st.objects.shards()[shard];
+                    // An empty shard is no work (with a chunk of 1, a
+                    // small storage takes a hold per object, not per shard).
+                    if !objects.is_empty() && budget.spent() {
                         return;
                     }
-                    let objects = &st.objects.shards()[shard];
                     budget.followed(objects.len());
                     for (oid, obj) in objects {
                         let young = obj
@@ -686,10 +688,12 @@ impl Storage {
                 let epoch = st.gc.epoch;
                 let mut budget = Budget::new(chunk);
                 while shard < OID_MAP_SHARDS {
-                    if budget.spent() {
+                    let objects = &st.objects.shards()[shard];
+                    // An empty shard is no work (with a chunk of 1, a
+                    // small storage takes a hold per object, not per shard).
+                    if !objects.is_empty() && budget.spent() {
                         return;
                     }
-                    let objects = &st.objects.shards()[shard];
                     budget.followed(objects.len());
                     examined += objects.len();
                     candidates.extend(
@@ -1169,11 +1173,11 @@ mod tests {
         let GcOutcome::Collected { freed, holds, .. } = s.pack(Tid(t.0 + 1)).gc else {
             panic!("collected")
         };
-        // One hold per shard: a commit ran between every two of them.
-        assert_eq!(holds.get(HoldKind::MarkYoung).count, OID_MAP_SHARDS);
-        assert_eq!(holds.get(HoldKind::Candidates).count, OID_MAP_SHARDS);
+        // One hold per shard that holds objects: a commit ran after each.
+        let scans = holds.get(HoldKind::MarkYoung).count + holds.get(HoldKind::Candidates).count;
         let added = lock(&added).clone();
-        assert_eq!(added.len(), 2 * OID_MAP_SHARDS);
+        assert_eq!(added.len(), scans);
+        assert!(scans > OID_MAP_SHARDS, "{scans} holds");
         assert_eq!(freed, 199, "every unlinked object but 150");
         assert!((1..=100).all(|o| exists(&s, o)));
         assert!(exists(&s, 150));
