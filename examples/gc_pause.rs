@@ -4,10 +4,14 @@
 //! containers of 1,000 leaves, 200-byte records), unlinks half of the
 //! containers, then packs (history drop + a full collection) while two
 //! threads load random objects and one commits small transactions, all the
-//! time. Prints the collector's longest lock hold, the slowest load and the
-//! slowest commit seen during the collection, and the cycle's duration.
+//! time. Prints the longest hold of the storage lock by the history drop and
+//! by each phase of the collection (which one is the longest), the slowest
+//! load and the slowest commit seen during the pack, and its duration.
 //!
-//!     cargo run --release --example gc_pause [-- OBJECTS]
+//!     cargo run --release --example gc_pause [-- OBJECTS [alone]]
+//!
+//! With `alone`, nothing loads or commits during the pack (to count its
+//! own work, e.g. under `valgrind --tool=callgrind`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +20,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use zeotemp::protocol::ids::{Oid, Tid};
 use zeotemp::protocol::value::Value;
-use zeotemp::storage::{GcOutcome, LockAttempt, Storage, StorageLimits, TxnMeta, TxnOp, Vote};
+use zeotemp::storage::{
+    GcOutcome, HoldKind, LockAttempt, Storage, StorageLimits, TxnMeta, TxnOp, Vote,
+};
 
 fn store(oid: u64, serial: Tid, refs: Vec<u64>) -> TxnOp {
     TxnOp::Store {
@@ -83,7 +89,8 @@ fn main() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut loaders = Vec::new();
-    for k in 0..2u64 {
+    let alone = std::env::args().nth(2).as_deref() == Some("alone");
+    for k in 0..if alone { 0 } else { 2u64 } {
         let (s, stop) = (s.clone(), stop.clone());
         loaders.push(std::thread::spawn(move || {
             let (mut worst, mut count, mut x) = (Duration::ZERO, 0u64, 0x9e37_79b9u64 + k);
@@ -106,7 +113,7 @@ fn main() {
         std::thread::spawn(move || {
             let (mut worst, mut count, mut serial) = (Duration::ZERO, 0u64, Tid::ZERO);
             let oid = 10 * n + 7; // linked from nothing, written each time
-            while !stop.load(Ordering::Relaxed) {
+            while !alone && !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 serial = commit(&s, 2, vec![store(oid, serial, vec![])]);
                 worst = worst.max(t.elapsed());
@@ -118,7 +125,8 @@ fn main() {
     };
     std::thread::sleep(Duration::from_millis(200));
     let t_gc = Instant::now();
-    let outcome = s.pack(Tid(root_tid.0 + 1)).gc;
+    let report = s.pack(Tid(root_tid.0 + 1));
+    let outcome = report.gc;
     let took = t_gc.elapsed();
     std::thread::sleep(Duration::from_millis(100));
     stop.store(true, Ordering::Relaxed);
@@ -131,6 +139,7 @@ fn main() {
         examined,
         freed,
         longest_pause,
+        holds,
     } = outcome
     else {
         panic!("unexpected {outcome:?}")
@@ -139,13 +148,43 @@ fn main() {
     println!("objects freed:           {freed}");
     println!("pack (prune + collect):  {took:?}");
     println!(
-        "longest collector pause: {longest_pause:?} (longest single hold of the storage lock)"
+        "longest collector pause: {longest_pause:?} (longest single hold of the storage lock, {})",
+        holds.longest().0.name()
     );
+    println!("storage-lock holds by kind (read or write; either blocks commits):");
+    println!("  kind                  holds     longest        mean  <1ms <2ms <5ms <10ms >=10ms");
+    let ms = |d: Duration| format!("{:.3} ms", d.as_secs_f64() * 1e3);
+    println!(
+        "  {:<19} {:>7} {:>11}",
+        "history drop (w)",
+        1,
+        ms(report.prune_hold)
+    );
+    for kind in HoldKind::ALL {
+        let h = holds.get(kind);
+        let b = h.buckets;
+        println!(
+            "  {:<19} {:>7} {:>11} {:>11} {:>5} {:>4} {:>4} {:>5} {:>6}",
+            format!("{} ({})", kind.name(), kind.lock()),
+            h.count,
+            ms(h.longest),
+            ms(h.total / h.count.max(1) as u32),
+            b[0],
+            b[1],
+            b[2],
+            b[3],
+            b[4]
+        );
+    }
     println!(
         "slowest load during it:  {:?} ({} loads)",
         loads.iter().map(|l| l.0).max().unwrap_or_default(),
         loads.iter().map(|l| l.1).sum::<u64>()
     );
     println!("slowest commit during it: {commit_worst:?} ({commits} commits)");
+    let all = HoldKind::ALL.map(|k| holds.get(k));
+    let count: usize = all.iter().map(|h| h.count).sum();
+    let over_5ms: usize = all.iter().map(|h| h.buckets[3] + h.buckets[4]).sum();
+    println!("collector holds:         {count}, {over_5ms} of them 5 ms or longer");
     println!("objects left:            {}", s.read().len());
 }

@@ -11,16 +11,20 @@
 //! A cycle:
 //! 1. *start* (write lock, brief): a new mark epoch; the root is marked;
 //!    the commit barrier is switched on;
-//! 2. *mark* (read lock, in chunks of [`MARK_CHUNK`] objects, released in
-//!    between so commits go on): pop a reached object, mark what its
-//!    revisions reference. Marks are atomics, so loads run beside this;
-//! 3. *find candidates* (read lock, in chunks): objects not marked, among
-//!    those that existed when the cycle started;
+//! 2. *mark* (read lock, released in between so commits go on): mark the
+//!    objects written since the cutoff, going through the object map a few
+//!    shards at a time; then pop a reached object, mark what its revisions
+//!    reference. Marks are atomics, so loads run beside this;
+//! 3. *find candidates* (read lock, a few shards at a time): objects not
+//!    marked (those created since the start are marked by the barrier);
 //! 4. *condemn* (write lock, brief): finish marking what commits shaded
 //!    since and what the voted transaction pinned; every object still
 //!    unmarked is now condemned;
-//! 5. *free* (write lock, in chunks of [`FREE_CHUNK`] objects, released in
-//!    between so commits go on): free the condemned candidates.
+//! 5. *free* (write lock, released in between so commits go on): free the
+//!    condemned candidates.
+//!
+//! Phases 2, 3 and 5 hold the lock for about [`GC_HOLD_BUDGET`] at a time,
+//! then release it and take it again.
 //!
 //! The commit barrier (`finish` during a cycle) marks every written object
 //! and shades every object its new revisions reference, so an edge added
@@ -53,22 +57,122 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::oidhash::OID_MAP_SHARDS;
 use super::{Storage, StorageState};
 use crate::protocol::ids::{Oid, Tid};
 
-/// Objects marked per read-lock hold.
-pub const MARK_CHUNK: usize = 20_000;
+/// How long the collector works per hold of the storage lock before it
+/// lets commits (and, behind a waiting commit, loads) in: every phase that
+/// goes through objects (marking, finding and freeing garbage)
+/// stops once this is spent, releases the lock and takes it again. A
+/// budget of time, not of objects, because what an object costs varies
+/// (a container with a thousand references, a cold cache line); at one
+/// million objects a cycle takes a few hundred holds.
+pub const GC_HOLD_BUDGET: Duration = Duration::from_millis(1);
 
-/// Objects checked per read-lock hold when looking for unmarked ones.
-pub const SWEEP_CHUNK: usize = 20_000;
+/// Objects handled between two looks at the clock within a hold (reading
+/// it costs about as much as handling a few objects).
+pub const GC_CLOCK_EVERY: usize = 128;
 
-/// Objects freed per write-lock hold.
-pub const FREE_CHUNK: usize = 5_000;
+/// The kinds of storage-lock hold a cycle takes, in cycle order (each is
+/// timed: see [`Holds`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldKind {
+    /// Write lock: a new epoch, the barrier on.
+    Start,
+    /// Read lock: objects written since the cutoff marked as roots (a few
+    /// shards of the object map per hold).
+    MarkYoung,
+    /// Read lock: traversal from the root.
+    Mark,
+    /// Read lock: the unmarked objects (a few shards per hold).
+    Candidates,
+    /// Write lock: marking finished, the unmarked condemned.
+    Condemn,
+    /// Write lock: condemned objects removed.
+    Free,
+    /// Write lock: the barrier off.
+    End,
+}
+
+impl HoldKind {
+    pub const ALL: [HoldKind; 7] = [
+        HoldKind::Start,
+        HoldKind::MarkYoung,
+        HoldKind::Mark,
+        HoldKind::Candidates,
+        HoldKind::Condemn,
+        HoldKind::Free,
+        HoldKind::End,
+    ];
+
+    /// "r" or "w": which side of the storage lock it takes.
+    pub fn lock(self) -> &'static str {
+        match self {
+            HoldKind::Start | HoldKind::Condemn | HoldKind::Free | HoldKind::End => "w",
+            _ => "r",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HoldKind::Start => "start",
+            HoldKind::MarkYoung => "mark-young",
+            HoldKind::Mark => "mark",
+            HoldKind::Candidates => "candidates",
+            HoldKind::Condemn => "condemn",
+            HoldKind::Free => "free",
+            HoldKind::End => "end",
+        }
+    }
+}
+
+/// The storage-lock holds of one kind in one cycle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HoldFigures {
+    pub count: usize,
+    pub total: Duration,
+    pub longest: Duration,
+    /// How many holds were shorter than each of [`HOLD_BUCKETS`] (and not
+    /// shorter than the one before), then how many were longer than all.
+    pub buckets: [usize; HOLD_BUCKETS.len() + 1],
+}
+
+/// The upper bounds of the buckets of [`HoldFigures::buckets`].
+pub const HOLD_BUCKETS: [Duration; 4] = [
+    Duration::from_millis(1),
+    Duration::from_millis(2),
+    Duration::from_millis(5),
+    Duration::from_millis(10),
+];
+
+/// The storage-lock holds of one cycle, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Holds([HoldFigures; HoldKind::ALL.len()]);
+
+impl Holds {
+    pub fn get(&self, kind: HoldKind) -> HoldFigures {
+        self.0[kind as usize]
+    }
+
+    /// The longest hold of all, and its kind.
+    pub fn longest(&self) -> (HoldKind, Duration) {
+        HoldKind::ALL
+            .iter()
+            .map(|&k| (k, self.get(k).longest))
+            .fold((HoldKind::Start, Duration::ZERO), |a, b| {
+                if b.1 > a.1 { b } else { a }
+            })
+    }
+}
 
 /// Where a cycle is when it calls the test hook (between lock holds).
 #[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum GcStep {
+    /// One hold going through shards of the object map (marking what was
+    /// written since the cutoff, or finding candidates) is over.
+    Scanned,
     /// The candidates are known; nothing is condemned or freed yet.
     Candidates,
     /// The unmarked candidates are condemned; nothing is freed yet.
@@ -104,8 +208,9 @@ pub struct GcState {
     /// cycle frees nothing. (An unreachable one does not matter: it is
     /// garbage itself, whatever it refers to, and is freed with the rest.)
     reached_unscannable: Mutex<Vec<Oid>>,
-    /// Objects per lock hold; 0 means the defaults. Tests set 1 to make
-    /// commits interleave with marking as much as possible.
+    /// Objects per lock hold; 0 means holds bounded by [`GC_HOLD_BUDGET`].
+    /// Tests set 1 to make commits interleave with the cycle as much as
+    /// possible.
     chunk: usize,
 }
 
@@ -143,11 +248,14 @@ pub struct GcStats {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GcOutcome {
     Collected {
-        /// Objects that existed at the start of the cycle.
+        /// Objects looked at for candidates (those that existed at the start
+        /// of the cycle, and some that commits added since).
         examined: usize,
         freed: usize,
         /// Longest lock hold in this cycle.
         longest_pause: Duration,
+        /// The holds of each kind (how many, how long).
+        holds: Box<Holds>,
     },
     /// Some retained record, or one the voted transaction writes, could
     /// not be scanned: nothing was freed.
@@ -164,6 +272,7 @@ impl std::fmt::Display for GcOutcome {
                 examined,
                 freed,
                 longest_pause,
+                ..
             } => write!(
                 f,
                 "collected: {freed} of {examined} objects freed (longest lock hold {:.1} ms)",
@@ -262,12 +371,15 @@ impl StorageState {
         lock(&self.gc.shaded).extend(shaded);
     }
 
-    /// Marks what `grey` objects reference, at most `budget` objects.
-    fn mark_some(&self, grey: &mut Vec<Oid>, budget: usize) {
+    /// Marks what `grey` objects reference until `budget` is spent.
+    fn mark_some(&self, grey: &mut Vec<Oid>, budget: &mut Budget) {
         let epoch = self.gc.epoch;
         grey.append(&mut lock(&self.gc.shaded));
-        for _ in 0..budget {
-            let Some(oid) = grey.pop() else { return };
+        while let Some(oid) = grey.pop() {
+            if budget.spent() {
+                grey.push(oid);
+                return;
+            }
             let Some(obj) = self.objects.get(&oid) else {
                 continue;
             };
@@ -276,6 +388,7 @@ impl StorageState {
                     lock(&self.gc.reached_unscannable).push(oid);
                     continue;
                 };
+                budget.followed(refs.len());
                 for r in refs.iter() {
                     if let Some(child) = self.objects.get(r)
                         && child.mark.swap(epoch, Ordering::Relaxed) != epoch
@@ -302,7 +415,7 @@ impl StorageState {
             })
             .collect();
         loop {
-            self.mark_some(&mut grey, usize::MAX);
+            self.mark_some(&mut grey, &mut Budget::unlimited());
             if grey.is_empty() && lock(&self.gc.shaded).is_empty() {
                 break;
             }
@@ -327,16 +440,110 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Times each lock hold of one cycle.
+#[derive(Default)]
 struct Pauses {
     longest: Duration,
+    holds: Holds,
 }
 
 impl Pauses {
-    fn hold<R>(&mut self, f: impl FnOnce() -> R) -> R {
+    /// Runs `f` under the read lock; records how long it was held.
+    fn read<R>(
+        &mut self,
+        storage: &Storage,
+        kind: HoldKind,
+        f: impl FnOnce(&StorageState) -> R,
+    ) -> R {
+        let st = storage.read();
         let t = Instant::now();
-        let r = f();
-        self.longest = self.longest.max(t.elapsed());
+        let r = f(&st);
+        drop(st);
+        self.record(kind, t.elapsed());
         r
+    }
+
+    /// Runs `f` under the write lock; records how long it was held.
+    fn write<R>(
+        &mut self,
+        storage: &Storage,
+        kind: HoldKind,
+        f: impl FnOnce(&mut StorageState) -> R,
+    ) -> R {
+        let mut st = storage.write();
+        let t = Instant::now();
+        let r = f(&mut st);
+        drop(st);
+        self.record(kind, t.elapsed());
+        r
+    }
+
+    /// One hold of the lock, from when it was taken until it was released
+    /// (waiting for it is not counted: that is others holding it).
+    fn record(&mut self, kind: HoldKind, took: Duration) {
+        self.longest = self.longest.max(took);
+        let figures = &mut self.holds.0[kind as usize];
+        figures.count += 1;
+        figures.total += took;
+        figures.longest = figures.longest.max(took);
+        figures.buckets[HOLD_BUCKETS.partition_point(|b| *b <= took)] += 1;
+    }
+}
+
+/// Ends a lock hold once [`GC_HOLD_BUDGET`] is spent (or, with a chunk
+/// set for tests, after that many objects).
+struct Budget {
+    started: Instant,
+    /// Objects handled in this hold.
+    steps: usize,
+    /// Objects per hold; 0: bounded by time; `usize::MAX`: no bound.
+    max_steps: usize,
+    /// Objects and references handled in this hold.
+    work: usize,
+    /// `work` at which to look at the clock next.
+    next_look: usize,
+}
+
+impl Budget {
+    /// A hold that starts now; `chunk` as in [`GcState::chunk`].
+    fn new(chunk: usize) -> Budget {
+        Budget {
+            started: Instant::now(),
+            steps: 0,
+            max_steps: chunk,
+            work: 0,
+            next_look: GC_CLOCK_EVERY,
+        }
+    }
+
+    fn unlimited() -> Budget {
+        Budget::new(usize::MAX)
+    }
+
+    /// Called before handling each object: true if the hold should end
+    /// instead (never for the first object of a hold).
+    fn spent(&mut self) -> bool {
+        let started = self.started;
+        self.step(|| started.elapsed())
+    }
+
+    /// `spent` with the hold's duration so far given by `elapsed`, which is
+    /// called once every [`GC_CLOCK_EVERY`] objects or references.
+    fn step(&mut self, elapsed: impl FnOnce() -> Duration) -> bool {
+        self.steps += 1;
+        self.work += 1;
+        if self.max_steps != 0 {
+            return self.steps > self.max_steps;
+        }
+        if self.work < self.next_look {
+            return false;
+        }
+        self.next_look = self.work + GC_CLOCK_EVERY;
+        elapsed() >= GC_HOLD_BUDGET
+    }
+
+    /// Counts `n` references followed (work on top of the object's).
+    fn followed(&mut self, n: usize) {
+        self.work += n;
     }
 }
 
@@ -366,30 +573,16 @@ impl Storage {
     fn cycle(&self, keep_written_since: Tid) -> GcOutcome {
         let cycle_start = Instant::now();
         self.dirty.store(0, Ordering::Relaxed);
-        let mut pauses = Pauses {
-            longest: Duration::ZERO,
-        };
+        let mut pauses = Pauses::default();
 
         // 1. start
-        self.start_cycle(&mut pauses);
-        let (existing, chunk) = self.existing_objects(&mut pauses);
-        let (mark_chunk, sweep_chunk) = if chunk == 0 {
-            (MARK_CHUNK, SWEEP_CHUNK)
-        } else {
-            (chunk, chunk)
-        };
+        let chunk = self.start_cycle(&mut pauses);
 
         // 2. mark, from the root and from recently written objects
-        self.mark(
-            &mut pauses,
-            &existing,
-            keep_written_since,
-            mark_chunk,
-            sweep_chunk,
-        );
+        self.mark(&mut pauses, keep_written_since, chunk);
 
         // 3. candidates
-        let candidates = self.find_candidates(&mut pauses, &existing, sweep_chunk);
+        let (candidates, examined) = self.find_candidates(&mut pauses, chunk);
 
         #[cfg(test)]
         self.between_holds(GcStep::Candidates);
@@ -411,14 +604,14 @@ impl Storage {
             return GcOutcome::KeptEverything { unscannable };
         }
 
-        self.record_collection(cycle_start, existing.len(), freed, &pauses)
+        self.record_collection(cycle_start, examined, freed, &pauses)
     }
 
     /// Phase 1 (write lock, brief): a new mark epoch; the root is marked;
-    /// the commit barrier is switched on.
-    fn start_cycle(&self, pauses: &mut Pauses) {
-        pauses.hold(|| {
-            let mut st = self.write();
+    /// the commit barrier is switched on. Returns the configured chunk (0:
+    /// holds bounded by time).
+    fn start_cycle(&self, pauses: &mut Pauses) -> usize {
+        pauses.write(self, HoldKind::Start, |st| {
             lock(&st.gc.reached_unscannable).clear();
             st.gc.epoch = st.gc.epoch.wrapping_add(1).max(1);
             st.gc.active = true;
@@ -426,52 +619,53 @@ impl Storage {
             if let Some(root) = st.objects.get(&Oid::ROOT) {
                 root.mark.store(st.gc.epoch, Ordering::Relaxed);
             }
-        });
-    }
-
-    /// The objects that exist as the cycle starts (the only possible
-    /// candidates), and the configured chunk size (0: the defaults).
-    fn existing_objects(&self, pauses: &mut Pauses) -> (Vec<Oid>, usize) {
-        pauses.hold(|| {
-            let st = self.read();
-            (st.objects.keys().copied().collect(), st.gc.chunk)
+            st.gc.chunk
         })
     }
 
-    /// Phase 2 (read lock, in chunks): marks from the root and from the
-    /// objects written at or after `keep_written_since`, until nothing is
-    /// left to traverse (including what commits shaded meanwhile).
-    fn mark(
-        &self,
-        pauses: &mut Pauses,
-        existing: &[Oid],
-        keep_written_since: Tid,
-        mark_chunk: usize,
-        sweep_chunk: usize,
-    ) {
+    /// Phase 2 (read lock, in holds bounded by [`GC_HOLD_BUDGET`]): marks
+    /// from the root and from the objects written at or after
+    /// `keep_written_since`, until nothing is left to traverse (including
+    /// what commits shaded meanwhile).
+    ///
+    /// The objects are gone through a few shards of the object map per
+    /// hold (a hold ends after the shard in which its budget ran out).
+    /// What commits write between two holds is marked, and what it
+    /// references shaded, by the barrier: a shard taken after a commit
+    /// needs nothing more for it.
+    fn mark(&self, pauses: &mut Pauses, keep_written_since: Tid, chunk: usize) {
         let mut grey = vec![Oid::ROOT];
-        for chunk in existing.chunks(sweep_chunk) {
-            pauses.hold(|| {
-                let st = self.read();
+        let mut shard = 0;
+        while shard < OID_MAP_SHARDS {
+            pauses.read(self, HoldKind::MarkYoung, |st| {
                 let epoch = st.gc.epoch;
-                for oid in chunk {
-                    let Some(obj) = st.objects.get(oid) else {
-                        continue;
-                    };
-                    let young = obj
-                        .revisions
-                        .last()
-                        .is_some_and(|r| r.tid >= keep_written_since);
-                    if young && obj.mark.swap(epoch, Ordering::Relaxed) != epoch {
-                        grey.push(*oid);
+                let mut budget = Budget::new(chunk);
+                while shard < OID_MAP_SHARDS {
+                    let objects = &st.objects.shards()[shard];
+                    // An empty shard is no work (with a chunk of 1, a
+                    // small storage takes a hold per object, not per shard).
+                    if !objects.is_empty() && budget.spent() {
+                        return;
                     }
+                    budget.followed(objects.len());
+                    for (oid, obj) in objects {
+                        let young = obj
+                            .revisions
+                            .last()
+                            .is_some_and(|r| r.tid >= keep_written_since);
+                        if young && obj.mark.swap(epoch, Ordering::Relaxed) != epoch {
+                            grey.push(*oid);
+                        }
+                    }
+                    shard += 1;
                 }
             });
+            #[cfg(test)]
+            self.between_holds(GcStep::Scanned);
         }
         loop {
-            let more = pauses.hold(|| {
-                let st = self.read();
-                st.mark_some(&mut grey, mark_chunk);
+            let more = pauses.read(self, HoldKind::Mark, |st| {
+                st.mark_some(&mut grey, &mut Budget::new(chunk));
                 !grey.is_empty() || !lock(&st.gc.shaded).is_empty()
             });
             if !more {
@@ -480,26 +674,41 @@ impl Storage {
         }
     }
 
-    /// Phase 3 (read lock, in chunks): the existing objects still unmarked.
-    fn find_candidates(
-        &self,
-        pauses: &mut Pauses,
-        existing: &[Oid],
-        sweep_chunk: usize,
-    ) -> Vec<Oid> {
+    /// Phase 3 (read lock, in holds bounded by [`GC_HOLD_BUDGET`], a few
+    /// shards of the object map per hold): the unmarked objects, and how
+    /// many objects were looked at. An object that a commit adds meanwhile
+    /// is marked by the barrier, so every candidate existed when the cycle
+    /// started.
+    fn find_candidates(&self, pauses: &mut Pauses, chunk: usize) -> (Vec<Oid>, usize) {
         let mut candidates = Vec::new();
-        for chunk in existing.chunks(sweep_chunk) {
-            pauses.hold(|| {
-                let st = self.read();
+        let mut examined = 0;
+        let mut shard = 0;
+        while shard < OID_MAP_SHARDS {
+            pauses.read(self, HoldKind::Candidates, |st| {
                 let epoch = st.gc.epoch;
-                candidates.extend(chunk.iter().copied().filter(|oid| {
-                    st.objects
-                        .get(oid)
-                        .is_some_and(|o| o.mark.load(Ordering::Relaxed) != epoch)
-                }));
+                let mut budget = Budget::new(chunk);
+                while shard < OID_MAP_SHARDS {
+                    let objects = &st.objects.shards()[shard];
+                    // An empty shard is no work (with a chunk of 1, a
+                    // small storage takes a hold per object, not per shard).
+                    if !objects.is_empty() && budget.spent() {
+                        return;
+                    }
+                    budget.followed(objects.len());
+                    examined += objects.len();
+                    candidates.extend(
+                        objects
+                            .iter()
+                            .filter(|(_, o)| o.mark.load(Ordering::Relaxed) != epoch)
+                            .map(|(oid, _)| *oid),
+                    );
+                    shard += 1;
+                }
             });
+            #[cfg(test)]
+            self.between_holds(GcStep::Scanned);
         }
-        candidates
+        (candidates, examined)
     }
 
     /// Phase 4 (write lock, brief): finish marking (what commits shaded
@@ -508,8 +717,7 @@ impl Storage {
     /// module docs). `Err` with the oids of records that cannot be scanned
     /// if nothing may be freed.
     fn condemn(&self, pauses: &mut Pauses) -> Result<(), Vec<Oid>> {
-        pauses.hold(|| {
-            let mut st = self.write();
+        pauses.write(self, HoldKind::Condemn, |st| {
             let pinned_unscannable = lock(&st.gc.pinned).unscannable.clone();
             if !pinned_unscannable.is_empty() {
                 // A record that cannot be scanned is voted: its references
@@ -532,22 +740,26 @@ impl Storage {
         })
     }
 
-    /// Phase 5 (write lock, in chunks): frees the condemned candidates;
-    /// returns how many objects were freed.
+    /// Phase 5 (write lock, in holds bounded by [`GC_HOLD_BUDGET`]): frees
+    /// the condemned candidates; returns how many objects were freed.
     ///
     /// Commits go on in between; they cannot link a condemned object nor
     /// commit a record that cannot be scanned, so marking stays complete
     /// and nothing condemned is kept (nor is the sweep stopped half-way).
     /// Freed objects are dropped outside the lock.
     fn free(&self, pauses: &mut Pauses, candidates: &[Oid], chunk: usize) -> usize {
-        let free_chunk = if chunk == 0 { FREE_CHUNK } else { chunk };
         let mut freed = 0;
-        for part in candidates.chunks(free_chunk) {
+        let mut next = 0;
+        while next < candidates.len() {
             let mut garbage = Vec::new();
-            pauses.hold(|| {
-                let mut st = self.write();
+            pauses.write(self, HoldKind::Free, |st| {
                 let epoch = st.gc.epoch;
-                for &oid in part {
+                let mut budget = Budget::new(chunk);
+                for &oid in &candidates[next..] {
+                    if budget.spent() {
+                        return;
+                    }
+                    next += 1;
                     let unmarked = st
                         .objects
                         .get(&oid)
@@ -568,8 +780,7 @@ impl Storage {
     /// The cycle is over (write lock, brief): the commit barrier is
     /// switched off and votes no longer check for condemned objects.
     fn end_cycle(&self, pauses: &mut Pauses) {
-        pauses.hold(|| {
-            let mut st = self.write();
+        pauses.write(self, HoldKind::End, |st| {
             st.gc.active = false;
             st.gc.sweeping = false;
         });
@@ -600,11 +811,14 @@ impl Storage {
             examined,
             freed,
             longest_pause: pauses.longest,
+            holds: Box::new(pauses.holds),
         }
     }
 
-    /// Sets how many objects the collector handles per lock hold (0: the
-    /// defaults). For tests that make commits race the collector.
+    /// Sets how many objects (shards of the object map, when going through
+    /// it) the collector handles per lock hold (0, the default: as many as fit
+    /// in [`GC_HOLD_BUDGET`]). For tests that make commits race the
+    /// collector.
     pub fn set_gc_chunk(&self, n: usize) {
         self.write().gc.chunk = n;
     }
@@ -927,6 +1141,114 @@ mod tests {
                 assert!(!exists(&s, 1) && !exists(&s, 2), "the garbage went");
             }
         }
+    }
+
+    /// The collector goes through the object map a shard per hold (with a
+    /// chunk of 1) to mark what was written recently and to find
+    /// candidates, and commits add objects between holds, the first one
+    /// linking a garbage object: every other garbage object is still found
+    /// (none is missed), and nothing a commit added or linked meanwhile is
+    /// freed.
+    #[test]
+    fn scanning_in_holds_misses_no_garbage() {
+        let s = storage();
+        s.set_gc_chunk(1);
+        let root = s.read().get_tid(Oid::ROOT).unwrap();
+        let mut ops: Vec<TxnOp> = (1..=300).map(|o| store(o, Tid::ZERO, &[])).collect();
+        ops.push(store(0, root, &(1..=100).collect::<Vec<u64>>()));
+        let t = commit(&s, ops);
+        let added = Arc::new(Mutex::new(Vec::new()));
+        let log = added.clone();
+        on_gc_step(&s, move |s, step| {
+            if step != GcStep::Scanned {
+                return;
+            }
+            let mut added = lock(&log);
+            let oid = 1_000 + added.len() as u64;
+            // The first one links garbage object 150.
+            let refs: &[u64] = if added.is_empty() { &[150] } else { &[] };
+            commit(s, vec![store(oid, Tid::ZERO, refs)]);
+            added.push(oid);
+        });
+        let GcOutcome::Collected { freed, holds, .. } = s.pack(Tid(t.0 + 1)).gc else {
+            panic!("collected")
+        };
+        // One hold per shard that holds objects: a commit ran after each.
+        let scans = holds.get(HoldKind::MarkYoung).count + holds.get(HoldKind::Candidates).count;
+        let added = lock(&added).clone();
+        assert_eq!(added.len(), scans);
+        assert!(scans > OID_MAP_SHARDS, "{scans} holds");
+        assert_eq!(freed, 199, "every unlinked object but 150");
+        assert!((1..=100).all(|o| exists(&s, o)));
+        assert!(exists(&s, 150));
+        assert!((101..=300).filter(|o| *o != 150).all(|o| !exists(&s, o)));
+        assert!(added.iter().all(|o| exists(&s, *o)));
+    }
+
+    /// Objects written since the cutoff are roots, found a shard per hold
+    /// while commits run in between: what they reference is kept however
+    /// old and unlinked; the rest of the old garbage goes.
+    #[test]
+    fn recently_written_objects_are_roots_when_scanned_in_holds() {
+        let s = storage();
+        s.set_gc_chunk(1);
+        // Old and unlinked: 1..=100.
+        commit(&s, (1..=100).map(|o| store(o, Tid::ZERO, &[])).collect());
+        // Recent and unlinked, each referencing an old one: 201..=250.
+        let recent: Vec<TxnOp> = (201..=250)
+            .map(|o| store(o, Tid::ZERO, &[o - 200]))
+            .collect();
+        let t = commit(&s, recent);
+        let next = Arc::new(Mutex::new(1_000u64));
+        on_gc_step(&s, move |s, step| {
+            if step == GcStep::Scanned {
+                let mut oid = lock(&next);
+                commit(s, vec![store(*oid, Tid::ZERO, &[])]);
+                *oid += 1;
+            }
+        });
+        let GcOutcome::Collected { freed, .. } = s.collect(t) else {
+            panic!("collected")
+        };
+        assert_eq!(freed, 50, "the old objects no recent one references");
+        assert!((1..=50).chain(201..=250).all(|o| exists(&s, o)));
+        assert!((51..=100).all(|o| !exists(&s, o)));
+    }
+
+    /// A hold ends once its time budget is spent, looked at every
+    /// GC_CLOCK_EVERY objects or references; or, with a chunk set, after
+    /// that many objects. (A made-up clock: no timing is measured.)
+    #[test]
+    fn a_hold_ends_when_its_budget_is_spent() {
+        let tick = GC_HOLD_BUDGET / 4;
+        // The clock advances a quarter of the budget per look.
+        let mut b = Budget::new(0);
+        let mut looks = 0u32;
+        let mut objects = 0;
+        while !b.step(|| {
+            looks += 1;
+            tick * looks
+        }) {
+            objects += 1;
+        }
+        assert_eq!(looks, 4);
+        assert_eq!(objects, 4 * GC_CLOCK_EVERY - 1);
+        // References followed count towards the next look.
+        let mut b = Budget::new(0);
+        let mut looks = 0;
+        b.followed(10 * GC_CLOCK_EVERY);
+        assert!(b.step(|| {
+            looks += 1;
+            GC_HOLD_BUDGET
+        }));
+        assert_eq!(looks, 1);
+        // A set chunk: that many objects, whatever the clock says.
+        let mut b = Budget::new(3);
+        let ends: Vec<bool> = (0..4).map(|_| b.step(|| Duration::MAX)).collect();
+        assert_eq!(ends, [false, false, false, true]);
+        // Unlimited (finishing the marking under the write lock).
+        let mut b = Budget::unlimited();
+        assert!((0..10 * GC_CLOCK_EVERY).all(|_| !b.step(|| Duration::MAX)));
     }
 
     /// A transaction voted before the sweep stores on a garbage object (its

@@ -41,7 +41,7 @@ use bytes::Bytes;
 
 use crate::protocol::ids::{Clock, Oid, Tid};
 use crate::protocol::value::Value;
-use crate::storage::oidhash::OidMap;
+use crate::storage::oidhash::ShardedOidMap;
 
 pub mod budget;
 pub mod classes;
@@ -54,7 +54,7 @@ pub mod stats;
 pub use budget::MemoryBudget;
 pub use classes::{ClassId, ClassRow, ClassTable};
 pub use commit::{Conflict, LockAttempt, SHUTDOWN_HOLDER, Transaction, TxnOp, Vote, VotedTxn};
-pub use gc::GcOutcome;
+pub use gc::{GcOutcome, HOLD_BUCKETS, HoldFigures, HoldKind, Holds};
 pub use stats::Stats;
 
 /// Bytes accounted for each retained revision beyond its record: the
@@ -210,7 +210,7 @@ pub trait Subscriber: Send + Sync {
 
 /// The state behind the storage's read/write lock.
 pub struct StorageState {
-    objects: OidMap<Oid, Object>,
+    objects: ShardedOidMap<Object>,
     /// The tid of the start-up transaction (the root's first revision):
     /// no other object of this run has a revision at or before it.
     first_tid: Tid,
@@ -324,7 +324,7 @@ impl Storage {
         let mut classes = ClassTable::default();
         let root_class = classes.intern(refs::class_name(EMPTY_ROOT_RECORD).as_deref());
         classes.add(root_class, EMPTY_ROOT_RECORD.len());
-        let mut objects = OidMap::default();
+        let mut objects = ShardedOidMap::default();
         objects.insert(
             Oid::ROOT,
             Object {
@@ -460,7 +460,11 @@ impl Storage {
     /// Tells every subscriber the new size, like ZEO does after a pack.
     pub fn pack(&self, t: Tid) -> PackReport {
         let started = std::time::Instant::now();
-        let pruned_revisions = self.write().prune_until(t);
+        let mut st = self.write();
+        let held = std::time::Instant::now();
+        let pruned_revisions = st.prune_until(t);
+        drop(st);
+        let prune_hold = held.elapsed();
         let gc = self.collect(t);
         let st = self.read();
         let (objects, bytes) = (st.objects.len(), st.current_bytes);
@@ -469,6 +473,7 @@ impl Storage {
         }
         PackReport {
             pruned_revisions,
+            prune_hold,
             gc,
             objects,
             bytes,
@@ -690,11 +695,7 @@ impl StorageState {
         self.count_in(&rev);
         let new_record = rev.data.as_ref().map(|d| d.len());
         let new_len = new_record.unwrap_or(0);
-        let mut created = false;
-        let obj = self.objects.entry(oid).or_insert_with(|| {
-            created = true;
-            Object::default()
-        });
+        let (obj, created) = self.objects.get_or_insert_with(oid, Object::default);
         let old_record = obj
             .revisions
             .last()
@@ -865,6 +866,8 @@ impl Drop for StorageState {
 pub struct PackReport {
     /// Old revisions dropped (and objects whose last revision was a delete).
     pub pruned_revisions: usize,
+    /// How long dropping them held the storage's write lock.
+    pub prune_hold: Duration,
     /// The collection that followed.
     pub gc: GcOutcome,
     /// Objects and current bytes left.
