@@ -73,6 +73,21 @@ pub const DEFAULT_HISTORY_RETENTION_SECS: u64 = 60;
 /// 100k objects takes milliseconds.
 pub const DEFAULT_GC_INTERVAL_SECS: u64 = 10;
 
+/// Default `gc-hold-budget` in milliseconds: how long the collector holds
+/// a storage's lock at a time before it lets commits (and loads behind a
+/// waiting commit) in. Every phase that goes through objects (marking,
+/// finding and freeing garbage) stops once this is spent, releases the
+/// lock and takes it again: a budget of time, not of objects, because what
+/// an object costs varies (a container with a thousand references, a cold
+/// cache line). At one million objects a cycle takes a few hundred holds,
+/// the longest 1-4 ms (BENCHMARKS.md). Smaller budgets shorten the pauses
+/// a commit can meet and make a cycle take longer.
+pub const DEFAULT_GC_HOLD_BUDGET_MS: u64 = 1;
+
+/// Largest `gc-hold-budget` accepted, in milliseconds: a hold of a second
+/// would stall every commit that long.
+pub const MAX_GC_HOLD_BUDGET_MS: u64 = 1000;
+
 /// Default `memory-limit`: this fraction of the memory the process can
 /// have, the machine's (`MemTotal`) or, when smaller, its cgroup's limit
 /// (`memory.max` or `memory.high`, v1 `memory.limit_in_bytes`; see [`MemoryCeiling`]). One
@@ -320,6 +335,13 @@ pub struct Settings {
     #[arg(long, value_name = "SECS")]
     pub gc_interval: Option<u64>,
 
+    /// Milliseconds the garbage collector may hold a storage's lock at a
+    /// time before it lets commits in again (and loads waiting behind
+    /// them); smaller shortens their pauses and lengthens a collection.
+    /// 1 to 1000. [default: 1]
+    #[arg(long, value_name = "MS")]
+    pub gc_hold_budget: Option<u64>,
+
     /// Resident memory, in bytes, the storages' data may take, all storages
     /// together. zeotemp sets 8 MiB (at most half) aside for the process
     /// itself and allows 3 bytes of RSS per byte it accounts for (records,
@@ -475,6 +497,8 @@ pub struct Config {
     pub threads: usize,
     pub history_retention: Duration,
     pub gc_interval: Duration,
+    /// `gc-hold-budget` ([`DEFAULT_GC_HOLD_BUDGET_MS`]).
+    pub gc_hold_budget: Duration,
     /// Resident memory all storages together may take (see
     /// `storage::budget`); `None` is no limit.
     pub memory_limit: Option<usize>,
@@ -610,6 +634,7 @@ impl Settings {
                 .or(lower.invalidation_queue_size),
             history_retention: self.history_retention.or(lower.history_retention),
             gc_interval: self.gc_interval.or(lower.gc_interval),
+            gc_hold_budget: self.gc_hold_budget.or(lower.gc_hold_budget),
             memory_limit: self.memory_limit.or(lower.memory_limit),
             max_frame_size: self.max_frame_size.or(lower.max_frame_size),
             max_outbox_bytes: self.max_outbox_bytes.or(lower.max_outbox_bytes),
@@ -687,6 +712,9 @@ impl Settings {
             threads: self.threads.unwrap_or(DEFAULT_THREADS),
             history_retention: secs(self.history_retention, DEFAULT_HISTORY_RETENTION_SECS),
             gc_interval: secs(self.gc_interval, DEFAULT_GC_INTERVAL_SECS),
+            gc_hold_budget: Duration::from_millis(
+                self.gc_hold_budget.unwrap_or(DEFAULT_GC_HOLD_BUDGET_MS),
+            ),
             // 0 means no limit.
             memory_limit: match self.memory_limit {
                 Some(bytes) => (bytes > 0).then_some(bytes),
@@ -959,6 +987,14 @@ impl Config {
             (
                 self.gc_interval.is_zero(),
                 "gc-interval must be at least 1 second".into(),
+            ),
+            (
+                self.gc_hold_budget.is_zero()
+                    || self.gc_hold_budget > Duration::from_millis(MAX_GC_HOLD_BUDGET_MS),
+                format!(
+                    "gc-hold-budget = {} is not between 1 and {MAX_GC_HOLD_BUDGET_MS} milliseconds",
+                    self.gc_hold_budget.as_millis()
+                ),
             ),
             (
                 self.transaction_timeout.is_zero(),

@@ -47,6 +47,7 @@ impl Shared {
                     retention: config.history_retention,
                     invalidation_queue_size: config.invalidation_queue_size,
                     memory: Arc::clone(&memory),
+                    gc_hold_budget: config.gc_hold_budget,
                 };
                 let s = Storage::new(name, start, limits);
                 (name.clone(), Arc::new(s))

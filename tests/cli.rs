@@ -287,6 +287,8 @@ fn check_config_refuses_useless_values_one_line_each() {
         "1",
         "--threads",
         "100000",
+        "--gc-hold-budget",
+        "0",
     ]);
     assert_eq!(code, Some(2), "{stdout}{stderr}");
     assert!(!stdout.contains("configuration OK"), "{stdout}");
@@ -300,13 +302,14 @@ fn check_config_refuses_useless_values_one_line_each() {
         "zeotemp: max-transaction-bytes = 0 ",
         "zeotemp: memory-limit = 1 ",
         "zeotemp: threads = 100000 ",
+        "zeotemp: gc-hold-budget = 0 ",
     ] {
         assert!(
             lines.iter().any(|l| l.starts_with(expected)),
             "{expected:?} not in:\n{stderr}"
         );
     }
-    assert_eq!(lines.len(), 8, "{stderr}");
+    assert_eq!(lines.len(), 9, "{stderr}");
 }
 
 /// A fresh directory of this test's own under the target directory.

@@ -23,7 +23,7 @@
 //! 5. *free* (write lock, released in between so commits go on): free the
 //!    condemned candidates.
 //!
-//! Phases 2, 3 and 5 hold the lock for about [`GC_HOLD_BUDGET`] at a time,
+//! Phases 2, 3 and 5 hold the lock for about the hold budget (`gc-hold-budget`, [`crate::config::DEFAULT_GC_HOLD_BUDGET_MS`]) at a time,
 //! then release it and take it again.
 //!
 //! The commit barrier (`finish` during a cycle) marks every written object
@@ -60,15 +60,6 @@ use std::time::{Duration, Instant};
 use super::oidhash::OID_MAP_SHARDS;
 use super::{Storage, StorageState};
 use crate::protocol::ids::{Oid, Tid};
-
-/// How long the collector works per hold of the storage lock before it
-/// lets commits (and, behind a waiting commit, loads) in: every phase that
-/// goes through objects (marking, finding and freeing garbage)
-/// stops once this is spent, releases the lock and takes it again. A
-/// budget of time, not of objects, because what an object costs varies
-/// (a container with a thousand references, a cold cache line); at one
-/// million objects a cycle takes a few hundred holds.
-pub const GC_HOLD_BUDGET: Duration = Duration::from_millis(1);
 
 /// Objects handled between two looks at the clock within a hold (reading
 /// it costs about as much as handling a few objects).
@@ -208,7 +199,7 @@ pub struct GcState {
     /// cycle frees nothing. (An unreachable one does not matter: it is
     /// garbage itself, whatever it refers to, and is freed with the rest.)
     reached_unscannable: Mutex<Vec<Oid>>,
-    /// Objects per lock hold; 0 means holds bounded by [`GC_HOLD_BUDGET`].
+    /// Objects per lock hold; 0 means holds bounded by the hold budget (`gc-hold-budget`).
     /// Tests set 1 to make commits interleave with the cycle as much as
     /// possible.
     chunk: usize,
@@ -489,7 +480,17 @@ impl Pauses {
     }
 }
 
-/// Ends a lock hold once [`GC_HOLD_BUDGET`] is spent (or, with a chunk
+/// What bounds each of a cycle's lock holds: the storage's hold budget,
+/// or (tests) a number of objects.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    /// As [`GcState::chunk`]: objects per hold, 0 for the time budget.
+    chunk: usize,
+    /// The hold budget (`gc-hold-budget`).
+    time: Duration,
+}
+
+/// Ends a lock hold once the hold budget (`gc-hold-budget`) is spent (or, with a chunk
 /// set for tests, after that many objects).
 struct Budget {
     started: Instant,
@@ -497,6 +498,8 @@ struct Budget {
     steps: usize,
     /// Objects per hold; 0: bounded by time; `usize::MAX`: no bound.
     max_steps: usize,
+    /// The hold's time budget (with `max_steps` 0).
+    time: Duration,
     /// Objects and references handled in this hold.
     work: usize,
     /// `work` at which to look at the clock next.
@@ -504,19 +507,23 @@ struct Budget {
 }
 
 impl Budget {
-    /// A hold that starts now; `chunk` as in [`GcState::chunk`].
-    fn new(chunk: usize) -> Budget {
+    /// A hold that starts now, bounded by `pace`.
+    fn new(pace: Pace) -> Budget {
         Budget {
             started: Instant::now(),
             steps: 0,
-            max_steps: chunk,
+            max_steps: pace.chunk,
+            time: pace.time,
             work: 0,
             next_look: GC_CLOCK_EVERY,
         }
     }
 
     fn unlimited() -> Budget {
-        Budget::new(usize::MAX)
+        Budget::new(Pace {
+            chunk: usize::MAX,
+            time: Duration::MAX,
+        })
     }
 
     /// Called before handling each object: true if the hold should end
@@ -538,7 +545,7 @@ impl Budget {
             return false;
         }
         self.next_look = self.work + GC_CLOCK_EVERY;
-        elapsed() >= GC_HOLD_BUDGET
+        elapsed() >= self.time
     }
 
     /// Counts `n` references followed (work on top of the object's).
@@ -576,13 +583,13 @@ impl Storage {
         let mut pauses = Pauses::default();
 
         // 1. start
-        let chunk = self.start_cycle(&mut pauses);
+        let pace = self.start_cycle(&mut pauses);
 
         // 2. mark, from the root and from recently written objects
-        self.mark(&mut pauses, keep_written_since, chunk);
+        self.mark(&mut pauses, keep_written_since, pace);
 
         // 3. candidates
-        let (candidates, examined) = self.find_candidates(&mut pauses, chunk);
+        let (candidates, examined) = self.find_candidates(&mut pauses, pace);
 
         #[cfg(test)]
         self.between_holds(GcStep::Candidates);
@@ -594,7 +601,7 @@ impl Storage {
         let freed = if condemned.is_ok() {
             #[cfg(test)]
             self.between_holds(GcStep::Condemned);
-            self.free(&mut pauses, &candidates, chunk)
+            self.free(&mut pauses, &candidates, pace)
         } else {
             0
         };
@@ -610,7 +617,7 @@ impl Storage {
     /// Phase 1 (write lock, brief): a new mark epoch; the root is marked;
     /// the commit barrier is switched on. Returns the configured chunk (0:
     /// holds bounded by time).
-    fn start_cycle(&self, pauses: &mut Pauses) -> usize {
+    fn start_cycle(&self, pauses: &mut Pauses) -> Pace {
         pauses.write(self, HoldKind::Start, |st| {
             lock(&st.gc.reached_unscannable).clear();
             st.gc.epoch = st.gc.epoch.wrapping_add(1).max(1);
@@ -619,11 +626,14 @@ impl Storage {
             if let Some(root) = st.objects.get(&Oid::ROOT) {
                 root.mark.store(st.gc.epoch, Ordering::Relaxed);
             }
-            st.gc.chunk
+            Pace {
+                chunk: st.gc.chunk,
+                time: st.limits.gc_hold_budget,
+            }
         })
     }
 
-    /// Phase 2 (read lock, in holds bounded by [`GC_HOLD_BUDGET`]): marks
+    /// Phase 2 (read lock, in holds bounded by the hold budget (`gc-hold-budget`)): marks
     /// from the root and from the objects written at or after
     /// `keep_written_since`, until nothing is left to traverse (including
     /// what commits shaded meanwhile).
@@ -633,13 +643,13 @@ impl Storage {
     /// What commits write between two holds is marked, and what it
     /// references shaded, by the barrier: a shard taken after a commit
     /// needs nothing more for it.
-    fn mark(&self, pauses: &mut Pauses, keep_written_since: Tid, chunk: usize) {
+    fn mark(&self, pauses: &mut Pauses, keep_written_since: Tid, pace: Pace) {
         let mut grey = vec![Oid::ROOT];
         let mut shard = 0;
         while shard < OID_MAP_SHARDS {
             pauses.read(self, HoldKind::MarkYoung, |st| {
                 let epoch = st.gc.epoch;
-                let mut budget = Budget::new(chunk);
+                let mut budget = Budget::new(pace);
                 while shard < OID_MAP_SHARDS {
                     let objects = &st.objects.shards()[shard];
                     // An empty shard is no work (with a chunk of 1, a
@@ -665,7 +675,7 @@ impl Storage {
         }
         loop {
             let more = pauses.read(self, HoldKind::Mark, |st| {
-                st.mark_some(&mut grey, &mut Budget::new(chunk));
+                st.mark_some(&mut grey, &mut Budget::new(pace));
                 !grey.is_empty() || !lock(&st.gc.shaded).is_empty()
             });
             if !more {
@@ -674,19 +684,19 @@ impl Storage {
         }
     }
 
-    /// Phase 3 (read lock, in holds bounded by [`GC_HOLD_BUDGET`], a few
+    /// Phase 3 (read lock, in holds bounded by the hold budget (`gc-hold-budget`), a few
     /// shards of the object map per hold): the unmarked objects, and how
     /// many objects were looked at. An object that a commit adds meanwhile
     /// is marked by the barrier, so every candidate existed when the cycle
     /// started.
-    fn find_candidates(&self, pauses: &mut Pauses, chunk: usize) -> (Vec<Oid>, usize) {
+    fn find_candidates(&self, pauses: &mut Pauses, pace: Pace) -> (Vec<Oid>, usize) {
         let mut candidates = Vec::new();
         let mut examined = 0;
         let mut shard = 0;
         while shard < OID_MAP_SHARDS {
             pauses.read(self, HoldKind::Candidates, |st| {
                 let epoch = st.gc.epoch;
-                let mut budget = Budget::new(chunk);
+                let mut budget = Budget::new(pace);
                 while shard < OID_MAP_SHARDS {
                     let objects = &st.objects.shards()[shard];
                     // An empty shard is no work (with a chunk of 1, a
@@ -740,21 +750,21 @@ impl Storage {
         })
     }
 
-    /// Phase 5 (write lock, in holds bounded by [`GC_HOLD_BUDGET`]): frees
+    /// Phase 5 (write lock, in holds bounded by the hold budget (`gc-hold-budget`)): frees
     /// the condemned candidates; returns how many objects were freed.
     ///
     /// Commits go on in between; they cannot link a condemned object nor
     /// commit a record that cannot be scanned, so marking stays complete
     /// and nothing condemned is kept (nor is the sweep stopped half-way).
     /// Freed objects are dropped outside the lock.
-    fn free(&self, pauses: &mut Pauses, candidates: &[Oid], chunk: usize) -> usize {
+    fn free(&self, pauses: &mut Pauses, candidates: &[Oid], pace: Pace) -> usize {
         let mut freed = 0;
         let mut next = 0;
         while next < candidates.len() {
             let mut garbage = Vec::new();
             pauses.write(self, HoldKind::Free, |st| {
                 let epoch = st.gc.epoch;
-                let mut budget = Budget::new(chunk);
+                let mut budget = Budget::new(pace);
                 for &oid in &candidates[next..] {
                     if budget.spent() {
                         return;
@@ -817,7 +827,7 @@ impl Storage {
 
     /// Sets how many objects (shards of the object map, when going through
     /// it) the collector handles per lock hold (0, the default: as many as fit
-    /// in [`GC_HOLD_BUDGET`]). For tests that make commits race the
+    /// in the hold budget (`gc-hold-budget`)). For tests that make commits race the
     /// collector.
     pub fn set_gc_chunk(&self, n: usize) {
         self.write().gc.chunk = n;
@@ -1220,9 +1230,14 @@ mod tests {
     /// that many objects. (A made-up clock: no timing is measured.)
     #[test]
     fn a_hold_ends_when_its_budget_is_spent() {
-        let tick = GC_HOLD_BUDGET / 4;
+        let budget = Duration::from_millis(crate::config::DEFAULT_GC_HOLD_BUDGET_MS);
+        let timed = Pace {
+            chunk: 0,
+            time: budget,
+        };
+        let tick = budget / 4;
         // The clock advances a quarter of the budget per look.
-        let mut b = Budget::new(0);
+        let mut b = Budget::new(timed);
         let mut looks = 0u32;
         let mut objects = 0;
         while !b.step(|| {
@@ -1234,16 +1249,19 @@ mod tests {
         assert_eq!(looks, 4);
         assert_eq!(objects, 4 * GC_CLOCK_EVERY - 1);
         // References followed count towards the next look.
-        let mut b = Budget::new(0);
+        let mut b = Budget::new(timed);
         let mut looks = 0;
         b.followed(10 * GC_CLOCK_EVERY);
         assert!(b.step(|| {
             looks += 1;
-            GC_HOLD_BUDGET
+            budget
         }));
         assert_eq!(looks, 1);
         // A set chunk: that many objects, whatever the clock says.
-        let mut b = Budget::new(3);
+        let mut b = Budget::new(Pace {
+            chunk: 3,
+            time: budget,
+        });
         let ends: Vec<bool> = (0..4).map(|_| b.step(|| Duration::MAX)).collect();
         assert_eq!(ends, [false, false, false, true]);
         // Unlimited (finishing the marking under the write lock).

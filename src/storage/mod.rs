@@ -269,6 +269,9 @@ pub struct StorageLimits {
     /// The process's memory budget, shared by all its storages (a
     /// storage of its own, unlimited, by default).
     pub memory: Arc<MemoryBudget>,
+    /// How long the collector holds the storage lock at a time
+    /// (`gc-hold-budget`).
+    pub gc_hold_budget: Duration,
 }
 
 impl Default for StorageLimits {
@@ -277,6 +280,7 @@ impl Default for StorageLimits {
             retention: Duration::from_secs(crate::config::DEFAULT_HISTORY_RETENTION_SECS),
             invalidation_queue_size: crate::config::DEFAULT_INVALIDATION_QUEUE_SIZE,
             memory: MemoryBudget::new(None),
+            gc_hold_budget: Duration::from_millis(crate::config::DEFAULT_GC_HOLD_BUDGET_MS),
         }
     }
 }
@@ -903,6 +907,7 @@ mod tests {
             retention: Duration::from_secs(retention_secs),
             invalidation_queue_size,
             memory: MemoryBudget::new(None),
+            gc_hold_budget: Duration::from_millis(crate::config::DEFAULT_GC_HOLD_BUDGET_MS),
         }
     }
 
