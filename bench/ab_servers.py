@@ -75,12 +75,15 @@ def main():
                 j = run(server, bench, *workload, duration)
                 results.setdefault((workload, label), []).append(j)
                 print(label, *workload, {k: j[k] for k in (
-                    "ops_per_s", "p50_us", "p99_us", "cpu_us_per_op")},
+                    "ops_per_s", "p50_us", "p99_us", "cpu_us_per_op",
+                    "server_user_us_per_op")},
                     file=sys.stderr, flush=True)
     print("| workload | conns × in flight | before ops/s | after ops/s "
           "| after/before | before p99 µs | after p99 µs "
-          "| before server CPU µs/op | after server CPU µs/op |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| before server CPU µs/op | after server CPU µs/op "
+          "| before user µs/op | after user µs/op |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+          "| ---: | ---: |")
     for workload in workloads:
         b, a = results[(workload, "before")], results[(workload, "after")]
         bo, ao = median(b, "ops_per_s"), median(a, "ops_per_s")
@@ -89,7 +92,9 @@ def main():
               f"| {ao / bo:.3f} | {median(b, 'p99_us'):,.0f} "
               f"| {median(a, 'p99_us'):,.0f} "
               f"| {median(b, 'cpu_us_per_op'):.2f} "
-              f"| {median(a, 'cpu_us_per_op'):.2f} |")
+              f"| {median(a, 'cpu_us_per_op'):.2f} "
+              f"| {median(b, 'server_user_us_per_op'):.2f} "
+              f"| {median(a, 'server_user_us_per_op'):.2f} |")
 
 
 if __name__ == "__main__":

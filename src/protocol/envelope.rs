@@ -286,13 +286,34 @@ pub fn encode_error(
 /// A normal reply whose result is written by `result` straight into the
 /// frame (e.g. a loaded record, without copying it into a [`Value`] first);
 /// `hint` is about the bytes `result` writes.
-pub fn encode_reply_with(
+pub fn encode_reply_with<'a>(
     dialect: Dialect,
-    msgid: &Value,
+    msgid: impl Into<MsgId<'a>>,
     hint: usize,
     result: impl FnOnce(&mut BytesMut),
 ) -> Bytes {
-    encode_frame(dialect, msgid, &Value::Int(0), ".reply", hint, result)
+    encode_frame(
+        dialect,
+        msgid.into(),
+        &Value::Int(0),
+        ".reply",
+        hint,
+        result,
+    )
+}
+
+/// A reply's message id: a value, or its pickle as the client sent it (the
+/// hot lane echoes those bytes, [`crate::protocol::hot`]).
+#[derive(Debug, Clone, Copy)]
+pub enum MsgId<'a> {
+    Value(&'a Value),
+    Pickled(&'a [u8]),
+}
+
+impl<'a> From<&'a Value> for MsgId<'a> {
+    fn from(v: &'a Value) -> MsgId<'a> {
+        MsgId::Value(v)
+    }
 }
 
 /// A one-way call from the server (`invalidateTransaction`, `info`, ...):
@@ -312,7 +333,7 @@ pub fn encode_call(encoding: impl Into<Encoding>, method: &str, args: &Value) ->
     };
     encode_frame(
         dialect,
-        &Value::Int(0),
+        MsgId::Value(&Value::Int(0)),
         &Value::Bool(true),
         method,
         hint,
@@ -324,15 +345,22 @@ pub fn encode_call(encoding: impl Into<Encoding>, method: &str, args: &Value) ->
 /// (about `hint` bytes).
 fn encode_frame(
     dialect: Dialect,
-    msgid: &Value,
+    msgid: MsgId<'_>,
     flags: &Value,
     name: &str,
     hint: usize,
     write_last: impl FnOnce(&mut BytesMut),
 ) -> Bytes {
-    let hint = pickle::size_hint(msgid) + name.len() + hint;
+    let id_size = match msgid {
+        MsgId::Value(v) => pickle::size_hint(v),
+        MsgId::Pickled(b) => b.len(),
+    };
+    let hint = id_size + name.len() + hint;
     encode_with(dialect, hint, |out| {
-        pickle::encode_into(out, msgid, dialect);
+        match msgid {
+            MsgId::Value(v) => pickle::encode_into(out, v, dialect),
+            MsgId::Pickled(b) => out.put_slice(b),
+        }
         pickle::encode_into(out, flags, dialect);
         pickle::encode_str_into(out, name, dialect);
         write_last(out);

@@ -11,6 +11,7 @@
 
 pub mod envelope;
 pub mod frame;
+pub mod hot;
 pub mod ids;
 pub mod msgpack;
 pub mod pickle;

@@ -21,6 +21,7 @@ use super::tls::{HandshakeFailure, Tls};
 use crate::logging::Repeated;
 use crate::protocol::envelope;
 use crate::protocol::frame::{self, FrameError};
+use crate::protocol::hot;
 use crate::protocol::value::DecodeLimits;
 use crate::session::outbox::Outbox;
 use crate::session::{Flow, LockWait, Session, SessionCounts};
@@ -604,12 +605,25 @@ impl Conn<'_> {
                 }
             };
             progressed = true;
-            let decoded = match protocol {
-                Protocol::M5 => envelope::decode_msgpack_message(&payload, &limits),
-                Protocol::Z5 => envelope::decode_request(&payload, &limits),
+            // A stock Python 3 client's loadBefore or lastTransaction is
+            // handled from its bytes (`protocol::hot`); anything else, or
+            // a session that does not take it so, is decoded.
+            let hot = match protocol {
+                Protocol::Z5 => hot::recognize(&payload)
+                    .and_then(|req| session.handle_hot(req, &payload, &limits)),
+                Protocol::M5 => None,
             };
-            let msg = decoded.map_err(|e| Close::Undecodable(e.to_string()))?;
-            match session.handle(msg) {
+            let flow = match hot {
+                Some(flow) => flow,
+                None => {
+                    let decoded = match protocol {
+                        Protocol::M5 => envelope::decode_msgpack_message(&payload, &limits),
+                        Protocol::Z5 => envelope::decode_request(&payload, &limits),
+                    };
+                    session.handle(decoded.map_err(|e| Close::Undecodable(e.to_string()))?)
+                }
+            };
+            match flow {
                 Flow::Continue => {}
                 Flow::WaitLock(rx) => *lock_wait = Some(rx),
                 Flow::Close(reason) => return Err(Close::Session(reason)),

@@ -34,11 +34,15 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 use tracing::{debug, info};
 
-use crate::protocol::envelope::{self, Encoding, Message};
-use crate::protocol::pickle::Dialect;
-use crate::protocol::value::Value;
+use bytes::Bytes;
+
+use crate::protocol::envelope::{self, Encoding, Message, MsgId};
+use crate::protocol::hot::HotRequest;
+use crate::protocol::pickle::{self, Dialect};
+use crate::protocol::value::{DecodeLimits, Value};
 use crate::session::errors::{Res, ZeoError};
 use crate::session::outbox::Outbox;
+use crate::session::replies::load_before_pickle;
 use crate::session::txn::Txn;
 use crate::state::Shared;
 use crate::storage::{ConnId, Storage};
@@ -171,6 +175,56 @@ impl Session {
     /// When the transaction's hold on the commit lock began, if it holds it.
     pub fn lock_held_since(&self) -> Option<Instant> {
         self.txn.as_ref().and_then(|t| t.locked_at)
+    }
+
+    /// Handles a request of the hot lane ([`crate::protocol::hot`]) as
+    /// [`Session::handle`] would handle it decoded, with the same reply, or
+    /// `None` (nothing done) if this session takes it the general way: not
+    /// registered yet, or its client is not a Python 3 one speaking
+    /// pickles. `payload` is the request's frame, decoded only for an
+    /// error reply.
+    pub fn handle_hot(
+        &mut self,
+        req: HotRequest<'_>,
+        payload: &Bytes,
+        limits: &DecodeLimits,
+    ) -> Option<Flow> {
+        if self.msgpack || !self.dialect_known || self.dialect != Dialect::Py3 {
+            return None;
+        }
+        let registered = self.registered.as_ref()?;
+        self.counts.requests += 1;
+        let done = match req {
+            HotRequest::LastTransaction { msgid } => {
+                // Replied inside the read lock, as `lastTransaction`.
+                let st = registered.storage.read();
+                let tid = st.last_tid().to_bytes();
+                self.outbox.push(envelope::encode_reply_with(
+                    Dialect::Py3,
+                    MsgId::Pickled(msgid),
+                    tid.len(),
+                    |out| pickle::encode_bytes_into(out, &tid, Dialect::Py3),
+                ));
+                Ok(())
+            }
+            HotRequest::LoadBefore { msgid, oid, tid } => {
+                self.counts.loads += 1;
+                registered.storage.load_before(oid, tid, |loaded| {
+                    let frame = load_before_pickle(Dialect::Py3, MsgId::Pickled(msgid), loaded?);
+                    self.outbox.push(frame);
+                    Ok(())
+                })
+            }
+        };
+        Some(match done {
+            Ok(()) => Flow::Continue,
+            // The error reply, from the request decoded (rare: a load of
+            // what is gone).
+            Err(err) => match envelope::decode_request(payload, limits) {
+                Ok(msg) => self.fail(&msg, err),
+                Err(e) => Flow::Close(format!("undecodable request: {e}")),
+            },
+        })
     }
 
     /// Handles one decoded message.

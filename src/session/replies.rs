@@ -5,10 +5,10 @@
 
 use bytes::Bytes;
 
-use crate::protocol::envelope::{self, Encoding, oid_value, tid_value};
+use crate::protocol::envelope::{self, Encoding, MsgId, oid_value, tid_value};
 use crate::protocol::ids::{Oid, Tid};
 use crate::protocol::msgpack;
-use crate::protocol::pickle;
+use crate::protocol::pickle::{self, Dialect};
 use crate::protocol::value::Value;
 use crate::storage::{Conflict, HistoryEntry, Loaded};
 
@@ -79,9 +79,9 @@ pub(super) fn load_before_frame(
     msgid: &Value,
     loaded: Option<Loaded<'_>>,
 ) -> Bytes {
-    let hint = loaded.as_ref().map_or(1, |l| l.data.len() + 32);
     let dialect = match encoding {
         Encoding::Msgpack => {
+            let hint = loaded.as_ref().map_or(1, |l| l.data.len() + 32);
             return envelope::encode_msgpack_reply_with(msgid, hint, |out| {
                 let Some(l) = loaded else {
                     return msgpack::put_nil(out);
@@ -97,6 +97,17 @@ pub(super) fn load_before_frame(
         }
         Encoding::Pickle(dialect) => dialect,
     };
+    load_before_pickle(dialect, msgid.into(), loaded)
+}
+
+/// [`load_before_frame`] in a pickle dialect, the message id given as a
+/// value or (the hot lane) as the client pickled it.
+pub(super) fn load_before_pickle(
+    dialect: Dialect,
+    msgid: MsgId<'_>,
+    loaded: Option<Loaded<'_>>,
+) -> Bytes {
+    let hint = loaded.as_ref().map_or(1, |l| l.data.len() + 32);
     envelope::encode_reply_with(dialect, msgid, hint, |out| {
         let Some(l) = loaded else {
             return pickle::encode_into(out, &Value::None, dialect);

@@ -478,6 +478,110 @@ mod tests {
         ));
     }
 
+    /// Every frame queued so far, raw.
+    fn frames(outbox: &Outbox) -> Vec<Bytes> {
+        let mut frames = std::collections::VecDeque::new();
+        outbox.take_frames(&mut frames);
+        outbox.written(frames.iter().map(|f| f.len()).sum());
+        frames.into()
+    }
+
+    /// A request as the stock Python 3 client pickles it: `PROTO 3 MARK`,
+    /// the message id's pickle, `False`, the name (`BINUNICODE`), the
+    /// arguments' pickle, `TUPLE STOP`.
+    fn stock_request(msgid: &[u8], name: &str, args: &[u8]) -> Bytes {
+        let mut p = vec![0x80, 3, b'('];
+        p.extend_from_slice(msgid);
+        p.push(0x89);
+        p.push(b'X');
+        p.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        p.extend_from_slice(name.as_bytes());
+        p.extend_from_slice(args);
+        p.extend_from_slice(b"t.");
+        Bytes::from(p)
+    }
+
+    /// `(a, b)` of two 8-byte ids, pickled.
+    fn id_pair(a: u64, b: u64) -> Vec<u8> {
+        let mut p = vec![b'C', 8];
+        p.extend_from_slice(&a.to_be_bytes());
+        p.extend_from_slice(&[b'C', 8]);
+        p.extend_from_slice(&b.to_be_bytes());
+        p.push(0x86);
+        p
+    }
+
+    /// The hot lane answers exactly as the general path: every reply frame
+    /// (current and older revisions, an object that did not exist yet, a
+    /// missing object's error, `lastTransaction` with message ids of each
+    /// size) is byte for byte the same; and a session that is not
+    /// registered, or speaks for a Python 2 client, leaves the request to
+    /// the general path.
+    #[test]
+    fn hot_lane_replies_are_the_general_paths() {
+        let shared = Arc::new(Shared::new(Config::default()));
+        let (mut writer, _) = registered_session(1, &shared);
+        let mut tids = vec![];
+        for (txn, data) in [(1, &b"first"[..]), (2, b"second")] {
+            txn_ops(&mut writer, txn, 0x100, data);
+            assert!(matches!(
+                writer.handle(request(2, "vote", vec![Value::Int(txn)])),
+                Flow::Continue
+            ));
+            assert!(matches!(
+                writer.handle(request(3, "tpc_finish", vec![Value::Int(txn)])),
+                Flow::Continue
+            ));
+            tids.push(shared.storages["1"].read().last_tid());
+        }
+        let (mut hot, hot_out) = registered_session(2, &shared);
+        let (mut general, general_out) = registered_session(3, &shared);
+        frames(&hot_out);
+        frames(&general_out);
+        let limits = DecodeLimits::default();
+        let mut requests = vec![];
+        for id in [&b"K\x05"[..], b"M\x2c\x01", b"J\x70\x11\x01\x00"] {
+            requests.push(stock_request(id, "lastTransaction", b")"));
+        }
+        let (first, second) = (tids[0].0, tids[1].0);
+        for (oid, tid) in [
+            (0x100, u64::MAX), // current
+            (0x100, second),   // the first revision, ended by the second
+            (0x100, first),    // before the object existed
+            (0x999, u64::MAX), // no such object: an error reply
+            (0, u64::MAX),     // the root
+        ] {
+            requests.push(stock_request(
+                &id_pair(oid, tid),
+                "loadBefore",
+                &id_pair(oid, tid),
+            ));
+        }
+        for (i, req) in requests.iter().enumerate() {
+            let recognized = crate::protocol::hot::recognize(req).expect("a hot request");
+            assert!(matches!(
+                hot.handle_hot(recognized, req, &limits),
+                Some(Flow::Continue)
+            ));
+            let msg = envelope::decode_request(req, &limits).expect("decodes");
+            assert!(matches!(general.handle(msg), Flow::Continue));
+            let (h, g) = (frames(&hot_out), frames(&general_out));
+            assert_eq!(h.len(), 1, "request {i}");
+            assert_eq!(h, g, "request {i}");
+        }
+        assert_eq!(hot.counts.requests, general.counts.requests);
+        assert_eq!(hot.counts.loads, general.counts.loads);
+        // Not registered, or a Python 2 client: the general path's.
+        let req = &requests[0];
+        let recognized = crate::protocol::hot::recognize(req).expect("a hot request");
+        let outbox = Arc::new(Outbox::new(1 << 20));
+        let mut fresh = Session::new(4, "test 4".into(), shared.clone(), outbox);
+        assert!(fresh.handle_hot(recognized, req, &limits).is_none());
+        let (mut py2, _) = registered_session(5, &shared);
+        py2.dialect = Dialect::Py2;
+        assert!(py2.handle_hot(recognized, req, &limits).is_none());
+    }
+
     /// The grant of a vote that was aborted since (the client pipelined
     /// `tpc_abort` and its next transaction's vote before the connection
     /// saw the grant) changes nothing: the next transaction stays voted
