@@ -23,8 +23,9 @@
 //! 5. *free* (write lock, released in between so commits go on): free the
 //!    condemned candidates.
 //!
-//! Phases 2, 3 and 5 hold the lock for about the hold budget (`gc-hold-budget`, [`crate::config::DEFAULT_GC_HOLD_BUDGET_MS`]) at a time,
-//! then release it and take it again.
+//! Phases 2, 3 and 5 hold the lock for about the hold budget at a time
+//! (`gc-hold-budget`, [`crate::config::DEFAULT_GC_HOLD_BUDGET_MS`]), then
+//! release it and take it again.
 //!
 //! The commit barrier (`finish` during a cycle) marks every written object
 //! and shades every object its new revisions reference, so an edge added
