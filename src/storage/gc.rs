@@ -58,8 +58,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::oidhash::OID_MAP_SHARDS;
-use super::{Storage, StorageState};
+use super::oidhash::{OID_MAP_SHARDS, OidMap};
+use super::{Object, Storage, StorageState};
 use crate::protocol::ids::{Oid, Tid};
 
 /// Objects handled between two looks at the clock within a hold (reading
@@ -200,7 +200,7 @@ pub struct GcState {
     /// cycle frees nothing. (An unreachable one does not matter: it is
     /// garbage itself, whatever it refers to, and is freed with the rest.)
     reached_unscannable: Mutex<Vec<Oid>>,
-    /// Objects per lock hold; 0 means holds bounded by the hold budget (`gc-hold-budget`).
+    /// Objects per lock hold; 0 means holds of about `gc-hold-budget`.
     /// Tests set 1 to make commits interleave with the cycle as much as
     /// possible.
     chunk: usize,
@@ -634,7 +634,38 @@ impl Storage {
         })
     }
 
-    /// Phase 2 (read lock, in holds bounded by the hold budget (`gc-hold-budget`)): marks
+    /// Goes through the object map a few shards per read hold of `kind`,
+    /// each hold bounded by `pace`, calling `visit` with each shard's
+    /// objects (phases 2 and 3).
+    fn scan_shards(
+        &self,
+        pauses: &mut Pauses,
+        kind: HoldKind,
+        pace: Pace,
+        mut visit: impl FnMut(&StorageState, &OidMap<Oid, Object>),
+    ) {
+        let mut shard = 0;
+        while shard < OID_MAP_SHARDS {
+            pauses.read(self, kind, |st| {
+                let mut budget = Budget::new(pace);
+                while shard < OID_MAP_SHARDS {
+                    let objects = &st.objects.shards()[shard];
+                    // An empty shard is no work (with a chunk of 1, a
+                    // small storage takes a hold per object, not per shard).
+                    if !objects.is_empty() && budget.spent() {
+                        return;
+                    }
+                    budget.followed(objects.len());
+                    visit(st, objects);
+                    shard += 1;
+                }
+            });
+            #[cfg(test)]
+            self.between_holds(GcStep::Scanned);
+        }
+    }
+
+    /// Phase 2 (read lock, in holds of about `gc-hold-budget`): marks
     /// from the root and from the objects written at or after
     /// `keep_written_since`, until nothing is left to traverse (including
     /// what commits shaded meanwhile).
@@ -646,34 +677,17 @@ impl Storage {
     /// needs nothing more for it.
     fn mark(&self, pauses: &mut Pauses, keep_written_since: Tid, pace: Pace) {
         let mut grey = vec![Oid::ROOT];
-        let mut shard = 0;
-        while shard < OID_MAP_SHARDS {
-            pauses.read(self, HoldKind::MarkYoung, |st| {
-                let epoch = st.gc.epoch;
-                let mut budget = Budget::new(pace);
-                while shard < OID_MAP_SHARDS {
-                    let objects = &st.objects.shards()[shard];
-                    // An empty shard is no work (with a chunk of 1, a
-                    // small storage takes a hold per object, not per shard).
-                    if !objects.is_empty() && budget.spent() {
-                        return;
-                    }
-                    budget.followed(objects.len());
-                    for (oid, obj) in objects {
-                        let young = obj
-                            .revisions
-                            .last()
-                            .is_some_and(|r| r.tid >= keep_written_since);
-                        if young && obj.mark.swap(epoch, Ordering::Relaxed) != epoch {
-                            grey.push(*oid);
-                        }
-                    }
-                    shard += 1;
+        self.scan_shards(pauses, HoldKind::MarkYoung, pace, |st, objects| {
+            for (oid, obj) in objects {
+                let young = obj
+                    .revisions
+                    .last()
+                    .is_some_and(|r| r.tid >= keep_written_since);
+                if young && obj.mark.swap(st.gc.epoch, Ordering::Relaxed) != st.gc.epoch {
+                    grey.push(*oid);
                 }
-            });
-            #[cfg(test)]
-            self.between_holds(GcStep::Scanned);
-        }
+            }
+        });
         loop {
             let more = pauses.read(self, HoldKind::Mark, |st| {
                 st.mark_some(&mut grey, &mut Budget::new(pace));
@@ -685,7 +699,7 @@ impl Storage {
         }
     }
 
-    /// Phase 3 (read lock, in holds bounded by the hold budget (`gc-hold-budget`), a few
+    /// Phase 3 (read lock, in holds of about `gc-hold-budget`, a few
     /// shards of the object map per hold): the unmarked objects, and how
     /// many objects were looked at. An object that a commit adds meanwhile
     /// is marked by the barrier, so every candidate existed when the cycle
@@ -693,32 +707,15 @@ impl Storage {
     fn find_candidates(&self, pauses: &mut Pauses, pace: Pace) -> (Vec<Oid>, usize) {
         let mut candidates = Vec::new();
         let mut examined = 0;
-        let mut shard = 0;
-        while shard < OID_MAP_SHARDS {
-            pauses.read(self, HoldKind::Candidates, |st| {
-                let epoch = st.gc.epoch;
-                let mut budget = Budget::new(pace);
-                while shard < OID_MAP_SHARDS {
-                    let objects = &st.objects.shards()[shard];
-                    // An empty shard is no work (with a chunk of 1, a
-                    // small storage takes a hold per object, not per shard).
-                    if !objects.is_empty() && budget.spent() {
-                        return;
-                    }
-                    budget.followed(objects.len());
-                    examined += objects.len();
-                    candidates.extend(
-                        objects
-                            .iter()
-                            .filter(|(_, o)| o.mark.load(Ordering::Relaxed) != epoch)
-                            .map(|(oid, _)| *oid),
-                    );
-                    shard += 1;
-                }
-            });
-            #[cfg(test)]
-            self.between_holds(GcStep::Scanned);
-        }
+        self.scan_shards(pauses, HoldKind::Candidates, pace, |st, objects| {
+            examined += objects.len();
+            candidates.extend(
+                objects
+                    .iter()
+                    .filter(|(_, o)| o.mark.load(Ordering::Relaxed) != st.gc.epoch)
+                    .map(|(oid, _)| *oid),
+            );
+        });
         (candidates, examined)
     }
 
@@ -751,7 +748,7 @@ impl Storage {
         })
     }
 
-    /// Phase 5 (write lock, in holds bounded by the hold budget (`gc-hold-budget`)): frees
+    /// Phase 5 (write lock, in holds of about `gc-hold-budget`): frees
     /// the condemned candidates; returns how many objects were freed.
     ///
     /// Commits go on in between; they cannot link a condemned object nor
@@ -827,8 +824,8 @@ impl Storage {
     }
 
     /// Sets how many objects (shards of the object map, when going through
-    /// it) the collector handles per lock hold (0, the default: as many as fit
-    /// in the hold budget (`gc-hold-budget`)). For tests that make commits race the
+    /// it) the collector handles per lock hold (0, the default: as many as
+    /// fit in `gc-hold-budget`). For tests that make commits race the
     /// collector.
     pub fn set_gc_chunk(&self, n: usize) {
         self.write().gc.chunk = n;
