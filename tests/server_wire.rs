@@ -1341,6 +1341,33 @@ async fn stop_gives_a_stuck_commit_the_grace_then_closes_without_replies() {
 /// `shutdown-grace`). Closing with requests unread made the kernel answer
 /// with RST; the stock client then failed a send with EPIPE mid-burst, and
 /// on CPython 3.12/3.13 its reconnect could strand for good (gh-136234).
+/// A connection that waits for its client's next request notices the
+/// server's stop at once and closes (EOF within the client's read timeout),
+/// as a busy one does; the shutdown grace is long here, so a stop missed
+/// by a waiting connection would show as a timeout, not pass after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_closes_a_waiting_connection_at_once() {
+    let srv = Server::start(Config {
+        shutdown_grace: Duration::from_secs(60),
+        ..cfg()
+    })
+    .await;
+    let mut idle = Client::registered(srv.addr).await;
+    assert_eq!(
+        idle.call("lastTransaction", vec![])
+            .await
+            .unwrap()
+            .as_bytes()
+            .map(<[u8]>::len),
+        Some(8)
+    );
+    let stopping = tokio::spawn(srv.stop());
+    assert!(idle.frame().await.is_none(), "EOF after the stop");
+    // Our side closes too, which ends the server's lingering close.
+    drop(idle);
+    stopping.await.expect("the server stopped");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_closes_cleanly_while_the_client_keeps_sending() {
     use tokio::io::AsyncWriteExt;

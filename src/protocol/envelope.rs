@@ -118,9 +118,9 @@ pub fn decode_message_bytes(
     into_message(pickle::decode_bytes(payload, limits)?, protocol1)
 }
 
-/// [`decode_message`] for a frame a client sent: its short bytes values
-/// (oids, tids) share the frame's buffer ([`pickle::decode_request`]).
-pub fn decode_request(payload: &Bytes, limits: &DecodeLimits) -> Result<Message, MarshalError> {
+/// [`decode_message`] for a frame a client sent, by the request fast path
+/// when it can ([`pickle::decode_envelope`]).
+pub fn decode_request(payload: &[u8], limits: &DecodeLimits) -> Result<Message, MarshalError> {
     let protocol1 = is_protocol1(payload);
     // Every stock client's request: its parts straight off the decoder's
     // stack, its name not copied (`into_message` for anything else, which
@@ -134,7 +134,7 @@ pub fn decode_request(payload: &Bytes, limits: &DecodeLimits) -> Result<Message,
             dialect: dialect_of(protocol1, e.name_is_pystr),
         });
     }
-    into_message(pickle::decode_request(payload, limits)?, protocol1)
+    into_message(pickle::decode(payload, limits)?, protocol1)
 }
 
 /// The names of ZEO's methods and pushes, most used first: a message

@@ -531,6 +531,9 @@ impl Conn<'_> {
             let _ = stop.changed().await;
         }));
         let mut stop_armed = false;
+        // Whole frames were handled since the last wait (the incomplete
+        // frame timer starts again from each one).
+        let mut handled = false;
         loop {
             let progressed = match self
                 .handle_buffered(session, &mut lock_wait, protocol)
@@ -539,6 +542,7 @@ impl Conn<'_> {
                 Ok(progressed) => progressed,
                 Err(close) => return close,
             };
+            handled |= progressed;
             if let Some(reason) = self.outbox.closed_reason() {
                 return Close::OutboxClosed(reason);
             }
@@ -568,7 +572,7 @@ impl Conn<'_> {
                     session,
                     &mut lock_wait,
                     &mut incomplete,
-                    progressed,
+                    std::mem::take(&mut handled),
                     (stopped.as_mut(), &mut stop_armed),
                 )
                 .await
@@ -676,7 +680,8 @@ impl Conn<'_> {
             // writes always ready) must not starve them, or it would hold
             // the lock it was granted with no deadline, or past it. Then
             // replies: they free the client to send more. (The server's
-            // stop wakes the task through the future polled above.)
+            // stop was looked at above; its branch below is for a task
+            // that waits.)
             biased;
             granted = async { (&mut lock_wait.as_mut().expect("guarded").granted).await }, if lock_wait.is_some() => {
                 let wait = lock_wait.take().map(|w| w.wait);
@@ -701,6 +706,15 @@ impl Conn<'_> {
             },
             // Pushes from other connections (invalidations) while idle.
             _ = std::future::poll_fn(|cx| outbox.poll_frames(cx)), if !writing => {}
+            // The server's stop, once the future polled above wakes the
+            // task for it (a look at the watch's version, no lock).
+            _ = std::future::poll_fn(|_| {
+                if self.stop.has_changed().unwrap_or(true) {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            }) => return Err(Close::Shutdown),
             // An overflow (another connection's commit pushed past the
             // bound) while the socket takes nothing.
             reason = outbox.wait_closed(), if writing => return Err(Close::OutboxClosed(reason)),

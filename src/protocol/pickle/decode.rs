@@ -125,10 +125,8 @@ pub(super) struct Decoder<'a> {
     /// The request's name, found by [`Self::run_envelope`] (and whether it
     /// was a Python 2 `str`).
     name: Option<(&'a str, bool)>,
-    /// Set by [`decode_bytes`] and [`decode_request`]: bytes values of up
-    /// to `share_up_to` bytes are slices of this buffer, not copies.
+    /// Set by [`decode_bytes`]: bytes values are slices of this buffer.
     source: Option<&'a Bytes>,
-    share_up_to: usize,
     pos: usize,
     /// Offset of the opcode being executed, for error messages.
     op_offset: usize,
@@ -158,7 +156,6 @@ impl<'a> Decoder<'a> {
         Decoder {
             data,
             source,
-            share_up_to: usize::MAX,
             name: None,
             pos: 0,
             op_offset: 0,
@@ -174,12 +171,6 @@ impl<'a> Decoder<'a> {
             items_left: limits.max_items,
             max_items: limits.max_items,
         }
-    }
-
-    /// Bytes values longer than `n` are copied instead of shared.
-    pub(super) fn sharing_up_to(mut self, n: usize) -> Self {
-        self.share_up_to = n;
-        self
     }
 
     // -- errors -------------------------------------------------------------
@@ -281,8 +272,8 @@ impl<'a> Decoder<'a> {
     fn bytes_of(&self, s: &'a [u8]) -> Bytes {
         match self.source {
             // `s` was taken from `data`, which is `source`'s own buffer.
-            Some(src) if s.len() <= self.share_up_to => src.slice_ref(s),
-            _ => Bytes::copy_from_slice(s),
+            Some(src) => src.slice_ref(s),
+            None => Bytes::copy_from_slice(s),
         }
     }
 

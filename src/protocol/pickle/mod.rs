@@ -146,30 +146,15 @@ pub fn decode_bytes(data: &Bytes, limits: &DecodeLimits) -> Result<Value, Pickle
     Decoder::new(data, Some(data), limits).run()
 }
 
-/// Bytes values up to this long are shared with the frame they came in by
-/// [`decode_request`] (a reference count, not an allocation and a copy):
-/// the oids and tids of every request, which live no longer than its
-/// handling. Longer ones (object records, which a transaction keeps) are
-/// copied, so they never keep a connection's read buffer alive.
-pub const SHARED_BYTES_MAX: usize = 16;
-
-/// Like [`decode`], for a request frame held in `data`: bytes values of up
-/// to [`SHARED_BYTES_MAX`] bytes are slices of `data`.
-pub fn decode_request(data: &Bytes, limits: &DecodeLimits) -> Result<Value, PickleError> {
-    Decoder::new(data, Some(data), limits)
-        .sharing_up_to(SHARED_BYTES_MAX)
-        .run()
-}
-
-/// The fast path for a request frame held in `data`, `(msgid, flags, name,
-/// args)` with the name borrowed from `data` (short bytes values shared as
-/// by [`decode_request`]). `None` when the frame is not the plain,
+/// The fast path for a request, `(msgid, flags, name, args)` with the name
+/// borrowed from `data` (its bytes values are copied: a request's values
+/// can outlive it, e.g. a transaction's user and description, kept with
+/// every revision it writes, and a slice would keep the connection's whole
+/// read buffer alive with them). `None` when the frame is not the plain,
 /// memo-free pickle stock clients write, or not valid: decode it with
-/// [`decode_request`], which gives the same parts or the error.
-pub fn decode_envelope<'a>(data: &'a Bytes, limits: &DecodeLimits) -> Option<FlatEnvelope<'a>> {
-    Decoder::new(data, Some(data), limits)
-        .sharing_up_to(SHARED_BYTES_MAX)
-        .run_envelope()
+/// [`decode`], which gives the same parts or the error.
+pub fn decode_envelope<'a>(data: &'a [u8], limits: &DecodeLimits) -> Option<FlatEnvelope<'a>> {
+    Decoder::new(data, None, limits).run_envelope()
 }
 
 /// A whole pickle of `v`: `PROTO 3` (none for [`Dialect::Py2Protocol1`]),
