@@ -776,20 +776,7 @@ mod tests {
             max_depth: 4,
             max_items: 12,
         };
-        let pieces: &[&[u8]] = &[
-            b"(",
-            b"t",
-            b"\x85",
-            b"\x86",
-            b"\x87",
-            b")",
-            b"}",
-            b"N",
-            b"\x88",
-            b"\x89",
-            b"K\x05",
-            b"\x8a\x06\xd0\xa7\xf5\xd0\xde\x7f",
-            b"\x8a\x09\x01\x02\x03\x04\x05\x06\x07\x08\x80",
+        let own: &[&[u8]] = &[
             b"X\x04\x00\x00\x00ping",
             b"X\x0a\x00\x00\x00loadBefore",
             b"\x8c\x03odd",
@@ -801,6 +788,11 @@ mod tests {
             b"q\x00",
             b"e",
         ];
+        let pieces: Vec<&[u8]> = crate::protocol::pickle::testing::FAST_PIECES
+            .iter()
+            .chain(own)
+            .copied()
+            .collect();
         let names: &[&[u8]] = &[
             b"X\x0a\x00\x00\x00loadBefore",
             b"X\x04\x00\x00\x00ping",

@@ -1442,18 +1442,8 @@ mod tests {
             max_depth: 6,
             max_items: 12,
         };
-        let pieces: &[&[u8]] = &[
+        let own: &[&[u8]] = &[
             b"(",
-            b"(",
-            b"t",
-            b"\x85",
-            b"\x86",
-            b"\x87",
-            b")",
-            b"N",
-            b"\x88",
-            b"\x89",
-            b"K\x05",
             b"M\x01\x02",
             b"J\xff\xff\xff\xff",
             b"X\x02\x00\x00\x00hi",
@@ -1467,7 +1457,6 @@ mod tests {
             b"h\x00",
             b"\x94",
             b"]",
-            b"}",
             b"e",
             b"0",
             b"2",
@@ -1476,11 +1465,12 @@ mod tests {
             b"C\x09short",
             b"l",
             b"c",
-            b"\x8a\x06\xd0\xa7\xf5\xd0\xde\x7f",
-            b"\x8a\x09\x01\x02\x03\x04\x05\x06\x07\x08\x80",
-            b"\x8a\x00",
-            b"\x8a\x05ab",
         ];
+        let pieces: Vec<&[u8]> = super::super::testing::FAST_PIECES
+            .iter()
+            .chain(own)
+            .copied()
+            .collect();
         let mut fast_hits = 0;
         for _ in 0..20_000 {
             let mut p = Vec::new();

@@ -95,3 +95,26 @@ pub(crate) fn sample_value() -> Value {
         (s("c"), s("x\n'\"")),
     ])
 }
+
+/// Pieces of pickles the decoders' fast paths know, for the tests that
+/// compare a fast path with the general one on random strings of them
+/// (each test adds pieces of its own): marks, tuples, an empty dict, the
+/// constants, ints (`LONG1` of a Python 3 client's transaction id, one past
+/// `i64`, empty, truncated).
+pub(crate) const FAST_PIECES: &[&[u8]] = &[
+    b"(",
+    b"t",
+    b"\x85",
+    b"\x86",
+    b"\x87",
+    b")",
+    b"}",
+    b"N",
+    b"\x88",
+    b"\x89",
+    b"K\x05",
+    b"\x8a\x06\xd0\xa7\xf5\xd0\xde\x7f",
+    b"\x8a\x09\x01\x02\x03\x04\x05\x06\x07\x08\x80",
+    b"\x8a\x00",
+    b"\x8a\x05ab",
+];
