@@ -518,19 +518,22 @@ impl Conn<'_> {
     async fn serve_session(&mut self, session: &mut Session, protocol: Protocol) -> Close {
         let mut lock_wait: Option<LockWait> = None;
         let mut incomplete = IncompleteFrameTimer::new(self.shared.config.frame_timeout);
-        // The server's stop: one future, polled once to register this task
-        // with the watch (the registration stays until the stop wakes the
-        // task); each wait then only looks at the watch's version. A new
-        // `changed()` per wait registered with the watch's `Notify`, and
-        // left it again, under its lock, once per request of a client that
-        // sends one at a time. Unconstrained: a poll refused for the task's
-        // coop budget would not register it.
+        // The server's stop: one future, polled once here to register this
+        // task with the watch (the registration stays, as long as the
+        // future lives, until the stop wakes the task); each wait then only
+        // looks at the watch's version. A new `changed()` per wait
+        // registered with the watch's `Notify`, and left it again, under
+        // its lock, once per request of a client that sends one at a time.
+        // Unconstrained: a poll refused for the task's coop budget would
+        // not register it.
         let mut stop = self.stop.clone();
         let mut stopped = std::pin::pin!(tokio::task::unconstrained(async move {
             // An error (the sender gone) is a stop too.
             let _ = stop.changed().await;
         }));
-        let mut stop_armed = false;
+        if poll_once(stopped.as_mut()).await.is_ready() {
+            return Close::Shutdown;
+        }
         // Whole frames were handled since the last wait (the incomplete
         // frame timer starts again from each one).
         let mut handled = false;
@@ -573,7 +576,6 @@ impl Conn<'_> {
                     &mut lock_wait,
                     &mut incomplete,
                     std::mem::take(&mut handled),
-                    (stopped.as_mut(), &mut stop_armed),
                 )
                 .await
             {
@@ -652,21 +654,7 @@ impl Conn<'_> {
         lock_wait: &mut Option<LockWait>,
         incomplete: &mut IncompleteFrameTimer,
         progressed: bool,
-        (mut stopped, stop_armed): (Pin<&mut impl Future<Output = ()>>, &mut bool),
     ) -> Result<(), Close> {
-        // The server's stop first, so that a client keeping the socket busy
-        // (reads and writes always ready) cannot starve it: a client that
-        // kept pipelining requests was served until the shutdown grace ran
-        // out, then reset.
-        if self.stop.has_changed().unwrap_or(true) {
-            return Err(Close::Shutdown);
-        }
-        if !*stop_armed {
-            if poll_once(stopped.as_mut()).await.is_ready() {
-                return Err(Close::Shutdown);
-            }
-            *stop_armed = true;
-        }
         let outbox = &self.outbox;
         let deadline = session
             .lock_held_since()
@@ -678,10 +666,11 @@ impl Conn<'_> {
             // The commit lock's grant and deadline first: they are rare and
             // cheap, and a client that keeps the socket busy (reads and
             // writes always ready) must not starve them, or it would hold
-            // the lock it was granted with no deadline, or past it. Then
-            // replies: they free the client to send more. (The server's
-            // stop was looked at above; its branch below is for a task
-            // that waits.)
+            // the lock it was granted with no deadline, or past it. The
+            // server's stop next, for the same reason (a client that kept
+            // pipelining requests was served until the shutdown grace ran
+            // out, then reset). Then replies: they free the client to send
+            // more.
             biased;
             granted = async { (&mut lock_wait.as_mut().expect("guarded").granted).await }, if lock_wait.is_some() => {
                 let wait = lock_wait.take().map(|w| w.wait);
@@ -693,6 +682,15 @@ impl Conn<'_> {
                 session.lock_timed_out();
                 return Err(Close::TransactionTimeout);
             }
+            // A look at the watch's version, no lock; the future polled in
+            // `serve_session` wakes a waiting task for it.
+            _ = std::future::poll_fn(|_| {
+                if self.stop.has_changed().unwrap_or(true) {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            }) => return Err(Close::Shutdown),
             r = self.wr.write_some(), if writing => {
                 if let Err(error) = r {
                     outbox.close("write failed");
@@ -706,15 +704,6 @@ impl Conn<'_> {
             },
             // Pushes from other connections (invalidations) while idle.
             _ = std::future::poll_fn(|cx| outbox.poll_frames(cx)), if !writing => {}
-            // The server's stop, once the future polled above wakes the
-            // task for it (a look at the watch's version, no lock).
-            _ = std::future::poll_fn(|_| {
-                if self.stop.has_changed().unwrap_or(true) {
-                    Poll::Ready(())
-                } else {
-                    Poll::Pending
-                }
-            }) => return Err(Close::Shutdown),
             // An overflow (another connection's commit pushed past the
             // bound) while the socket takes nothing.
             reason = outbox.wait_closed(), if writing => return Err(Close::OutboxClosed(reason)),
