@@ -1,7 +1,7 @@
 //! The envelope decoder on any payload: no panic, no stack overflow; the
-//! fast path and the full pickle decoder agree; a decoded message's
-//! arguments re-encode and decode to the same value (what the server
-//! echoes back, e.g. a msgid, survives the trip).
+//! fast paths (pickle values, whole messages) and the full pickle decoder
+//! agree; a decoded message's arguments re-encode and decode to the same
+//! value (what the server echoes back, e.g. a msgid, survives the trip).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -14,7 +14,10 @@ fuzz_target!(|data: &[u8]| {
     let full = pickle::decode_full(data, &limits);
     // Compared as text: NaN is not equal to itself, but prints the same.
     assert_eq!(format!("{fast:?}"), format!("{full:?}"));
-    if let Ok(m) = zeotemp::protocol::envelope::decode_message(data, &limits) {
+    let message = zeotemp::protocol::envelope::decode_message(data, &limits);
+    let message_full = zeotemp::protocol::envelope::decode_message_full(data, &limits);
+    assert_eq!(format!("{message:?}"), format!("{message_full:?}"));
+    if let Ok(m) = message {
         let _ = m.args.forbidden_global();
         let _ = m.msgid.forbidden_global();
         if !unencodable(&m.args) {

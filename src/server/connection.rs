@@ -624,7 +624,7 @@ impl Conn<'_> {
                 None => {
                     let decoded = match protocol {
                         Protocol::M5 => envelope::decode_msgpack_message(&payload, &limits),
-                        Protocol::Z5 => envelope::decode_request(&payload, &limits),
+                        Protocol::Z5 => envelope::decode_message(&payload, &limits),
                     };
                     session.handle(decoded.map_err(|e| Close::Undecodable(e.to_string()))?)
                 }

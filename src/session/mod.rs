@@ -220,7 +220,7 @@ impl Session {
             Ok(()) => Flow::Continue,
             // The error reply, from the request decoded (rare: a load of
             // what is gone).
-            Err(err) => match envelope::decode_request(payload, limits) {
+            Err(err) => match envelope::decode_message(payload, limits) {
                 Ok(msg) => self.fail(&msg, err),
                 Err(e) => Flow::Close(format!("undecodable request: {e}")),
             },

@@ -563,7 +563,7 @@ mod tests {
                 hot.handle_hot(recognized, req, &limits),
                 Some(Flow::Continue)
             ));
-            let msg = envelope::decode_request(req, &limits).expect("decodes");
+            let msg = envelope::decode_message(req, &limits).expect("decodes");
             assert!(matches!(general.handle(msg), Flow::Continue));
             let (h, g) = (frames(&hot_out), frames(&general_out));
             assert_eq!(h.len(), 1, "request {i}");
