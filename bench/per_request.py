@@ -176,20 +176,29 @@ def cpu_run(args, kind, workload, workdir):
                        lambda s: bench(args, s, workload))
 
 
+def bench_attached(args, server, workload, start, name, cmd_for, on_start=None):
+    """One bench run with a tool attached to the server for its measured
+    window (`Attached`): the bench's result and the tool's stderr. `name`
+    labels the tool's failure."""
+    tool = Attached(start, cmd_for, on_start=on_start)
+    try:
+        res = bench(args, server, workload, ["--start-file", str(start)])
+    finally:
+        err = tool.stop()
+    if tool.error:
+        raise RuntimeError(f"{name}: {tool.error}")
+    return res, err
+
+
 def strace_run(args, kind, workload, workdir):
     """{syscall: calls} over the window, and the run's requests."""
     out = Path(tempfile.mkstemp(prefix="strace-", dir=workdir)[1])
     start = Path(workdir) / f"start-strace-{kind}-{workload}"
 
     def fn(server):
-        tool = Attached(start, lambda: ["strace", "-c", "-f", "-o", str(out),
-                                        "-p", str(server.pid)])
-        try:
-            res = bench(args, server, workload, ["--start-file", str(start)])
-        finally:
-            err = tool.stop()
-        if tool.error:
-            raise RuntimeError(f"strace: {tool.error}")
+        res, err = bench_attached(
+            args, server, workload, start, "strace",
+            lambda: ["strace", "-c", "-f", "-o", str(out), "-p", str(server.pid)])
         calls = parse_strace(out.read_text(errors="replace"))
         if not calls:
             raise RuntimeError(f"strace counted nothing: {err.strip()[-300:]}")
@@ -240,14 +249,11 @@ def zeotemp_alloc_run(args, workload, workdir):
             raise RuntimeError(f"no metrics address in {server.log_path}")
         url = m.group(1)
         before = {}
-        tool = Attached(start, lambda: None,
-                        on_start=lambda: before.update(scrape(url, ALLOC_METRICS)))
-        try:
-            res = bench(args, server, workload, ["--start-file", str(start)])
-        finally:
-            tool.stop()
-        if tool.error or not before:
-            raise RuntimeError(f"metrics: {tool.error}")
+        res, _ = bench_attached(
+            args, server, workload, start, "metrics", lambda: None,
+            on_start=lambda: before.update(scrape(url, ALLOC_METRICS)))
+        if not before:
+            raise RuntimeError("metrics: not scraped when the window started")
         after = scrape(url, ALLOC_METRICS)
         d = {k: after[k] - before[k] for k in ALLOC_METRICS}
         return (d["zeotemp_allocations_total"] + d["zeotemp_reallocations_total"],
@@ -298,14 +304,9 @@ def python_alloc_run(args, workload, workdir):
     events = ",".join(f"probe_libc:{e}" for e in LIBC_EVENTS)
 
     def fn(server):
-        tool = Attached(start, lambda: ["perf", "stat", "-x,", "-e", events,
-                                        "-p", str(server.pid)])
-        try:
-            res = bench(args, server, workload, ["--start-file", str(start)])
-        finally:
-            err = tool.stop()
-        if tool.error:
-            raise RuntimeError(f"perf: {tool.error}")
+        res, err = bench_attached(
+            args, server, workload, start, "perf",
+            lambda: ["perf", "stat", "-x,", "-e", events, "-p", str(server.pid)])
         total = 0
         seen = 0
         for line in err.splitlines():
