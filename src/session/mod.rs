@@ -34,8 +34,6 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 use tracing::{debug, info};
 
-use bytes::Bytes;
-
 use crate::protocol::envelope::{self, Encoding, Message, MsgId};
 use crate::protocol::hot::HotRequest;
 use crate::protocol::pickle::{self, Dialect};
@@ -186,7 +184,7 @@ impl Session {
     pub fn handle_hot(
         &mut self,
         req: HotRequest<'_>,
-        payload: &Bytes,
+        payload: &[u8],
         limits: &DecodeLimits,
     ) -> Option<Flow> {
         if self.msgpack || !self.dialect_known || self.dialect != Dialect::Py3 {
